@@ -1,0 +1,23 @@
+//! moat-policy: the configuration model and its validation. Pure: no I/O, no
+//! environment, no clock. Everything here defaults to "deny".
+
+pub mod paths;
+pub mod sandbox;
+pub mod units;
+
+pub use sandbox::{BackendKind, FilesystemPolicy, Limits, MountRequest, NetworkMode, Overrides, SandboxPolicy};
+pub use units::{ByteSize, parse_duration, parse_size};
+
+/// A policy that cannot be accepted. `key` is the setting's path in the file
+/// (`limits.memory`) or the CLI flag (`--memory`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("{key}: {message}{}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Syntax {
+        key: String,
+        message: String,
+        line: Option<usize>,
+    },
+}
