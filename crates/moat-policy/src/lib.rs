@@ -5,8 +5,10 @@ pub mod paths;
 pub mod sandbox;
 pub mod units;
 
-pub use sandbox::{BackendKind, FilesystemPolicy, Limits, MountRequest, NetworkMode, Overrides, SandboxPolicy};
-pub use units::{ByteSize, parse_duration, parse_size};
+pub use sandbox::{
+    BackendKind, FilesystemPolicy, Limits, MountRequest, NetworkMode, Overrides, SandboxPolicy,
+};
+pub use units::{parse_duration, parse_size, ByteSize};
 
 /// A policy that cannot be accepted. `key` is the setting's path in the file
 /// (`limits.memory`) or the CLI flag (`--memory`).

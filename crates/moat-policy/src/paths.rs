@@ -91,7 +91,9 @@ pub fn check_sandbox_path(path: &Path) -> Result<(), String> {
         ));
     }
     if text.contains('\0') || text.contains('\n') {
-        return Err(format!("in-sandbox path {text:?} contains a control character"));
+        return Err(format!(
+            "in-sandbox path {text:?} contains a control character"
+        ));
     }
     // `Path::components` silently drops `.`; look at the raw text too.
     if text.split('/').any(|c| c == ".." || c == ".") {
@@ -118,21 +120,40 @@ mod tests {
     use std::path::PathBuf;
 
     fn defaults() -> Vec<String> {
-        DEFAULT_BLOCKED_PATTERNS.iter().map(|s| s.to_string()).collect()
+        DEFAULT_BLOCKED_PATTERNS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     #[test]
     fn every_f6_name_is_blocked_anywhere_in_the_path() {
         let pats = defaults();
         for name in [
-            ".ssh", ".gnupg", ".aws", ".azure", ".gcloud", ".kube", ".docker", "credentials",
-            ".env", ".netrc", ".npmrc", ".pypirc", "id_rsa", "id_ed25519", "private_key",
+            ".ssh",
+            ".gnupg",
+            ".aws",
+            ".azure",
+            ".gcloud",
+            ".kube",
+            ".docker",
+            "credentials",
+            ".env",
+            ".netrc",
+            ".npmrc",
+            ".pypirc",
+            "id_rsa",
+            "id_ed25519",
+            "private_key",
             ".secret",
         ] {
             let p = PathBuf::from(format!("/srv/repos/{name}"));
             assert!(blocked_component(&p, &pats).is_some(), "{name} not blocked");
             let p = PathBuf::from(format!("/srv/{name}/inner/dir"));
-            assert!(blocked_component(&p, &pats).is_some(), "{name} (middle) not blocked");
+            assert!(
+                blocked_component(&p, &pats).is_some(),
+                "{name} (middle) not blocked"
+            );
         }
     }
 
@@ -148,15 +169,28 @@ mod tests {
             "/k/private_key.pem",
             "/home/u/.config/gcloud",
         ] {
-            assert!(blocked_component(Path::new(p), &pats).is_some(), "{p} not blocked");
+            assert!(
+                blocked_component(Path::new(p), &pats).is_some(),
+                "{p} not blocked"
+            );
         }
     }
 
     #[test]
     fn ordinary_names_pass() {
         let pats = defaults();
-        for p in ["/srv/repos/app", "/srv/environment", "/srv/sshd-docs", "/srv/my.envoy", "/home/u/.config"] {
-            assert_eq!(blocked_component(Path::new(p), &pats), None, "{p} wrongly blocked");
+        for p in [
+            "/srv/repos/app",
+            "/srv/environment",
+            "/srv/sshd-docs",
+            "/srv/my.envoy",
+            "/home/u/.config",
+        ] {
+            assert_eq!(
+                blocked_component(Path::new(p), &pats),
+                None,
+                "{p} wrongly blocked"
+            );
         }
     }
 
@@ -164,11 +198,23 @@ mod tests {
     fn sandbox_paths_must_be_plain_and_absolute() {
         assert!(check_sandbox_path(Path::new("/data")).is_ok());
         assert!(check_sandbox_path(Path::new("/workspace/repo")).is_ok());
-        assert!(check_sandbox_path(Path::new("data")).unwrap_err().contains("not absolute"));
-        assert!(check_sandbox_path(Path::new("/data/../etc")).unwrap_err().contains(".."));
-        assert!(check_sandbox_path(Path::new("/data/./x")).unwrap_err().contains("'.'"));
-        assert!(check_sandbox_path(Path::new("/")).unwrap_err().contains("root"));
-        assert!(check_sandbox_path(Path::new("/proc/1")).unwrap_err().contains("reserves"));
-        assert!(check_sandbox_path(Path::new("/dev")).unwrap_err().contains("reserves"));
+        assert!(check_sandbox_path(Path::new("data"))
+            .unwrap_err()
+            .contains("not absolute"));
+        assert!(check_sandbox_path(Path::new("/data/../etc"))
+            .unwrap_err()
+            .contains(".."));
+        assert!(check_sandbox_path(Path::new("/data/./x"))
+            .unwrap_err()
+            .contains("'.'"));
+        assert!(check_sandbox_path(Path::new("/"))
+            .unwrap_err()
+            .contains("root"));
+        assert!(check_sandbox_path(Path::new("/proc/1"))
+            .unwrap_err()
+            .contains("reserves"));
+        assert!(check_sandbox_path(Path::new("/dev"))
+            .unwrap_err()
+            .contains("reserves"));
     }
 }

@@ -107,7 +107,10 @@ impl Default for SandboxPolicy {
             allow_unsandboxed: false,
             filesystem: FilesystemPolicy {
                 allowed_roots: Vec::new(),
-                blocked_patterns: DEFAULT_BLOCKED_PATTERNS.iter().map(|s| s.to_string()).collect(),
+                blocked_patterns: DEFAULT_BLOCKED_PATTERNS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
                 protected: vec![".git/hooks".into(), ".git/config".into()],
                 mounts: Vec::new(),
             },
@@ -214,7 +217,11 @@ impl SandboxPolicy {
             let key = e.path().to_string();
             let inner = e.into_inner();
             PolicyError::Syntax {
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 message: inner.message().to_string(),
                 line: inner.span().map(|s| line_of(text, s.start)),
             }
@@ -256,7 +263,10 @@ impl SandboxPolicy {
         if let Some(prot) = fs.protected {
             for (i, rel) in prot.iter().enumerate() {
                 let path = Path::new(rel);
-                if path.is_absolute() || rel.split('/').any(|c| c == ".." || c == ".") || rel.is_empty() {
+                if path.is_absolute()
+                    || rel.split('/').any(|c| c == ".." || c == ".")
+                    || rel.is_empty()
+                {
                     return Err(err(
                         format!("filesystem.protected[{i}]"),
                         format!("{rel:?} must be a plain relative path such as \".git/hooks\""),
@@ -319,7 +329,10 @@ impl SandboxPolicy {
         }
         if let Some(n) = l.open_files {
             if !(16..=1 << 20).contains(&n) {
-                return Err(err("limits.open_files", format!("{n} is out of range; use 16 to 1048576")));
+                return Err(err(
+                    "limits.open_files",
+                    format!("{n} is out of range; use 16 to 1048576"),
+                ));
             }
             p.limits.open_files = n as u32;
         }
@@ -329,13 +342,19 @@ impl SandboxPolicy {
             Some(other) => {
                 return Err(err(
                     "network.mode",
-                    format!("unknown network mode {other:?}; the only mode is \"none\" (no network)"),
+                    format!(
+                        "unknown network mode {other:?}; the only mode is \"none\" (no network)"
+                    ),
                 ))
             }
         }
 
         for (i, name) in raw.syscalls.deny.iter().enumerate() {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
                 return Err(err(
                     format!("syscalls.deny[{i}]"),
                     format!("{name:?} is not a system call name (lowercase letters, digits, _)"),
@@ -364,7 +383,12 @@ impl SandboxPolicy {
                 ),
             ));
         }
-        if self.filesystem.mounts.iter().any(|m| m.sandbox == req.sandbox) {
+        if self
+            .filesystem
+            .mounts
+            .iter()
+            .any(|m| m.sandbox == req.sandbox)
+        {
             return Err(err(key, format!("{:?} is mounted twice", req.sandbox)));
         }
         self.filesystem.mounts.push(req);
@@ -383,7 +407,10 @@ impl SandboxPolicy {
             ));
         }
         if name == "HOME" {
-            return Err(err(key, "HOME is set by moat to the agent's home directory"));
+            return Err(err(
+                key,
+                "HOME is set by moat to the agent's home directory",
+            ));
         }
         if value.contains('\0') {
             return Err(err(key, "the value contains a NUL byte"));
@@ -395,7 +422,10 @@ impl SandboxPolicy {
     pub fn set_memory(&mut self, text: &str, key: &str) -> Result<(), PolicyError> {
         let size = parse_size(text).map_err(|m| err(key, m))?;
         if size.0 < (16 << 20) {
-            return Err(err(key, format!("{size} is too little to start a process; use at least 16MiB")));
+            return Err(err(
+                key,
+                format!("{size} is too little to start a process; use at least 16MiB"),
+            ));
         }
         self.limits.memory = size;
         Ok(())
@@ -403,7 +433,10 @@ impl SandboxPolicy {
 
     pub fn set_pids(&mut self, n: i64, key: &str) -> Result<(), PolicyError> {
         if !(4..=65536).contains(&n) {
-            return Err(err(key, format!("{n} is out of range; use 4 to 65536 processes")));
+            return Err(err(
+                key,
+                format!("{n} is out of range; use 4 to 65536 processes"),
+            ));
         }
         self.limits.pids = n as u32;
         Ok(())
@@ -411,7 +444,10 @@ impl SandboxPolicy {
 
     pub fn set_cpus(&mut self, cpus: f64, key: &str) -> Result<(), PolicyError> {
         if !cpus.is_finite() || !(0.01..=1024.0).contains(&cpus) {
-            return Err(err(key, format!("{cpus} is out of range; use 0.01 to 1024 CPUs")));
+            return Err(err(
+                key,
+                format!("{cpus} is out of range; use 0.01 to 1024 CPUs"),
+            ));
         }
         self.limits.millicpus = (cpus * 1000.0).round() as u32;
         Ok(())
@@ -420,7 +456,10 @@ impl SandboxPolicy {
     pub fn set_timeout(&mut self, text: &str, key: &str) -> Result<(), PolicyError> {
         let d = parse_duration(text).map_err(|m| err(key, m))?;
         if d.is_zero() || d > Duration::from_secs(24 * 3600) {
-            return Err(err(key, format!("{} is out of range; use 1ms to 24h", format_duration(d))));
+            return Err(err(
+                key,
+                format!("{} is out of range; use 1ms to 24h", format_duration(d)),
+            ));
         }
         self.limits.timeout = d;
         Ok(())
@@ -428,7 +467,11 @@ impl SandboxPolicy {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Values given on the command line, applied on top of a policy file.
@@ -568,12 +611,30 @@ mod tests {
             ("[network]\nmode = \"open\"", "network.mode"),
             ("[env]\nHOME = \"/root\"", "env.HOME"),
             ("[env]\n\"1BAD\" = \"x\"", "env.1BAD"),
-            ("[filesystem]\nallowed_roots = [\"relative\"]", "filesystem.allowed_roots[0]"),
-            ("[filesystem]\nallowed_roots = [\"/\"]", "filesystem.allowed_roots[0]"),
-            ("[[filesystem.mount]]\nhost = \"/srv/x\"\nsandbox = \"/a/../b\"", "filesystem.mount[0]"),
-            ("[[filesystem.mount]]\nhost = \"/home/u/.ssh\"\nsandbox = \"/k\"", "filesystem.mount[0]"),
-            ("[[filesystem.mount]]\nhost = \"/srv/x\"\nsandbox = \"/x\"\nmode = \"rx\"", "filesystem.mount[0].mode"),
-            ("[filesystem]\nprotected = [\"../x\"]", "filesystem.protected[0]"),
+            (
+                "[filesystem]\nallowed_roots = [\"relative\"]",
+                "filesystem.allowed_roots[0]",
+            ),
+            (
+                "[filesystem]\nallowed_roots = [\"/\"]",
+                "filesystem.allowed_roots[0]",
+            ),
+            (
+                "[[filesystem.mount]]\nhost = \"/srv/x\"\nsandbox = \"/a/../b\"",
+                "filesystem.mount[0]",
+            ),
+            (
+                "[[filesystem.mount]]\nhost = \"/home/u/.ssh\"\nsandbox = \"/k\"",
+                "filesystem.mount[0]",
+            ),
+            (
+                "[[filesystem.mount]]\nhost = \"/srv/x\"\nsandbox = \"/x\"\nmode = \"rx\"",
+                "filesystem.mount[0].mode",
+            ),
+            (
+                "[filesystem]\nprotected = [\"../x\"]",
+                "filesystem.protected[0]",
+            ),
             ("[syscalls]\ndeny = [\"Bad Name\"]", "syscalls.deny[0]"),
             ("unknown = 1", "unknown"),
         ];
@@ -614,13 +675,55 @@ mod tests {
         assert_eq!(p.backend, BackendKind::Local);
 
         for (o, flag) in [
-            (Overrides { memory: Some("lots".into()), ..Default::default() }, "--memory"),
-            (Overrides { env: vec!["NOEQUALS".into()], ..Default::default() }, "--env"),
-            (Overrides { mounts: vec!["/a".into()], ..Default::default() }, "--mount"),
-            (Overrides { mounts: vec!["/a:/b:rx".into()], ..Default::default() }, "--mount"),
-            (Overrides { mounts: vec!["/x/.aws:/aws".into()], ..Default::default() }, "--mount"),
-            (Overrides { backend: Some("vm".into()), ..Default::default() }, "--backend"),
-            (Overrides { pids: Some(1), ..Default::default() }, "--pids"),
+            (
+                Overrides {
+                    memory: Some("lots".into()),
+                    ..Default::default()
+                },
+                "--memory",
+            ),
+            (
+                Overrides {
+                    env: vec!["NOEQUALS".into()],
+                    ..Default::default()
+                },
+                "--env",
+            ),
+            (
+                Overrides {
+                    mounts: vec!["/a".into()],
+                    ..Default::default()
+                },
+                "--mount",
+            ),
+            (
+                Overrides {
+                    mounts: vec!["/a:/b:rx".into()],
+                    ..Default::default()
+                },
+                "--mount",
+            ),
+            (
+                Overrides {
+                    mounts: vec!["/x/.aws:/aws".into()],
+                    ..Default::default()
+                },
+                "--mount",
+            ),
+            (
+                Overrides {
+                    backend: Some("vm".into()),
+                    ..Default::default()
+                },
+                "--backend",
+            ),
+            (
+                Overrides {
+                    pids: Some(1),
+                    ..Default::default()
+                },
+                "--pids",
+            ),
         ] {
             let e = o.apply(&mut SandboxPolicy::default()).unwrap_err();
             assert_eq!(key_of(e), flag);

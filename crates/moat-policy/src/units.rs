@@ -128,7 +128,9 @@ mod tests {
         assert!(parse_size("-1M").unwrap_err().contains("not a size"));
         assert!(parse_size("1.5G").unwrap_err().contains("unknown unit"));
         assert!(parse_size("12XB").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]
@@ -144,7 +146,9 @@ mod tests {
         assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert!(parse_duration("5 days").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("5 days")
+            .unwrap_err()
+            .contains("unknown unit"));
         assert!(parse_duration("s").unwrap_err().contains("not a duration"));
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");

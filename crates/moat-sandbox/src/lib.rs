@@ -1,1 +1,186 @@
+//! moat-sandbox: runs untrusted commands in isolated, limited, clean sandboxes.
+//!
+//! The [`Engine`] opens [`Lease`]s; a lease owns a sandbox's files (a
+//! size-limited tmpfs), its host uid, its cgroup limits and its running
+//! instance, started by one of the backends (`bwrap`, `gvisor`, `local`).
+//! Security-relevant modules: `bwrap`, `gvisor`, `seccomp`, `cgroup`,
+//! `fsguard`, `storage`, `proto`. Nothing here reads moat's own configuration
+//! or secrets, and nothing from moat's environment is passed into a sandbox.
 
+pub mod backend;
+pub mod bwrap;
+pub mod cgroup;
+pub mod doctor;
+pub mod error;
+pub mod fsguard;
+pub mod gvisor;
+pub mod lease;
+pub mod local;
+pub mod proto;
+pub mod seccomp;
+pub mod storage;
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use moat_policy::{BackendKind, SandboxPolicy};
+
+pub use error::{Result, SandboxError};
+pub use lease::{
+    Lease, LeaseOptions, RunOutcome, RunSpec, StdinSource, Stream, Termination, WorkspaceSource,
+};
+
+/// Where the engine keeps things on the host.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Leases' directories live under `<data_dir>/leases`.
+    pub data_dir: PathBuf,
+    /// uid locks and the installed copy of moat-init.
+    pub runtime_dir: PathBuf,
+    /// The moat-init binary to install into sandboxes.
+    pub init_path: PathBuf,
+}
+
+impl EngineConfig {
+    /// Defaults: `MOAT_DATA_DIR`, `MOAT_RUNTIME_DIR`, `MOAT_INIT` if set; else
+    /// /var/lib/moat and /run/moat for root, XDG directories otherwise; moat-init
+    /// next to the running executable.
+    pub fn from_env() -> EngineConfig {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/tmp".into());
+        let data_dir = std::env::var_os("MOAT_DATA_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                if root {
+                    "/var/lib/moat".into()
+                } else {
+                    std::env::var_os("XDG_DATA_HOME")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| home.join(".local/share"))
+                        .join("moat")
+                }
+            });
+        let runtime_dir = std::env::var_os("MOAT_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                if root {
+                    "/run/moat".into()
+                } else {
+                    std::env::var_os("XDG_RUNTIME_DIR")
+                        .map(|d| PathBuf::from(d).join("moat"))
+                        // SAFETY: getuid has no preconditions.
+                        .unwrap_or_else(|| {
+                            PathBuf::from(format!("/tmp/moat-{}", unsafe { libc::getuid() }))
+                        })
+                }
+            });
+        let init_path = std::env::var_os("MOAT_INIT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(|d| d.join("moat-init")))
+                    .unwrap_or_else(|| "moat-init".into())
+            });
+        EngineConfig {
+            data_dir,
+            runtime_dir,
+            init_path,
+        }
+    }
+}
+
+/// Creates leases for one backend.
+pub struct Engine {
+    config: EngineConfig,
+    backend: Arc<dyn backend::Backend>,
+    installed_init: PathBuf,
+}
+
+fn mkdir_mode(p: &Path, mode: u32) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(p)
+        .map_err(|e| SandboxError::io(format!("creating {}", p.display()), e))?;
+    // An existing directory keeps its mode unless we set it.
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| SandboxError::io(format!("setting mode of {}", p.display()), e))
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, kind: BackendKind) -> Result<Engine> {
+        // Sandboxes run as other uids and must traverse (not list) these.
+        mkdir_mode(&config.data_dir, 0o711)?;
+        mkdir_mode(&config.data_dir.join("leases"), 0o711)?;
+        mkdir_mode(&config.runtime_dir, 0o711)?;
+        mkdir_mode(&config.runtime_dir.join("bin"), 0o755)?;
+        let installed_init = install_init(&config)?;
+        let backend: Arc<dyn backend::Backend> = match kind {
+            BackendKind::Bwrap => Arc::new(bwrap::BwrapBackend),
+            BackendKind::Gvisor => Arc::new(gvisor::GvisorBackend::new(&config)?),
+            BackendKind::Local => Arc::new(local::LocalBackend),
+        };
+        Ok(Engine {
+            config,
+            backend,
+            installed_init,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+    pub(crate) fn backend(&self) -> Arc<dyn backend::Backend> {
+        self.backend.clone()
+    }
+    pub(crate) fn init_path(&self) -> &Path {
+        &self.installed_init
+    }
+    pub fn leases_dir(&self) -> PathBuf {
+        self.config.data_dir.join("leases")
+    }
+
+    /// Opens a lease: a new one, or the named lease's kept files. The policy's
+    /// backend must be this engine's.
+    pub fn lease(&self, policy: SandboxPolicy, opts: LeaseOptions) -> Result<Lease> {
+        if policy.backend.name() != self.backend.name() {
+            return Err(SandboxError::Refused(format!(
+                "this engine runs the {} backend, the policy asks for {}",
+                self.backend.name(),
+                policy.backend.name()
+            )));
+        }
+        lease::open_lease(self, policy, opts)
+    }
+}
+
+/// Copies moat-init to a world-readable place under the runtime directory
+/// (the sandbox's uid may not be able to reach the build or install tree).
+fn install_init(config: &EngineConfig) -> Result<PathBuf> {
+    let src = &config.init_path;
+    let meta = std::fs::metadata(src).map_err(|e| {
+        SandboxError::Start(format!(
+            "moat-init not found at {} ({e}); build it with `cargo build` or set MOAT_INIT",
+            src.display()
+        ))
+    })?;
+    let dst = config.runtime_dir.join("bin").join(format!(
+        "moat-init-{}-{}",
+        meta.len(),
+        meta.mtime_nsec() ^ meta.mtime()
+    ));
+    if !dst.exists() {
+        let tmp = dst.with_extension(format!("tmp{:x}", storage::random_u64()));
+        std::fs::copy(src, &tmp)
+            .map_err(|e| SandboxError::io(format!("copying {}", src.display()), e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| SandboxError::io("chmod moat-init", e))?;
+        std::fs::rename(&tmp, &dst).map_err(|e| SandboxError::io("installing moat-init", e))?;
+    }
+    Ok(dst)
+}

@@ -1,1 +1,210 @@
-fn main() {}
+//! The `moat` command: argument parsing and wiring only. Logic lives in the
+//! library crates.
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use moat_policy::{Overrides, SandboxPolicy};
+use moat_sandbox::{
+    Engine, EngineConfig, LeaseOptions, RunSpec, StdinSource, Stream, WorkspaceSource,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "moat",
+    version,
+    about = "Run AI coding agents from chat inside sandboxes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// Run commands in sandboxes.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCmd,
+    },
+    /// Check this host for what the sandbox backends need.
+    Doctor,
+}
+
+#[derive(Subcommand)]
+enum SandboxCmd {
+    /// Run one command in a fresh sandbox and exit with its status.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Isolation backend: bwrap, gvisor or local (no isolation; needs MOAT_ALLOW_UNSANDBOXED=1).
+    #[arg(long, value_name = "bwrap|gvisor|local")]
+    backend: Option<String>,
+    /// Host directory bound read-write at /workspace (default: a fresh empty one, deleted afterwards).
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    /// Extra mount, read-only unless :rw; must lie under the policy's filesystem.allowed_roots.
+    #[arg(long = "mount", value_name = "HOST:SANDBOX[:ro|:rw]")]
+    mounts: Vec<String>,
+    /// Environment variable inside the sandbox.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Memory limit, e.g. 256MiB.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Maximum number of processes.
+    #[arg(long, value_name = "N")]
+    pids: Option<i64>,
+    /// CPU limit in CPUs, e.g. 0.5.
+    #[arg(long, value_name = "N")]
+    cpus: Option<f64>,
+    /// Wall-clock limit, e.g. 30s or 5m.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Policy file (TOML); flags override it.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Top::Doctor => doctor(),
+        Top::Sandbox {
+            command: SandboxCmd::Run(args),
+        } => match sandbox_run(args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(125)
+            }
+        },
+    }
+}
+
+fn doctor() -> ExitCode {
+    let checks = moat_sandbox::doctor::run_checks();
+    let mut failed = false;
+    for c in &checks {
+        let mark = if c.ok {
+            "ok  "
+        } else if c.required {
+            "FAIL"
+        } else {
+            "warn"
+        };
+        println!("[{mark}] {}: {}", c.name, c.detail);
+        if !c.ok {
+            if let Some(fix) = &c.fix {
+                println!("       fix: {fix}");
+            }
+            failed |= c.required;
+        }
+    }
+    if failed {
+        println!("moat: this host cannot run sandboxes yet; fix the FAIL lines above");
+        ExitCode::from(1)
+    } else {
+        println!("moat: this host can run sandboxes");
+        ExitCode::SUCCESS
+    }
+}
+
+fn load_policy(args: &RunArgs) -> anyhow::Result<SandboxPolicy> {
+    let mut policy = match &args.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read policy file {}", path.display()))?;
+            SandboxPolicy::from_toml(&text)
+                .with_context(|| format!("policy file {}", path.display()))?
+        }
+        None => SandboxPolicy::default(),
+    };
+    let overrides = Overrides {
+        backend: args.backend.clone(),
+        mounts: args.mounts.clone(),
+        env: args.env.clone(),
+        memory: args.memory.clone(),
+        pids: args.pids,
+        cpus: args.cpus,
+        timeout: args.timeout.clone(),
+    };
+    overrides.apply(&mut policy)?;
+    Ok(policy)
+}
+
+/// Standard input for the sandbox: a pipe or file is passed as it is; a
+/// terminal is never handed in (it would let the sandbox act on the host's
+/// terminal), its bytes are copied through a pipe instead.
+fn sandbox_stdin() -> anyhow::Result<StdinSource> {
+    // SAFETY: isatty and dup on fd 0.
+    if unsafe { libc::isatty(0) } == 1 {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        std::thread::spawn(move || {
+            let mut w = std::fs::File::from(w);
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
+        });
+        return Ok(StdinSource::Fd(r));
+    }
+    // SAFETY: dup of our own stdin; the new descriptor is owned below.
+    let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return Ok(StdinSource::Null);
+    }
+    // SAFETY: fd is fresh from fcntl.
+    Ok(StdinSource::Fd(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
+    let policy = load_policy(&args)?;
+    let engine = Engine::new(EngineConfig::from_env(), policy.backend)?;
+    let workspace = match &args.workspace {
+        Some(dir) => WorkspaceSource::Host(dir.clone()),
+        None => WorkspaceSource::Fresh,
+    };
+    let mut lease = engine.lease(
+        policy,
+        LeaseOptions {
+            name: None,
+            workspace,
+        },
+    )?;
+    let mut spec = RunSpec::new(args.command.clone());
+    spec.stdin = sandbox_stdin()?;
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let outcome = lease.run(spec, &mut |stream, bytes| {
+        let _ = match stream {
+            Stream::Stdout => stdout
+                .lock()
+                .write_all(bytes)
+                .and_then(|_| stdout.lock().flush()),
+            Stream::Stderr => stderr.lock().write_all(bytes),
+        };
+    })?;
+    lease.destroy().context("cleaning up the sandbox")?;
+    if let Some(reason) = outcome.reason() {
+        eprintln!("{reason}");
+    }
+    Ok(outcome.exit_code().clamp(0, 255) as u8)
+}

@@ -1,0 +1,691 @@
+//! Leases: a sandbox's files, limits and running instance, owned by one request
+//! at a time. Runs commands with streamed output, a time limit, an output limit
+//! and memory-limit detection; resets to clean state; keeps or destroys files.
+//!
+//! Invariants:
+//! - a lease is used by one request at a time (`&mut self`, plus a file lock on
+//!   its directory against other processes);
+//! - when a time, memory or output limit fires, every process of the lease is
+//!   killed before `run` returns;
+//! - after `reset`, nothing of the previous request remains visible: files
+//!   (a fresh tmpfs), processes (a fresh instance), environment (per command);
+//! - dropping a lease kills its processes and removes its cgroup; an unnamed
+//!   lease's files are deleted too.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moat_policy::{BackendKind, ByteSize, SandboxPolicy};
+use nix::fcntl::OFlag;
+
+use crate::backend::{Backend, ChildStdio, CommandLine, Ended, Instance, LeaseEnv};
+use crate::cgroup::{Cgroup, CgroupLimits};
+use crate::error::{Result, SandboxError};
+use crate::fsguard::{protected_binds, resolve_mounts, resolve_workspace, ResolvedMount};
+use crate::storage::{random_u64, Storage, UidLock};
+use crate::Engine;
+
+/// Which stream a chunk of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Where a command's standard input comes from.
+pub enum StdinSource {
+    Null,
+    Bytes(Vec<u8>),
+    Fd(OwnedFd),
+}
+
+/// One command to run in a lease.
+pub struct RunSpec {
+    pub argv: Vec<String>,
+    /// Variables for this command only, on top of the policy's.
+    pub env: Vec<(String, String)>,
+    pub stdin: StdinSource,
+    /// Working directory inside; `/workspace` when `None`.
+    pub cwd: Option<String>,
+    /// Overrides the policy's time limit for this command.
+    pub timeout: Option<Duration>,
+}
+
+impl RunSpec {
+    pub fn new<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
+        RunSpec {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            stdin: StdinSource::Null,
+            cwd: None,
+            timeout: None,
+        }
+    }
+}
+
+/// How a command ended, in moat's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Termination {
+    Exited(i32),
+    Signaled(i32),
+    /// exec failed: the program (argv[0]) and errno.
+    NotRunnable(String, i32),
+    TimedOut(Duration),
+    MemoryLimit(ByteSize),
+    OutputLimit(ByteSize),
+    /// The sandbox vanished under the command (killed from outside).
+    SandboxDied,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub termination: Termination,
+    pub duration: Duration,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+}
+
+fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+impl RunOutcome {
+    /// The exit status `moat sandbox run` reports: the command's own; 124 on
+    /// timeout; 128+N for a signal (137 when a limit killed the tree); 126/127
+    /// when the program could not be run.
+    pub fn exit_code(&self) -> i32 {
+        match &self.termination {
+            Termination::Exited(c) => *c,
+            Termination::Signaled(s) => 128 + s,
+            Termination::NotRunnable(_, e) if *e == libc::ENOENT => 127,
+            Termination::NotRunnable(..) => 126,
+            Termination::TimedOut(_) => 124,
+            Termination::MemoryLimit(_)
+            | Termination::OutputLimit(_)
+            | Termination::SandboxDied => 137,
+        }
+    }
+
+    /// moat's one-line reason for a non-zero status, starting with `moat:`.
+    pub fn reason(&self) -> Option<String> {
+        Some(match &self.termination {
+            Termination::Exited(0) => return None,
+            Termination::Exited(c) => format!("moat: command exited with status {c}"),
+            Termination::Signaled(s) => format!("moat: command killed by {}", signal_name(*s)),
+            Termination::NotRunnable(p, e) => format!(
+                "moat: cannot run {p:?}: {}",
+                std::io::Error::from_raw_os_error(*e)
+            ),
+            Termination::TimedOut(d) => format!(
+                "moat: time limit {} reached, process tree killed",
+                moat_policy::units::format_duration(*d)
+            ),
+            Termination::MemoryLimit(m) => {
+                format!("moat: memory limit {m} reached, process tree killed")
+            }
+            Termination::OutputLimit(o) => {
+                format!("moat: output limit {o} reached, process tree killed")
+            }
+            Termination::SandboxDied => {
+                "moat: the sandbox stopped unexpectedly, process tree killed".into()
+            }
+        })
+    }
+}
+
+/// Where a new lease's workspace comes from.
+#[derive(Debug, Clone, Default)]
+pub enum WorkspaceSource {
+    /// An empty directory in the lease's own storage.
+    #[default]
+    Fresh,
+    /// A host directory bound read-write (the caller's own files).
+    Host(PathBuf),
+    /// A prepared directory copied into each fresh generation.
+    Template(PathBuf),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LeaseOptions {
+    /// A named lease keeps its files after release and can be reattached.
+    pub name: Option<String>,
+    pub workspace: WorkspaceSource,
+}
+
+struct Running {
+    instance: Box<dyn Instance>,
+    cgroup: Option<Cgroup>,
+}
+
+pub struct Lease {
+    id: String,
+    named: bool,
+    policy: Arc<SandboxPolicy>,
+    backend: Arc<dyn Backend>,
+    storage: Option<Storage>,
+    _uid: Option<UidLock>,
+    host_uid: u32,
+    host_workspace: Option<PathBuf>,
+    template: Option<PathBuf>,
+    mounts: Vec<ResolvedMount>,
+    running: Option<Running>,
+    instances: u64,
+    init_path: PathBuf,
+    runtime_dir: PathBuf,
+}
+
+pub(crate) fn open_lease(
+    engine: &Engine,
+    policy: SandboxPolicy,
+    opts: LeaseOptions,
+) -> Result<Lease> {
+    if policy.backend == BackendKind::Local {
+        let env_ok = std::env::var("MOAT_ALLOW_UNSANDBOXED").is_ok_and(|v| v == "1");
+        if !(policy.allow_unsandboxed || env_ok) {
+            return Err(SandboxError::Refused(
+                "the local backend runs commands with NO isolation; it is refused unless the operator opts in with MOAT_ALLOW_UNSANDBOXED=1 or sandbox.allow_unsandboxed = true".into(),
+            ));
+        }
+    }
+    let mounts = resolve_mounts(&policy)?;
+    let (host_workspace, template) = match &opts.workspace {
+        WorkspaceSource::Fresh => (None, None),
+        WorkspaceSource::Host(dir) => (Some(resolve_workspace(dir, &policy)?), None),
+        WorkspaceSource::Template(dir) => {
+            let real = std::fs::canonicalize(dir)
+                .map_err(|e| SandboxError::Refused(format!("template {}: {e}", dir.display())))?;
+            (None, Some(real))
+        }
+    };
+    let (id, named) = match &opts.name {
+        Some(n) => {
+            crate::storage::check_name(n)?;
+            (n.clone(), true)
+        }
+        None => (format!("tmp-{:016x}", random_u64()), false),
+    };
+    let dir = engine.leases_dir().join(&id);
+    // The host uid: the workspace owner's for a host workspace (so its files
+    // stay theirs), else a fresh uid of moat's own range, kept by named leases.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let (uid_lock, host_uid) = if !root || policy.backend == BackendKind::Local {
+        // SAFETY: as above.
+        (None, unsafe { libc::geteuid() })
+    } else if let Some(ws) = &host_workspace {
+        let owner = std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(ws)
+                .map_err(|e| SandboxError::io(format!("reading {}", ws.display()), e))?,
+        );
+        if owner == 0 {
+            return Err(SandboxError::Refused(format!(
+                "--workspace {}: it is owned by root, and sandboxed processes never run as root on the host; chown it to an unprivileged user (for example chown -R 1000:1000 {}) or leave --workspace out",
+                ws.display(),
+                ws.display()
+            )));
+        }
+        (None, owner)
+    } else if let Some(uid) = Storage::recorded_owner(&dir) {
+        let lock = UidLock::take(&engine.config().runtime_dir, uid)?;
+        (Some(lock), uid)
+    } else {
+        let lock = UidLock::allocate(&engine.config().runtime_dir)?;
+        let uid = lock.uid;
+        (Some(lock), uid)
+    };
+    let fresh = !dir.join("uid").exists();
+    let storage = Storage::open(&dir, host_uid, policy.limits.disk.bytes())?;
+    storage.record_owner()?;
+    let mut lease = Lease {
+        id,
+        named,
+        policy: Arc::new(policy),
+        backend: engine.backend(),
+        storage: Some(storage),
+        _uid: uid_lock,
+        host_uid,
+        host_workspace,
+        template,
+        mounts,
+        running: None,
+        instances: 0,
+        init_path: engine.init_path().to_path_buf(),
+        runtime_dir: engine.config().runtime_dir.clone(),
+    };
+    if fresh {
+        lease.fill_template()?;
+    }
+    Ok(lease)
+}
+
+impl Lease {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn policy(&self) -> &SandboxPolicy {
+        &self.policy
+    }
+    /// Host uid of the lease's processes.
+    pub fn host_uid(&self) -> u32 {
+        self.host_uid
+    }
+
+    fn storage(&self) -> &Storage {
+        self.storage
+            .as_ref()
+            .expect("storage lives as long as the lease")
+    }
+
+    /// The host directory the sandbox sees as /workspace.
+    pub fn workspace_dir(&self) -> PathBuf {
+        self.host_workspace
+            .clone()
+            .unwrap_or_else(|| self.storage().workspace())
+    }
+
+    /// The host directory of the lease's storage generation (workspace, home, tmp).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.storage().root()
+    }
+
+    /// Host pids of the running instance's supervisor, if any.
+    pub fn host_pids(&self) -> Vec<u32> {
+        self.running
+            .as_ref()
+            .map(|r| r.instance.host_pids())
+            .unwrap_or_default()
+    }
+
+    /// Cgroup directories of the running instance (for tests and diagnostics).
+    pub fn cgroup_paths(&self) -> Vec<PathBuf> {
+        self.running
+            .as_ref()
+            .and_then(|r| r.cgroup.as_ref())
+            .map(|c| c.paths())
+            .unwrap_or_default()
+    }
+
+    fn fill_template(&mut self) -> Result<()> {
+        let Some(src) = self.template.clone() else {
+            return Ok(());
+        };
+        let dst = self.storage().workspace();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg("--no-preserve=ownership")
+            .arg(format!("{}/.", src.display()))
+            .arg(&dst)
+            .status()
+            .map_err(|e| SandboxError::io("running cp for the template", e))?;
+        let chown = std::process::Command::new("chown")
+            .arg("-R")
+            .arg("-P")
+            .arg(format!("{0}:{0}", self.host_uid))
+            .arg(&dst)
+            .status()
+            .map_err(|e| SandboxError::io("running chown for the template", e))?;
+        if !status.success() || !chown.success() {
+            return Err(SandboxError::Start(format!(
+                "copying the template {} into the lease failed (does it fit in limits.disk?)",
+                src.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn lease_env(&self) -> Result<LeaseEnv> {
+        let st = self.storage();
+        let workspace = self.workspace_dir();
+        let mut protected = Vec::new();
+        let prot = &self.policy.filesystem.protected;
+        if self.host_workspace.is_some() {
+            protected.extend(protected_binds(&workspace, Path::new("/workspace"), prot)?);
+        }
+        for m in self.mounts.iter().filter(|m| m.writable) {
+            protected.extend(protected_binds(&m.host, &m.sandbox, prot)?);
+        }
+        Ok(LeaseEnv {
+            id: self.id.clone(),
+            instance: self.instances,
+            policy: self.policy.clone(),
+            host_uid: self.host_uid,
+            workspace,
+            home: st.home(),
+            tmp: st.tmp(),
+            etc: st.etc(),
+            mounts: self.mounts.clone(),
+            protected,
+            init_path: self.init_path.clone(),
+            runtime_dir: self.runtime_dir.clone(),
+        })
+    }
+
+    /// Starts the lease's sandbox if it is not running (a pool warms leases this way).
+    pub fn start(&mut self) -> Result<()> {
+        if let Some(r) = self.running.as_mut() {
+            if r.instance.is_alive() {
+                return Ok(());
+            }
+            self.stop();
+        }
+        self.instances += 1;
+        let t0 = Instant::now();
+        let env = self.lease_env()?;
+        let l = &self.policy.limits;
+        let cgroup = if self.backend.uses_host_cgroup() {
+            Some(Cgroup::create(
+                &format!("{}-{}", self.id, self.instances),
+                CgroupLimits {
+                    memory: l.memory.bytes(),
+                    pids: l.pids,
+                    millicpus: l.millicpus,
+                },
+            )?)
+        } else {
+            None
+        };
+        let procs = match &cgroup {
+            Some(c) => c.procs_fds()?,
+            None => Vec::new(),
+        };
+        let t1 = Instant::now();
+        let instance = self.backend.start(&env, &procs)?;
+        tracing::debug!(lease = %self.id, cgroup_us = (t1 - t0).as_micros() as u64, start_us = t1.elapsed().as_micros() as u64, "instance started");
+        self.running = Some(Running { instance, cgroup });
+        Ok(())
+    }
+
+    /// Kills every process of the lease and removes its cgroup; files stay.
+    pub fn stop(&mut self) {
+        if let Some(mut r) = self.running.take() {
+            let t0 = Instant::now();
+            r.instance.kill_all();
+            let t1 = Instant::now();
+            if let Some(cg) = r.cgroup.take() {
+                if let Err(e) = cg.remove() {
+                    tracing::error!(lease = %self.id, error = %e, "cgroup removal failed");
+                }
+            }
+            tracing::debug!(lease = %self.id, kill_us = (t1 - t0).as_micros() as u64, cgroup_us = t1.elapsed().as_micros() as u64, "instance stopped");
+        }
+    }
+
+    fn command_env(&self, extra: &[(String, String)]) -> Vec<(String, String)> {
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert(
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
+        env.insert("HOME".into(), "/home/agent".into());
+        env.insert("LANG".into(), "C.UTF-8".into());
+        env.insert("TERM".into(), "dumb".into());
+        env.insert("USER".into(), "agent".into());
+        for (k, v) in self.policy.env.iter() {
+            env.insert(k.clone(), v.clone());
+        }
+        for (k, v) in extra {
+            if k != "HOME" {
+                env.insert(k.clone(), v.clone());
+            }
+        }
+        env.into_iter().collect()
+    }
+
+    /// Runs one command to completion, streaming its output to `sink`.
+    /// Errors mean the sandbox could not run it at all (exit 125 territory);
+    /// everything the command itself did is in the outcome.
+    pub fn run(
+        &mut self,
+        spec: RunSpec,
+        sink: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<RunOutcome> {
+        if spec.argv.is_empty() {
+            return Err(SandboxError::Refused("no command given".into()));
+        }
+        self.start()?;
+        let started = Instant::now();
+        let timeout = spec.timeout.unwrap_or(self.policy.limits.timeout);
+        let output_limit = self.policy.limits.output;
+        let cmd = CommandLine {
+            argv: spec.argv.clone(),
+            env: self.command_env(&spec.env),
+            cwd: spec.cwd.clone().unwrap_or_else(|| "/workspace".into()),
+        };
+        let pipe = || {
+            nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                .map_err(|e| SandboxError::io("pipe", std::io::Error::from(e)))
+        };
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let mut writer = None;
+        let stdin = match spec.stdin {
+            StdinSource::Null => std::fs::File::open("/dev/null")
+                .map_err(|e| SandboxError::io("opening /dev/null", e))?
+                .into(),
+            StdinSource::Fd(fd) => fd,
+            StdinSource::Bytes(bytes) => {
+                let (r, w) = pipe()?;
+                writer = Some(std::thread::spawn(move || {
+                    use std::io::Write;
+                    let mut f = std::fs::File::from(w);
+                    let _ = f.write_all(&bytes);
+                }));
+                r
+            }
+        };
+        let oom_before = self
+            .running
+            .as_ref()
+            .and_then(|r| r.cgroup.as_ref())
+            .map(|c| c.oom_kills())
+            .unwrap_or(0);
+        let running = self.running.as_mut().expect("started above");
+        let early = match running.instance.start_command(
+            &cmd,
+            ChildStdio {
+                stdin,
+                stdout: out_w,
+                stderr: err_w,
+            },
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                self.stop();
+                return Err(e);
+            }
+        };
+        for fd in [&out_r, &err_r] {
+            let _ = nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+            );
+        }
+        let mut counts = [0u64; 2];
+        let mut open = [true, true];
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = started + timeout;
+        let mut ended = early;
+        let mut limit_hit: Option<Termination> = None;
+        let fds: [RawFd; 2] = [out_r.as_raw_fd(), err_r.as_raw_fd()];
+
+        // Reads what is there; returns false once the output limit is passed.
+        let mut pump = |i: usize,
+                        counts: &mut [u64; 2],
+                        open: &mut [bool; 2],
+                        sink: &mut dyn FnMut(Stream, &[u8])|
+         -> bool {
+            loop {
+                // SAFETY: read into our own buffer from our own pipe.
+                let n = unsafe { libc::read(fds[i], buf.as_mut_ptr().cast(), buf.len()) };
+                if n > 0 {
+                    let n = n as usize;
+                    let total = counts[0] + counts[1];
+                    let room = output_limit.bytes().saturating_sub(total) as usize;
+                    let take = n.min(room);
+                    if take > 0 {
+                        sink(
+                            if i == 0 {
+                                Stream::Stdout
+                            } else {
+                                Stream::Stderr
+                            },
+                            &buf[..take],
+                        );
+                    }
+                    counts[i] += take as u64;
+                    if n > room {
+                        return false;
+                    }
+                } else if n == 0 {
+                    open[i] = false;
+                    return true;
+                } else {
+                    return true; // EAGAIN or error: nothing more now
+                }
+            }
+        };
+
+        let status_fd = running.instance.status_fd();
+        while ended.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                limit_hit = Some(Termination::TimedOut(timeout));
+                break;
+            }
+            let mut pfds = vec![libc::pollfd {
+                fd: status_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            for i in 0..2 {
+                if open[i] {
+                    pfds.push(libc::pollfd {
+                        fd: fds[i],
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+            let wait_ms = (deadline - now).as_millis().clamp(1, 1000) as i32;
+            // SAFETY: poll over pollfds we built from live descriptors.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait_ms) };
+            if n < 0 {
+                continue;
+            }
+            for i in 0..2 {
+                if open[i] && !pump(i, &mut counts, &mut open, sink) {
+                    limit_hit = Some(Termination::OutputLimit(output_limit));
+                }
+            }
+            if limit_hit.is_some() {
+                break;
+            }
+            if pfds[0].revents != 0 {
+                match running.instance.poll_ended() {
+                    Ok(e) => ended = e,
+                    Err(e) => {
+                        self.stop();
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        if limit_hit.is_none() {
+            // Whatever the command wrote before it ended is in the pipes now.
+            for i in 0..2 {
+                if open[i] && !pump(i, &mut counts, &mut open, sink) {
+                    limit_hit = Some(Termination::OutputLimit(output_limit));
+                }
+            }
+        }
+        let oom = self
+            .running
+            .as_ref()
+            .and_then(|r| r.cgroup.as_ref())
+            .map(|c| c.oom_kills())
+            .unwrap_or(0)
+            > oom_before;
+        let termination = match (limit_hit, ended) {
+            (Some(t), _) => t,
+            (None, Some(Ended::Signaled(9) | Ended::InstanceDied)) if oom => {
+                Termination::MemoryLimit(self.policy.limits.memory)
+            }
+            (None, Some(Ended::Exited(c))) => Termination::Exited(c),
+            (None, Some(Ended::Signaled(s))) => Termination::Signaled(s),
+            (None, Some(Ended::ExecFailed(e))) => Termination::NotRunnable(spec.argv[0].clone(), e),
+            (None, Some(Ended::InstanceDied)) | (None, None) => Termination::SandboxDied,
+        };
+        if matches!(
+            termination,
+            Termination::TimedOut(_)
+                | Termination::MemoryLimit(_)
+                | Termination::OutputLimit(_)
+                | Termination::SandboxDied
+        ) {
+            self.stop();
+        }
+        drop((out_r, err_r));
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        Ok(RunOutcome {
+            termination,
+            duration: started.elapsed(),
+            stdout_bytes: counts[0],
+            stderr_bytes: counts[1],
+        })
+    }
+
+    /// Returns the lease to a clean state: every process killed, a fresh empty
+    /// storage generation (or the template again). O(1) in the size of the
+    /// old files, which the kernel frees in the background.
+    pub fn reset(&mut self) -> Result<()> {
+        self.stop();
+        self.storage
+            .as_mut()
+            .expect("storage lives as long as the lease")
+            .reset()?;
+        self.fill_template()
+    }
+
+    /// Ends this use of the lease: processes stop; a named lease keeps its files
+    /// for the next `attach`, an unnamed one is deleted.
+    pub fn release(mut self) -> Result<()> {
+        self.stop();
+        if self.named {
+            self.storage.take();
+            Ok(())
+        } else {
+            self.destroy_storage()
+        }
+    }
+
+    /// Kills everything and deletes the lease's files, named or not.
+    pub fn destroy(mut self) -> Result<()> {
+        self.stop();
+        self.destroy_storage()
+    }
+
+    fn destroy_storage(&mut self) -> Result<()> {
+        match self.storage.take() {
+            Some(s) => s.destroy(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop();
+        if !self.named {
+            if let Err(e) = self.destroy_storage() {
+                tracing::error!(lease = %self.id, error = %e, "could not delete lease files");
+            }
+        }
+    }
+}
