@@ -25,7 +25,9 @@ pub struct LeaseEnv {
     /// Host directories bound at the agent's home and /tmp.
     pub home: PathBuf,
     pub tmp: PathBuf,
-    /// Host directory holding the synthetic passwd, group and hosts files.
+    /// Host directory to show as /etc: the host's allowlisted entries
+    /// (`bwrap::ETC_ALLOWLIST`) plus synthetic passwd, group and hosts. Shared by
+    /// all leases of an engine, owned by root, never writable by a sandbox.
     pub etc: PathBuf,
     pub mounts: Vec<ResolvedMount>,
     /// (host, in-sandbox) paths bound read-only over writable places.

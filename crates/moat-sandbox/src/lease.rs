@@ -176,6 +176,7 @@ pub struct Lease {
     running: Option<Running>,
     instances: u64,
     init_path: PathBuf,
+    etc_dir: PathBuf,
     runtime_dir: PathBuf,
 }
 
@@ -255,6 +256,7 @@ pub(crate) fn open_lease(
         running: None,
         instances: 0,
         init_path: engine.init_path().to_path_buf(),
+        etc_dir: engine.etc_dir().to_path_buf(),
         runtime_dir: engine.config().runtime_dir.clone(),
     };
     if fresh {
@@ -357,7 +359,7 @@ impl Lease {
             workspace,
             home: st.home(),
             tmp: st.tmp(),
-            etc: st.etc(),
+            etc: self.etc_dir.clone(),
             mounts: self.mounts.clone(),
             protected,
             init_path: self.init_path.clone(),

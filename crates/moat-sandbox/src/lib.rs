@@ -99,6 +99,7 @@ pub struct Engine {
     config: EngineConfig,
     backend: Arc<dyn backend::Backend>,
     installed_init: PathBuf,
+    etc_dir: PathBuf,
 }
 
 fn mkdir_mode(p: &Path, mode: u32) -> Result<()> {
@@ -120,6 +121,7 @@ impl Engine {
         mkdir_mode(&config.runtime_dir, 0o711)?;
         mkdir_mode(&config.runtime_dir.join("bin"), 0o755)?;
         let installed_init = install_init(&config)?;
+        let etc_dir = prepare_etc(&config.runtime_dir)?;
         let backend: Arc<dyn backend::Backend> = match kind {
             BackendKind::Bwrap => Arc::new(bwrap::BwrapBackend),
             BackendKind::Gvisor => Arc::new(gvisor::GvisorBackend::new(&config)?),
@@ -129,6 +131,7 @@ impl Engine {
             config,
             backend,
             installed_init,
+            etc_dir,
         })
     }
 
@@ -140,6 +143,9 @@ impl Engine {
     }
     pub(crate) fn init_path(&self) -> &Path {
         &self.installed_init
+    }
+    pub(crate) fn etc_dir(&self) -> &Path {
+        &self.etc_dir
     }
     pub fn leases_dir(&self) -> PathBuf {
         self.config.data_dir.join("leases")
@@ -183,4 +189,69 @@ fn install_init(config: &EngineConfig) -> Result<PathBuf> {
         std::fs::rename(&tmp, &dst).map_err(|e| SandboxError::io("installing moat-init", e))?;
     }
     Ok(dst)
+}
+
+/// Builds (once per state of the host's /etc) the directory sandboxes see as
+/// /etc: copies of the allowlisted entries, symlinks kept as symlinks, plus
+/// moat's synthetic passwd, group and hosts. Named after a fingerprint of the
+/// sources' sizes and times, so a host update (new CA certificates, new
+/// libraries) produces a fresh copy; old copies stay for running sandboxes.
+fn prepare_etc(runtime: &Path) -> Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut sources = Vec::new();
+    for name in bwrap::ETC_ALLOWLIST {
+        let p = Path::new("/etc").join(name);
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        (name, m.len(), m.mtime(), m.mtime_nsec(), m.ino()).hash(&mut h);
+        sources.push(p);
+    }
+    // A directory's mtime changes when an entry is added or removed: enough to
+    // notice new certificates or alternatives without listing every file.
+    for sub in ["ssl/certs", "alternatives", "ld.so.conf.d", "profile.d"] {
+        if let Ok(m) = std::fs::metadata(Path::new("/etc").join(sub)) {
+            (sub, m.mtime(), m.mtime_nsec(), m.ino()).hash(&mut h);
+        }
+    }
+    (storage::PASSWD, storage::GROUP, storage::HOSTS).hash(&mut h);
+    let dir = runtime.join(format!("etc-{:016x}", h.finish()));
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let tmp = runtime.join(format!(".etc-tmp-{:016x}", storage::random_u64()));
+    mkdir_mode(&tmp, 0o755)?;
+    if !sources.is_empty() {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .args(&sources)
+            .arg(&tmp)
+            .status()
+            .map_err(|e| SandboxError::io("running cp to prepare the sandbox /etc", e))?;
+        if !status.success() {
+            return Err(SandboxError::Start(
+                "copying the /etc allowlist failed".into(),
+            ));
+        }
+    }
+    for (name, text) in [
+        ("passwd", storage::PASSWD),
+        ("group", storage::GROUP),
+        ("hosts", storage::HOSTS),
+    ] {
+        std::fs::write(tmp.join(name), text)
+            .map_err(|e| SandboxError::io(format!("writing {name}"), e))?;
+        std::fs::set_permissions(tmp.join(name), std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| SandboxError::io(format!("chmod {name}"), e))?;
+    }
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // Another process prepared the same copy first.
+        Err(_) if dir.is_dir() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(e) => Err(SandboxError::io("installing the sandbox /etc", e)),
+    }
 }

@@ -1,5 +1,5 @@
 //! A lease's writable places on the host: a size-limited tmpfs per generation
-//! holding `workspace/`, `home/`, `tmp/` and the synthetic `etc/` files, plus
+//! holding `workspace/`, `home/` and `tmp/`, plus
 //! the host uid the lease's processes run as.
 //!
 //! Owns: the disk quota (tmpfs `size=`), O(1) reset (mount a fresh generation,
@@ -109,9 +109,9 @@ pub struct Storage {
     _lock: File,
 }
 
-const PASSWD: &str = "root:x:0:0:root:/root:/usr/sbin/nologin\nagent:x:1000:1000:moat agent:/home/agent:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
-const GROUP: &str = "root:x:0:\nagent:x:1000:\nnogroup:x:65534:\n";
-const HOSTS: &str = "127.0.0.1 localhost moat\n::1 localhost ip6-localhost\n";
+pub(crate) const PASSWD: &str = "root:x:0:0:root:/root:/usr/sbin/nologin\nagent:x:1000:1000:moat agent:/home/agent:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+pub(crate) const GROUP: &str = "root:x:0:\nagent:x:1000:\nnogroup:x:65534:\n";
+pub(crate) const HOSTS: &str = "127.0.0.1 localhost moat\n::1 localhost ip6-localhost\n";
 
 impl Storage {
     /// Opens (creating if needed) the lease directory `dir` and locks it, so no
@@ -223,11 +223,6 @@ impl Storage {
                 fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
                 std::os::unix::fs::chown(&p, Some(self.owner), Some(self.owner))?;
             }
-            let etc = dir.join("etc");
-            fs::create_dir(&etc)?;
-            fs::write(etc.join("passwd"), PASSWD)?;
-            fs::write(etc.join("group"), GROUP)?;
-            fs::write(etc.join("hosts"), HOSTS)?;
             Ok(())
         })();
         if let Err(e) = made {
@@ -258,9 +253,6 @@ impl Storage {
     }
     pub fn tmp(&self) -> PathBuf {
         self.root().join("tmp")
-    }
-    pub fn etc(&self) -> PathBuf {
-        self.root().join("etc")
     }
 
     /// Switches to a fresh, empty generation. The old one is detached from the

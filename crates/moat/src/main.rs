@@ -176,8 +176,10 @@ fn sandbox_stdin() -> anyhow::Result<StdinSource> {
 }
 
 fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
+    let t0 = std::time::Instant::now();
     let policy = load_policy(&args)?;
     let engine = Engine::new(EngineConfig::from_env(), policy.backend)?;
+    let t_engine = t0.elapsed();
     let workspace = match &args.workspace {
         Some(dir) => WorkspaceSource::Host(dir.clone()),
         None => WorkspaceSource::Fresh,
@@ -189,6 +191,7 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
             workspace,
         },
     )?;
+    let t_lease = t0.elapsed();
     let mut spec = RunSpec::new(args.command.clone());
     spec.stdin = sandbox_stdin()?;
     let stdout = std::io::stdout();
@@ -202,7 +205,15 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
             Stream::Stderr => stderr.lock().write_all(bytes),
         };
     })?;
+    let t_run = t0.elapsed();
     lease.destroy().context("cleaning up the sandbox")?;
+    tracing::debug!(
+        engine_us = t_engine.as_micros() as u64,
+        lease_us = (t_lease - t_engine).as_micros() as u64,
+        run_us = (t_run - t_lease).as_micros() as u64,
+        destroy_us = (t0.elapsed() - t_run).as_micros() as u64,
+        "sandbox run phases"
+    );
     if let Some(reason) = outcome.reason() {
         eprintln!("{reason}");
     }
