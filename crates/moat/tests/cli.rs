@@ -1,0 +1,285 @@
+//! `moat sandbox run` and `moat doctor` as a user calls them: exit statuses,
+//! the one-line `moat:` reasons, flag and policy errors, workspace binding.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn scratch() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moat-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    d
+}
+
+fn moat() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moat"));
+    let s = scratch();
+    c.env("MOAT_DATA_DIR", s.join("data"))
+        .env("MOAT_RUNTIME_DIR", s.join("run"))
+        .env_remove("MOAT_ALLOW_UNSANDBOXED");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    moat().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn exit_status_is_the_commands_own_with_a_moat_reason() {
+    let o = run(&["sandbox", "run", "--", "sh", "-c", "echo hi; exit 3"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(stdout(&o), "hi\n");
+    assert_eq!(stderr(&o).trim_end(), "moat: command exited with status 3");
+    let o = run(&["sandbox", "run", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stderr(&o), "");
+}
+
+#[test]
+fn timeout_is_124() {
+    let o = run(&[
+        "sandbox",
+        "run",
+        "--timeout",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        "setsid sleep 500 & sleep 501",
+    ]);
+    assert_eq!(o.status.code(), Some(124));
+    assert_eq!(
+        stderr(&o).trim_end(),
+        "moat: time limit 1s reached, process tree killed"
+    );
+    let ps = Command::new("pgrep")
+        .args(["-f", "sleep 50[01]"])
+        .output()
+        .unwrap();
+    assert!(ps.stdout.is_empty(), "survivors: {}", stdout(&ps));
+}
+
+#[test]
+fn memory_limit_is_137() {
+    let o = run(&[
+        "sandbox",
+        "run",
+        "--memory",
+        "64MiB",
+        "--",
+        "python3",
+        "-c",
+        "x = bytearray(512 << 20)",
+    ]);
+    assert_eq!(o.status.code(), Some(137));
+    assert_eq!(
+        stderr(&o).trim_end(),
+        "moat: memory limit 64 MiB reached, process tree killed"
+    );
+}
+
+#[test]
+fn a_signal_is_128_plus_n() {
+    let o = run(&["sandbox", "run", "--", "sh", "-c", "kill -KILL $$"]);
+    assert_eq!(o.status.code(), Some(137));
+    assert_eq!(stderr(&o).trim_end(), "moat: command killed by SIGKILL");
+}
+
+#[test]
+fn bad_flags_and_policies_are_125_and_name_the_problem() {
+    let o = run(&["sandbox", "run", "--memory", "lots", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).starts_with("moat: --memory: \"lots\" is not a size"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = run(&["sandbox", "run", "--env", "NOVALUE", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("--env"), "{}", stderr(&o));
+
+    let dir = tempfile::tempdir().unwrap();
+    let pol = dir.path().join("policy.toml");
+    std::fs::write(&pol, "[limits]\npids = 2000000\n").unwrap();
+    let o = run(&[
+        "sandbox",
+        "run",
+        "--policy",
+        pol.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("limits.pids"), "{}", stderr(&o));
+
+    std::fs::write(&pol, "[limits]\nmemory = 5\n").unwrap();
+    let o = run(&[
+        "sandbox",
+        "run",
+        "--policy",
+        pol.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert!(
+        stderr(&o).contains("limits.memory") && stderr(&o).contains("line 2"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = run(&[
+        "sandbox",
+        "run",
+        "--policy",
+        "/nonexistent/policy.toml",
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("cannot read policy file /nonexistent/policy.toml"));
+}
+
+#[test]
+fn mounts_outside_allowed_roots_are_refused_before_start() {
+    let o = run(&["sandbox", "run", "--mount", "/etc:/hostetc", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("allowed_roots"), "{}", stderr(&o));
+    let o = run(&["sandbox", "run", "--mount", "/root/.ssh:/k", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("blocked pattern \".ssh\""),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn workspace_dir_is_bound_read_write() {
+    let root = scratch().join("ws");
+    std::fs::create_dir_all(&root).unwrap();
+    std::os::unix::fs::chown(&root, Some(4242), Some(4242)).unwrap();
+    std::fs::write(root.join("in.txt"), "input").unwrap();
+    let o = run(&[
+        "sandbox",
+        "run",
+        "--workspace",
+        root.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "cat in.txt; echo out > out.txt",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "input");
+    assert_eq!(
+        std::fs::read_to_string(root.join("out.txt")).unwrap(),
+        "out\n"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(root.join("out.txt")).unwrap().uid(), 4242);
+}
+
+#[test]
+fn a_root_owned_workspace_is_refused() {
+    let root = scratch().join("rootws");
+    std::fs::create_dir_all(&root).unwrap();
+    let o = run(&[
+        "sandbox",
+        "run",
+        "--workspace",
+        root.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("owned by root"), "{}", stderr(&o));
+}
+
+#[test]
+fn no_network_and_no_host_environment_inside() {
+    let o = moat()
+        .env("MOAT_TEST_SECRET_TOKEN", "sk-do-not-leak")
+        .args([
+            "sandbox",
+            "run",
+            "--env",
+            "VISIBLE=yes",
+            "--",
+            "sh",
+            "-c",
+            "env; tail -n +3 /proc/net/dev | cut -d: -f1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(!out.contains("sk-do-not-leak"));
+    assert!(out.contains("VISIBLE=yes"));
+    let ifaces: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with(' '))
+        .map(str::trim)
+        .collect();
+    assert_eq!(ifaces, vec!["lo"]);
+}
+
+#[test]
+fn local_backend_needs_opt_in_and_warns() {
+    let o = run(&["sandbox", "run", "--backend", "local", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("MOAT_ALLOW_UNSANDBOXED=1"),
+        "{}",
+        stderr(&o)
+    );
+    let o = moat()
+        .env("MOAT_ALLOW_UNSANDBOXED", "1")
+        .args([
+            "sandbox",
+            "run",
+            "--backend",
+            "local",
+            "--",
+            "sh",
+            "-c",
+            "echo ran",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o), "ran\n");
+    assert!(stderr(&o).contains("NO sandbox"), "{}", stderr(&o));
+}
+
+#[test]
+fn missing_command_is_a_usage_error() {
+    let o = run(&["sandbox", "run"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("CMD"), "{}", stderr(&o));
+}
+
+#[test]
+fn doctor_reports_each_check() {
+    let o = run(&["doctor"]);
+    let out = stdout(&o);
+    for name in [
+        "bubblewrap",
+        "user namespaces",
+        "seccomp",
+        "cgroups",
+        "runsc",
+    ] {
+        assert!(out.contains(name), "doctor did not check {name}: {out}");
+    }
+    assert_eq!(o.status.code(), Some(0), "{out}");
+}
