@@ -20,7 +20,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::socket::{
     recv, sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
@@ -292,22 +292,17 @@ impl Backend for BwrapBackend {
             ctl: host_end,
             dead: false,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !wait_readable(inst.ctl.as_raw_fd(), left) {
+        // moat-init says hello once it runs; EOF means bwrap failed (its stderr says why).
+        if !wait_readable(inst.ctl.as_raw_fd(), Duration::from_secs(10)) {
+            inst.kill_all();
+            return Err(SandboxError::Start("the sandbox did not start within 10 s".into()));
+        }
+        match read_reply(inst.ctl.as_raw_fd()) {
+            Some(Reply::Hello) => Ok(Box::new(inst)),
+            _ => {
+                let msg = inst.failure_text();
                 inst.kill_all();
-                return Err(SandboxError::Start(
-                    "the sandbox did not start within 10 s".into(),
-                ));
-            }
-            match read_reply(inst.ctl.as_raw_fd()) {
-                Some(Reply::Hello) => return Ok(Box::new(inst)),
-                _ => {
-                    let msg = inst.failure_text();
-                    inst.kill_all();
-                    return Err(SandboxError::Start(msg));
-                }
+                Err(SandboxError::Start(msg))
             }
         }
     }

@@ -155,6 +155,7 @@ const AF_INET: u64 = libc::AF_INET as u64;
 const AF_INET6: u64 = libc::AF_INET6 as u64;
 const SOCK_RAW: u64 = libc::SOCK_RAW as u64;
 const SOCK_TYPE_MASK: u64 = 0xf;
+#[allow(clippy::unnecessary_cast)] // the type of TIOCSTI differs between targets
 const TIOCSTI: u64 = libc::TIOCSTI as u64;
 const TIOCLINUX: u64 = 0x541C;
 const NAMESPACE_FLAGS: [u64; 8] = [
@@ -211,9 +212,7 @@ pub fn deny_filter(extra: &[String]) -> Result<BpfProgram> {
             cond(1, SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK), SOCK_RAW)?,
         ])?);
     }
-    if !rules.contains_key(&libc::SYS_socket) {
-        rules.insert(libc::SYS_socket, socket_rules);
-    }
+    rules.entry(libc::SYS_socket).or_insert(socket_rules);
     // ioctl(): terminal injection.
     rules.insert(
         libc::SYS_ioctl,
@@ -229,9 +228,8 @@ pub fn deny_filter(extra: &[String]) -> Result<BpfProgram> {
     }
     rules.insert(libc::SYS_clone, clone_rules);
     // personality(): only the plain Linux persona and the query are allowed.
-    if !rules.contains_key(&libc::SYS_personality) {
-        rules.insert(
-            libc::SYS_personality,
+    if let std::collections::btree_map::Entry::Vacant(e) = rules.entry(libc::SYS_personality) {
+        e.insert(
             vec![rule(vec![
                 cond(0, SeccompCmpOp::Ne, 0)?,
                 cond(0, SeccompCmpOp::Ne, 0xffff_ffff)?,

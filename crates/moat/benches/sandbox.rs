@@ -5,6 +5,7 @@
 //! - a command in an already-created lease;
 //! - reset to clean state with a 10 MB and a 1 GB workspace;
 //! - density: 100 idle leases, host memory per lease.
+//!
 //! Medians and 90th percentiles of wall-clock time; nothing is asserted.
 
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! the one-line `moat:` reasons, flag and policy errors, workspace binding.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn scratch() -> PathBuf {
