@@ -588,7 +588,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.backend, BackendKind::Gvisor);
-        assert_eq!(p.filesystem.mounts[0].writable, true);
+        assert!(p.filesystem.mounts[0].writable);
         assert_eq!(p.limits.memory, ByteSize::mib(256));
         assert_eq!(p.limits.millicpus, 500);
         assert_eq!(p.limits.timeout, Duration::from_secs(30));

@@ -38,7 +38,7 @@ enum Top {
 #[derive(Subcommand)]
 enum SandboxCmd {
     /// Run one command in a fresh sandbox and exit with its status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Args)]
@@ -92,7 +92,7 @@ fn main() -> ExitCode {
         Top::Doctor => doctor(),
         Top::Sandbox {
             command: SandboxCmd::Run(args),
-        } => match sandbox_run(args) {
+        } => match sandbox_run(*args) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 eprintln!("moat: {e:#}");
