@@ -1,10 +1,18 @@
-//! Real-path checks for everything the host binds into a sandbox.
+//! Real-path checks for everything the host binds into a sandbox, and the one
+//! way the host opens files a sandbox left behind.
 //!
 //! Owns the rule that a host path is judged by its *canonical* form (all
-//! symlinks resolved) and that only that canonical form is handed to a backend.
-//! Never binds or opens anything itself.
+//! symlinks resolved) and that only that canonical form is handed to a backend;
+//! and the rule that a file inside a sandbox-writable directory is opened
+//! without following any symlink ([`open_in_workspace`]). Never binds anything.
 
-use std::path::{Path, PathBuf};
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Component, Path, PathBuf};
 
 use moat_policy::paths::{blocked_component, check_sandbox_path};
 use moat_policy::SandboxPolicy;
@@ -146,4 +154,229 @@ pub fn protected_binds(
         out.push((host, in_sandbox.join(rel)));
     }
     Ok(out)
+}
+
+/// `struct open_how` of openat2(2).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Flags for the final component: read only, never through a symlink, never
+/// block (a FIFO), never become a controlling terminal.
+const READ_FLAGS: libc::c_int =
+    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+
+fn cstring(name: &[u8]) -> io::Result<CString> {
+    CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn check_fd(n: libc::c_long) -> io::Result<OwnedFd> {
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this new descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(n as RawFd) })
+}
+
+/// openat2 confined beneath `dir`, with no symlink anywhere on the way.
+fn open_beneath(dir: &OwnedFd, names: &[&OsStr]) -> io::Result<OwnedFd> {
+    let joined: Vec<u8> = names
+        .iter()
+        .map(|n| n.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b'/');
+    let path = cstring(&joined)?;
+    let how = OpenHow {
+        flags: READ_FLAGS as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 with a descriptor we own, a NUL-terminated path and an
+    // open_how of the size we pass.
+    check_fd(unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    })
+}
+
+/// The same without openat2: one component at a time, each with O_NOFOLLOW,
+/// so no symlink is followed and `..` never appears (the caller refused it).
+fn open_walking(dir: OwnedFd, names: &[&OsStr]) -> io::Result<OwnedFd> {
+    let (last, parents) = names
+        .split_last()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut cur = dir;
+    for name in parents {
+        let c = cstring(name.as_bytes())?;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: openat on a descriptor we own with a NUL-terminated name.
+        cur = check_fd(unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), flags) }.into())?;
+    }
+    let c = cstring(last.as_bytes())?;
+    // SAFETY: as above.
+    check_fd(unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), READ_FLAGS) }.into())
+}
+
+/// Opens a file inside `root` (a lease's workspace, or any directory a sandbox
+/// could write) for reading, the way moat must read what a sandbox left behind
+/// (artifacts, logs): `relative` must be a plain relative path (no `/` at the
+/// start, no `..`); no component may be a symlink, so neither a planted symlink
+/// nor a rename race can lead outside `root`; and the result must be a regular
+/// file (a FIFO would block the reader, a device would read the host's).
+///
+/// Uses openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS);
+/// where the kernel or a container's seccomp profile refuses openat2, walks the
+/// path one component at a time with `O_NOFOLLOW`. A symlink fails with
+/// `ELOOP` (or `ENOTDIR`); a bad path or a non-regular file with
+/// `ErrorKind::InvalidInput`.
+pub fn open_in_workspace(root: &Path, relative: &Path) -> io::Result<File> {
+    let invalid = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: {why}", relative.display()),
+        )
+    };
+    let mut names = Vec::new();
+    for c in relative.components() {
+        match c {
+            Component::Normal(n) => names.push(n),
+            Component::CurDir => {}
+            _ => return Err(invalid("not a plain relative path inside the workspace")),
+        }
+    }
+    if names.is_empty() {
+        return Err(invalid("names no file"));
+    }
+    let dir = OwnedFd::from(
+        File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(root)?,
+    );
+    let fd = match open_beneath(&dir, &names) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+            open_walking(dir, &names)?
+        }
+        other => other?,
+    };
+    let file = File::from(fd);
+    if !file.metadata()?.file_type().is_file() {
+        return Err(invalid("not a regular file"));
+    }
+    // SAFETY: fcntl on a descriptor we own: clear O_NONBLOCK again.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) };
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::fs::symlink;
+
+    fn read(f: io::Result<File>) -> io::Result<String> {
+        let mut s = String::new();
+        f?.read_to_string(&mut s)?;
+        Ok(s)
+    }
+
+    /// A workspace with a file, a subdirectory, and a secret outside it.
+    fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let ws = t.path().join("ws");
+        std::fs::create_dir_all(ws.join("sub")).unwrap();
+        std::fs::write(ws.join("a.txt"), "inside").unwrap();
+        std::fs::write(ws.join("sub/b.txt"), "deeper").unwrap();
+        let secret = t.path().join("secret");
+        std::fs::write(&secret, "SECRET").unwrap();
+        (t, ws, secret)
+    }
+
+    fn errno(e: io::Error) -> i32 {
+        e.raw_os_error().unwrap_or(-1)
+    }
+
+    #[test]
+    fn plain_files_inside_open() {
+        let (_t, ws, _) = fixture();
+        assert_eq!(
+            read(open_in_workspace(&ws, Path::new("a.txt"))).unwrap(),
+            "inside"
+        );
+        assert_eq!(
+            read(open_in_workspace(&ws, Path::new("./sub/b.txt"))).unwrap(),
+            "deeper"
+        );
+    }
+
+    #[test]
+    fn symlinks_anywhere_are_refused() {
+        let (_t, ws, secret) = fixture();
+        symlink(&secret, ws.join("abs")).unwrap();
+        symlink("../secret", ws.join("rel")).unwrap();
+        symlink("a.txt", ws.join("inner")).unwrap();
+        symlink(secret.parent().unwrap(), ws.join("dirlink")).unwrap();
+        symlink("/proc/self/root/etc", ws.join("magic")).unwrap();
+        for p in ["abs", "rel", "inner", "dirlink/secret", "magic/passwd"] {
+            let e = open_in_workspace(&ws, Path::new(p)).unwrap_err();
+            assert!(
+                matches!(errno(e), libc::ELOOP | libc::ENOTDIR | libc::EXDEV),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn dotdot_absolute_and_empty_paths_are_refused() {
+        let (_t, ws, _) = fixture();
+        for p in [
+            "../secret",
+            "sub/../../secret",
+            "sub/..",
+            "/etc/passwd",
+            "",
+            ".",
+        ] {
+            let e = open_in_workspace(&ws, Path::new(p)).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{p}: {e}");
+        }
+    }
+
+    #[test]
+    fn fifos_and_directories_are_refused_without_blocking() {
+        let (_t, ws, _) = fixture();
+        let fifo = cstring(ws.join("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        for p in ["fifo", "sub"] {
+            let e = open_in_workspace(&ws, Path::new(p)).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{p}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_fallback_walk_refuses_symlinks_too() {
+        let (_t, ws, secret) = fixture();
+        symlink(&secret, ws.join("abs")).unwrap();
+        symlink(secret.parent().unwrap(), ws.join("dirlink")).unwrap();
+        let open = |p: &str| {
+            let dir = OwnedFd::from(File::open(&ws).unwrap());
+            let names: Vec<&OsStr> = Path::new(p).iter().collect();
+            open_walking(dir, &names).map(File::from)
+        };
+        assert_eq!(read(open("sub/b.txt")).unwrap(), "deeper");
+        for p in ["abs", "dirlink/secret"] {
+            let e = open(p).unwrap_err();
+            assert!(matches!(errno(e), libc::ELOOP | libc::ENOTDIR), "{p}");
+        }
+    }
 }
