@@ -106,6 +106,8 @@ pub struct Storage {
     pub generation: u64,
     pub owner: u32,
     quota: u64,
+    /// Threads unmounting old generations; joined before the lease is destroyed.
+    detaching: Vec<std::thread::JoinHandle<()>>,
     _lock: File,
 }
 
@@ -140,6 +142,7 @@ impl Storage {
             generation: 0,
             owner,
             quota,
+            detaching: Vec::new(),
             _lock: lock,
         };
         let mut gens = st.mounted_generations();
@@ -263,17 +266,21 @@ impl Storage {
         let next = self.generation + 1;
         self.mount_generation(next)?;
         self.generation = next;
-        std::thread::spawn(move || {
+        self.detaching.retain(|t| !t.is_finished());
+        self.detaching.push(std::thread::spawn(move || {
             if let Err(e) = umount2(&old, MntFlags::MNT_DETACH) {
                 tracing::warn!(dir = %old.display(), error = %e, "could not unmount old lease generation");
             }
             let _ = fs::remove_dir(&old);
-        });
+        }));
         Ok(())
     }
 
     /// Unmounts everything and deletes the lease directory.
-    pub fn destroy(self) -> Result<()> {
+    pub fn destroy(mut self) -> Result<()> {
+        for t in self.detaching.drain(..) {
+            let _ = t.join();
+        }
         for g in self.mounted_generations() {
             let dir = self.gen_dir(g);
             umount2(&dir, MntFlags::MNT_DETACH).map_err(|e| {
@@ -283,6 +290,14 @@ impl Storage {
                 )
             })?;
             let _ = fs::remove_dir(&dir);
+        }
+        // Empty generation directories left by a crash between mount and rmdir.
+        if let Ok(rd) = fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with('g') {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
         }
         let _ = fs::remove_file(self.dir.join("lock"));
         let _ = fs::remove_file(self.dir.join("uid"));
