@@ -34,41 +34,57 @@ pub fn layout() -> std::result::Result<&'static Layout, String> {
         .get_or_init(|| {
             let info = fs::read_to_string("/proc/self/mountinfo")
                 .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
-            let mut v1: Vec<(String, PathBuf)> = Vec::new();
-            let mut v2_root = None;
-            for line in info.lines() {
-                let Some((left, right)) = line.split_once(" - ") else { continue };
-                let mount_point = left.split(' ').nth(4).unwrap_or("");
-                let mut r = right.split(' ');
-                let fstype = r.next().unwrap_or("");
-                let _source = r.next();
-                let opts = r.next().unwrap_or("");
-                match fstype {
-                    "cgroup2" if v2_root.is_none() => v2_root = Some(PathBuf::from(mount_point)),
-                    "cgroup" => v1.push((opts.to_string(), PathBuf::from(mount_point))),
-                    _ => {}
-                }
-            }
-            let v2_controllers = v2_root
-                .as_ref()
-                .and_then(|r| fs::read_to_string(r.join("cgroup.controllers")).ok())
-                .unwrap_or_default();
-            let mut controllers = Vec::new();
-            for c in NEEDED {
-                if let Some((_, mp)) = v1.iter().find(|(opts, _)| opts.split(',').any(|o| o == c)) {
-                    controllers.push((c, mp.clone(), false));
-                } else if v2_controllers.split_whitespace().any(|x| x == c) {
-                    controllers.push((c, v2_root.clone().unwrap_or_default(), true));
-                } else {
-                    return Err(format!(
-                        "the {c} cgroup controller is not available on this host (mounted neither as cgroup v1 nor enabled in cgroup v2)"
-                    ));
-                }
-            }
-            Ok(Layout { controllers, v2_root })
+            parse_layout(&info, &|root: &Path| {
+                fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default()
+            })
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// Finds the needed controllers in a mountinfo text; `v2_controllers` reads the
+/// `cgroup.controllers` of a cgroup2 mount point.
+pub fn parse_layout(
+    mountinfo: &str,
+    v2_controllers: &dyn Fn(&Path) -> String,
+) -> std::result::Result<Layout, String> {
+    let mut v1: Vec<(String, PathBuf)> = Vec::new();
+    let mut v2_root = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mount_point = left.split(' ').nth(4).unwrap_or("");
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("");
+        let _source = r.next();
+        let opts = r.next().unwrap_or("");
+        match fstype {
+            "cgroup2" if v2_root.is_none() => v2_root = Some(PathBuf::from(mount_point)),
+            "cgroup" => v1.push((opts.to_string(), PathBuf::from(mount_point))),
+            _ => {}
+        }
+    }
+    let available = v2_root.as_deref().map(v2_controllers).unwrap_or_default();
+    let mut controllers = Vec::new();
+    for c in NEEDED {
+        if let Some((_, mp)) = v1.iter().find(|(opts, _)| opts.split(',').any(|o| o == c)) {
+            controllers.push((c, mp.clone(), false));
+        } else if let Some(root) = v2_root
+            .as_ref()
+            .filter(|_| available.split_whitespace().any(|x| x == c))
+        {
+            controllers.push((c, root.clone(), true));
+        } else {
+            return Err(format!(
+                "the {c} cgroup controller is not available on this host (mounted neither as cgroup v1 nor enabled in cgroup v2)"
+            ));
+        }
+    }
+    Ok(Layout {
+        controllers,
+        v2_root,
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -327,5 +343,77 @@ impl Drop for Cgroup {
             self.kill_all(Duration::from_secs(5));
             self.remove_dirs();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const PURE_V2: &str = "\
+25 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+28 25 0:25 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+    const COMBINED_V1: &str = "\
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+";
+
+    fn find<'a>(l: &'a Layout, c: &str) -> (&'a Path, bool) {
+        let (_, p, v2) = l.controllers.iter().find(|(n, _, _)| *n == c).unwrap();
+        (p.as_path(), *v2)
+    }
+
+    #[test]
+    fn hybrid_hosts_use_the_v1_hierarchies() {
+        let l = parse_layout(HYBRID, &|_| String::new()).unwrap();
+        assert_eq!(
+            find(&l, "memory"),
+            (Path::new("/sys/fs/cgroup/memory"), false)
+        );
+        assert_eq!(find(&l, "pids"), (Path::new("/sys/fs/cgroup/pids"), false));
+        assert_eq!(find(&l, "cpu"), (Path::new("/sys/fs/cgroup/cpu"), false));
+        assert_eq!(
+            l.v2_root.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn pure_v2_hosts_use_the_unified_hierarchy() {
+        let l = parse_layout(PURE_V2, &|_| {
+            "cpuset cpu io memory hugetlb pids rdma".into()
+        })
+        .unwrap();
+        for c in NEEDED {
+            assert_eq!(find(&l, c), (Path::new("/sys/fs/cgroup"), true));
+        }
+    }
+
+    #[test]
+    fn combined_v1_mounts_are_found() {
+        let l = parse_layout(COMBINED_V1, &|_| String::new()).unwrap();
+        assert_eq!(
+            find(&l, "cpu"),
+            (Path::new("/sys/fs/cgroup/cpu,cpuacct"), false)
+        );
+    }
+
+    #[test]
+    fn a_missing_controller_fails_closed_naming_it() {
+        let e = parse_layout(PURE_V2, &|_| "cpu memory".into()).unwrap_err();
+        assert!(e.contains("pids"), "{e}");
+        let e = parse_layout("", &|_| String::new()).unwrap_err();
+        assert!(e.contains("memory"), "{e}");
     }
 }
