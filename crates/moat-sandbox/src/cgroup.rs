@@ -87,6 +87,46 @@ pub fn parse_layout(
     })
 }
 
+/// Names of the instance cgroups under `moat/` in every hierarchy.
+pub fn instance_names() -> Vec<String> {
+    let Ok(layout) = layout() else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = layout
+        .controllers
+        .iter()
+        .filter_map(|(_, mount, _)| fs::read_dir(mount.join("moat")).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Kills every member of the instance cgroup `name` and removes it, in every hierarchy.
+pub fn remove_stale(name: &str) -> Result<()> {
+    let layout = layout().map_err(SandboxError::Limits)?;
+    let mut dirs: Vec<(PathBuf, bool)> = Vec::new();
+    for (_, mount, v2) in &layout.controllers {
+        let d = mount.join("moat").join(name);
+        if d.is_dir() && !dirs.iter().any(|(x, _)| *x == d) {
+            dirs.push((d, *v2));
+        }
+    }
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let memory_dir = dirs[0].clone();
+    Cgroup {
+        dirs,
+        memory_dir,
+        removed: false,
+    }
+    .remove()
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct CgroupLimits {
     pub memory: u64,

@@ -178,6 +178,8 @@ pub struct Lease {
     init_path: PathBuf,
     etc_dir: PathBuf,
     runtime_dir: PathBuf,
+    /// Distinguishes this engine's cgroups from other moat data directories'.
+    cgroup_scope: String,
 }
 
 pub(crate) fn open_lease(
@@ -241,7 +243,6 @@ pub(crate) fn open_lease(
     };
     let fresh = !dir.join("uid").exists();
     let storage = Storage::open(&dir, host_uid, policy.limits.disk.bytes())?;
-    storage.record_owner()?;
     let mut lease = Lease {
         id,
         named,
@@ -257,6 +258,7 @@ pub(crate) fn open_lease(
         instances: 0,
         init_path: engine.init_path().to_path_buf(),
         etc_dir: engine.etc_dir().to_path_buf(),
+        cgroup_scope: engine.cgroup_scope().to_string(),
         runtime_dir: engine.config().runtime_dir.clone(),
     };
     if fresh {
@@ -381,7 +383,7 @@ impl Lease {
         let l = &self.policy.limits;
         let cgroup = if self.backend.uses_host_cgroup() {
             Some(Cgroup::create(
-                &format!("{}-{}", self.id, self.instances),
+                &crate::cgroup_name(&self.cgroup_scope, self.instances, &self.id),
                 CgroupLimits {
                     memory: l.memory.bytes(),
                     pids: l.pids,

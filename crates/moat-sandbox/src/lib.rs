@@ -100,6 +100,7 @@ pub struct Engine {
     backend: Arc<dyn backend::Backend>,
     installed_init: PathBuf,
     etc_dir: PathBuf,
+    cgroup_scope: String,
 }
 
 fn mkdir_mode(p: &Path, mode: u32) -> Result<()> {
@@ -120,6 +121,15 @@ impl Engine {
         mkdir_mode(&config.data_dir.join("leases"), 0o711)?;
         mkdir_mode(&config.runtime_dir, 0o711)?;
         mkdir_mode(&config.runtime_dir.join("bin"), 0o755)?;
+        let cgroup_scope = scope_of(&config.data_dir);
+        let swept = sweep(&config.data_dir.join("leases"), &cgroup_scope);
+        if swept.leases + swept.cgroups > 0 {
+            tracing::info!(
+                leases = swept.leases,
+                cgroups = swept.cgroups,
+                "cleaned up after a moat process that died"
+            );
+        }
         let installed_init = install_init(&config)?;
         let etc_dir = prepare_etc(&config.runtime_dir)?;
         let backend: Arc<dyn backend::Backend> = match kind {
@@ -132,6 +142,7 @@ impl Engine {
             backend,
             installed_init,
             etc_dir,
+            cgroup_scope,
         })
     }
 
@@ -143,6 +154,9 @@ impl Engine {
     }
     pub(crate) fn init_path(&self) -> &Path {
         &self.installed_init
+    }
+    pub(crate) fn cgroup_scope(&self) -> &str {
+        &self.cgroup_scope
     }
     pub(crate) fn etc_dir(&self) -> &Path {
         &self.etc_dir
@@ -254,4 +268,67 @@ fn prepare_etc(runtime: &Path) -> Result<PathBuf> {
         }
         Err(e) => Err(SandboxError::io("installing the sandbox /etc", e)),
     }
+}
+
+/// What `sweep` cleaned up.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub leases: usize,
+    pub cgroups: usize,
+}
+
+/// Cleans up after moat processes that died without releasing their leases
+/// (a crash, SIGKILL): for every lease of this data directory whose lock no
+/// live process holds, its instance cgroups (of this `scope`) are emptied and
+/// removed, and an unnamed lease's files are deleted (a named lease keeps its
+/// files). Leases in use are never touched: their lock is held.
+pub fn sweep(leases_dir: &Path, scope: &str) -> Swept {
+    let mut swept = Swept::default();
+    let cgroups = cgroup::instance_names();
+    let lease_of = |cg: &str| -> Option<String> {
+        let (s, rest) = cg.split_once('-')?;
+        let (n, lease) = rest.split_once('-')?;
+        (s == scope && n.bytes().all(|b| b.is_ascii_digit())).then(|| lease.to_string())
+    };
+    let Ok(rd) = std::fs::read_dir(leases_dir) else {
+        return swept;
+    };
+    for e in rd.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        let Ok(Some(st)) = storage::Storage::adopt_stale(&e.path()) else {
+            continue;
+        };
+        for cg in cgroups
+            .iter()
+            .filter(|c| lease_of(c).as_deref() == Some(id.as_str()))
+        {
+            if cgroup::remove_stale(cg).is_ok() {
+                swept.cgroups += 1;
+            }
+        }
+        if id.starts_with("tmp-") {
+            match st.destroy() {
+                Ok(()) => swept.leases += 1,
+                Err(err) => {
+                    tracing::warn!(lease = %id, error = %err, "could not delete a dead lease")
+                }
+            }
+        }
+    }
+    swept
+}
+
+/// The cgroup name of a lease's `n`th instance: `<scope>-<n>-<lease id>`.
+pub(crate) fn cgroup_name(scope: &str, n: u64, lease: &str) -> String {
+    format!("{scope}-{n}-{lease}")
+}
+
+/// A short, stable tag for a data directory, so two moat installations on one
+/// host never touch each other's cgroups.
+fn scope_of(data_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let real = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    real.hash(&mut h);
+    format!("{:08x}", h.finish() as u32)
 }

@@ -145,6 +145,8 @@ impl Storage {
             detaching: Vec::new(),
             _lock: lock,
         };
+        // Written under the lock: `sweep` only considers directories that have it.
+        st.record_owner()?;
         let mut gens = st.mounted_generations();
         gens.sort_unstable();
         match gens.pop() {
@@ -160,6 +162,43 @@ impl Storage {
             }
         }
         Ok(st)
+    }
+
+    /// Locks an existing lease directory whose owner is gone (its lock is free),
+    /// without mounting anything. `None` if a live process holds it.
+    pub fn adopt_stale(dir: &Path) -> Result<Option<Storage>> {
+        // A directory without `uid` is still being created (or was never used).
+        if !dir.join("uid").exists() {
+            return Ok(None);
+        }
+        let lock = match File::options().write(true).open(dir.join("lock")) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join("lock"))
+                .ctx(|| format!("opening {}/lock", dir.display()))?,
+            Err(e) => {
+                return Err(SandboxError::io(
+                    format!("opening {}/lock", dir.display()),
+                    e,
+                ))
+            }
+        };
+        if !flock_nb(&lock) {
+            return Ok(None);
+        }
+        let mut st = Storage {
+            dir: dir.to_path_buf(),
+            generation: 0,
+            owner: Storage::recorded_owner(dir).unwrap_or(0),
+            quota: 0,
+            detaching: Vec::new(),
+            _lock: lock,
+        };
+        st.generation = st.mounted_generations().into_iter().max().unwrap_or(0);
+        Ok(Some(st))
     }
 
     /// Reads the owner uid recorded for an existing lease directory.

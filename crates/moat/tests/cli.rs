@@ -283,3 +283,89 @@ fn doctor_reports_each_check() {
     }
     assert_eq!(o.status.code(), Some(0), "{out}");
 }
+
+#[test]
+fn a_killed_moat_leaves_nothing_after_the_next_start() {
+    // A data directory of its own, so other tests' live leases are not in the way.
+    let s = scratch().join("killed");
+    std::fs::create_dir_all(&s).unwrap();
+    std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let own = || {
+        let mut c = moat();
+        c.env("MOAT_DATA_DIR", s.join("data"));
+        c
+    };
+    let leases = s.join("data").join("leases");
+    let mut child = own()
+        .args([
+            "sandbox",
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "setsid sleep 777 & exec sleep 778",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the sandbox runs.
+    let running = || {
+        let o = Command::new("pgrep")
+            .args(["-f", "sleep 77[78]"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().count()
+    };
+    let start = std::time::Instant::now();
+    while running() < 2 {
+        assert!(start.elapsed().as_secs() < 20, "sandbox did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mine: Vec<String> = std::fs::read_dir(&leases)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tmp-"))
+        .collect();
+    assert!(!mine.is_empty());
+    child.kill().unwrap(); // SIGKILL: moat gets no chance to clean up
+    child.wait().unwrap();
+    // The sandbox dies with moat (parent-death signal, then PID 1 of its namespace).
+    let start = std::time::Instant::now();
+    while running() > 0 {
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "sandbox processes survived moat"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The next moat start sweeps the dead lease: files, mount and cgroups.
+    let o = own()
+        .args(["sandbox", "run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for id in &mine {
+        assert!(!leases.join(id).exists(), "lease {id} left behind");
+        assert!(
+            !mountinfo.contains(id.as_str()),
+            "mount of {id} left behind"
+        );
+        let mut bases = vec![PathBuf::from("/sys/fs/cgroup/moat")];
+        for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            bases.push(h.path().join("moat"));
+        }
+        for base in bases {
+            if let Ok(rd) = std::fs::read_dir(&base) {
+                for e in rd.flatten() {
+                    assert!(
+                        !e.file_name().to_string_lossy().ends_with(id.as_str()),
+                        "cgroup {} left behind",
+                        e.path().display()
+                    );
+                }
+            }
+        }
+    }
+}
