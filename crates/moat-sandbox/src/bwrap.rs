@@ -295,7 +295,9 @@ impl Backend for BwrapBackend {
         // moat-init says hello once it runs; EOF means bwrap failed (its stderr says why).
         if !wait_readable(inst.ctl.as_raw_fd(), Duration::from_secs(10)) {
             inst.kill_all();
-            return Err(SandboxError::Start("the sandbox did not start within 10 s".into()));
+            return Err(SandboxError::Start(
+                "the sandbox did not start within 10 s".into(),
+            ));
         }
         match read_reply(inst.ctl.as_raw_fd()) {
             Some(Reply::Hello) => Ok(Box::new(inst)),

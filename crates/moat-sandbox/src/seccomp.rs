@@ -229,12 +229,10 @@ pub fn deny_filter(extra: &[String]) -> Result<BpfProgram> {
     rules.insert(libc::SYS_clone, clone_rules);
     // personality(): only the plain Linux persona and the query are allowed.
     if let std::collections::btree_map::Entry::Vacant(e) = rules.entry(libc::SYS_personality) {
-        e.insert(
-            vec![rule(vec![
-                cond(0, SeccompCmpOp::Ne, 0)?,
-                cond(0, SeccompCmpOp::Ne, 0xffff_ffff)?,
-            ])?],
-        );
+        e.insert(vec![rule(vec![
+            cond(0, SeccompCmpOp::Ne, 0)?,
+            cond(0, SeccompCmpOp::Ne, 0xffff_ffff)?,
+        ])?]);
     }
     let filter = SeccompFilter::new(
         rules,
