@@ -29,8 +29,10 @@ pub struct LeaseEnv {
     /// (`bwrap::ETC_ALLOWLIST`) plus synthetic passwd, group and hosts. Shared by
     /// all leases of an engine, owned by root, never writable by a sandbox.
     pub etc: PathBuf,
+    /// Bound in this order: the policy's extra mounts, then the parent
+    /// directories of protected paths onto themselves (`fsguard::protected_parents`).
     pub mounts: Vec<ResolvedMount>,
-    /// (host, in-sandbox) paths bound read-only over writable places.
+    /// (host, in-sandbox) paths bound read-only over writable places, after `mounts`.
     pub protected: Vec<(PathBuf, PathBuf)>,
     pub init_path: PathBuf,
     pub runtime_dir: PathBuf,

@@ -156,6 +156,38 @@ pub fn protected_binds(
     Ok(out)
 }
 
+/// The directories between a writable root and each of its protected paths
+/// (`.git` for `.git/hooks`), shallowest first, to bind read-write onto
+/// themselves before the protected binds. A mount point cannot be renamed or
+/// removed (EBUSY), so the agent cannot move `.git` aside, carrying the
+/// read-only binds with it, and put a `.git` of its own in its place.
+/// `protected` is what [`protected_binds`] returned for `dir`.
+pub fn protected_parents(
+    dir: &Path,
+    in_sandbox: &Path,
+    protected: &[(PathBuf, PathBuf)],
+) -> Vec<ResolvedMount> {
+    let mut rels: Vec<PathBuf> = Vec::new();
+    for (host, _) in protected {
+        let Ok(rel) = host.strip_prefix(dir) else {
+            continue;
+        };
+        for parent in rel.ancestors().skip(1) {
+            if !parent.as_os_str().is_empty() && !rels.iter().any(|r| r == parent) {
+                rels.push(parent.to_path_buf());
+            }
+        }
+    }
+    rels.sort_by_key(|r| r.components().count());
+    rels.into_iter()
+        .map(|rel| ResolvedMount {
+            host: dir.join(&rel),
+            sandbox: in_sandbox.join(&rel),
+            writable: true,
+        })
+        .collect()
+}
+
 /// `struct open_how` of openat2(2).
 #[repr(C)]
 struct OpenHow {
@@ -303,6 +335,41 @@ mod tests {
 
     fn errno(e: io::Error) -> i32 {
         e.raw_os_error().unwrap_or(-1)
+    }
+
+    #[test]
+    fn parents_of_protected_paths_are_pinned_shallowest_first() {
+        let binds = vec![
+            (
+                PathBuf::from("/r/.git/hooks"),
+                PathBuf::from("/workspace/.git/hooks"),
+            ),
+            (
+                PathBuf::from("/r/.git/config"),
+                PathBuf::from("/workspace/.git/config"),
+            ),
+            (PathBuf::from("/r/a/b/c"), PathBuf::from("/workspace/a/b/c")),
+            (PathBuf::from("/r/top"), PathBuf::from("/workspace/top")),
+        ];
+        let pins = protected_parents(Path::new("/r"), Path::new("/workspace"), &binds);
+        let got: Vec<(&str, &str, bool)> = pins
+            .iter()
+            .map(|m| {
+                (
+                    m.host.to_str().unwrap(),
+                    m.sandbox.to_str().unwrap(),
+                    m.writable,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/r/.git", "/workspace/.git", true),
+                ("/r/a", "/workspace/a", true),
+                ("/r/a/b", "/workspace/a/b", true),
+            ]
+        );
     }
 
     #[test]

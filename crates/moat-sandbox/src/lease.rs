@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,9 @@ use nix::fcntl::OFlag;
 use crate::backend::{Backend, ChildStdio, CommandLine, Ended, Instance, LeaseEnv};
 use crate::cgroup::{Cgroup, CgroupLimits};
 use crate::error::{Result, SandboxError};
-use crate::fsguard::{protected_binds, resolve_mounts, resolve_workspace, ResolvedMount};
+use crate::fsguard::{
+    protected_binds, protected_parents, resolve_mounts, resolve_workspace, ResolvedMount,
+};
 use crate::storage::{random_u64, Storage, UidLock};
 use crate::Engine;
 
@@ -346,12 +348,23 @@ impl Lease {
         let st = self.storage();
         let workspace = self.workspace_dir();
         let mut protected = Vec::new();
+        let mut mounts = self.mounts.clone();
         let prot = &self.policy.filesystem.protected;
+        let mut writable: Vec<(PathBuf, PathBuf)> = self
+            .mounts
+            .iter()
+            .filter(|m| m.writable)
+            .map(|m| (m.host.clone(), m.sandbox.clone()))
+            .collect();
         if self.host_workspace.is_some() {
-            protected.extend(protected_binds(&workspace, Path::new("/workspace"), prot)?);
+            writable.insert(0, (workspace.clone(), PathBuf::from("/workspace")));
         }
-        for m in self.mounts.iter().filter(|m| m.writable) {
-            protected.extend(protected_binds(&m.host, &m.sandbox, prot)?);
+        for (host, inside) in &writable {
+            let binds = protected_binds(host, inside, prot)?;
+            // Their parent directories become mount points, which cannot be
+            // renamed away (after the extra mounts they may lie in).
+            mounts.extend(protected_parents(host, inside, &binds));
+            protected.extend(binds);
         }
         Ok(LeaseEnv {
             id: self.id.clone(),
@@ -362,7 +375,7 @@ impl Lease {
             home: st.home(),
             tmp: st.tmp(),
             etc: self.etc_dir.clone(),
-            mounts: self.mounts.clone(),
+            mounts,
             protected,
             init_path: self.init_path.clone(),
             runtime_dir: self.runtime_dir.clone(),
