@@ -8,8 +8,8 @@
 //!   started under it when moat runs as root), with no capabilities and
 //!   `no_new_privs`;
 //! - the root is a read-only tmpfs holding read-only system directories, a short
-//!   allowlist of /etc files, fresh /proc and minimal /dev; only the lease's
-//!   places and `rw` mounts are writable;
+//!   allowlist of /etc files, fresh /proc and minimal, read-only /dev; only the
+//!   lease's places (also at /dev/shm) and `rw` mounts are writable;
 //! - the process joins the lease's cgroup *before* exec, so nothing ever runs
 //!   outside the limits;
 //! - killing the instance kills bwrap, whose child (PID 1 of the namespace) dies
@@ -119,6 +119,10 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
     // synthetic passwd, group and hosts (one mount instead of thirty).
     arg_path(&mut a, "--ro-bind", &env.etc, Path::new("/etc"));
     a.extend(["--proc", "/proc", "--dev", "/dev"].map(String::from));
+    // bwrap's /dev is a writable tmpfs outside the lease's disk quota: make it
+    // read-only, and let /dev/shm be the lease's /tmp (inside the quota).
+    arg_path(&mut a, "--bind", &env.tmp, Path::new("/dev/shm"));
+    a.extend(["--remount-ro", "/dev"].map(String::from));
     arg_path(
         &mut a,
         "--ro-bind",
