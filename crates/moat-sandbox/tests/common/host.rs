@@ -46,6 +46,7 @@ pub struct Proc {
     /// utime + stime in clock ticks
     pub cpu_ticks: u64,
     pub rss_kib: u64,
+    pub zombie: bool,
 }
 
 fn ids(status: &str, key: &str) -> Option<[u32; 4]> {
@@ -87,15 +88,20 @@ pub fn proc_info(pid: u32) -> Option<Proc> {
         rss_kib: field("VmRSS:")
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0),
+        zombie: field("State:").is_some_and(|s| s.starts_with('Z')),
     })
 }
 
+/// Every live host process. Zombies (exited, waiting for their parent to reap
+/// them) are left out: they run nothing and hold nothing but a pid.
 pub fn all_procs() -> Vec<Proc> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
             if let Some(p) = proc_info(pid) {
-                out.push(p);
+                if !p.zombie {
+                    out.push(p);
+                }
             }
         }
     }
