@@ -844,6 +844,52 @@ exec sleep 600
         ids.assert_gone();
     };
 
+    attack_k8_nothing_survives_a_killed_moat => |kind: BackendKind| {
+        // The process holding the lease (moat) is SIGKILLed: it cleans up
+        // nothing. Its sandbox must die with it, and the next engine start on
+        // the same data directory must remove files, mount and cgroups.
+        let dir = scratch_dir("k8-moat");
+        let data = dir.0.join("data");
+        let ids_file = dir.0.join("ids");
+        let marker = token("k8-moat");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["k8_crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("MOAT_K8_CHILD", &ids_file)
+            .env("MOAT_K8_KIND", kind.name())
+            .env("MOAT_K8_DATA", &data)
+            .env("MOAT_K8_RUN", config().runtime_dir)
+            .env("MOAT_K8_MARKER", &marker)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ready = wait_until(Duration::from_secs(30), || {
+            ids_file.exists() || child.try_wait().unwrap().is_some()
+        });
+        if !ready || !ids_file.exists() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the lease holder did not start its sandbox: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = std::fs::read_to_string(&ids_file).unwrap();
+        let (id, uid) = text.trim().split_once(' ').unwrap();
+        let ids = LeaseIds { id: id.to_string(), uid: uid.parse().unwrap(), dir: data.join("leases").join(id) };
+        if kind == BackendKind::Bwrap {
+            assert!(wait_until(Duration::from_secs(5), || !procs_with(&marker).is_empty()));
+        }
+        assert!(!mounts_with(&ids.id).is_empty());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut left = Vec::new();
+        let gone = wait_until(Duration::from_secs(5), || {
+            left = procs_of_uid(ids.uid).into_iter().chain(procs_with(&marker)).chain(procs_with(&ids.id)).map(|p| p.cmdline).collect();
+            left.is_empty()
+        });
+        assert!(gone, "sandbox processes outlived moat: {left:?}");
+        let _next = moat_sandbox::Engine::new(moat_sandbox::EngineConfig { data_dir: data.clone(), ..config() }, kind).unwrap();
+        ids.assert_gone();
+    };
+
     attack_k8_nothing_survives_a_dropped_lease => |kind| {
         let e = engine(kind);
         let mut l = e.lease(policy(kind), LeaseOptions::default()).unwrap();
@@ -866,4 +912,40 @@ exec sleep 600
         l.destroy().unwrap();
         ids.assert_gone();
     };
+}
+
+/// Not a test of its own: the lease holder that
+/// `attack_k8_nothing_survives_a_killed_moat` starts and then SIGKILLs.
+#[test]
+#[ignore]
+fn k8_crash_child() {
+    let Some(ids_file) = std::env::var_os("MOAT_K8_CHILD") else {
+        return;
+    };
+    let var = |k: &str| std::env::var(k).unwrap();
+    let kind = BackendKind::parse(&var("MOAT_K8_KIND")).unwrap();
+    let e = moat_sandbox::Engine::new(
+        moat_sandbox::EngineConfig {
+            data_dir: var("MOAT_K8_DATA").into(),
+            runtime_dir: var("MOAT_K8_RUN").into(),
+            init_path: PathBuf::from(env!("CARGO_BIN_EXE_moat-init")),
+        },
+        kind,
+    )
+    .unwrap();
+    let mut l = e.lease(policy(kind), LeaseOptions::default()).unwrap();
+    let o = sh(
+        &mut l,
+        &format!(
+            "setsid python3 -c 'import time; time.sleep(600)' {} >/dev/null 2>&1 & echo x > /workspace/f; echo ok",
+            var("MOAT_K8_MARKER")
+        ),
+    );
+    assert_eq!(o.stdout, "ok\n", "{}", o.stderr);
+    let tmp = PathBuf::from(&ids_file).with_extension("tmp");
+    std::fs::write(&tmp, format!("{} {}", l.id(), l.host_uid())).unwrap();
+    std::fs::rename(&tmp, &ids_file).unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
