@@ -1,13 +1,12 @@
 //! moat-policy: the configuration model and its validation. Pure: no I/O, no
 //! environment, no clock. Everything here defaults to "deny".
 
+pub mod network;
 pub mod paths;
 pub mod sandbox;
 pub mod units;
 
-pub use sandbox::{
-    BackendKind, FilesystemPolicy, Limits, MountRequest, NetworkMode, Overrides, SandboxPolicy,
-};
+pub use sandbox::{BackendKind, FilesystemPolicy, Limits, MountRequest, Overrides, SandboxPolicy};
 pub use units::{parse_duration, parse_size, ByteSize};
 
 /// A policy that cannot be accepted. `key` is the setting's path in the file

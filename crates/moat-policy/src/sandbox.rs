@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::network::{parse_allow_entry, parse_pin, NetworkPolicy};
 use crate::paths::{blocked_component, check_sandbox_path, DEFAULT_BLOCKED_PATTERNS};
 use crate::units::{format_duration, parse_duration, parse_size, ByteSize};
 use crate::PolicyError;
@@ -80,12 +81,6 @@ pub struct Limits {
     pub open_files: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NetworkMode {
-    /// Loopback only; nothing leaves the sandbox.
-    None,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct SandboxPolicy {
     pub backend: BackendKind,
@@ -95,7 +90,8 @@ pub struct SandboxPolicy {
     /// Variables set inside, besides the minimal PATH, HOME, LANG, TERM.
     pub env: BTreeMap<String, String>,
     pub limits: Limits,
-    pub network: NetworkMode,
+    /// Egress through the sandbox's door; empty allowlist: no network at all.
+    pub network: NetworkPolicy,
     /// System calls denied on top of moat's fixed list (names, checked by the backend).
     pub extra_denied_syscalls: Vec<String>,
 }
@@ -124,7 +120,7 @@ impl Default for SandboxPolicy {
                 disk: ByteSize::mib(1024),
                 open_files: 1024,
             },
-            network: NetworkMode::None,
+            network: NetworkPolicy::default(),
             extra_denied_syscalls: Vec::new(),
         }
     }
@@ -191,7 +187,10 @@ struct RawLimits {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
-    mode: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    resolve: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -337,18 +336,15 @@ impl SandboxPolicy {
             p.limits.open_files = n as u32;
         }
 
-        match raw.network.mode.as_deref() {
-            None | Some("none") => p.network = NetworkMode::None,
-            Some(other) => {
-                return Err(err(
-                    "network.mode",
-                    format!(
-                        "unknown network mode {other:?}; the only mode is \"none\" (no network)"
-                    ),
-                ))
-            }
+        for (i, entry) in raw.network.allow.iter().enumerate() {
+            let e = parse_allow_entry(entry).map_err(|m| err(format!("network.allow[{i}]"), m))?;
+            p.network.allow.push(e);
         }
-
+        for (host, ip) in &raw.network.resolve {
+            let (h, a) = parse_pin(&format!("{host}={ip}"))
+                .map_err(|m| err(format!("network.resolve.{host}"), m))?;
+            p.network.pins.insert(h, a);
+        }
         for (i, name) in raw.syscalls.deny.iter().enumerate() {
             if name.is_empty()
                 || !name
@@ -485,6 +481,10 @@ pub struct Overrides {
     pub pids: Option<i64>,
     pub cpus: Option<f64>,
     pub timeout: Option<String>,
+    /// `--allow-domain ENTRY`, repeatable.
+    pub allow_domains: Vec<String>,
+    /// `--resolve HOST=IP`, repeatable.
+    pub resolve: Vec<String>,
 }
 
 impl Overrides {
@@ -513,6 +513,14 @@ impl Overrides {
         }
         if let Some(t) = &self.timeout {
             p.set_timeout(t, "--timeout")?;
+        }
+        for entry in &self.allow_domains {
+            let e = parse_allow_entry(entry).map_err(|m| err("--allow-domain", m))?;
+            p.network.allow.push(e);
+        }
+        for pin in &self.resolve {
+            let (h, a) = parse_pin(pin).map_err(|m| err("--resolve", m))?;
+            p.network.pins.insert(h, a);
         }
         Ok(())
     }
@@ -555,7 +563,7 @@ mod tests {
         assert!(p.filesystem.allowed_roots.is_empty());
         assert!(p.filesystem.mounts.is_empty());
         assert!(p.env.is_empty());
-        assert_eq!(p.network, NetworkMode::None);
+        assert!(!p.network.is_enabled());
         assert!(!p.allow_unsandboxed);
     }
 
@@ -609,6 +617,15 @@ mod tests {
             ("[limits]\nmemroy = \"1G\"", "limits.memroy"),
             ("[sandbox]\nbackend = \"docker\"", "sandbox.backend"),
             ("[network]\nmode = \"open\"", "network.mode"),
+            ("[network]\nallow = [\"*.com\"]", "network.allow[0]"),
+            (
+                "[network]\nallow = [\"ok.test\", \"bad host\"]",
+                "network.allow[1]",
+            ),
+            (
+                "[network.resolve]\n\"git.test\" = \"nowhere\"",
+                "network.resolve.git.test",
+            ),
             ("[env]\nHOME = \"/root\"", "env.HOME"),
             ("[env]\n\"1BAD\" = \"x\"", "env.1BAD"),
             (
@@ -665,6 +682,8 @@ mod tests {
             cpus: Some(2.0),
             timeout: Some("5s".into()),
             backend: Some("local".into()),
+            allow_domains: vec!["*.github.com".into(), "git.test:8443".into()],
+            resolve: vec!["git.test=127.0.0.1".into()],
         };
         o.apply(&mut p).unwrap();
         assert_eq!(p.filesystem.mounts.len(), 2);
@@ -723,6 +742,20 @@ mod tests {
                     ..Default::default()
                 },
                 "--pids",
+            ),
+            (
+                Overrides {
+                    allow_domains: vec!["*".into()],
+                    ..Default::default()
+                },
+                "--allow-domain",
+            ),
+            (
+                Overrides {
+                    resolve: vec!["x.test=300.1.1.1".into()],
+                    ..Default::default()
+                },
+                "--resolve",
             ),
         ] {
             let e = o.apply(&mut SandboxPolicy::default()).unwrap_err();

@@ -36,6 +36,8 @@ pub struct LeaseEnv {
     pub protected: Vec<(PathBuf, PathBuf)>,
     pub init_path: PathBuf,
     pub runtime_dir: PathBuf,
+    /// The door's network namespace to join; `None`: a new empty one (no network).
+    pub netns: Option<std::sync::Arc<OwnedFd>>,
 }
 
 /// The process environment of one command, already filtered by policy.

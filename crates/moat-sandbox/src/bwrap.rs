@@ -85,7 +85,6 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
         "--unshare-user",
         "--unshare-ipc",
         "--unshare-pid",
-        "--unshare-net",
         "--unshare-uts",
         "--unshare-cgroup-try",
         "--disable-userns",
@@ -103,6 +102,11 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     debug_assert_eq!(SANDBOX_UID, 1000);
+    // With a door, the sandbox joins the door's network namespace (moat enters
+    // it before exec); without one, bwrap makes a new, empty one.
+    if env.netns.is_none() {
+        a.push("--unshare-net".into());
+    }
     for d in SYSTEM_DIRS {
         let host = Path::new("/").join(d);
         match std::fs::symlink_metadata(&host) {
@@ -223,6 +227,7 @@ impl Backend for BwrapBackend {
         drop(sandbox_end);
 
         let procs: Vec<RawFd> = cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+        let netns: RawFd = env.netns.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
         let (ctl_raw, f1_raw, f2_raw) = (ctl.as_raw_fd(), f1.as_raw_fd(), f2.as_raw_fd());
         let limits = env.policy.limits.clone();
         // SAFETY: geteuid has no preconditions.
@@ -258,6 +263,10 @@ impl Backend for BwrapBackend {
                     if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                if netns >= 0 {
+                    // The door's namespace: loopback with the door's listeners only.
+                    check(libc::setns(netns, libc::CLONE_NEWNET))?;
                 }
                 check(libc::dup2(ctl_raw, 3))?;
                 check(libc::dup2(f1_raw, 4))?;

@@ -157,6 +157,17 @@ pub struct LeaseOptions {
     /// A named lease keeps its files after release and can be reattached.
     pub name: Option<String>,
     pub workspace: WorkspaceSource,
+    /// The egress door's namespace and client settings; required when the
+    /// policy allows any destination.
+    pub network: Option<NetworkAttachment>,
+}
+
+/// What a door gives a lease: the network namespace in which its listeners
+/// live (loopback only), and the variables that point clients at it.
+#[derive(Debug, Clone)]
+pub struct NetworkAttachment {
+    pub netns: Arc<OwnedFd>,
+    pub env: Vec<(String, String)>,
 }
 
 struct Running {
@@ -182,6 +193,7 @@ pub struct Lease {
     runtime_dir: PathBuf,
     /// Distinguishes this engine's cgroups from other moat data directories'.
     cgroup_scope: String,
+    network: Option<NetworkAttachment>,
 }
 
 pub(crate) fn open_lease(
@@ -196,6 +208,11 @@ pub(crate) fn open_lease(
                 "the local backend runs commands with NO isolation; it is refused unless the operator opts in with MOAT_ALLOW_UNSANDBOXED=1 or sandbox.allow_unsandboxed = true".into(),
             ));
         }
+    }
+    if policy.network.is_enabled() && opts.network.is_none() {
+        return Err(SandboxError::Refused(
+            "the policy allows network destinations but no egress door is attached; refusing to start without one".into(),
+        ));
     }
     let mounts = resolve_mounts(&policy)?;
     let (host_workspace, template) = match &opts.workspace {
@@ -261,6 +278,7 @@ pub(crate) fn open_lease(
         init_path: engine.init_path().to_path_buf(),
         etc_dir: engine.etc_dir().to_path_buf(),
         cgroup_scope: engine.cgroup_scope().to_string(),
+        network: opts.network.clone(),
         runtime_dir: engine.config().runtime_dir.clone(),
     };
     if fresh {
@@ -379,6 +397,7 @@ impl Lease {
             protected,
             init_path: self.init_path.clone(),
             runtime_dir: self.runtime_dir.clone(),
+            netns: self.network.as_ref().map(|n| n.netns.clone()),
         })
     }
 
@@ -443,6 +462,9 @@ impl Lease {
         env.insert("TERM".into(), "dumb".into());
         env.insert("USER".into(), "agent".into());
         for (k, v) in self.policy.env.iter() {
+            env.insert(k.clone(), v.clone());
+        }
+        for (k, v) in self.network.iter().flat_map(|n| n.env.iter()) {
             env.insert(k.clone(), v.clone());
         }
         for (k, v) in extra {

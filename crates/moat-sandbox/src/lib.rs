@@ -27,7 +27,7 @@ use std::sync::Arc;
 use moat_policy::{BackendKind, SandboxPolicy};
 
 pub use error::{Result, SandboxError};
-pub use lease::{
+pub use lease::{NetworkAttachment, 
     Lease, LeaseOptions, RunOutcome, RunSpec, StdinSource, Stream, Termination, WorkspaceSource,
 };
 
@@ -229,7 +229,7 @@ fn prepare_etc(runtime: &Path) -> Result<PathBuf> {
             (sub, m.mtime(), m.mtime_nsec(), m.ino()).hash(&mut h);
         }
     }
-    (storage::PASSWD, storage::GROUP, storage::HOSTS).hash(&mut h);
+    (storage::PASSWD, storage::GROUP, storage::HOSTS, storage::RESOLV).hash(&mut h);
     let dir = runtime.join(format!("etc-{:016x}", h.finish()));
     if dir.is_dir() {
         return Ok(dir);
@@ -253,6 +253,7 @@ fn prepare_etc(runtime: &Path) -> Result<PathBuf> {
         ("passwd", storage::PASSWD),
         ("group", storage::GROUP),
         ("hosts", storage::HOSTS),
+        ("resolv.conf", storage::RESOLV),
     ] {
         std::fs::write(tmp.join(name), text)
             .map_err(|e| SandboxError::io(format!("writing {name}"), e))?;

@@ -113,6 +113,8 @@ pub struct Storage {
 
 pub(crate) const PASSWD: &str = "root:x:0:0:root:/root:/usr/sbin/nologin\nagent:x:1000:1000:moat agent:/home/agent:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
 pub(crate) const GROUP: &str = "root:x:0:\nagent:x:1000:\nnogroup:x:65534:\n";
+/// The sandbox's resolver is its door's DNS stub (without a door: nothing answers).
+pub(crate) const RESOLV: &str = "nameserver 127.0.0.1\noptions attempts:1 timeout:2\n";
 pub(crate) const HOSTS: &str = "127.0.0.1 localhost moat\n::1 localhost ip6-localhost\n";
 
 impl Storage {

@@ -10,7 +10,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use moat_policy::{Overrides, SandboxPolicy};
 use moat_sandbox::{
-    Engine, EngineConfig, LeaseOptions, RunSpec, StdinSource, Stream, WorkspaceSource,
+    Engine, EngineConfig, LeaseOptions, NetworkAttachment, RunSpec, StdinSource, Stream,
+    WorkspaceSource,
 };
 
 #[derive(Parser)]
@@ -67,6 +68,13 @@ struct RunArgs {
     /// Wall-clock limit, e.g. 30s or 5m.
     #[arg(long, value_name = "DURATION")]
     timeout: Option<String>,
+    /// Allow a destination through the sandbox's egress door: `host`, `*.domain`,
+    /// `host:port` or an IP address; without a port only 80 and 443. Repeatable.
+    #[arg(long = "allow-domain", value_name = "ENTRY")]
+    allow_domains: Vec<String>,
+    /// Pin a name to an address (exempt from the private-address guard). Repeatable.
+    #[arg(long = "resolve", value_name = "HOST=IP")]
+    resolve: Vec<String>,
     /// Policy file (TOML); flags override it.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -148,6 +156,8 @@ fn load_policy(args: &RunArgs) -> anyhow::Result<SandboxPolicy> {
         pids: args.pids,
         cpus: args.cpus,
         timeout: args.timeout.clone(),
+        allow_domains: args.allow_domains.clone(),
+        resolve: args.resolve.clone(),
     };
     overrides.apply(&mut policy)?;
     Ok(policy)
@@ -184,11 +194,45 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
         Some(dir) => WorkspaceSource::Host(dir.clone()),
         None => WorkspaceSource::Fresh,
     };
+    // The egress door, when the policy allows any destination: it lives in
+    // this process, on its own small runtime, for as long as the sandbox runs.
+    let mut door_runtime = None;
+    let mut door = None;
+    let network = if policy.network.is_enabled() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the egress door's runtime")?;
+        let audit_path = engine.config().data_dir.join("audit").join("egress.jsonl");
+        let audit = moat_egress::JsonlAudit::open(&audit_path)
+            .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
+        let d = moat_egress::Door::start(
+            rt.handle(),
+            moat_egress::DoorConfig {
+                lease: "cli".into(),
+                policy: std::sync::Arc::new(policy.network.clone()),
+                resolver: moat_egress::Resolver::System,
+                audit: std::sync::Arc::new(audit),
+            },
+        )
+        .context("starting the egress door")?;
+        let attach = NetworkAttachment {
+            netns: d.netns(),
+            env: moat_egress::Door::client_env(),
+        };
+        door = Some(d);
+        door_runtime = Some(rt);
+        Some(attach)
+    } else {
+        None
+    };
     let mut lease = engine.lease(
         policy,
         LeaseOptions {
             name: None,
             workspace,
+            network,
         },
     )?;
     let t_lease = t0.elapsed();
@@ -207,6 +251,10 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
     })?;
     let t_run = t0.elapsed();
     lease.destroy().context("cleaning up the sandbox")?;
+    drop(door);
+    if let Some(rt) = door_runtime {
+        rt.shutdown_background();
+    }
     tracing::debug!(
         engine_us = t_engine.as_micros() as u64,
         lease_us = (t_lease - t_engine).as_micros() as u64,

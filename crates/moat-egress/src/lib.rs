@@ -1,0 +1,315 @@
+//! moat-egress: the sandbox's only door to the network.
+//!
+//! A [`Door`] owns one sandbox's network namespace (loopback only) and the
+//! listeners inside it: an HTTP forward proxy with CONNECT tunnels, a DNS stub
+//! that never forwards a query, and transparent listeners for clients that
+//! ignore proxy variables. Every destination is judged by the policy's
+//! allowlist, resolved on the host, checked by the SSRF guard, connected to at
+//! exactly the checked address, and recorded in the audit log.
+//!
+//! Must never: forward a DNS query, connect before a verdict, connect to an
+//! address other than the one checked, forward an ambiguous HTTP request, let a
+//! tunnel's TLS name differ from its target, or put a body or secret in a record.
+
+mod conn;
+pub mod dns;
+pub mod http;
+pub mod netns;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moat_policy::network::{Allowed, Denied, HostPattern, NetworkPolicy};
+use serde::Serialize;
+
+/// The proxy's port on the sandbox's 127.0.0.1.
+pub const PROXY_PORT: u16 = 3128;
+/// The DNS stub's port on the sandbox's 127.0.0.1.
+pub const DNS_PORT: u16 = 53;
+/// Time allowed for a request head, a ClientHello, or an upstream connect.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One audit record: a connection attempt (or DNS query) and its verdict.
+/// Never holds a body, a header value or a credential.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EgressRecord {
+    pub ts_ms: u64,
+    pub lease: String,
+    /// `connect`, `http`, `transparent-tls`, `transparent-http`, `dns`.
+    pub kind: &'static str,
+    pub host: String,
+    pub port: u16,
+    /// The address the door connected to (or would have).
+    pub address: Option<String>,
+    /// `allowed` or `denied`.
+    pub verdict: &'static str,
+    pub reason: Option<String>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration_ms: u64,
+}
+
+/// Where audit records go.
+pub trait Audit: Send + Sync {
+    fn record(&self, rec: &EgressRecord);
+}
+
+/// Appends records as JSON lines to a file (and logs them with `tracing`).
+pub struct JsonlAudit {
+    file: Mutex<std::fs::File>,
+}
+
+impl JsonlAudit {
+    pub fn open(path: &Path) -> std::io::Result<JsonlAudit> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(JsonlAudit {
+            file: Mutex::new(file),
+        })
+    }
+}
+
+impl Audit for JsonlAudit {
+    fn record(&self, rec: &EgressRecord) {
+        tracing::info!(target: "moat::egress", lease = %rec.lease, kind = rec.kind, host = %rec.host, port = rec.port, verdict = rec.verdict, reason = rec.reason.as_deref().unwrap_or(""), "egress");
+        if let Ok(mut line) = serde_json::to_vec(rec) {
+            line.push(b'\n');
+            if let Ok(mut f) = self.file.lock() {
+                if let Err(e) = f.write_all(&line) {
+                    tracing::error!(error = %e, "could not write the egress audit record");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps records in memory (tests, benchmarks).
+#[derive(Default)]
+pub struct MemoryAudit {
+    pub records: Mutex<Vec<EgressRecord>>,
+}
+
+impl MemoryAudit {
+    pub fn snapshot(&self) -> Vec<EgressRecord> {
+        self.records.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl Audit for MemoryAudit {
+    fn record(&self, rec: &EgressRecord) {
+        if let Ok(mut r) = self.records.lock() {
+            r.push(rec.clone());
+        }
+    }
+}
+
+/// How the door turns names into addresses (on the host, never in the sandbox).
+#[derive(Debug, Clone)]
+pub enum Resolver {
+    /// The host's resolver (getaddrinfo).
+    System,
+    /// A fixed table, for tests: names absent from it do not resolve.
+    Static(HashMap<String, Vec<IpAddr>>),
+}
+
+impl Resolver {
+    pub async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<IpAddr>> {
+        match self {
+            Resolver::System => Ok(tokio::net::lookup_host((host, port))
+                .await?
+                .map(|a| a.ip())
+                .collect()),
+            Resolver::Static(map) => map
+                .get(host)
+                .cloned()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such name")),
+        }
+    }
+}
+
+pub struct DoorConfig {
+    /// Names the lease in audit records.
+    pub lease: String,
+    pub policy: Arc<NetworkPolicy>,
+    pub resolver: Resolver,
+    pub audit: Arc<dyn Audit>,
+}
+
+/// Addresses the DNS stub hands out: 127.100.0.1 upwards, one per name.
+#[derive(Default)]
+pub(crate) struct NameTable {
+    by_name: HashMap<String, Ipv4Addr>,
+    by_addr: HashMap<Ipv4Addr, String>,
+}
+
+impl NameTable {
+    pub(crate) fn address_for(&mut self, name: &str) -> Option<Ipv4Addr> {
+        if let Some(a) = self.by_name.get(name) {
+            return Some(*a);
+        }
+        let n = self.by_name.len() as u32 + 1;
+        if n >= 1 << 16 {
+            return None;
+        }
+        let a = Ipv4Addr::new(127, 100, (n >> 8) as u8, n as u8);
+        self.by_name.insert(name.to_string(), a);
+        self.by_addr.insert(a, name.to_string());
+        Some(a)
+    }
+    pub(crate) fn name_at(&self, a: Ipv4Addr) -> Option<String> {
+        self.by_addr.get(&a).cloned()
+    }
+}
+
+pub(crate) struct State {
+    pub cfg: DoorConfig,
+    pub names: Mutex<NameTable>,
+}
+
+impl State {
+    pub(crate) fn audit(&self, mut rec: EgressRecord) {
+        rec.ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        rec.lease = self.cfg.lease.clone();
+        self.cfg.audit.record(&rec);
+    }
+
+    /// Resolves an allowed destination and checks every address it has.
+    /// Invariant: the returned address is one the SSRF guard passed (or a pin).
+    pub(crate) async fn resolve(&self, allowed: &Allowed) -> Result<SocketAddr, Denied> {
+        if let Some(ip) = allowed.fixed {
+            return Ok(SocketAddr::new(ip, allowed.port));
+        }
+        let ips = tokio::time::timeout(
+            STEP_TIMEOUT,
+            self.cfg.resolver.lookup(&allowed.host, allowed.port),
+        )
+        .await
+        .map_err(|_| Denied(format!("resolving {} timed out", allowed.host)))?
+        .map_err(|e| Denied(format!("{} does not resolve: {e}", allowed.host)))?;
+        let first = *ips
+            .first()
+            .ok_or_else(|| Denied(format!("{} has no address", allowed.host)))?;
+        for ip in &ips {
+            self.cfg.policy.check_resolved(allowed, *ip)?;
+        }
+        Ok(SocketAddr::new(first, allowed.port))
+    }
+}
+
+/// Ports the transparent listeners serve: 80, 443 and every explicit entry port.
+fn transparent_ports(policy: &NetworkPolicy) -> Vec<u16> {
+    let mut ports = vec![80, 443];
+    for e in &policy.allow {
+        if let (Some(p), false) = (e.port, matches!(e.host, HostPattern::Ip(_))) {
+            ports.push(p);
+        }
+    }
+    ports.retain(|p| *p != PROXY_PORT && *p != DNS_PORT);
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+struct Sockets {
+    proxy: std::net::TcpListener,
+    dns_udp: std::net::UdpSocket,
+    dns_tcp: std::net::TcpListener,
+    transparent: Vec<(u16, std::net::TcpListener)>,
+}
+
+/// A running door. Dropping it stops every listener and connection; the
+/// sandbox is then left with a loopback that leads nowhere (fail closed).
+pub struct Door {
+    netns: Arc<OwnedFd>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Door {
+    /// Creates the namespace, binds the listeners inside it and starts serving
+    /// on `rt`.
+    pub fn start(rt: &tokio::runtime::Handle, cfg: DoorConfig) -> std::io::Result<Door> {
+        let ports = transparent_ports(&cfg.policy);
+        let (ns, socks) = netns::with_new_netns(move || {
+            let proxy = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))?;
+            let dns_udp = std::net::UdpSocket::bind(("127.0.0.1", DNS_PORT))?;
+            let dns_tcp = std::net::TcpListener::bind(("127.0.0.1", DNS_PORT))?;
+            let mut transparent = Vec::new();
+            for p in ports {
+                transparent.push((p, std::net::TcpListener::bind(("0.0.0.0", p))?));
+            }
+            Ok(Sockets {
+                proxy,
+                dns_udp,
+                dns_tcp,
+                transparent,
+            })
+        })?;
+        let state = Arc::new(State {
+            cfg,
+            names: Mutex::new(NameTable::default()),
+        });
+        let _enter = rt.enter();
+        let mut tasks = Vec::new();
+        let tcp = |l: std::net::TcpListener| -> std::io::Result<tokio::net::TcpListener> {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        };
+        tasks.push(rt.spawn(conn::serve_proxy(state.clone(), tcp(socks.proxy)?)));
+        socks.dns_udp.set_nonblocking(true)?;
+        tasks.push(rt.spawn(dns::serve_udp(
+            state.clone(),
+            tokio::net::UdpSocket::from_std(socks.dns_udp)?,
+        )));
+        tasks.push(rt.spawn(dns::serve_tcp(state.clone(), tcp(socks.dns_tcp)?)));
+        for (port, l) in socks.transparent {
+            tasks.push(rt.spawn(conn::serve_transparent(state.clone(), tcp(l)?, port)));
+        }
+        Ok(Door {
+            netns: Arc::new(ns),
+            tasks,
+        })
+    }
+
+    /// The namespace a sandbox must join to use this door.
+    pub fn netns(&self) -> Arc<OwnedFd> {
+        self.netns.clone()
+    }
+
+    /// Variables that point proxy-aware clients at the door.
+    pub fn client_env() -> Vec<(String, String)> {
+        let proxy = format!("http://127.0.0.1:{PROXY_PORT}");
+        let no_proxy = "localhost,127.0.0.1".to_string();
+        vec![
+            ("HTTP_PROXY".into(), proxy.clone()),
+            ("HTTPS_PROXY".into(), proxy.clone()),
+            ("http_proxy".into(), proxy.clone()),
+            ("https_proxy".into(), proxy),
+            ("NO_PROXY".into(), no_proxy.clone()),
+            ("no_proxy".into(), no_proxy),
+        ]
+    }
+}
+
+impl Drop for Door {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
