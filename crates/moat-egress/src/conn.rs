@@ -3,6 +3,7 @@
 //! handed out). Every path ends in exactly one audit record.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +16,9 @@ use tokio::time::timeout;
 use crate::http::{self, Head, Reject};
 use crate::tls::{self, Hello};
 use crate::{EgressRecord, State, STEP_TIMEOUT};
+
+/// Largest move per splice(2) call.
+const SPLICE_CHUNK: usize = 1 << 20;
 
 struct Attempt {
     kind: &'static str,
@@ -265,16 +269,14 @@ async fn splice(
         Err(reason) => return a.finish(&state, Some(reason)),
     };
     let buffered = client.buffer().to_vec();
-    let mut client = client.into_inner();
+    let client = client.into_inner();
     if upstream.write_all(&first).await.is_err() || upstream.write_all(&buffered).await.is_err() {
         return a.finish(&state, Some(format!("{addr} closed the connection")));
     }
     a.up = (first.len() + buffered.len()) as u64;
-    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    if let Ok((up, down)) = result {
-        a.up += up;
-        a.down = down;
-    }
+    let (up, down) = tokio::join!(relay(&client, &upstream), relay(&upstream, &client));
+    a.up += up;
+    a.down = down;
     a.finish(&state, None);
 }
 
@@ -408,4 +410,79 @@ async fn transparent_conn(state: Arc<State>, stream: TcpStream, port: u16) {
         }
     }
     forward_http(state, client, head, path, a).await;
+}
+
+/// Moves bytes from `from` to `to` inside the kernel (splice(2) through a
+/// pipe, no copy into the door's memory) until `from` closes; then closes
+/// `to`'s sending side. Returns the bytes moved.
+async fn relay(from: &TcpStream, to: &TcpStream) -> u64 {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use tokio::io::Interest;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return 0;
+    }
+    // SAFETY: both descriptors are fresh from pipe2 and owned here.
+    let (pr, pw) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETPIPE_SZ on our pipe; failure only means a smaller pipe.
+    unsafe {
+        libc::fcntl(
+            pw.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            SPLICE_CHUNK as libc::c_int,
+        )
+    };
+    let splice = |i: i32, o: i32, len: usize| -> std::io::Result<usize> {
+        // SAFETY: splice between descriptors we hold, without offsets.
+        let n = unsafe {
+            libc::splice(
+                i,
+                std::ptr::null_mut(),
+                o,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    };
+    let mut total = 0u64;
+    loop {
+        let n = loop {
+            if from.readable().await.is_err() {
+                return total;
+            }
+            match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pw.as_raw_fd(), SPLICE_CHUNK)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break 0, // reset or error: treat as the end of this direction
+            }
+        };
+        if n == 0 {
+            // SAFETY: half-close the sending side of a socket we hold.
+            unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+            return total;
+        }
+        let mut left = n;
+        while left > 0 {
+            if to.writable().await.is_err() {
+                return total;
+            }
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pr.as_raw_fd(), to.as_raw_fd(), left)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return total,
+            }
+        }
+        total += n as u64;
+    }
 }
