@@ -15,7 +15,17 @@ use tokio::time::timeout;
 
 use crate::http::{self, Head, Reject};
 use crate::tls::{self, Hello};
-use crate::{EgressRecord, State, STEP_TIMEOUT};
+use crate::{EgressRecord, State, PROXY_PORT, STEP_TIMEOUT};
+
+/// Connections one listener serves at once; more are closed at once (a
+/// sandbox cannot exhaust moat's descriptors through its door).
+pub(crate) const MAX_CONNECTIONS: usize = 4096;
+
+fn over_limit(state: &State, kind: &'static str, port: u16) {
+    let mut a = Attempt::new(kind);
+    a.port = port;
+    a.finish(state, Some(format!("more than {MAX_CONNECTIONS} connections at once")));
+}
 
 /// Largest move per splice(2) call.
 const SPLICE_CHUNK: usize = 1 << 20;
@@ -81,7 +91,11 @@ pub(crate) async fn serve_proxy(state: Arc<State>, listener: TcpListener) {
         tokio::select! {
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    conns.spawn(proxy_conn(state.clone(), stream));
+                    if conns.len() < MAX_CONNECTIONS {
+                        conns.spawn(proxy_conn(state.clone(), stream));
+                    } else {
+                        over_limit(&state, "connect", PROXY_PORT);
+                    }
                 }
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -95,7 +109,11 @@ pub(crate) async fn serve_transparent(state: Arc<State>, listener: TcpListener, 
         tokio::select! {
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    conns.spawn(transparent_conn(state.clone(), stream, port));
+                    if conns.len() < MAX_CONNECTIONS {
+                        conns.spawn(transparent_conn(state.clone(), stream, port));
+                    } else {
+                        over_limit(&state, "transparent-tls", port);
+                    }
                 }
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
