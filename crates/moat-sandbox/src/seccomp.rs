@@ -184,55 +184,119 @@ fn arch() -> Result<TargetArch> {
     })
 }
 
+/// One comparison of an argument-dependent rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ArgTest {
+    Eq(u64),
+    Ne(u64),
+    /// `(arg & mask) == value`
+    MaskedEq {
+        mask: u64,
+        value: u64,
+    },
+}
+
+/// A rule matches (and the call is denied) when every (argument index, test) holds.
+pub(crate) type ArgRule = Vec<(u8, ArgTest)>;
+
+/// The argument-dependent part of the deny list, shared by the BPF filter
+/// (bwrap) and the OCI seccomp section (gVisor): (name, number, rules). A call
+/// denied outright (`DENIED` or an operator's extra name) keeps that.
+pub(crate) fn conditional_rules() -> Vec<(&'static str, i64, Vec<ArgRule>)> {
+    use ArgTest::*;
+    // socket(): packet, vsock and key sockets, and raw IP sockets.
+    let mut socket: Vec<ArgRule> = [AF_PACKET, AF_VSOCK, AF_KEY]
+        .iter()
+        .map(|f| vec![(0, Eq(*f))])
+        .collect();
+    for family in [AF_INET, AF_INET6] {
+        socket.push(vec![
+            (0, Eq(family)),
+            (
+                1,
+                MaskedEq {
+                    mask: SOCK_TYPE_MASK,
+                    value: SOCK_RAW,
+                },
+            ),
+        ]);
+    }
+    vec![
+        ("socket", libc::SYS_socket, socket),
+        // ioctl(): terminal injection.
+        (
+            "ioctl",
+            libc::SYS_ioctl,
+            vec![vec![(1, Eq(TIOCSTI))], vec![(1, Eq(TIOCLINUX))]],
+        ),
+        // clone(): no new namespaces (flags are argument 0 on x86_64 and aarch64).
+        (
+            "clone",
+            libc::SYS_clone,
+            NAMESPACE_FLAGS
+                .iter()
+                .map(|f| {
+                    vec![(
+                        0,
+                        MaskedEq {
+                            mask: *f,
+                            value: *f,
+                        },
+                    )]
+                })
+                .collect(),
+        ),
+        // personality(): only the plain Linux persona and the query are allowed.
+        (
+            "personality",
+            libc::SYS_personality,
+            vec![vec![(0, Ne(0)), (0, Ne(0xffff_ffff))]],
+        ),
+    ]
+}
+
+/// The names denied outright: `DENIED` plus the policy's `extra`, each checked
+/// to be a system call moat knows. Unknown names are an error naming them.
+pub(crate) fn denied_outright(extra: &[String]) -> Result<Vec<(&str, i64)>> {
+    DENIED
+        .iter()
+        .copied()
+        .chain(extra.iter().map(String::as_str))
+        .map(|name| {
+            syscall_number(name).map(|nr| (name, nr)).ok_or_else(|| {
+                SandboxError::Refused(format!(
+                    "syscalls.deny: unknown system call {name:?} (moat resolves the names in its deny list and common ones such as uname, socket, memfd_create)"
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Compiles the EPERM filter: the fixed deny list, `extra` names, and the
 /// argument-dependent rules. Unknown extra names are an error naming them.
 pub fn deny_filter(extra: &[String]) -> Result<BpfProgram> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for name in DENIED
-        .iter()
-        .copied()
-        .chain(extra.iter().map(String::as_str))
-    {
-        let nr = syscall_number(name).ok_or_else(|| {
-            SandboxError::Refused(format!(
-                "syscalls.deny: unknown system call {name:?} (moat resolves the names in its deny list and common ones such as uname, socket, memfd_create)"
-            ))
-        })?;
+    for (_, nr) in denied_outright(extra)? {
         rules.insert(nr, Vec::new());
     }
-    // socket(): packet, vsock and key sockets, and raw IP sockets.
-    let mut socket_rules = vec![
-        rule(vec![cond(0, SeccompCmpOp::Eq, AF_PACKET)?])?,
-        rule(vec![cond(0, SeccompCmpOp::Eq, AF_VSOCK)?])?,
-        rule(vec![cond(0, SeccompCmpOp::Eq, AF_KEY)?])?,
-    ];
-    for family in [AF_INET, AF_INET6] {
-        socket_rules.push(rule(vec![
-            cond(0, SeccompCmpOp::Eq, family)?,
-            cond(1, SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK), SOCK_RAW)?,
-        ])?);
-    }
-    rules.entry(libc::SYS_socket).or_insert(socket_rules);
-    // ioctl(): terminal injection.
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![
-            rule(vec![cond(1, SeccompCmpOp::Eq, TIOCSTI)?])?,
-            rule(vec![cond(1, SeccompCmpOp::Eq, TIOCLINUX)?])?,
-        ],
-    );
-    // clone(): no new namespaces (flags are argument 0 on x86_64 and aarch64).
-    let mut clone_rules = Vec::new();
-    for flag in NAMESPACE_FLAGS {
-        clone_rules.push(rule(vec![cond(0, SeccompCmpOp::MaskedEq(flag), flag)?])?);
-    }
-    rules.insert(libc::SYS_clone, clone_rules);
-    // personality(): only the plain Linux persona and the query are allowed.
-    if let std::collections::btree_map::Entry::Vacant(e) = rules.entry(libc::SYS_personality) {
-        e.insert(vec![rule(vec![
-            cond(0, SeccompCmpOp::Ne, 0)?,
-            cond(0, SeccompCmpOp::Ne, 0xffff_ffff)?,
-        ])?]);
+    for (_, nr, conditional) in conditional_rules() {
+        if let std::collections::btree_map::Entry::Vacant(e) = rules.entry(nr) {
+            let mut compiled = Vec::new();
+            for r in conditional {
+                let conds = r
+                    .iter()
+                    .map(|(arg, test)| match *test {
+                        ArgTest::Eq(v) => cond(*arg, SeccompCmpOp::Eq, v),
+                        ArgTest::Ne(v) => cond(*arg, SeccompCmpOp::Ne, v),
+                        ArgTest::MaskedEq { mask, value } => {
+                            cond(*arg, SeccompCmpOp::MaskedEq(mask), value)
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                compiled.push(rule(conds)?);
+            }
+            e.insert(compiled);
+        }
     }
     let filter = SeccompFilter::new(
         rules,
