@@ -6,8 +6,9 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use moat_policy::SandboxPolicy;
+use moat_policy::{Limits, SandboxPolicy};
 
+use crate::cgroup::CgroupLimits;
 use crate::error::Result;
 use crate::fsguard::ResolvedMount;
 
@@ -71,6 +72,15 @@ pub trait Backend: Send + Sync {
     /// Whether the lease must create a host cgroup for this backend's instances.
     fn uses_host_cgroup(&self) -> bool {
         true
+    }
+    /// The limits written to the lease's host cgroup. A backend whose own
+    /// runtime lives in the cgroup with the sandbox may need room for it.
+    fn host_cgroup_limits(&self, limits: &Limits) -> CgroupLimits {
+        CgroupLimits {
+            memory: limits.memory.bytes(),
+            pids: limits.pids,
+            millicpus: limits.millicpus,
+        }
     }
     /// Starts an instance; `cgroup_procs` are open `cgroup.procs` files the
     /// sandbox's first process must join before it runs anything.

@@ -69,7 +69,7 @@ pub(crate) const ETC_ALLOWLIST: &[&str] = &[
 ];
 
 /// Top-level system entries bound read-only (or recreated as symlinks).
-const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+pub(crate) const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
 pub struct BwrapBackend;
 

@@ -22,7 +22,7 @@ use moat_policy::{BackendKind, ByteSize, SandboxPolicy};
 use nix::fcntl::OFlag;
 
 use crate::backend::{Backend, ChildStdio, CommandLine, Ended, Instance, LeaseEnv};
-use crate::cgroup::{Cgroup, CgroupLimits};
+use crate::cgroup::Cgroup;
 use crate::error::{Result, SandboxError};
 use crate::fsguard::{
     protected_binds, protected_parents, resolve_mounts, resolve_workspace, ResolvedMount,
@@ -417,15 +417,10 @@ impl Lease {
         self.instances += 1;
         let t0 = Instant::now();
         let env = self.lease_env()?;
-        let l = &self.policy.limits;
         let cgroup = if self.backend.uses_host_cgroup() {
             Some(Cgroup::create(
                 &crate::cgroup_name(&self.cgroup_scope, self.instances, &self.id),
-                CgroupLimits {
-                    memory: l.memory.bytes(),
-                    pids: l.pids,
-                    millicpus: l.millicpus,
-                },
+                self.backend.host_cgroup_limits(&self.policy.limits),
             )?)
         } else {
             None
