@@ -27,8 +27,9 @@ use std::sync::Arc;
 use moat_policy::{BackendKind, SandboxPolicy};
 
 pub use error::{Result, SandboxError};
-pub use lease::{NetworkAttachment, 
-    Lease, LeaseOptions, RunOutcome, RunSpec, StdinSource, Stream, Termination, WorkspaceSource,
+pub use lease::{
+    Lease, LeaseOptions, NetworkAttachment, RunOutcome, RunSpec, StdinSource, Stream, Termination,
+    WorkspaceSource,
 };
 
 /// Where the engine keeps things on the host.
@@ -229,7 +230,13 @@ fn prepare_etc(runtime: &Path) -> Result<PathBuf> {
             (sub, m.mtime(), m.mtime_nsec(), m.ino()).hash(&mut h);
         }
     }
-    (storage::PASSWD, storage::GROUP, storage::HOSTS, storage::RESOLV).hash(&mut h);
+    (
+        storage::PASSWD,
+        storage::GROUP,
+        storage::HOSTS,
+        storage::RESOLV,
+    )
+        .hash(&mut h);
     let dir = runtime.join(format!("etc-{:016x}", h.finish()));
     if dir.is_dir() {
         return Ok(dir);
