@@ -111,7 +111,19 @@ fn main() -> ExitCode {
 }
 
 fn doctor() -> ExitCode {
-    let checks = moat_sandbox::doctor::run_checks();
+    let mut checks = moat_sandbox::doctor::run_checks();
+    // The egress door needs to create network namespaces.
+    let netns = moat_egress::netns::with_new_netns(|| Ok(()));
+    checks.push(moat_sandbox::doctor::Check {
+        name: "network namespaces (egress door)",
+        ok: netns.is_ok(),
+        detail: match &netns {
+            Ok(_) => "a namespace with loopback can be created".into(),
+            Err(e) => e.to_string(),
+        },
+        fix: Some("run moat as root; sandboxes with --allow-domain need it".into()),
+        required: false,
+    });
     let mut failed = false;
     for c in &checks {
         let mark = if c.ok {
