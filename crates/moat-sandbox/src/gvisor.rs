@@ -705,7 +705,8 @@ impl GvisorBackend {
         };
         for e in rd.flatten() {
             let dir = e.path();
-            if e.file_name() == "state" || !dir.is_dir() {
+            let name = e.file_name();
+            if name == "state" || name.to_string_lossy().starts_with('.') || !dir.is_dir() {
                 continue;
             }
             let Ok(lock) = File::options().write(true).open(dir.join("lock")) else {
@@ -723,6 +724,34 @@ impl GvisorBackend {
             tracing::info!(dir = %dir.display(), "removed a gVisor instance left by a moat process that died");
         }
     }
+}
+
+/// Creates the instance directory `dir` holding a `lock` file, already locked
+/// when the directory appears under its name (a concurrent sweep never sees it
+/// unlocked).
+fn locked_dir(dir: &Path) -> Result<File> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let tmp = parent.join(format!(".new-{:016x}", random_u64()));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(|e| SandboxError::io(format!("creating {}", tmp.display()), e))?;
+    let made = (|| {
+        let lock = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp.join("lock"))?;
+        if !flock_nb(&lock) {
+            return Err(std::io::Error::other("the new lock file is locked"));
+        }
+        fs::rename(&tmp, dir)?;
+        Ok(lock)
+    })();
+    made.map_err(|e| {
+        let _ = fs::remove_dir_all(&tmp);
+        SandboxError::io(format!("creating {}", dir.display()), e)
+    })
 }
 
 impl Backend for GvisorBackend {
@@ -752,10 +781,7 @@ impl Backend for GvisorBackend {
             env.instance,
             random_u64() as u32
         ));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| SandboxError::io(format!("creating {}", dir.display()), e))?;
+        let lock = locked_dir(&dir)?;
         let mut inst = GvisorInstance {
             dir: dir.clone(),
             state: self.state(),
@@ -764,20 +790,11 @@ impl Backend for GvisorBackend {
             spec: None,
             procs: Vec::new(),
             netns: env.netns.clone(),
-            lock: None,
+            lock: Some(lock),
             commands: 0,
             running: None,
             dead: false,
         };
-        let lock = File::options()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(dir.join("lock"))
-            .map_err(|e| SandboxError::io("creating the instance lock", e))?;
-        flock_nb(&lock);
-        inst.lock = Some(lock);
         build_root(&inst.root, &inst.places)?;
         inst.spec = Some(base_spec(env, &inst.root, &inst.places)?);
         for fd in cgroup_procs {
