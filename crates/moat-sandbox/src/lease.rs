@@ -214,11 +214,6 @@ pub(crate) fn open_lease(
             "the policy allows network destinations but no egress door is attached; refusing to start without one".into(),
         ));
     }
-    if policy.network.is_enabled() && policy.backend == BackendKind::Gvisor {
-        return Err(SandboxError::Refused(
-            "the gvisor backend cannot join an egress door yet; use --backend bwrap for sandboxes with network access".into(),
-        ));
-    }
     let mounts = resolve_mounts(&policy)?;
     let (host_workspace, template) = match &opts.workspace {
         WorkspaceSource::Fresh => (None, None),
