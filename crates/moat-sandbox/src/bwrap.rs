@@ -293,7 +293,9 @@ impl Backend for BwrapBackend {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| {
+        // Forked from a thread that outlives this call: the parent-death
+        // signal must follow moat, not the thread that happened to start the lease.
+        let child = crate::spawner::spawn(cmd).map_err(|e| {
             SandboxError::Start(format!(
                 "cannot run {BWRAP}: {e} (install bubblewrap: apt-get install bubblewrap, or run `moat doctor`)"
             ))

@@ -18,6 +18,7 @@ pub mod lease;
 pub mod local;
 pub mod proto;
 pub mod seccomp;
+mod spawner;
 pub mod storage;
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};

@@ -93,6 +93,17 @@ per_backend! {
         assert_eq!(sh(&mut l, "cat README").stdout, "from template");
         assert_eq!(std::fs::read_to_string(t.path().join("README")).unwrap(), "from template");
     };
+    a_lease_outlives_the_thread_that_started_it => |kind| {
+        // The sandbox's parent-death signal must follow moat, not the thread
+        // that first ran a command (a pool warmer, a short-lived task).
+        let (_e, mut l) = lease(kind);
+        std::thread::scope(|s| {
+            s.spawn(|| assert_eq!(sh(&mut l, "echo first").stdout, "first\n"));
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let o = l.run(RunSpec::new(["echo", "second"]), &mut |_, _| {});
+        assert_eq!(o.expect("the sandbox died with the thread").termination, Termination::Exited(0));
+    };
     output_limit_kills_the_tree => |kind| {
         let e = engine(kind);
         let mut p = policy(kind);
