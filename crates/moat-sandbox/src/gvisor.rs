@@ -990,7 +990,7 @@ impl GvisorInstance {
                 Ok(())
             });
         }
-        let child = match c.spawn() {
+        let child = match crate::spawner::spawn(c) {
             Ok(c) => c,
             Err(e) => {
                 let _ = fs::remove_dir_all(&bundle);
