@@ -646,9 +646,10 @@ impl Lease {
             > oom_before;
         let termination = match (limit_hit, ended) {
             (Some(t), _) => t,
-            (None, Some(Ended::Signaled(9) | Ended::InstanceDied)) if oom => {
-                Termination::MemoryLimit(self.policy.limits.memory)
-            }
+            // Any OOM kill in the lease's cgroup during the command means the
+            // memory limit fired, whichever process it hit (a shell's child, a
+            // daemon): the whole tree is killed below and the limit reported.
+            (None, Some(_)) if oom => Termination::MemoryLimit(self.policy.limits.memory),
             (None, Some(Ended::Exited(c))) => Termination::Exited(c),
             (None, Some(Ended::Signaled(s))) => Termination::Signaled(s),
             (None, Some(Ended::ExecFailed(e))) => Termination::NotRunnable(spec.argv[0].clone(), e),

@@ -369,3 +369,29 @@ fn a_killed_moat_leaves_nothing_after_the_next_start() {
         }
     }
 }
+
+#[test]
+fn a_memory_kill_of_a_child_is_reported_as_the_limit_and_kills_the_tree() {
+    // The shell survives its child's OOM kill and exits on its own; the run must
+    // still say the memory limit fired, and the background sleeper must be gone.
+    let o = run(&[
+        "sandbox",
+        "run",
+        "--memory",
+        "64MiB",
+        "--",
+        "sh",
+        "-c",
+        "setsid sleep 611 & python3 -c 'x = bytearray(512 << 20)'; echo after",
+    ]);
+    assert_eq!(o.status.code(), Some(137), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).lines().last().unwrap_or(""),
+        "moat: memory limit 64 MiB reached, process tree killed"
+    );
+    let ps = Command::new("pgrep")
+        .args(["-f", "sleep 611"])
+        .output()
+        .unwrap();
+    assert!(ps.stdout.is_empty(), "survivor: {}", stdout(&ps));
+}
