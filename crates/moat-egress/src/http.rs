@@ -5,7 +5,8 @@
 //!
 //! Invariant: a head that is ambiguous (both Content-Length and
 //! Transfer-Encoding, conflicting lengths, an absolute URI whose host differs
-//! from Host, a control character in the target) is an error, never forwarded.
+//! from Host, two Host fields, a control character in the target) is an
+//! error, never forwarded.
 
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
@@ -114,6 +115,16 @@ pub fn parse_head(raw: &[u8]) -> Result<Head, Reject> {
         .any(|(_, v)| v.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0))
     {
         return Err(reject(400, "control characters in a header value"));
+    }
+    // Two Host fields: the door would judge the first while the upstream may
+    // route by another (RFC 9112 3.2: answer 400).
+    if headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+        .count()
+        > 1
+    {
+        return Err(reject(400, "more than one Host header"));
     }
     let te: Vec<&[u8]> = headers
         .iter()
@@ -442,6 +453,18 @@ mod tests {
         assert!(parse_absolute("http://user@a.test/").is_err());
         assert!(parse_absolute("http://a.test:/").is_err());
         assert!(parse_absolute("http://a.test:99999/").is_err());
+    }
+
+    #[test]
+    fn a_second_host_header_is_refused() {
+        let two = "GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nHost: evil.test\r\n\r\n";
+        assert!(parse(two)
+            .unwrap_err()
+            .reason
+            .contains("more than one Host"));
+        let cased = "GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nhost: a.test\r\n\r\n";
+        assert!(parse(cased).is_err());
+        assert!(parse("GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n").is_ok());
     }
 
     #[test]
