@@ -150,6 +150,67 @@ fn bad_flags_and_policies_are_125_and_name_the_problem() {
 }
 
 #[test]
+fn bad_network_flags_are_125_and_name_the_flag() {
+    for (flag, value, why) in [
+        ("--allow-domain", "*", "leading '*.'"),
+        ("--allow-domain", "*.com", "covers a whole top-level domain"),
+        ("--allow-domain", "", "is not a valid host name"),
+        ("--allow-domain", "host.test:0", "bad port"),
+        ("--allow-domain", "host.test:99999", "bad port"),
+        ("--allow-domain", "host.test:http", "bad port"),
+        ("--allow-domain", "héllo.test", "punycode"),
+        ("--allow-domain", "2130706433", "non-standard form"),
+        ("--allow-domain", "0x7f000001", "non-standard form"),
+        ("--allow-domain", "[::1", "unclosed '['"),
+        ("--allow-domain", "[not-v6]", "is not an IPv6 address"),
+        (
+            "--allow-domain",
+            "a*.b.test",
+            "wildcards match whole subdomains only",
+        ),
+        ("--allow-domain", "http://a.test/", "bad port"),
+        ("--resolve", "git.test", "is not HOST=IP"),
+        ("--resolve", "git.test=nowhere", "is not an IP address"),
+        ("--resolve", "git.test=2130706433", "is not an IP address"),
+        ("--resolve", "git.test=10.0.0.300", "is not an IP address"),
+        (
+            "--resolve",
+            "bad host=127.0.0.1",
+            "is not a valid host name",
+        ),
+        ("--resolve", "=127.0.0.1", "is not a valid host name"),
+    ] {
+        let o = run(&["sandbox", "run", flag, value, "--", "true"]);
+        assert_eq!(
+            o.status.code(),
+            Some(125),
+            "{flag} {value:?}: {}",
+            stderr(&o)
+        );
+        let err = stderr(&o);
+        assert!(
+            err.starts_with(&format!("moat: {flag}: ")) && err.contains(why),
+            "{flag} {value:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    // Good values pass (and the pin alone allows nothing).
+    let o = run(&[
+        "sandbox",
+        "run",
+        "--allow-domain",
+        "*.Example.Test.",
+        "--allow-domain",
+        "[::1]:8080",
+        "--resolve",
+        "api.example.test=[::1]",
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
 fn mounts_outside_allowed_roots_are_refused_before_start() {
     let o = run(&["sandbox", "run", "--mount", "/etc:/hostetc", "--", "true"]);
     assert_eq!(o.status.code(), Some(125));
