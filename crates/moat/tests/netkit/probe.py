@@ -149,13 +149,15 @@ def udp_exchange(host, port, payload, family=socket.AF_INET, timeout=2):
         s.close()
 
 
-def dns_query(name, qtype=1, tcp=False, server=("127.0.0.1", 53), timeout=3):
-    """One DNS question; returns rcode, answer count and whether the id matched."""
+def dns_query(name, qtype=1, tcp=False, server=("127.0.0.1", 53), timeout=3, more=()):
+    """One DNS message asking for name (and the names in more); returns rcode,
+    answer count and whether the id matched."""
     qid = random.randrange(1 << 16)
-    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    for label in name.rstrip(".").split("."):
-        q += bytes([len(label)]) + label.encode()
-    q += b"\x00" + struct.pack(">HH", qtype, 1)
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1 + len(more), 0, 0, 0)
+    for n in (name,) + tuple(more):
+        for label in n.rstrip(".").split("."):
+            q += bytes([len(label)]) + label.encode()
+        q += b"\x00" + struct.pack(">HH", qtype, 1)
     if tcp:
         s = socket.create_connection(server, timeout=timeout)
         try:
@@ -191,3 +193,47 @@ def resolve4(name):
 
 def env_without_proxy():
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+def client_hello(names=(), name_type=0, hs_type=1, pad=0, suites=1):
+    """A hand-made TLS ClientHello handshake message (not a record) whose
+    server_name extension lists names (none: no extension)."""
+    body = b"\x03\x03" + os.urandom(32) + b"\x00"
+    body += struct.pack(">H", 2 * suites) + b"\x13\x01" * suites + b"\x01\x00"
+    exts = b""
+    if names:
+        entries = b"".join(bytes([name_type]) + struct.pack(">H", len(n)) + n.encode() for n in names)
+        sn = struct.pack(">H", len(entries)) + entries
+        exts += b"\x00\x00" + struct.pack(">H", len(sn)) + sn
+    exts += b"\x00\x2b\x00\x03\x02\x03\x04"
+    if pad:
+        exts += b"\x00\x15" + struct.pack(">H", pad) + bytes(pad)
+    body += struct.pack(">H", len(exts)) + exts
+    return bytes([hs_type]) + struct.pack(">I", len(body))[1:] + body
+
+
+def records(handshake, cut=None):
+    """The handshake message in one TLS record, or in two split at cut."""
+    parts = [handshake] if cut is None else [handshake[:cut], handshake[cut:]]
+    out = b""
+    for part in parts:
+        for i in range(0, len(part), 16384):
+            chunk = part[i:i + 16384]
+            out += b"\x16\x03\x01" + struct.pack(">H", len(chunk)) + chunk
+    return out
+
+
+def tunnel_bytes(target, data, timeout=15):
+    """CONNECT target, send data through the tunnel, return what comes back
+    (the door closes a refused tunnel without a byte)."""
+    s = socket.create_connection(PROXY, timeout=timeout)
+    try:
+        s.sendall(("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target)).encode())
+        head = read_head(s)
+        s.sendall(data)
+        back = read_all(s, 4096)
+        if back.endswith(b"[reset]"):  # closed with our bytes unread: no answer either
+            back = back[:-7]
+        return head.split("\r\n")[0] + " | " + back.hex()
+    finally:
+        s.close()
