@@ -320,7 +320,7 @@ where
             loop {
                 let mut line = Vec::new();
                 (&mut *r).take(1024).read_until(b'\n', &mut line).await?;
-                if !line.ends_with(b"\r\n") {
+                if !is_crlf_line(&line) {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "bad chunk size line",
@@ -349,7 +349,7 @@ where
                             .take(MAX_HEAD as u64)
                             .read_until(b'\n', &mut t)
                             .await?;
-                        if !t.ends_with(b"\n") {
+                        if !is_crlf_line(&t) || (t != b"\r\n" && !is_field_line(&t)) {
                             return Err(std::io::Error::new(
                                 std::io::ErrorKind::InvalidData,
                                 "bad trailer",
@@ -362,17 +362,43 @@ where
                         }
                     }
                 }
-                let copied = tokio::io::copy(&mut (&mut *r).take(size + 2), w).await?;
-                if copied != size + 2 {
+                let copied = tokio::io::copy(&mut (&mut *r).take(size), w).await?;
+                if copied != size {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "short chunk",
                     ));
                 }
-                total += copied;
+                let mut end = [0u8; 2];
+                r.read_exact(&mut end).await?;
+                if &end != b"\r\n" {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "chunk data not followed by CRLF",
+                    ));
+                }
+                w.write_all(&end).await?;
+                total += copied + 2;
             }
         }
     }
+}
+
+/// A line of chunked framing that every parser ends at the same place: it
+/// ends in CRLF and holds no other CR, LF or control character (tab aside).
+fn is_crlf_line(line: &[u8]) -> bool {
+    line.strip_suffix(b"\r\n")
+        .is_some_and(|l| l.iter().all(|&b| b == b'\t' || !b.is_ascii_control()))
+}
+
+/// A trailer line that is a header field (`token:`), not a folded
+/// continuation or a request line.
+fn is_field_line(line: &[u8]) -> bool {
+    let name_len = line
+        .iter()
+        .take_while(|&&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        .count();
+    name_len > 0 && line.get(name_len) == Some(&b':')
 }
 
 /// A complete refusal response with a one-line reason.
@@ -509,6 +535,38 @@ mod tests {
         assert!(copy_body(&mut r, &mut Vec::new(), Body::Chunked)
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn chunk_framing_a_lenient_parser_reads_differently_is_refused() {
+        let smuggled = "GET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+        for bad in [
+            format!("0\r\n\n{smuggled}"),
+            format!("0\r\nX-T: 1\n\r\n{smuggled}"),
+            format!("0\r\n{smuggled}"),
+            format!("0\r\nX-T: 1\r\n {smuggled}"),
+            "5\r\nhelloXY0\r\n\r\n".to_string(),
+            format!("5\r\nhello\n0\r\n\r\n{smuggled}"),
+            "5;a\rGET /smuggled HTTP/1.1\r\nhello\r\n0\r\n\r\n".to_string(),
+            "5\r\nhello\r\n0\r\nX-T\x00: 1\r\n\r\n".to_string(),
+        ] {
+            let mut r = tokio::io::BufReader::new(bad.as_bytes());
+            let mut out = Vec::new();
+            assert!(
+                copy_body(&mut r, &mut out, Body::Chunked).await.is_err(),
+                "{bad:?} passed as {:?}",
+                String::from_utf8_lossy(&out)
+            );
+            assert!(
+                !String::from_utf8_lossy(&out).contains("smuggled"),
+                "{bad:?}"
+            );
+        }
+        let good = "5;ext=1\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n";
+        let mut r = tokio::io::BufReader::new(good.as_bytes());
+        let mut out = Vec::new();
+        copy_body(&mut r, &mut out, Body::Chunked).await.unwrap();
+        assert_eq!(out, good.as_bytes());
     }
 
     #[tokio::test]
