@@ -1118,6 +1118,24 @@ CASES = {
 for name, (data, _) in CASES.items():
     attempt(name, raw, data)
 R["expected"] = {"ok": True, "value": {k: v[1] for k, v in CASES.items()}}
+# chunked bodies whose framing a lenient upstream reads differently; the
+# head may already be upstream, but the door must answer 400 and pass on no
+# second request
+CH = "POST http://%s/chunked-%%s HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % (A, A)
+SMUGGLED = "GET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+BODY_CASES = {
+    "chunk_lf_end": CH % "lf-end" + "0\r\n\n" + SMUGGLED,
+    "chunk_lf_trailer": CH % "lf-trailer" + "0\r\nX-T: 1\n\r\n" + SMUGGLED,
+    "chunk_data_no_crlf": CH % "no-crlf" + "5\r\nhelloXY0\r\n\r\n",
+    "chunk_data_lf": CH % "data-lf" + "5\r\nhello\n0\r\n\r\n" + SMUGGLED,
+    "chunk_cr_in_size_line": CH % "cr-size" + "5;a\rGET /smuggled HTTP/1.1\r\nhello\r\n0\r\n\r\n",
+    "chunk_folded_trailer": CH % "fold" + "0\r\nX-T: 1\r\n " + SMUGGLED,
+    "chunk_trailer_not_a_field": CH % "not-field" + "0\r\n" + SMUGGLED,
+    "chunk_size_overflow": CH % "overflow" + "10000000000000005\r\nhello\r\n0\r\n\r\n",
+}
+for name, data in BODY_CASES.items():
+    attempt(name, raw, data)
+    R["expected"]["value"][name] = 400
 # a valid request followed by a pipelined one for another host: only the first goes out
 attempt("pipelined", raw, "GET http://%s/first HTTP/1.1\r\nHost: %s\r\nX-M: %s\r\n\r\nGET http://evil.test:%d/second HTTP/1.1\r\nHost: evil.test:%d\r\n\r\n" % (A, A, M, P, P))
 # the same shapes on the transparent path (the stub's address for up.test)
@@ -1138,26 +1156,35 @@ attempt("body_smuggle", raw, "POST http://%s/body HTTP/1.1\r\nHost: %s\r\nConten
 "#;
     let r = sb.python(&code);
     let expected = py_ok(&r, "expected").as_object().unwrap().clone();
-    for (name, status) in &expected {
-        let v = py_ok(&r, name);
-        assert_eq!(&v["status"], status, "{name}: {v}");
-    }
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter(|(name, status)| &py_ok(&r, name)["status"] != *status)
+        .map(|(name, status)| format!("{name}: want {status}, got {}", r[name]))
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     py_status(&r, "pipelined", 200, "");
     py_status(&r, "body_smuggle", 200, "");
 
-    let mut sorted = up.request_lines();
-    sorted.sort();
-    assert_eq!(
-        sorted,
-        vec![
-            "GET /first HTTP/1.1".to_string(),
-            "POST /body HTTP/1.1".to_string()
-        ],
-        "the upstream received a refused or smuggled request"
-    );
+    // Upstream: the two good requests, and at most the heads (and partial
+    // bodies) of the chunked ones the door cut off.
+    let lines = up.request_lines();
+    for want in ["GET /first HTTP/1.1", "POST /body HTTP/1.1"] {
+        assert!(lines.iter().any(|l| l == want), "{want} missing: {lines:?}");
+    }
+    for l in &lines {
+        assert!(
+            l == "GET /first HTTP/1.1"
+                || l == "POST /body HTTP/1.1"
+                || (l.starts_with("POST /chunked-") && l.ends_with(" HTTP/1.1")),
+            "the upstream received a refused request: {l}"
+        );
+    }
     for h in up.hits() {
         let text = h.text();
-        assert!(!text.contains("evil.test"), "smuggled: {text}");
+        assert!(
+            !text.contains("evil.test") && !text.contains("smuggled"),
+            "smuggled: {text:?}"
+        );
         assert_eq!(
             text.matches("HTTP/1.1\r\n").count(),
             1,

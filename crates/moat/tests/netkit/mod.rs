@@ -269,7 +269,10 @@ pub fn wait_refused(ns: &Netns, addr: SocketAddr) {
 pub struct Hit {
     pub local: SocketAddr,
     pub peer: SocketAddr,
+    /// Every byte received on the connection, until it closed.
     pub data: Vec<u8>,
+    /// The connection is over (`data` is complete).
+    pub done: bool,
 }
 
 impl Hit {
@@ -370,26 +373,19 @@ impl Upstream {
                             local,
                             peer,
                             data: Vec::new(),
+                            done: false,
                         });
                         items.len() - 1
                     };
                     log.cv.notify_all();
                     let log = log.clone();
                     std::thread::spawn(move || {
-                        let data = read_request(&mut s);
-                        log.items.lock().unwrap()[idx].data = data.clone();
-                        if data.first().is_some_and(|b| b.is_ascii_uppercase()) {
-                            let line = String::from_utf8_lossy(&data);
-                            let line = line.lines().next().unwrap_or("");
-                            let body = format!("upstream-ok {line}\n");
-                            let _ = s.write_all(
-                                format!(
-                                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                                    body.len()
-                                )
-                                .as_bytes(),
-                            );
-                        }
+                        let data = serve_conn(&mut s);
+                        let mut items = log.items.lock().unwrap();
+                        items[idx].data = data;
+                        items[idx].done = true;
+                        drop(items);
+                        log.cv.notify_all();
                     });
                 }
             });
@@ -434,14 +430,22 @@ impl Upstream {
         }
     }
 
-    /// Every connection so far (after a sync), sentinels left out.
+    /// Every connection so far (after a sync, and once each has closed),
+    /// sentinels left out.
     pub fn hits(&self) -> Vec<Hit> {
         self.sync();
         let sync = self.log.sync_peers.lock().unwrap().clone();
-        self.log
-            .items
-            .lock()
-            .unwrap()
+        let items = self.log.items.lock().unwrap();
+        let (items, t) = self
+            .log
+            .cv
+            .wait_timeout_while(items, WAIT, |items| items.iter().any(|h| !h.done))
+            .unwrap();
+        assert!(
+            !t.timed_out(),
+            "a connection to the test server did not end"
+        );
+        items
             .iter()
             .filter(|h| !sync.iter().any(|s| same_peer(*s, h.peer)))
             .cloned()
@@ -465,32 +469,104 @@ impl Upstream {
     }
 }
 
-/// Reads an HTTP request head (and a Content-Length body), or whatever comes
-/// within a short time for other protocols.
-fn read_request(s: &mut TcpStream) -> Vec<u8> {
+/// Serves one connection like a lenient HTTP/1.1 server (bare LF line ends
+/// accepted, chunked bodies decoded): reads one request, answers
+/// `200 upstream-ok <request line>`, closes its sending side, and keeps
+/// everything else that arrives until the peer closes. Anything after the
+/// first request in the returned bytes is a request the door let through
+/// unseen (smuggling). Non-HTTP connections are read until they close.
+fn serve_conn(s: &mut TcpStream) -> Vec<u8> {
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    let mut data = Vec::new();
-    let mut buf = [0u8; 16384];
-    loop {
-        if let Some(end) = find(&data, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            if data.len() >= end + 4 + len {
-                return data;
+    let mut data: Vec<u8> = Vec::new();
+    let more = |s: &mut TcpStream, data: &mut Vec<u8>| -> bool {
+        let mut buf = [0u8; 16384];
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                data.extend_from_slice(&buf[..n]);
+                data.len() < 1 << 22
             }
         }
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return data,
-            Ok(n) => data.extend_from_slice(&buf[..n]),
-        }
-        if data.len() > 1 << 20 {
+    };
+    // The head.
+    let head_end = loop {
+        if !data.is_empty() && !data[0].is_ascii_uppercase() {
+            while more(s, &mut data) {}
             return data;
         }
+        if let Some(e) = find(&data, b"\r\n\r\n") {
+            break e + 4;
+        }
+        if let Some(e) = find(&data, b"\n\n") {
+            break e + 2;
+        }
+        if !more(s, &mut data) {
+            return data;
+        }
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).to_ascii_lowercase();
+    let field = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    // The body, as a lenient server frames it.
+    let mut pos = head_end;
+    if field("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+        let line_at = |s: &mut TcpStream, data: &mut Vec<u8>, pos: usize| -> Option<usize> {
+            loop {
+                if let Some(i) = data[pos..].iter().position(|&b| b == b'\n') {
+                    return Some(pos + i + 1);
+                }
+                if !more(s, data) {
+                    return None;
+                }
+            }
+        };
+        while let Some(end) = line_at(s, &mut data, pos) {
+            let text = String::from_utf8_lossy(&data[pos..end]).into_owned();
+            let size =
+                usize::from_str_radix(text.trim().split(';').next().unwrap_or("").trim(), 16)
+                    .unwrap_or(0);
+            pos = end;
+            if size == 0 {
+                // Trailers up to an empty line.
+                while let Some(end) = line_at(s, &mut data, pos) {
+                    let empty = data[pos..end].iter().all(|b| *b == b'\r' || *b == b'\n');
+                    pos = end;
+                    if empty {
+                        break;
+                    }
+                }
+                break;
+            }
+            while data.len() < pos + size {
+                if !more(s, &mut data) {
+                    break;
+                }
+            }
+            pos = (pos + size).min(data.len());
+            // The line end after the data.
+            if let Some(end) = line_at(s, &mut data, pos) {
+                pos = end;
+            }
+        }
+    } else if let Some(len) = field("content-length:").and_then(|v| v.parse::<usize>().ok()) {
+        while data.len() < head_end + len && more(s, &mut data) {}
     }
+    let line = String::from_utf8_lossy(&data);
+    let line = line.lines().next().unwrap_or("").to_string();
+    let body = format!("upstream-ok {line}\n");
+    let _ = s.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    while more(s, &mut data) {}
+    data
 }
 
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
