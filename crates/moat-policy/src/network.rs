@@ -143,6 +143,20 @@ fn forbidden_v6(a: Ipv6Addr) -> Option<&'static str> {
     if s[0] & 0xff00 == 0xff00 {
         return Some("a multicast address (ff00::/8)");
     }
+    if s[0] & 0xffc0 == 0xfec0 {
+        return Some("a site-local address (fec0::/10)");
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 0x0001 {
+        return Some("a local-use NAT64 address (64:ff9b:1::/48)");
+    }
+    // 6to4 (2002::/16) carries an IPv4 address that the host's 6to4 tunnel
+    // would send to directly.
+    if s[0] == 0x2002 {
+        let v4 = Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
+        if let Some(why) = forbidden_v4(v4) {
+            return Some(why);
+        }
+    }
     if s[0] == 0x2001 && s[1] == 0x0db8 {
         return Some("a documentation address (2001:db8::/32)");
     }
@@ -480,6 +494,11 @@ mod tests {
             "::7f00:1",
             "224.0.0.1",
             "255.255.255.255",
+            "fec0::1",
+            "64:ff9b:1::a00:1",
+            "2002:a00:1::1",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::1",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             assert!(p.check_resolved(&a, ip).is_err(), "{ip} not refused");
@@ -489,6 +508,7 @@ mod tests {
             "2606:2800:220:1:248:1893:25c8:1946",
             "172.32.0.1",
             "100.128.0.1",
+            "2002:5db8:d822::1",
         ] {
             assert!(
                 p.check_resolved(&a, ip.parse().unwrap()).is_ok(),
