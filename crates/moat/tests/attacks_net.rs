@@ -787,6 +787,10 @@ const SSRF: &[(&str, &[&str], &str)] = &[
     ("nat64.test", &["64:ff9b::a00:1"], "10.0.0.0/8"),
     ("compat.test", &["::7f00:1"], "loopback"),
     ("mcast.test", &["224.0.0.1"], "multicast"),
+    ("nat64local.test", &["64:ff9b:1::a00:1"], "64:ff9b:1::/48"),
+    ("sixtofour.test", &["2002:a00:1::1"], "10.0.0.0/8"),
+    ("sixtofourlo.test", &["2002:7f00:1::1"], "loopback"),
+    ("sitelocal.test", &["fec0::1"], "site-local"),
     // One bad address among good ones is enough to refuse.
     ("mixed.test", &["100.128.0.1", "10.0.0.1"], "10.0.0.0/8"),
 ];
