@@ -11,8 +11,9 @@ use simple_dns::{Packet, ResourceRecord, CLASS, QTYPE, RCODE, TYPE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
+use tokio::time::timeout;
 
-use crate::{EgressRecord, State};
+use crate::{EgressRecord, State, STEP_TIMEOUT};
 
 /// Builds the answer to one query message; `None` for a message that is not
 /// a parseable query (dropped without an answer).
@@ -87,33 +88,91 @@ pub(crate) async fn serve_udp(state: Arc<State>, sock: UdpSocket) {
     }
 }
 
+/// Serves DNS over TCP: at most `MAX_CONNECTIONS` at once (more are closed at
+/// once), and a connection idle for `STEP_TIMEOUT` is closed, so a sandbox
+/// cannot pile up descriptors in moat through its stub.
 pub(crate) async fn serve_tcp(state: Arc<State>, listener: TcpListener) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((mut s, _)) = accepted else { continue };
+                let mut s = match accepted {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        // Out of descriptors, say: do not spin on the error.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if conns.len() >= crate::conn::MAX_CONNECTIONS {
+                    continue; // dropping `s` closes it
+                }
                 let state = state.clone();
                 conns.spawn(async move {
                     loop {
                         let mut len = [0u8; 2];
-                        if s.read_exact(&mut len).await.is_err() {
-                            return;
+                        match timeout(STEP_TIMEOUT, s.read_exact(&mut len)).await {
+                            Ok(Ok(_)) => {}
+                            _ => return,
                         }
                         let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
-                        if s.read_exact(&mut msg).await.is_err() {
-                            return;
+                        match timeout(STEP_TIMEOUT, s.read_exact(&mut msg)).await {
+                            Ok(Ok(_)) => {}
+                            _ => return,
                         }
                         let Some(resp) = answer(&state, &msg) else { return };
                         let mut out = (resp.len() as u16).to_be_bytes().to_vec();
                         out.extend_from_slice(&resp);
-                        if s.write_all(&out).await.is_err() {
-                            return;
+                        match timeout(STEP_TIMEOUT, s.write_all(&out)).await {
+                            Ok(Ok(_)) => {}
+                            _ => return,
                         }
                     }
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DoorConfig, MemoryAudit, NameTable, Resolver};
+    use std::sync::Mutex;
+
+    fn state() -> Arc<State> {
+        let policy = moat_policy::network::NetworkPolicy {
+            allow: vec![moat_policy::network::parse_allow_entry("web.test").unwrap()],
+            pins: Default::default(),
+        };
+        Arc::new(State {
+            cfg: DoorConfig {
+                lease: "t".into(),
+                policy: Arc::new(policy),
+                resolver: Resolver::Static(Default::default()),
+                audit: Arc::new(MemoryAudit::default()),
+            },
+            names: Mutex::new(NameTable::default()),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_tcp_connections_are_closed() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve_tcp(state(), l));
+        // One that never sends, one that stops halfway through a message.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+        half.write_all(&[0, 40, 1, 2]).await.unwrap();
+        let mut buf = [0u8; 1];
+        for s in [&mut idle, &mut half] {
+            let n = timeout(STEP_TIMEOUT * 2, s.read(&mut buf))
+                .await
+                .expect("the stub kept an idle connection")
+                .unwrap_or(0);
+            assert_eq!(n, 0);
         }
     }
 }
