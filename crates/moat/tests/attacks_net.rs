@@ -572,6 +572,37 @@ attempt("bind other lo", lambda: raw("GET / HTTP/1.1\r\nHost: web.test:%d\r\n\r\
 }
 
 fn n4_stopped_or_crashed_door_fails_closed(b: Backend) {
+    // A policy that allows destinations never runs without a door.
+    let (dir, _) = fresh_dir(&format!("n4-nodoor-{}", b.name()));
+    let engine = moat_sandbox::Engine::new(
+        moat_sandbox::EngineConfig {
+            data_dir: dir.join("data"),
+            runtime_dir: dir.join("run"),
+            init_path: std::path::Path::new(env!("CARGO_BIN_EXE_moat"))
+                .parent()
+                .unwrap()
+                .join("moat-init"),
+        },
+        b.kind(),
+    )
+    .unwrap();
+    let mut policy = moat_policy::SandboxPolicy {
+        backend: b.kind(),
+        ..Default::default()
+    };
+    policy
+        .network
+        .allow
+        .push(moat_policy::network::parse_allow_entry("web.test").unwrap());
+    let err = engine
+        .lease(policy, moat_sandbox::LeaseOptions::default())
+        .err()
+        .expect("a lease with an allowlist and no door");
+    assert!(
+        err.to_string().contains("no egress door is attached"),
+        "{err}"
+    );
+
     for how in ["drop", "crash"] {
         let outside = Netns::new(&[], &[]);
         let up = Upstream::bind(&["::".parse().unwrap()], 80, Some(&outside));
