@@ -24,7 +24,10 @@ pub(crate) const MAX_CONNECTIONS: usize = 4096;
 fn over_limit(state: &State, kind: &'static str, port: u16) {
     let mut a = Attempt::new(kind);
     a.port = port;
-    a.finish(state, Some(format!("more than {MAX_CONNECTIONS} connections at once")));
+    a.finish(
+        state,
+        Some(format!("more than {MAX_CONNECTIONS} connections at once")),
+    );
 }
 
 /// Largest move per splice(2) call.
@@ -90,12 +93,15 @@ pub(crate) async fn serve_proxy(state: Arc<State>, listener: TcpListener) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    if conns.len() < MAX_CONNECTIONS {
-                        conns.spawn(proxy_conn(state.clone(), stream));
-                    } else {
-                        over_limit(&state, "connect", PROXY_PORT);
-                    }
+                let Ok((stream, _)) = accepted else {
+                    // Out of descriptors or similar: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                if conns.len() < MAX_CONNECTIONS {
+                    conns.spawn(proxy_conn(state.clone(), stream));
+                } else {
+                    over_limit(&state, "connect", PROXY_PORT);
                 }
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -108,12 +114,15 @@ pub(crate) async fn serve_transparent(state: Arc<State>, listener: TcpListener, 
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    if conns.len() < MAX_CONNECTIONS {
-                        conns.spawn(transparent_conn(state.clone(), stream, port));
-                    } else {
-                        over_limit(&state, "transparent-tls", port);
-                    }
+                let Ok((stream, _)) = accepted else {
+                    // Out of descriptors or similar: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                if conns.len() < MAX_CONNECTIONS {
+                    conns.spawn(transparent_conn(state.clone(), stream, port));
+                } else {
+                    over_limit(&state, "transparent-tls", port);
                 }
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
