@@ -309,6 +309,56 @@ pub fn open_in_workspace(root: &Path, relative: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Entries a mount may hold before moat gives up looking inside it for
+/// blocked names (and refuses the mount rather than show it unchecked).
+pub const MAX_SCANNED_ENTRIES: usize = 200_000;
+
+/// Directories never descended into while looking for blocked names: large,
+/// and named by tools, not people (`.git/objects`, `node_modules`).
+fn skip_descent(rel: &Path) -> bool {
+    rel.ends_with("node_modules") || rel.ends_with(".git/objects")
+}
+
+/// The entries under the host directory `root` (bound at `inside`) whose path
+/// matches a blocked pattern, as (in-sandbox path, is a directory). Symlinks
+/// are never followed (inside the sandbox they resolve within the sandbox) and
+/// never reported. The caller hides each hit behind an empty read-only bind.
+pub fn blocked_inside(
+    root: &Path,
+    inside: &Path,
+    patterns: &[String],
+) -> Result<Vec<(PathBuf, bool)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    let mut seen = 0usize;
+    while let Some(rel) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
+        for entry in rd.flatten() {
+            seen += 1;
+            if seen > MAX_SCANNED_ENTRIES {
+                return Err(SandboxError::Refused(format!(
+                    "{} holds more than {MAX_SCANNED_ENTRIES} entries; moat hides secret-looking files in every mount and cannot check this one; mount a smaller directory",
+                    root.display()
+                )));
+            }
+            let Ok(ft) = entry.file_type() else { continue };
+            let child = rel.join(entry.file_name());
+            if ft.is_symlink() {
+                continue;
+            }
+            if blocked_component(&child, patterns).is_some() {
+                out.push((inside.join(&child), ft.is_dir()));
+            } else if ft.is_dir() && !skip_descent(&child) {
+                stack.push(child);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

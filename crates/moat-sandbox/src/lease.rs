@@ -25,7 +25,8 @@ use crate::backend::{Backend, ChildStdio, CommandLine, Ended, Instance, LeaseEnv
 use crate::cgroup::Cgroup;
 use crate::error::{Result, SandboxError};
 use crate::fsguard::{
-    protected_binds, protected_parents, resolve_mounts, resolve_workspace, ResolvedMount,
+    blocked_inside, protected_binds, protected_parents, resolve_mounts, resolve_workspace,
+    ResolvedMount,
 };
 use crate::storage::{random_u64, Storage, UidLock};
 use crate::Engine;
@@ -190,6 +191,8 @@ pub struct Lease {
     instances: u64,
     init_path: PathBuf,
     etc_dir: PathBuf,
+    /// An empty read-only file and directory, bound over blocked entries.
+    mask_sources: (PathBuf, PathBuf),
     runtime_dir: PathBuf,
     /// Distinguishes this engine's cgroups from other moat data directories'.
     cgroup_scope: String,
@@ -277,6 +280,7 @@ pub(crate) fn open_lease(
         instances: 0,
         init_path: engine.init_path().to_path_buf(),
         etc_dir: engine.etc_dir().to_path_buf(),
+        mask_sources: engine.mask_sources().clone(),
         cgroup_scope: engine.cgroup_scope().to_string(),
         network: opts.network.clone(),
         runtime_dir: engine.config().runtime_dir.clone(),
@@ -383,6 +387,30 @@ impl Lease {
             // renamed away (after the extra mounts they may lie in).
             mounts.extend(protected_parents(host, inside, &binds));
             protected.extend(binds);
+        }
+        // Secret-looking entries inside host directories (a project's `.env`,
+        // a `.ssh` in a mounted home) are hidden behind empty read-only binds.
+        let mut shown: Vec<(PathBuf, PathBuf)> = self
+            .mounts
+            .iter()
+            .map(|m| (m.host.clone(), m.sandbox.clone()))
+            .collect();
+        if self.host_workspace.is_some() {
+            shown.insert(0, (workspace.clone(), PathBuf::from("/workspace")));
+        }
+        let patterns = &self.policy.filesystem.blocked_patterns;
+        for (host, inside) in &shown {
+            for (path, is_dir) in blocked_inside(host, inside, patterns)? {
+                let (empty_file, empty_dir) = &self.mask_sources;
+                protected.push((
+                    if is_dir {
+                        empty_dir.clone()
+                    } else {
+                        empty_file.clone()
+                    },
+                    path,
+                ));
+            }
         }
         Ok(LeaseEnv {
             id: self.id.clone(),

@@ -102,6 +102,7 @@ pub struct Engine {
     backend: Arc<dyn backend::Backend>,
     installed_init: PathBuf,
     etc_dir: PathBuf,
+    mask_sources: (PathBuf, PathBuf),
     cgroup_scope: String,
 }
 
@@ -134,6 +135,7 @@ impl Engine {
         }
         let installed_init = install_init(&config)?;
         let etc_dir = prepare_etc(&config.runtime_dir)?;
+        let mask_sources = prepare_masks(&config.runtime_dir)?;
         let backend: Arc<dyn backend::Backend> = match kind {
             BackendKind::Bwrap => Arc::new(bwrap::BwrapBackend),
             BackendKind::Gvisor => Arc::new(gvisor::GvisorBackend::new(&config)?),
@@ -144,6 +146,7 @@ impl Engine {
             backend,
             installed_init,
             etc_dir,
+            mask_sources,
             cgroup_scope,
         })
     }
@@ -159,6 +162,9 @@ impl Engine {
     }
     pub(crate) fn cgroup_scope(&self) -> &str {
         &self.cgroup_scope
+    }
+    pub(crate) fn mask_sources(&self) -> &(PathBuf, PathBuf) {
+        &self.mask_sources
     }
     pub(crate) fn etc_dir(&self) -> &Path {
         &self.etc_dir
@@ -340,4 +346,24 @@ fn scope_of(data_dir: &Path) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     real.hash(&mut h);
     format!("{:08x}", h.finish() as u32)
+}
+
+/// An empty read-only file and an empty read-only directory, root-owned, bound
+/// over blocked entries found inside mounted host directories.
+fn prepare_masks(runtime: &Path) -> Result<(PathBuf, PathBuf)> {
+    let dir = runtime.join("mask");
+    mkdir_mode(&dir, 0o755)?;
+    let empty_dir = dir.join("empty-dir");
+    mkdir_mode(&empty_dir, 0o555)?;
+    let empty_file = dir.join("empty-file");
+    if std::fs::metadata(&empty_file)
+        .map(|m| m.len() != 0)
+        .unwrap_or(true)
+    {
+        std::fs::write(&empty_file, b"")
+            .map_err(|e| SandboxError::io("creating the mask file", e))?;
+    }
+    std::fs::set_permissions(&empty_file, std::fs::Permissions::from_mode(0o444))
+        .map_err(|e| SandboxError::io("chmod the mask file", e))?;
+    Ok((empty_file, empty_dir))
 }
