@@ -359,6 +359,51 @@ pub fn blocked_inside(
     Ok(out)
 }
 
+/// The `.git` directories of writable host roots that have no `commondir`
+/// file now: a `commondir` that appears there later was planted by the sandbox.
+pub fn git_dirs_without_commondir(roots: &[PathBuf]) -> Vec<PathBuf> {
+    roots
+        .iter()
+        .map(|r| r.join(".git"))
+        .filter(|g| std::fs::symlink_metadata(g).is_ok_and(|m| m.is_dir()))
+        .filter(|g| std::fs::symlink_metadata(g.join("commondir")).is_err())
+        .collect()
+}
+
+/// Removes a `commondir` entry (file or symlink, never followed) planted in a
+/// main repository's `.git`, where git never writes one: it would point host
+/// `git` at a config the sandbox wrote. Returns whether one was removed.
+pub fn remove_planted_commondir(git_dir: &Path) -> io::Result<bool> {
+    let c = CString::new(git_dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: open(2) of a NUL-terminated path; the result is checked.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_RDONLY,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::NotFound {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    // SAFETY: fd is fresh from open.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: unlinkat relative to a directory we hold; a symlink is removed, not followed.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), c"commondir".as_ptr(), 0) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::EISDIR) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

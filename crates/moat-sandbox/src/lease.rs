@@ -193,6 +193,8 @@ pub struct Lease {
     etc_dir: PathBuf,
     /// An empty read-only file and directory, bound over blocked entries.
     mask_sources: (PathBuf, PathBuf),
+    /// `.git` directories of writable host roots to clear of a planted `commondir`.
+    watched_git: Vec<PathBuf>,
     runtime_dir: PathBuf,
     /// Distinguishes this engine's cgroups from other moat data directories'.
     cgroup_scope: String,
@@ -281,6 +283,7 @@ pub(crate) fn open_lease(
         init_path: engine.init_path().to_path_buf(),
         etc_dir: engine.etc_dir().to_path_buf(),
         mask_sources: engine.mask_sources().clone(),
+        watched_git: Vec::new(),
         cgroup_scope: engine.cgroup_scope().to_string(),
         network: opts.network.clone(),
         runtime_dir: engine.config().runtime_dir.clone(),
@@ -440,6 +443,16 @@ impl Lease {
         self.instances += 1;
         let t0 = Instant::now();
         let env = self.lease_env()?;
+        let mut roots: Vec<PathBuf> = self
+            .mounts
+            .iter()
+            .filter(|m| m.writable)
+            .map(|m| m.host.clone())
+            .collect();
+        if self.host_workspace.is_some() {
+            roots.push(env.workspace.clone());
+        }
+        self.watched_git = crate::fsguard::git_dirs_without_commondir(&roots);
         let cgroup = if self.backend.uses_host_cgroup() {
             Some(Cgroup::create(
                 &crate::cgroup_name(&self.cgroup_scope, self.instances, &self.id),
@@ -461,6 +474,11 @@ impl Lease {
 
     /// Kills every process of the lease and removes its cgroup; files stay.
     pub fn stop(&mut self) {
+        self.stop_instance();
+        self.clear_planted_git_files();
+    }
+
+    fn stop_instance(&mut self) {
         if let Some(mut r) = self.running.take() {
             let t0 = Instant::now();
             r.instance.kill_all();
@@ -471,6 +489,23 @@ impl Lease {
                 }
             }
             tracing::debug!(lease = %self.id, kill_us = (t1 - t0).as_micros() as u64, cgroup_us = t1.elapsed().as_micros() as u64, "instance stopped");
+        }
+    }
+
+    /// Removes a `.git/commondir` the sandbox planted in a writable host
+    /// repository (git never writes one there; host git would follow it to a
+    /// config the sandbox wrote). Called after every command and at stop.
+    fn clear_planted_git_files(&self) {
+        for g in &self.watched_git {
+            match crate::fsguard::remove_planted_commondir(g) {
+                Ok(true) => {
+                    tracing::warn!(lease = %self.id, git_dir = %g.display(), "removed a .git/commondir planted by the sandbox")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(lease = %self.id, git_dir = %g.display(), error = %e, "could not check .git/commondir")
+                }
+            }
         }
     }
 
@@ -696,6 +731,7 @@ impl Lease {
         if let Some(w) = writer {
             let _ = w.join();
         }
+        self.clear_planted_git_files();
         Ok(RunOutcome {
             termination,
             duration: started.elapsed(),

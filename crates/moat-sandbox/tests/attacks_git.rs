@@ -1,0 +1,59 @@
+//! F5 (variant): a sandbox with a host repository read-write cannot make the
+//! host's `git` obey a config of its own through a planted `.git/commondir`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use moat_sandbox::{LeaseOptions, RunSpec, WorkspaceSource};
+
+fn git(dir: &Path, args: &[&str]) -> std::process::Output {
+    // As the owner would run it (the repository belongs to the sandbox uid here).
+    Command::new("git")
+        .args(["-c", "safe.directory=*", "-C"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+// The agent points commondir at a directory of its own whose config makes
+// `git status` run a command (core.fsmonitor).
+const PLANT: &str = r#"
+mkdir -p evil
+printf '[core]\n\trepositoryformatversion = 0\n\tfsmonitor = "touch /workspace/pwned-by-host-git; false"\n' > evil/config
+mkdir -p evil/refs evil/objects
+echo "$PWD/evil" > .git/commondir && echo planted
+"#;
+
+per_backend! {
+    attack_f5_a_planted_git_commondir_is_removed => |kind| {
+        let dir = tempfile::tempdir_in(scratch()).unwrap();
+        let repo = dir.path();
+        assert!(git(repo, &["init", "-q"]).status.success());
+        std::fs::write(repo.join("f"), "x").unwrap();
+        Command::new("chown").args(["-R", "4545:4545"]).arg(repo).status().unwrap();
+        let config_before = fingerprint(&repo.join(".git/config"));
+        let e = engine(kind);
+        let mut l = e
+            .lease(policy(kind), LeaseOptions { workspace: WorkspaceSource::Host(repo.to_path_buf()), ..Default::default() })
+            .unwrap();
+        let o = run(&mut l, RunSpec::new(["/bin/sh", "-c", PLANT]));
+        assert_eq!(o.stdout, "planted\n", "the plant itself must work inside: {}", o.stderr);
+        // Right after the command, the host repository has no commondir again.
+        assert!(std::fs::symlink_metadata(repo.join(".git/commondir")).is_err(), "commondir survived the command");
+        // A symlink planted the same way is removed too (not followed).
+        let o = sh(&mut l, "ln -s /workspace/evil .git/commondir && echo planted");
+        assert_eq!(o.stdout, "planted\n");
+        assert!(std::fs::symlink_metadata(repo.join(".git/commondir")).is_err(), "commondir symlink survived");
+        assert!(repo.join("evil/config").exists(), "the target was not touched");
+        l.destroy().unwrap();
+        // Host git in the repository obeys only the repository's own config.
+        let st = git(repo, &["status", "--porcelain"]);
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        assert!(!repo.join("pwned-by-host-git").exists(), "host git ran the sandbox's command");
+        assert_eq!(config_before, fingerprint(&repo.join(".git/config")));
+    };
+}
