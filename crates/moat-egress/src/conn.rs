@@ -89,27 +89,35 @@ async fn deny_http(
 }
 
 pub(crate) async fn serve_proxy(state: Arc<State>, listener: TcpListener) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    // Out of descriptors or similar: back off instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                };
-                if conns.len() < MAX_CONNECTIONS {
-                    conns.spawn(proxy_conn(state.clone(), stream));
-                } else {
-                    over_limit(&state, "connect", PROXY_PORT);
-                }
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
+    serve(state, listener, "connect", PROXY_PORT, |state, stream| {
+        proxy_conn(state, stream)
+    })
+    .await
 }
 
 pub(crate) async fn serve_transparent(state: Arc<State>, listener: TcpListener, port: u16) {
+    serve(
+        state,
+        listener,
+        "transparent-tls",
+        port,
+        move |state, stream| transparent_conn(state, stream, port),
+    )
+    .await
+}
+
+/// Accepts connections and runs `handle` for each, at most `MAX_CONNECTIONS`
+/// at once; the connections end with the listener's task (JoinSet aborts them).
+async fn serve<F, Fut>(
+    state: Arc<State>,
+    listener: TcpListener,
+    kind: &'static str,
+    port: u16,
+    handle: F,
+) where
+    F: Fn(Arc<State>, TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -120,9 +128,9 @@ pub(crate) async fn serve_transparent(state: Arc<State>, listener: TcpListener, 
                     continue;
                 };
                 if conns.len() < MAX_CONNECTIONS {
-                    conns.spawn(transparent_conn(state.clone(), stream, port));
+                    conns.spawn(handle(state.clone(), stream));
                 } else {
-                    over_limit(&state, "transparent-tls", port);
+                    over_limit(&state, kind, port);
                 }
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
