@@ -39,26 +39,6 @@ def read(p):
         return fh.read()
 "##;
 
-/// Checks `name value` lines against expectations; `A|B` accepts either.
-/// Every expected name must be present, so a script that died early fails.
-fn expect_all(o: &Output, expected: &[(&str, &str)]) {
-    let got = pairs(&o.stdout);
-    let mut wrong = Vec::new();
-    for (name, want) in expected {
-        match got.get(*name) {
-            Some(v) if want.split('|').any(|w| w == v) => {}
-            other => wrong.push(format!("{name}: expected {want}, got {other:?}")),
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "{}\n--- stdout\n{}--- stderr\n{}",
-        wrong.join("\n"),
-        o.stdout,
-        o.stderr
-    );
-}
-
 /// gVisor's root, system directories and /dev are owned by the (mapped) host
 /// root, so a write there fails the permission check (EACCES, or EPERM for
 /// chmod) before the read-only check (EROFS), and it has no /run: different

@@ -13,24 +13,6 @@ use common::*;
 use moat_policy::{BackendKind, ByteSize};
 use moat_sandbox::{Lease, LeaseOptions, RunSpec, Termination, WorkspaceSource};
 
-fn expect_all(o: &Output, expected: &[(&str, &str)]) {
-    let got = pairs(&o.stdout);
-    let mut wrong = Vec::new();
-    for (name, want) in expected {
-        match got.get(*name) {
-            Some(v) if want.split('|').any(|w| w == v) => {}
-            other => wrong.push(format!("{name}: expected {want}, got {other:?}")),
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "{}\n--- stdout\n{}--- stderr\n{}",
-        wrong.join("\n"),
-        o.stdout,
-        o.stderr
-    );
-}
-
 /// A directory the test creates under the scratch dir and removes.
 struct OwnedDir(PathBuf);
 impl Drop for OwnedDir {

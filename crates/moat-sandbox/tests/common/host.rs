@@ -368,3 +368,23 @@ pub fn pairs(text: &str) -> BTreeMap<String, String> {
         .map(|(k, v)| (k.to_string(), v.trim().to_string()))
         .collect()
 }
+
+/// Checks `name value` lines against expectations; `A|B` accepts either.
+/// Every expected name must be present, so a script that died early fails.
+pub fn expect_all(o: &crate::common::Output, expected: &[(&str, &str)]) {
+    let got = pairs(&o.stdout);
+    let mut wrong = Vec::new();
+    for (name, want) in expected {
+        match got.get(*name) {
+            Some(v) if want.split('|').any(|w| w == v) => {}
+            other => wrong.push(format!("{name}: expected {want}, got {other:?}")),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{}\n--- stdout\n{}--- stderr\n{}",
+        wrong.join("\n"),
+        o.stdout,
+        o.stderr
+    );
+}
