@@ -194,6 +194,7 @@ fn main() {
             policy: Arc::new(policy),
             resolver: Resolver::Static(Default::default()),
             audit: audit.clone(),
+            llm: None,
         },
     )
     .expect("door (run as root)");

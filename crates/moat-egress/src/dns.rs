@@ -152,8 +152,10 @@ mod tests {
                 policy: Arc::new(policy),
                 resolver: Resolver::Static(Default::default()),
                 audit: Arc::new(MemoryAudit::default()),
+                llm: None,
             },
             names: Mutex::new(NameTable::default()),
+            llm: None,
         })
     }
 

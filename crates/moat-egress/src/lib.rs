@@ -14,6 +14,7 @@
 mod conn;
 pub mod dns;
 pub mod http;
+pub mod llm;
 pub mod netns;
 pub mod tls;
 
@@ -58,6 +59,8 @@ pub struct EgressRecord {
 /// Where audit records go.
 pub trait Audit: Send + Sync {
     fn record(&self, rec: &EgressRecord);
+    /// One LLM call through the door's LLM proxy (default: dropped).
+    fn record_llm(&self, _rec: &llm::LlmRecord) {}
 }
 
 /// Appends records as JSON lines to a file (and logs them with `tracing`).
@@ -94,12 +97,25 @@ impl Audit for JsonlAudit {
             }
         }
     }
+
+    fn record_llm(&self, rec: &llm::LlmRecord) {
+        tracing::info!(target: "moat::egress", lease = %rec.lease, provider = rec.provider, model = rec.model.as_deref().unwrap_or(""), status = rec.status, verdict = rec.verdict, input_tokens = rec.usage.input_tokens, output_tokens = rec.usage.output_tokens, "llm");
+        if let Ok(mut line) = serde_json::to_vec(rec) {
+            line.push(b'\n');
+            if let Ok(mut f) = self.file.lock() {
+                if let Err(e) = f.write_all(&line) {
+                    tracing::error!(error = %e, "could not write the LLM audit record");
+                }
+            }
+        }
+    }
 }
 
 /// Keeps records in memory (tests, benchmarks).
 #[derive(Default)]
 pub struct MemoryAudit {
     pub records: Mutex<Vec<EgressRecord>>,
+    pub llm_records: Mutex<Vec<llm::LlmRecord>>,
 }
 
 impl MemoryAudit {
@@ -111,6 +127,12 @@ impl MemoryAudit {
 impl Audit for MemoryAudit {
     fn record(&self, rec: &EgressRecord) {
         if let Ok(mut r) = self.records.lock() {
+            r.push(rec.clone());
+        }
+    }
+
+    fn record_llm(&self, rec: &llm::LlmRecord) {
+        if let Ok(mut r) = self.llm_records.lock() {
             r.push(rec.clone());
         }
     }
@@ -146,6 +168,8 @@ pub struct DoorConfig {
     pub policy: Arc<NetworkPolicy>,
     pub resolver: Resolver,
     pub audit: Arc<dyn Audit>,
+    /// The LLM reverse proxy on 127.0.0.1:8787, when any provider is set.
+    pub llm: Option<llm::LlmConfig>,
 }
 
 /// Addresses the DNS stub hands out: 127.100.0.1 upwards, one per name.
@@ -177,6 +201,7 @@ impl NameTable {
 pub(crate) struct State {
     pub cfg: DoorConfig,
     pub names: Mutex<NameTable>,
+    pub llm: Option<llm::LlmState>,
 }
 
 impl State {
@@ -187,6 +212,15 @@ impl State {
             .unwrap_or(0);
         rec.lease = self.cfg.lease.clone();
         self.cfg.audit.record(&rec);
+    }
+
+    pub(crate) fn audit_llm(&self, mut rec: llm::LlmRecord) {
+        rec.ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        rec.lease = self.cfg.lease.clone();
+        self.cfg.audit.record_llm(&rec);
     }
 
     /// Resolves an allowed destination and checks every address it has.
@@ -231,6 +265,7 @@ struct Sockets {
     dns_udp: std::net::UdpSocket,
     dns_tcp: std::net::TcpListener,
     transparent: Vec<(u16, std::net::TcpListener)>,
+    llm: Option<std::net::TcpListener>,
 }
 
 /// A running door. Dropping it stops every listener and connection; the
@@ -238,6 +273,7 @@ struct Sockets {
 pub struct Door {
     netns: Arc<OwnedFd>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    llm_env: Vec<(String, String)>,
 }
 
 impl Door {
@@ -245,6 +281,7 @@ impl Door {
     /// on `rt`.
     pub fn start(rt: &tokio::runtime::Handle, cfg: DoorConfig) -> std::io::Result<Door> {
         let ports = transparent_ports(&cfg.policy);
+        let with_llm = cfg.llm.as_ref().is_some_and(|l| !l.providers.is_empty());
         let (ns, socks) = netns::with_new_netns(move || {
             let proxy = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))?;
             let dns_udp = std::net::UdpSocket::bind(("127.0.0.1", DNS_PORT))?;
@@ -253,16 +290,31 @@ impl Door {
             for p in ports {
                 transparent.push((p, std::net::TcpListener::bind(("0.0.0.0", p))?));
             }
+            let llm = if with_llm {
+                Some(std::net::TcpListener::bind(("127.0.0.1", llm::LLM_PORT))?)
+            } else {
+                None
+            };
             Ok(Sockets {
+                llm,
                 proxy,
                 dns_udp,
                 dns_tcp,
                 transparent,
             })
         })?;
+        let llm_state = match cfg.llm.clone() {
+            Some(l) if with_llm => Some(llm::LlmState::new(l)?),
+            _ => None,
+        };
+        let llm_env = llm_state
+            .as_ref()
+            .map(|l| l.client_env())
+            .unwrap_or_default();
         let state = Arc::new(State {
             cfg,
             names: Mutex::new(NameTable::default()),
+            llm: llm_state,
         });
         let _enter = rt.enter();
         let mut tasks = Vec::new();
@@ -280,15 +332,25 @@ impl Door {
         for (port, l) in socks.transparent {
             tasks.push(rt.spawn(conn::serve_transparent(state.clone(), tcp(l)?, port)));
         }
+        if let Some(l) = socks.llm {
+            tasks.push(rt.spawn(llm::serve(state.clone(), tcp(l)?)));
+        }
         Ok(Door {
             netns: Arc::new(ns),
             tasks,
+            llm_env,
         })
     }
 
     /// The namespace a sandbox must join to use this door.
     pub fn netns(&self) -> Arc<OwnedFd> {
         self.netns.clone()
+    }
+
+    /// Variables for the LLM proxy: base URLs and this lease's placeholder
+    /// keys (never a real key). Empty without an LLM config.
+    pub fn llm_env(&self) -> Vec<(String, String)> {
+        self.llm_env.clone()
     }
 
     /// Variables that point proxy-aware clients at the door.

@@ -75,6 +75,17 @@ struct RunArgs {
     /// Pin a name to an address (exempt from the private-address guard). Repeatable.
     #[arg(long = "resolve", value_name = "HOST=IP")]
     resolve: Vec<String>,
+    /// Serve an LLM API to the sandbox through the door (anthropic or openai;
+    /// repeatable): the sandbox gets a base URL and a placeholder key, the real
+    /// key (ANTHROPIC_API_KEY / OPENAI_API_KEY of moat's environment) stays here.
+    #[arg(long = "llm", value_name = "anthropic|openai")]
+    llm: Vec<String>,
+    /// Only these models may be called through --llm (repeatable; default: any).
+    #[arg(long = "llm-model", value_name = "MODEL")]
+    llm_models: Vec<String>,
+    /// Tokens (input, cache and output) the sandbox may use through --llm.
+    #[arg(long = "llm-budget", value_name = "TOKENS")]
+    llm_budget: Option<u64>,
     /// Policy file (TOML); flags override it.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -206,11 +217,27 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
         Some(dir) => WorkspaceSource::Host(dir.clone()),
         None => WorkspaceSource::Fresh,
     };
-    // The egress door, when the policy allows any destination: it lives in
+    let llm = if args.llm.is_empty() {
+        None
+    } else {
+        let mut providers = Vec::new();
+        for name in &args.llm {
+            providers.push(moat_egress::llm::Provider::parse(name).with_context(|| {
+                format!("--llm {name}: unknown provider; use anthropic or openai")
+            })?);
+        }
+        let mut cfg = moat_egress::llm::LlmConfig::from_env(&providers, |k| std::env::var(k).ok())
+            .map_err(anyhow::Error::msg)?;
+        cfg.models = args.llm_models.clone();
+        cfg.token_budget = args.llm_budget;
+        Some(cfg)
+    };
+    // The egress door, when the policy allows any destination or an LLM API
+    // is served: it lives in
     // this process, on its own small runtime, for as long as the sandbox runs.
     let mut door_runtime = None;
     let mut door = None;
-    let network = if policy.network.is_enabled() {
+    let network = if policy.network.is_enabled() || llm.is_some() {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -226,12 +253,16 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
                 policy: std::sync::Arc::new(policy.network.clone()),
                 resolver: moat_egress::Resolver::System,
                 audit: std::sync::Arc::new(audit),
+                llm,
             },
         )
         .context("starting the egress door")?;
         let attach = NetworkAttachment {
             netns: d.netns(),
-            env: moat_egress::Door::client_env(),
+            env: moat_egress::Door::client_env()
+                .into_iter()
+                .chain(d.llm_env())
+                .collect(),
         };
         door = Some(d);
         door_runtime = Some(rt);

@@ -1513,6 +1513,7 @@ impl LibSandbox {
                 policy: Arc::new(network.clone()),
                 resolver: moat_egress::Resolver::Static(table),
                 audit: audit.clone(),
+                llm: None,
             },
         )
         .expect("starting the door");
