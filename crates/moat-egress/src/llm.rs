@@ -489,6 +489,19 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
         );
     };
     let rest = format!("/{rest}");
+    // No dot segments: a call must stay under the upstream's base path.
+    if rest
+        .split('/')
+        .any(|seg| seg == "." || seg == ".." || seg.to_ascii_lowercase().contains("%2e"))
+    {
+        return api_error(
+            Some(provider),
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "bad_path",
+            "moat: dot segments are not allowed in the path",
+        );
+    }
     let pc = llm.cfg.providers.iter().find(|c| c.provider == provider);
     let mut call = Call {
         provider: Some(provider),

@@ -708,6 +708,7 @@ echo "CROSS_A=$(m -H "x-api-key: $OPENAI_API_KEY")"
 echo "NOKEY_O=$(c)"
 echo "OTHER_O=$(c -H 'Authorization: Bearer {other_o}')"
 echo "XAPI_O=$(c -H "x-api-key: $OPENAI_API_KEY")"
+echo "DOTS=$(curl -sS -m 10 -w ' %{{http_code}}' --path-as-is "$ANTHROPIC_BASE_URL/v1/../../x" -H "x-api-key: $ANTHROPIC_API_KEY" -d '{{}}')"
 "#
     );
     let out = run(&sb, &keys, &fake, &[], &script);
@@ -750,6 +751,11 @@ echo "XAPI_O=$(c -H "x-api-key: $OPENAI_API_KEY")"
             "{k}: {l}"
         );
     }
+    let dots = out.line("DOTS=");
+    assert!(
+        dots.ends_with(" 400") && dots.contains("dot segments"),
+        "{dots}"
+    );
     assert!(
         fake.requests().is_empty(),
         "a refused call reached upstream: {:?}",
