@@ -409,7 +409,9 @@ impl GithubBroker {
     }
 
     /// A token for `scope`: the cached one while it has more than 5 minutes
-    /// left, otherwise a newly minted one.
+    /// left, otherwise a newly minted one. Callers asking one broker for the
+    /// same scope share a token, so revoking it ends it for all of them: give
+    /// each lease its own broker.
     pub async fn token(&self, scope: &Scope) -> Result<InstallationToken, CredsError> {
         let mut cache = self.cache.lock().await;
         if let Some(t) = cache.get(scope) {
@@ -418,6 +420,8 @@ impl GithubBroker {
             }
         }
         let t = self.mint(scope).await?;
+        let now = (self.now)();
+        cache.retain(|_, old| old.expires_at > now);
         cache.insert(scope.clone(), t.clone());
         Ok(t)
     }
