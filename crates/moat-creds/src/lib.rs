@@ -31,11 +31,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest GitHub response body read.
 const MAX_RESPONSE: usize = 1024 * 1024;
 
-/// A credential. Its `Debug` and `Display` never show it.
-///
-/// A second, deliberately tiny copy of `moat_egress::llm::Secret`: moving that
-/// one here would make moat-egress depend on this crate; do that when the
-/// door starts using the broker.
+/// A credential. Its `Debug` and `Display` never show it. The LLM proxy
+/// (`moat_egress::llm::Secret`) uses this same type.
 #[derive(Clone)]
 pub struct Secret(String);
 

@@ -8,7 +8,6 @@
 //! an error or a record, or buffer a streamed (SSE) response whole.
 
 use std::convert::Infallible;
-use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,32 +35,9 @@ pub const MAX_BODY: usize = 64 * 1024 * 1024;
 /// Longest SSE line the usage meter looks at (longer lines pass unread).
 const MAX_SSE_LINE: usize = 1024 * 1024;
 
-/// A credential. Its `Debug` and `Display` never show it.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-    /// The value itself: only for the header sent upstream, the sandbox's
-    /// environment (placeholders) and comparisons.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+/// A credential, redacted in `Debug` and `Display`; shared with the GitHub
+/// App broker.
+pub use moat_creds::Secret;
 
 /// Compares without an early exit on the first differing byte.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -134,7 +110,7 @@ impl Provider {
             Provider::Anthropic => "sk-ant-moat-",
             Provider::OpenAi => "sk-moat-",
         };
-        Ok(Secret(format!("{prefix}{}", random_hex(16)?)))
+        Ok(Secret::new(format!("{prefix}{}", random_hex(16)?)))
     }
 }
 
