@@ -369,22 +369,29 @@ impl Lease {
         Ok(())
     }
 
+    /// Every host directory the sandbox sees, as (host, in-sandbox, writable):
+    /// a `--workspace DIR` first, then the extra mounts. The lease's own tmpfs
+    /// places are not host data and are not listed.
+    fn host_dirs(&self) -> Vec<(PathBuf, PathBuf, bool)> {
+        let ws = self
+            .host_workspace
+            .iter()
+            .map(|w| (w.clone(), PathBuf::from("/workspace"), true));
+        let mounts = self
+            .mounts
+            .iter()
+            .map(|m| (m.host.clone(), m.sandbox.clone(), m.writable));
+        ws.chain(mounts).collect()
+    }
+
     fn lease_env(&self) -> Result<LeaseEnv> {
         let st = self.storage();
         let workspace = self.workspace_dir();
         let mut protected = Vec::new();
         let mut mounts = self.mounts.clone();
         let prot = &self.policy.filesystem.protected;
-        let mut writable: Vec<(PathBuf, PathBuf)> = self
-            .mounts
-            .iter()
-            .filter(|m| m.writable)
-            .map(|m| (m.host.clone(), m.sandbox.clone()))
-            .collect();
-        if self.host_workspace.is_some() {
-            writable.insert(0, (workspace.clone(), PathBuf::from("/workspace")));
-        }
-        for (host, inside) in &writable {
+        let dirs = self.host_dirs();
+        for (host, inside, _) in dirs.iter().filter(|d| d.2) {
             let binds = protected_binds(host, inside, prot)?;
             // Their parent directories become mount points, which cannot be
             // renamed away (after the extra mounts they may lie in).
@@ -393,26 +400,11 @@ impl Lease {
         }
         // Secret-looking entries inside host directories (a project's `.env`,
         // a `.ssh` in a mounted home) are hidden behind empty read-only binds.
-        let mut shown: Vec<(PathBuf, PathBuf)> = self
-            .mounts
-            .iter()
-            .map(|m| (m.host.clone(), m.sandbox.clone()))
-            .collect();
-        if self.host_workspace.is_some() {
-            shown.insert(0, (workspace.clone(), PathBuf::from("/workspace")));
-        }
         let patterns = &self.policy.filesystem.blocked_patterns;
-        for (host, inside) in &shown {
+        let (empty_file, empty_dir) = &self.mask_sources;
+        for (host, inside, _) in &dirs {
             for (path, is_dir) in blocked_inside(host, inside, patterns)? {
-                let (empty_file, empty_dir) = &self.mask_sources;
-                protected.push((
-                    if is_dir {
-                        empty_dir.clone()
-                    } else {
-                        empty_file.clone()
-                    },
-                    path,
-                ));
+                protected.push((if is_dir { empty_dir } else { empty_file }.clone(), path));
             }
         }
         Ok(LeaseEnv {
@@ -443,15 +435,12 @@ impl Lease {
         self.instances += 1;
         let t0 = Instant::now();
         let env = self.lease_env()?;
-        let mut roots: Vec<PathBuf> = self
-            .mounts
-            .iter()
-            .filter(|m| m.writable)
-            .map(|m| m.host.clone())
+        let roots: Vec<PathBuf> = self
+            .host_dirs()
+            .into_iter()
+            .filter(|d| d.2)
+            .map(|d| d.0)
             .collect();
-        if self.host_workspace.is_some() {
-            roots.push(env.workspace.clone());
-        }
         self.watched_git = crate::fsguard::git_dirs_without_commondir(&roots);
         let cgroup = if self.backend.uses_host_cgroup() {
             Some(Cgroup::create(
