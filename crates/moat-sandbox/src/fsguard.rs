@@ -332,8 +332,17 @@ pub fn blocked_inside(
     let mut stack = vec![PathBuf::new()];
     let mut seen = 0usize;
     while let Some(rel) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(root.join(&rel)) else {
-            continue;
+        // A directory that cannot be listed cannot be checked: refuse rather
+        // than show it unchecked (one that vanished meanwhile is simply gone).
+        let rd = match std::fs::read_dir(root.join(&rel)) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(SandboxError::Refused(format!(
+                    "cannot check {} for secret-looking entries: {e}",
+                    root.join(&rel).display()
+                )))
+            }
         };
         for entry in rd.flatten() {
             seen += 1;
