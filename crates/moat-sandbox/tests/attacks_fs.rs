@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -66,22 +66,6 @@ fn expect_for(kind: BackendKind, o: &Output, expected: &[(&'static str, &'static
     let exp = denial_for(kind, expected);
     let exp: Vec<(&str, &str)> = exp.iter().map(|(k, v)| (*k, v.as_str())).collect();
     expect_all(o, &exp);
-}
-
-/// A directory the test creates (under root's home or a scratch place) and removes.
-struct OwnedDir(PathBuf);
-impl Drop for OwnedDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A directory that sandbox uids can traverse, under the test's scratch dir.
-fn scratch_dir(label: &str) -> OwnedDir {
-    let d = scratch().join(token(label));
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    OwnedDir(d)
 }
 
 fn chown_tree(dir: &Path, uid: u32) {

@@ -13,22 +13,6 @@ use common::*;
 use moat_policy::{BackendKind, ByteSize};
 use moat_sandbox::{Lease, LeaseOptions, RunSpec, Termination, WorkspaceSource};
 
-/// A directory the test creates under the scratch dir and removes.
-struct OwnedDir(PathBuf);
-impl Drop for OwnedDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch_dir(label: &str) -> OwnedDir {
-    use std::os::unix::fs::PermissionsExt;
-    let d = scratch().join(token(label));
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    OwnedDir(d)
-}
-
 fn cmd(program: &str, args: &[&str]) -> std::process::ExitStatus {
     std::process::Command::new(program)
         .args(args)

@@ -388,3 +388,20 @@ pub fn expect_all(o: &crate::common::Output, expected: &[(&str, &str)]) {
         o.stderr
     );
 }
+
+/// A directory the test creates (under the scratch dir or root's home) and removes.
+pub struct OwnedDir(pub std::path::PathBuf);
+impl Drop for OwnedDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A directory that sandbox uids can traverse, under the test's scratch dir.
+pub fn scratch_dir(label: &str) -> OwnedDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = crate::common::scratch().join(token(label));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    OwnedDir(d)
+}
