@@ -7,6 +7,9 @@
 //! `Debug` and `Display` never show them; errors and audit records never
 //! carry a token, the JWT or the private key.
 
+/// The secrets file and the environment-then-file [`secrets::Lookup`].
+pub mod secrets;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
