@@ -39,6 +39,10 @@ const MAX_SSE_LINE: usize = 1024 * 1024;
 /// App broker.
 pub use moat_creds::Secret;
 
+/// Token totals per lease, user and channel (see its module).
+pub mod ledger;
+pub use ledger::UsageLedger;
+
 /// Compares without an early exit on the first differing byte.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -187,6 +191,16 @@ pub struct LlmConfig {
     pub models: Vec<String>,
     /// Tokens (input, cache and output together) the lease may use; `None`: no limit.
     pub token_budget: Option<u64>,
+    /// Who the calls are for (a label for accounting, budget and audit).
+    pub user: Option<String>,
+    /// Where the calls come from (a chat channel; `cli` for the CLI).
+    pub channel: Option<String>,
+    /// Tokens `user` may use in total, as counted by `ledger`; `None`: no
+    /// limit. Needs `user`.
+    pub user_budget: Option<u64>,
+    /// Where calls are counted per lease, user and channel; share one
+    /// ledger across doors for totals that span them.
+    pub ledger: Arc<UsageLedger>,
 }
 
 impl LlmConfig {
@@ -204,7 +218,8 @@ impl LlmConfig {
             }
             let key = env(p.key_var()).filter(|k| !k.is_empty()).ok_or_else(|| {
                 format!(
-                    "--llm {} needs the real key in moat's environment: {} is not set",
+                    "--llm {} needs the real key in moat's environment: {} is not set \
+                     (set it there or in the secrets file, --secrets FILE)",
                     p.name(),
                     p.key_var()
                 )
@@ -283,6 +298,9 @@ impl Usage {
 pub struct LlmRecord {
     pub ts_ms: u64,
     pub lease: String,
+    /// The user and channel the call was counted for.
+    pub user: Option<String>,
+    pub channel: Option<String>,
     /// Always `llm`.
     pub kind: &'static str,
     pub provider: &'static str,
@@ -312,6 +330,12 @@ pub(crate) struct LlmState {
 
 impl LlmState {
     pub(crate) fn new(cfg: LlmConfig) -> std::io::Result<LlmState> {
+        if cfg.user_budget.is_some() && cfg.user.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the LLM proxy has a per-user budget but no user; set LlmConfig::user",
+            ));
+        }
         let mut placeholders = Vec::new();
         for p in &cfg.providers {
             placeholders.push((p.provider, p.provider.new_placeholder()?));
@@ -344,6 +368,38 @@ impl LlmState {
             env.push((p.key_var().to_string(), ph.expose().to_string()));
         }
         env
+    }
+
+    /// Counts one call's tokens for this lease and in the ledger.
+    fn count(&self, lease: &str, tokens: u64) {
+        self.used.fetch_add(tokens, Ordering::SeqCst);
+        self.cfg.ledger.add(
+            lease,
+            self.cfg.user.as_deref(),
+            self.cfg.channel.as_deref(),
+            tokens,
+        );
+    }
+
+    /// Why a call may not go out now: the lease's or the user's budget is spent.
+    fn spent(&self) -> Option<String> {
+        if let Some(budget) = self.cfg.token_budget {
+            let used = self.used.load(Ordering::SeqCst);
+            if used >= budget {
+                return Some(format!(
+                    "moat: this sandbox's token budget is spent ({used} of {budget} tokens used)"
+                ));
+            }
+        }
+        if let (Some(budget), Some(user)) = (self.cfg.user_budget, self.cfg.user.as_deref()) {
+            let used = self.cfg.ledger.user_total(user);
+            if used >= budget {
+                return Some(format!(
+                    "moat: user {user}'s token budget is spent ({used} of {budget} tokens used)"
+                ));
+            }
+        }
+        None
     }
 
     fn placeholder(&self, p: Provider) -> Option<&Secret> {
@@ -414,6 +470,8 @@ struct Call {
     path: String,
     model: Option<String>,
     stream: bool,
+    user: Option<String>,
+    channel: Option<String>,
     t0: Instant,
 }
 
@@ -428,6 +486,8 @@ impl Call {
         LlmRecord {
             ts_ms: 0,
             lease: String::new(),
+            user: self.user.clone(),
+            channel: self.channel.clone(),
             kind: "llm",
             provider: self.provider.map(Provider::name).unwrap_or("unknown"),
             host: self.host.clone(),
@@ -486,6 +546,8 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
         path: rest.clone(),
         model: None,
         stream: false,
+        user: llm.cfg.user.clone(),
+        channel: llm.cfg.channel.clone(),
         t0,
     };
     let deny = |call: &Call, status: StatusCode, kind: &str, code: &str, msg: String| {
@@ -574,24 +636,18 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
             return deny(&call, StatusCode::FORBIDDEN, kind, "model_not_allowed", msg);
         }
     }
-    if let Some(budget) = llm.cfg.token_budget {
-        let used = llm.used.load(Ordering::SeqCst);
-        if used >= budget {
-            let msg = format!(
-                "moat: this sandbox's token budget is spent ({used} of {budget} tokens used)"
-            );
-            let kind = match provider {
-                Provider::Anthropic => "rate_limit_error",
-                Provider::OpenAi => "insufficient_quota",
-            };
-            return deny(
-                &call,
-                StatusCode::TOO_MANY_REQUESTS,
-                kind,
-                "budget_exceeded",
-                msg,
-            );
-        }
+    if let Some(msg) = llm.spent() {
+        let kind = match provider {
+            Provider::Anthropic => "rate_limit_error",
+            Provider::OpenAi => "insufficient_quota",
+        };
+        return deny(
+            &call,
+            StatusCode::TOO_MANY_REQUESTS,
+            kind,
+            "budget_exceeded",
+            msg,
+        );
     }
     // The request upstream: same method, path under the base, no credential
     // or hop-by-hop header from the sandbox, the real key added.
@@ -681,7 +737,7 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
             if let Ok(v) = serde_json::from_slice::<Value>(&b) {
                 usage.absorb(&v);
             }
-            llm.used.fetch_add(usage.total(), Ordering::SeqCst);
+            llm.count(&st.cfg.lease, usage.total());
             st.audit_llm(call.record("allowed", None, status, usage));
             rparts.headers.remove(header::CONTENT_LENGTH);
             Response::from_parts(rparts, full(b))
@@ -856,7 +912,7 @@ impl Metered {
         if let Some((st, call, status)) = self.done.take() {
             let usage = std::mem::take(&mut self.meter.usage);
             if let Some(llm) = st.llm.as_ref() {
-                llm.used.fetch_add(usage.total(), Ordering::SeqCst);
+                llm.count(&st.cfg.lease, usage.total());
             }
             st.audit_llm(call.record("allowed", reason, status, usage));
         }
@@ -963,6 +1019,104 @@ mod tests {
         let mut u = Usage::default();
         u.absorb(&json!({"choices":[],"usage":null}));
         assert_eq!(u.total(), 0);
+    }
+
+    fn state(user: Option<&str>, user_budget: Option<u64>, ledger: &Arc<UsageLedger>) -> LlmState {
+        LlmState::new(LlmConfig {
+            user: user.map(str::to_string),
+            channel: Some("chat-1".into()),
+            user_budget,
+            ledger: ledger.clone(),
+            ..LlmConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_users_budget_spans_every_door_sharing_the_ledger() {
+        let ledger = Arc::new(UsageLedger::new());
+        let a = state(Some("alice"), None, &ledger);
+        let b = state(Some("alice"), Some(100), &ledger);
+        let bob = state(Some("bob"), Some(100), &ledger);
+        a.count("lease-a", 60);
+        assert_eq!(b.spent(), None, "60 of 100");
+        a.count("lease-a", 40);
+        let msg = b.spent().expect("alice has used 100 of 100");
+        assert!(
+            msg.contains("user alice's token budget is spent (100 of 100 tokens used)"),
+            "{msg}"
+        );
+        assert_eq!(bob.spent(), None, "bob's budget is his own");
+        bob.count("lease-bob", 7);
+        assert_eq!(ledger.lease_total("lease-a"), 100);
+        assert_eq!(ledger.lease_total("lease-bob"), 7);
+        assert_eq!(ledger.channel_total("chat-1"), 107);
+        assert_eq!(ledger.user_total("alice"), 100);
+    }
+
+    #[test]
+    fn the_lease_budget_still_counts_this_door_only() {
+        let ledger = Arc::new(UsageLedger::new());
+        let mut cfg = LlmConfig {
+            user: Some("alice".into()),
+            token_budget: Some(50),
+            user_budget: Some(1000),
+            ledger: ledger.clone(),
+            ..LlmConfig::default()
+        };
+        let other = LlmState::new(cfg.clone()).unwrap();
+        other.count("other", 500);
+        let this = LlmState::new(cfg.clone()).unwrap();
+        assert_eq!(
+            this.spent(),
+            None,
+            "another door's tokens are not this lease's"
+        );
+        this.count("this", 50);
+        let msg = this.spent().unwrap();
+        assert!(
+            msg.contains("this sandbox's token budget is spent (50 of 50"),
+            "{msg}"
+        );
+        cfg.token_budget = None;
+        cfg.user_budget = Some(550);
+        let msg = LlmState::new(cfg).unwrap().spent().unwrap();
+        assert!(
+            msg.contains("user alice's token budget is spent (550 of 550"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_user_budget_needs_a_user() {
+        let e = LlmState::new(LlmConfig {
+            user_budget: Some(1),
+            ..LlmConfig::default()
+        })
+        .err()
+        .expect("refused");
+        assert!(e.to_string().contains("no user"), "{e}");
+    }
+
+    #[test]
+    fn records_carry_user_and_channel() {
+        let call = Call {
+            provider: Some(Provider::Anthropic),
+            host: "h".into(),
+            port: 1,
+            path: "/v1/messages".into(),
+            model: None,
+            stream: false,
+            user: Some("alice".into()),
+            channel: Some("cli".into()),
+            t0: Instant::now(),
+        };
+        let v = serde_json::to_value(call.record("allowed", None, 200, Usage::default())).unwrap();
+        assert_eq!(
+            (v["user"].as_str(), v["channel"].as_str()),
+            (Some("alice"), Some("cli"))
+        );
+        assert_eq!(v["kind"], "llm");
     }
 
     #[test]
