@@ -77,7 +77,8 @@ struct RunArgs {
     resolve: Vec<String>,
     /// Serve an LLM API to the sandbox through the door (anthropic or openai;
     /// repeatable): the sandbox gets a base URL and a placeholder key, the real
-    /// key (ANTHROPIC_API_KEY / OPENAI_API_KEY of moat's environment) stays here.
+    /// key (ANTHROPIC_API_KEY / OPENAI_API_KEY of moat's environment or the
+    /// secrets file) stays here.
     #[arg(long = "llm", value_name = "anthropic|openai")]
     llm: Vec<String>,
     /// Only these models may be called through --llm (repeatable; default: any).
@@ -86,6 +87,20 @@ struct RunArgs {
     /// Tokens (input, cache and output) the sandbox may use through --llm.
     #[arg(long = "llm-budget", value_name = "TOKENS")]
     llm_budget: Option<u64>,
+    /// Tokens --user may use through --llm in total, over all runs (counted
+    /// from the audit log).
+    #[arg(long = "llm-user-budget", value_name = "TOKENS")]
+    llm_user_budget: Option<u64>,
+    /// Who this run is for, in accounting and audit (default: $USER, else the uid).
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// Where this run comes from, in accounting and audit.
+    #[arg(long, value_name = "NAME", default_value = "cli")]
+    channel: String,
+    /// Secrets file (KEY=VALUE lines, mode 600) read after moat's environment
+    /// (default: $MOAT_SECRETS_FILE).
+    #[arg(long, value_name = "FILE")]
+    secrets: Option<PathBuf>,
     /// Policy file (TOML); flags override it.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -217,6 +232,8 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
         Some(dir) => WorkspaceSource::Host(dir.clone()),
         None => WorkspaceSource::Fresh,
     };
+    let secrets = moat_creds::secrets::Lookup::from_flag_or_env(args.secrets.as_deref())?;
+    let audit_path = engine.config().data_dir.join("audit").join("egress.jsonl");
     let llm = if args.llm.is_empty() {
         None
     } else {
@@ -226,10 +243,21 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
                 format!("--llm {name}: unknown provider; use anthropic or openai")
             })?);
         }
-        let mut cfg = moat_egress::llm::LlmConfig::from_env(&providers, |k| std::env::var(k).ok())
+        let mut cfg = moat_egress::llm::LlmConfig::from_env(&providers, |k| secrets.get(k))
             .map_err(anyhow::Error::msg)?;
         cfg.models = args.llm_models.clone();
         cfg.token_budget = args.llm_budget;
+        cfg.user = Some(args.user.clone().unwrap_or_else(|| {
+            std::env::var("USER")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()))
+        }));
+        cfg.channel = Some(args.channel.clone());
+        cfg.user_budget = args.llm_user_budget;
+        let ledger = moat_egress::llm::UsageLedger::from_audit_log(&audit_path)
+            .with_context(|| format!("reading usage from {}", audit_path.display()))?;
+        cfg.ledger = std::sync::Arc::new(ledger);
         Some(cfg)
     };
     // The egress door, when the policy allows any destination or an LLM API
@@ -243,7 +271,6 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
             .enable_all()
             .build()
             .context("starting the egress door's runtime")?;
-        let audit_path = engine.config().data_dir.join("audit").join("egress.jsonl");
         let audit = moat_egress::JsonlAudit::open(&audit_path)
             .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
         let d = moat_egress::Door::start(
@@ -254,6 +281,7 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
                 resolver: moat_egress::Resolver::System,
                 audit: std::sync::Arc::new(audit),
                 llm,
+                github: None,
             },
         )
         .context("starting the egress door")?;
