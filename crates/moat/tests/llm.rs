@@ -608,6 +608,115 @@ echo "OVER_O=$(o gpt-ok)"
     sb.audit().assert_well_formed();
 }
 
+/// `--llm-user-budget` spans runs (the CLI seeds the user's total from the
+/// audit log), is per user, and the records carry user and channel.
+fn user_budget_spans_runs(b: Backend) {
+    let keys = Keys::new();
+    let sb = Sandbox::new(b, "llm-user");
+    let fake = FakeLlm::start(&sb.ws, &keys);
+    let script = r#"
+a() { curl -sS -m 30 -w ' %{http_code}\n' "$ANTHROPIC_BASE_URL/v1/messages" -H "x-api-key: $ANTHROPIC_API_KEY" -H "content-type: application/json" -d '{"model":"claude-test","max_tokens":16,"messages":[]}'; }
+o() { curl -sS -m 30 -w ' %{http_code}\n' "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY" -H "content-type: application/json" -d '{"model":"gpt-test","messages":[]}'; }
+echo "FIRST=$(a)"
+echo "SECOND=$(a)"
+echo "OPENAI=$(o)"
+"#;
+    let user = |name: &str, channel: Option<&str>| {
+        let mut a = vec!["--user", name, "--llm-user-budget", "40"];
+        if let Some(c) = channel {
+            a.extend(["--channel", c]);
+        }
+        let out = run(&sb, &keys, &fake, &a, script);
+        assert_eq!(out.code, Some(0), "{}", out.text());
+        out
+    };
+    let ok = |l: String| assert!(l.ends_with(" 200"), "{l}");
+    let spent = |l: String, used: u64| {
+        assert!(
+            l.ends_with(" 429")
+                && l.contains(&format!(
+                    "user alice's token budget is spent ({used} of 40 tokens used)"
+                )),
+            "{l}"
+        );
+    };
+    // Run 1: alice's first call (25 + 3 + 7 + 12 = 47 tokens) uses up her 40;
+    // the next ones are refused, in both APIs' shapes.
+    let r1 = user("alice", Some("chat-7"));
+    ok(r1.line("FIRST="));
+    spent(r1.line("SECOND="), 47);
+    let o = r1.line("OPENAI=");
+    assert!(
+        o.ends_with(" 429")
+            && o.contains(r#""code":"budget_exceeded""#)
+            && o.contains("user alice's"),
+        "{o}"
+    );
+    // Run 2, a new sandbox and door: alice is still over, from the first call on.
+    let r2 = user("alice", None);
+    spent(r2.line("FIRST="), 47);
+    spent(r2.line("SECOND="), 47);
+    // Bob has his own budget: his first call goes through.
+    let r3 = user("bob", None);
+    ok(r3.line("FIRST="));
+    let l = r3.line("SECOND=");
+    assert!(
+        l.ends_with(" 429") && l.contains("user bob's token budget is spent (47 of 40"),
+        "{l}"
+    );
+    // Without --user, the invoking user ($USER) is the label, channel `cli`.
+    let out = sb
+        .command()
+        .env("ANTHROPIC_API_KEY", &keys.anthropic)
+        .env("MOAT_ANTHROPIC_URL", fake.url())
+        .env("MOAT_LLM_ALLOW_PLAIN_HTTP", "1")
+        .env("USER", "carol")
+        .args(["--llm", "anthropic", "--llm-user-budget", "40"])
+        .args(["--", "/bin/sh", "-c", script])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let out = Run {
+        code: out.status.code(),
+        stdout: out.stdout,
+        stderr: out.stderr,
+    };
+    ok(out.line("FIRST="));
+    assert_eq!(fake.requests().len(), 3, "a refused call reached upstream");
+    let recs = llm_records(&sb);
+    let who: Vec<(String, String, String, u64)> = recs
+        .iter()
+        .map(|r| {
+            (
+                r["user"].as_str().unwrap_or("-").to_string(),
+                r["channel"].as_str().unwrap_or("-").to_string(),
+                r["verdict"].as_str().unwrap_or("-").to_string(),
+                r["input_tokens"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let w = |u: &str, c: &str, v: &str, t: u64| (u.to_string(), c.to_string(), v.to_string(), t);
+    assert_eq!(
+        who,
+        vec![
+            w("alice", "chat-7", "allowed", 25),
+            w("alice", "chat-7", "denied", 0),
+            w("alice", "chat-7", "denied", 0),
+            w("alice", "cli", "denied", 0),
+            w("alice", "cli", "denied", 0),
+            w("alice", "cli", "denied", 0),
+            w("bob", "cli", "allowed", 25),
+            w("bob", "cli", "denied", 0),
+            w("bob", "cli", "denied", 0),
+            // (carol's run serves Anthropic only: no OpenAI call was made.)
+            w("carol", "cli", "allowed", 25),
+            w("carol", "cli", "denied", 0),
+        ],
+        "{recs:?}"
+    );
+    sb.audit().assert_well_formed();
+}
+
 fn attack_c1(b: Backend) {
     let keys = Keys::new();
     let sb = Sandbox::new(b, "llm-c1");
@@ -777,6 +886,119 @@ echo "DOTS=$(curl -sS -m 10 -w ' %{{http_code}}' --path-as-is "$ANTHROPIC_BASE_U
     }
 }
 
+/// The real keys from a secrets file (`--secrets FILE` or
+/// `MOAT_SECRETS_FILE`), after moat's environment; a loose file is refused.
+#[test]
+fn llm_keys_from_a_secrets_file() {
+    use std::os::unix::fs::PermissionsExt;
+    if !Backend::Bwrap.available() {
+        return;
+    }
+    let keys = Keys::new();
+    let sb = Sandbox::new(Backend::Bwrap, "llm-secrets");
+    let fake = FakeLlm::start(&sb.ws, &keys);
+    let file = sb.dir.join("secrets");
+    let write = |text: &str, mode: u32| {
+        std::fs::write(&file, text).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    write(
+        &format!(
+            "# the host's keys\nANTHROPIC_API_KEY=\"{}\"\n\nOPENAI_API_KEY='{}'\n",
+            keys.anthropic, keys.openai
+        ),
+        0o600,
+    );
+    let script = r#"
+echo "A=$(curl -sS -m 30 -w ' %{http_code}' "$ANTHROPIC_BASE_URL/v1/messages" -H "x-api-key: $ANTHROPIC_API_KEY" -H "content-type: application/json" -d '{"model":"claude-test","max_tokens":16,"messages":[]}')"
+echo "O=$(curl -sS -m 30 -w ' %{http_code}' "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY" -H "content-type: application/json" -d '{"model":"gpt-test","messages":[]}')"
+"#;
+    let moat = |flag: bool, env_file: Option<&Path>, env_key: Option<&str>| {
+        let mut c = sb.command();
+        c.env_remove("ANTHROPIC_API_KEY")
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("MOAT_SECRETS_FILE")
+            .env("MOAT_ANTHROPIC_URL", fake.url())
+            .env("MOAT_OPENAI_URL", fake.url())
+            .env("MOAT_LLM_ALLOW_PLAIN_HTTP", "1");
+        if flag {
+            c.arg("--secrets").arg(&file);
+        }
+        if let Some(f) = env_file {
+            c.env("MOAT_SECRETS_FILE", f);
+        }
+        if let Some(k) = env_key {
+            c.env("ANTHROPIC_API_KEY", k);
+        }
+        let o = c
+            .args([
+                "--llm",
+                "anthropic",
+                "--llm",
+                "openai",
+                "--",
+                "/bin/sh",
+                "-c",
+                script,
+            ])
+            .output()
+            .unwrap();
+        let r = Run {
+            code: o.status.code(),
+            stdout: o.stdout,
+            stderr: o.stderr,
+        };
+        for k in [&keys.anthropic, &keys.openai] {
+            assert!(
+                find(&r.stderr, k.as_bytes()).is_none(),
+                "a key in moat's log"
+            );
+            assert!(
+                find(&r.stdout, k.as_bytes()).is_none(),
+                "a key in the sandbox"
+            );
+        }
+        r
+    };
+    let both_ok = |r: &Run| {
+        assert_eq!(r.code, Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(r.line("A=").ends_with(" 200"), "{}", r.text());
+        assert!(r.line("O=").ends_with(" 200"), "{}", r.text());
+    };
+    // --secrets FILE; MOAT_SECRETS_FILE; the flag wins over the variable.
+    both_ok(&moat(true, None, None));
+    both_ok(&moat(false, Some(&file), None));
+    both_ok(&moat(true, Some(&sb.dir.join("no-such-file")), None));
+    assert_eq!(fake.requests().len(), 6);
+    assert_swapped(&fake.requests(), &keys);
+    // moat's environment comes first: a wrong key there is what upstream gets.
+    let r = moat(true, None, Some("sk-ant-from-env"));
+    assert!(r.line("A=").ends_with(" 401"), "{}", r.text());
+    assert!(r.line("O=").ends_with(" 200"), "{}", r.text());
+    let last = fake.requests();
+    assert_eq!(
+        last[last.len() - 2].header("x-api-key"),
+        Some("sk-ant-from-env")
+    );
+    // A file others can read, or a malformed one, stops moat before the sandbox.
+    let refused = |r: Run, want: &str| {
+        assert_eq!(r.code, Some(125), "{}", r.text());
+        let err = String::from_utf8_lossy(&r.stderr).into_owned();
+        assert!(err.contains(want), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+    };
+    write(&format!("ANTHROPIC_API_KEY={}\n", keys.anthropic), 0o644);
+    refused(
+        moat(true, None, None),
+        &format!("chmod 600 {}", file.display()),
+    );
+    write(&format!("OPENAI_API_KEY=x\n{}\n", keys.anthropic), 0o600);
+    refused(moat(true, None, None), "line 2: no `=`");
+    write("OPENAI_API_KEY=a\nOPENAI_API_KEY=b\n", 0o600);
+    refused(moat(false, Some(&file), None), "already set on line 1");
+    assert_eq!(fake.requests().len(), 8, "a refused run called upstream");
+}
+
 #[test]
 fn llm_without_the_host_key_fails_naming_the_variable() {
     let sb = Sandbox::new(Backend::Bwrap, "llm-nokey");
@@ -805,6 +1027,7 @@ fn llm_without_the_host_key_fails_naming_the_variable() {
 net_tests! {
     llm_curl_and_python_complete_messages_and_chat_calls => clients_complete_calls;
     llm_model_allowlist_and_token_budget => model_allowlist_and_budget;
+    llm_user_budget_spans_runs_per_user_with_channel_in_audit => user_budget_spans_runs;
     attack_c1_real_llm_key_is_nowhere_in_the_sandbox => attack_c1;
     attack_c2_placeholder_sent_elsewhere_is_never_swapped => attack_c2;
 }
