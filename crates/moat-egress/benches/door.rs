@@ -195,6 +195,7 @@ fn main() {
             resolver: Resolver::Static(Default::default()),
             audit: audit.clone(),
             llm: None,
+            github: None,
         },
     )
     .expect("door (run as root)");

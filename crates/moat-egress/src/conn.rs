@@ -260,6 +260,17 @@ fn sni_matches(hello: &Hello, allowed: &Allowed) -> Result<(), String> {
 }
 
 async fn connect_tunnel(state: Arc<State>, mut client: BufReader<TcpStream>, mut a: Attempt) {
+    if let Some(name) = intercepted(&state, &a.host, a.port) {
+        if client
+            .get_mut()
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return a.finish(&state, Some("the client went away".into()));
+        }
+        return intercept(state, client, a, name).await;
+    }
     let (allowed, addr) = match decide(&state, &mut a).await {
         Ok(v) => v,
         Err((status, reason)) => {
@@ -288,6 +299,44 @@ async fn connect_tunnel(state: Arc<State>, mut client: BufReader<TcpStream>, mut
         return a.finish(&state, Some(reason));
     }
     splice(state, client, raw, addr, a).await;
+}
+
+/// The normalized name if the door intercepts `host:port` (a GitHub host).
+fn intercepted(state: &State, host: &str, port: u16) -> Option<String> {
+    let name = normalize_name(host)?;
+    state.intercepts(&name, port).then_some(name)
+}
+
+/// A tunnel to an intercepted host: its ClientHello must name that host; the
+/// door then ends the TLS itself (crate::github) instead of connecting out.
+async fn intercept(
+    state: Arc<State>,
+    mut client: BufReader<TcpStream>,
+    mut a: Attempt,
+    name: String,
+) {
+    a.kind = "github-tls";
+    a.host = name.clone();
+    let (hello, raw) = match timeout(STEP_TIMEOUT, tls::read_client_hello(&mut client)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return a.finish(&state, Some(format!("unreadable TLS ClientHello: {e}"))),
+        Err(_) => {
+            return a.finish(
+                &state,
+                Some("timed out waiting for the TLS ClientHello".into()),
+            )
+        }
+    };
+    let target = Allowed {
+        host: name.clone(),
+        port: a.port,
+        fixed: None,
+    };
+    if let Err(reason) = sni_matches(&hello, &target) {
+        return a.finish(&state, Some(reason));
+    }
+    a.finish(&state, None);
+    crate::github::serve_tls(state, client, raw, name).await;
 }
 
 /// Connects to the checked address, sends `first` (bytes already read from the
@@ -392,6 +441,9 @@ async fn transparent_conn(state: Arc<State>, stream: TcpStream, port: u16) {
         _ => return a.finish(&state, Some("the client sent nothing".into())),
     };
     if first == 0x16 {
+        if let Some(name) = intercepted(&state, &name, port) {
+            return intercept(state, client, a, name).await;
+        }
         let (allowed, addr) = match decide(&state, &mut a).await {
             Ok(v) => v,
             Err((_, reason)) => return a.finish(&state, Some(reason)),

@@ -26,7 +26,9 @@ pub(crate) fn answer(state: &State, query: &[u8]) -> Option<Vec<u8>> {
         let name = question.qname.to_string();
         names.push(name.clone());
         reply.questions.push(question.clone());
-        if !state.cfg.policy.name_allowed(&name) {
+        let intercepted =
+            moat_policy::network::normalize_name(&name).is_some_and(|n| state.intercepts(&n, 443));
+        if !intercepted && !state.cfg.policy.name_allowed(&name) {
             refused = true;
             continue;
         }
@@ -153,9 +155,11 @@ mod tests {
                 resolver: Resolver::Static(Default::default()),
                 audit: Arc::new(MemoryAudit::default()),
                 llm: None,
+                github: None,
             },
             names: Mutex::new(NameTable::default()),
             llm: None,
+            github: None,
         })
     }
 

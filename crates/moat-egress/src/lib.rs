@@ -13,6 +13,7 @@
 
 mod conn;
 pub mod dns;
+pub mod github;
 pub mod http;
 pub mod llm;
 pub mod netns;
@@ -61,6 +62,18 @@ pub trait Audit: Send + Sync {
     fn record(&self, rec: &EgressRecord);
     /// One LLM call through the door's LLM proxy (default: dropped).
     fn record_llm(&self, _rec: &llm::LlmRecord) {}
+    /// One request to an intercepted GitHub host (default: dropped).
+    fn record_github(&self, _rec: &github::GithubRecord) {}
+    /// A GitHub installation token minted or revoked (default: dropped).
+    fn record_token(&self, _rec: &github::TokenRecord) {}
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Appends records as JSON lines to a file (and logs them with `tracing`).
@@ -69,6 +82,17 @@ pub struct JsonlAudit {
 }
 
 impl JsonlAudit {
+    fn append<T: Serialize>(&self, rec: &T, what: &str) {
+        if let Ok(mut line) = serde_json::to_vec(rec) {
+            line.push(b'\n');
+            if let Ok(mut f) = self.file.lock() {
+                if let Err(e) = f.write_all(&line) {
+                    tracing::error!(error = %e, "could not write the {what} audit record");
+                }
+            }
+        }
+    }
+
     pub fn open(path: &Path) -> std::io::Result<JsonlAudit> {
         use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent() {
@@ -109,6 +133,16 @@ impl Audit for JsonlAudit {
             }
         }
     }
+
+    fn record_github(&self, rec: &github::GithubRecord) {
+        tracing::info!(target: "moat::egress", lease = %rec.lease, method = %rec.method, host = %rec.host, path = %rec.path, status = rec.status, verdict = rec.verdict, reason = rec.reason.as_deref().unwrap_or(""), "github");
+        self.append(rec, "GitHub");
+    }
+
+    fn record_token(&self, rec: &github::TokenRecord) {
+        tracing::info!(target: "moat::egress", lease = %rec.lease, event = rec.event, repositories = ?rec.repositories, expires_at = rec.expires_at, "github token");
+        self.append(rec, "GitHub token");
+    }
 }
 
 /// Keeps records in memory (tests, benchmarks).
@@ -116,6 +150,8 @@ impl Audit for JsonlAudit {
 pub struct MemoryAudit {
     pub records: Mutex<Vec<EgressRecord>>,
     pub llm_records: Mutex<Vec<llm::LlmRecord>>,
+    pub github_records: Mutex<Vec<github::GithubRecord>>,
+    pub token_records: Mutex<Vec<github::TokenRecord>>,
 }
 
 impl MemoryAudit {
@@ -133,6 +169,18 @@ impl Audit for MemoryAudit {
 
     fn record_llm(&self, rec: &llm::LlmRecord) {
         if let Ok(mut r) = self.llm_records.lock() {
+            r.push(rec.clone());
+        }
+    }
+
+    fn record_github(&self, rec: &github::GithubRecord) {
+        if let Ok(mut r) = self.github_records.lock() {
+            r.push(rec.clone());
+        }
+    }
+
+    fn record_token(&self, rec: &github::TokenRecord) {
+        if let Ok(mut r) = self.token_records.lock() {
             r.push(rec.clone());
         }
     }
@@ -170,6 +218,8 @@ pub struct DoorConfig {
     pub audit: Arc<dyn Audit>,
     /// The LLM reverse proxy on 127.0.0.1:8787, when any provider is set.
     pub llm: Option<llm::LlmConfig>,
+    /// GitHub credential injection for the GitHub hosts, when set.
+    pub github: Option<github::GithubAccess>,
 }
 
 /// Addresses the DNS stub hands out: 127.100.0.1 upwards, one per name.
@@ -202,6 +252,7 @@ pub(crate) struct State {
     pub cfg: DoorConfig,
     pub names: Mutex<NameTable>,
     pub llm: Option<llm::LlmState>,
+    pub github: Option<github::GithubState>,
 }
 
 impl State {
@@ -221,6 +272,17 @@ impl State {
             .unwrap_or(0);
         rec.lease = self.cfg.lease.clone();
         self.cfg.audit.record_llm(&rec);
+    }
+
+    pub(crate) fn audit_github(&self, mut rec: github::GithubRecord) {
+        rec.ts_ms = now_ms();
+        rec.lease = self.cfg.lease.clone();
+        self.cfg.audit.record_github(&rec);
+    }
+
+    /// The GitHub host `name` (normalized) if this door intercepts it on `port`.
+    pub(crate) fn intercepts(&self, name: &str, port: u16) -> bool {
+        port == 443 && self.github.as_ref().is_some_and(|g| g.host(name).is_some())
     }
 
     /// Resolves an allowed destination and checks every address it has.
@@ -274,6 +336,7 @@ pub struct Door {
     netns: Arc<OwnedFd>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     llm_env: Vec<(String, String)>,
+    state: Arc<State>,
 }
 
 impl Door {
@@ -311,10 +374,15 @@ impl Door {
             .as_ref()
             .map(|l| l.client_env())
             .unwrap_or_default();
+        let github = match cfg.github.clone() {
+            Some(g) => Some(github::GithubState::new(&cfg.lease, g)?),
+            None => None,
+        };
         let state = Arc::new(State {
             cfg,
             names: Mutex::new(NameTable::default()),
             llm: llm_state,
+            github,
         });
         let _enter = rt.enter();
         let mut tasks = Vec::new();
@@ -339,6 +407,7 @@ impl Door {
             netns: Arc::new(ns),
             tasks,
             llm_env,
+            state,
         })
     }
 
@@ -351,6 +420,40 @@ impl Door {
     /// keys (never a real key). Empty without an LLM config.
     pub fn llm_env(&self) -> Vec<(String, String)> {
         self.llm_env.clone()
+    }
+
+    /// Variables for GitHub: the placeholder `GH_TOKEN`/`GITHUB_TOKEN` and
+    /// the CA bundle variables (never a real token). Empty without GitHub.
+    pub fn github_env(&self) -> Vec<(String, String)> {
+        self.state
+            .github
+            .as_ref()
+            .map(|g| g.client_env())
+            .unwrap_or_default()
+    }
+
+    /// Files the sandbox must see read-only: (host path, sandbox path). Today
+    /// the CA bundle with the lease CA, when GitHub is set.
+    pub fn files(&self) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
+        self.state
+            .github
+            .as_ref()
+            .map(|g| {
+                vec![(
+                    g.bundle_path().to_path_buf(),
+                    std::path::PathBuf::from(github::CA_BUNDLE_PATH),
+                )]
+            })
+            .unwrap_or_default()
+    }
+
+    /// Revokes the GitHub tokens this lease used (call when the lease ends);
+    /// returns how many could not be revoked (each is logged).
+    pub async fn revoke_github(&self) -> usize {
+        match self.state.github.as_ref() {
+            Some(g) => g.revoke_all().await,
+            None => 0,
+        }
     }
 
     /// Variables that point proxy-aware clients at the door.

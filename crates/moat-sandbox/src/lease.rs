@@ -169,6 +169,9 @@ pub struct LeaseOptions {
 pub struct NetworkAttachment {
     pub netns: Arc<OwnedFd>,
     pub env: Vec<(String, String)>,
+    /// Files of the door's the sandbox sees read-only: (host path, absolute
+    /// path under `/run/moat` inside), e.g. the CA bundle with the lease CA.
+    pub files: Vec<(PathBuf, PathBuf)>,
 }
 
 struct Running {
@@ -405,6 +408,23 @@ impl Lease {
         for (host, inside, _) in &dirs {
             for (path, is_dir) in blocked_inside(host, inside, patterns)? {
                 protected.push((if is_dir { empty_dir } else { empty_file }.clone(), path));
+            }
+        }
+        // The door's files (moat's own, not the user's): read-only, and only
+        // under /run/moat, so they cannot cover anything of the sandbox's.
+        if let Some(n) = &self.network {
+            for (host, inside) in &n.files {
+                if !inside.starts_with("/run/moat/")
+                    || inside
+                        .components()
+                        .any(|c| matches!(c, std::path::Component::ParentDir))
+                {
+                    return Err(SandboxError::Refused(format!(
+                        "a door file must live under /run/moat, not {}",
+                        inside.display()
+                    )));
+                }
+                protected.push((host.clone(), inside.clone()));
             }
         }
         Ok(LeaseEnv {

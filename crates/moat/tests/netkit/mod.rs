@@ -1514,6 +1514,7 @@ impl LibSandbox {
                 resolver: moat_egress::Resolver::Static(table),
                 audit: audit.clone(),
                 llm: None,
+                github: None,
             },
         )
         .expect("starting the door");
@@ -1546,6 +1547,7 @@ impl LibSandbox {
                     network: Some(moat_sandbox::NetworkAttachment {
                         netns: door.netns(),
                         env: moat_egress::Door::client_env(),
+                        files: door.files(),
                     }),
                 },
             )

@@ -1,0 +1,1350 @@
+//! GitHub credential injection for one sandbox.
+//!
+//! For the GitHub hosts only (github.com and api.github.com by default), the
+//! door ends the sandbox's TLS itself, with a certificate from a CA made for
+//! this lease alone and trusted only through the CA bundle bound into this
+//! sandbox. Each request then gets the lease's GitHub App installation token
+//! (minted on the host by `moat_creds::GithubBroker`, down-scoped to the
+//! lease's repositories) and goes to the configured upstream over verified
+//! TLS. Pushes to protected branches are refused here, whatever the token
+//! may do: `git push` over smart HTTP by reading the pushed ref updates, and
+//! the REST and GraphQL calls that move a branch by reading their paths and
+//! bodies.
+//!
+//! Must never: hand the token or anything of the App to the sandbox, accept a
+//! credential other than this lease's placeholder, intercept a host that is not
+//! configured, forward a ref update to a protected branch it could not read,
+//! or put a token, placeholder, header value or body in a log or audit record.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use moat_creds::{GithubBroker, InstallationToken, Scope, Secret};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::rustls;
+
+use crate::llm::{constant_time_eq, UpstreamUrl};
+use crate::STEP_TIMEOUT;
+
+/// Where the sandbox finds the system roots plus its lease CA.
+pub const CA_BUNDLE_PATH: &str = "/run/moat/ca-bundle.pem";
+/// The host's bundle of trusted roots (Debian's ca-certificates).
+pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Branches nobody pushes to through moat unless the operator says otherwise.
+pub const DEFAULT_PROTECTED: [&str; 2] = ["main", "master"];
+/// Permissions a token gets unless the operator says otherwise.
+pub const DEFAULT_PERMISSIONS: [(&str, &str); 2] =
+    [("contents", "write"), ("pull_requests", "write")];
+/// Largest JSON body read to judge a REST or GraphQL call.
+const MAX_JUDGED_BODY: usize = 64 * 1024 * 1024;
+/// Largest ref-update section of a push (the pack after it is streamed).
+const MAX_PUSH_COMMANDS: usize = 1024 * 1024;
+/// The variables that make TLS clients trust the lease CA.
+const CA_VARS: [&str; 5] = [
+    "SSL_CERT_FILE",
+    "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+];
+/// GraphQL mutations that move, make or delete a branch or merge into one.
+const BRANCH_MUTATIONS: [&str; 8] = [
+    "createcommitonbranch",
+    "mergepullrequest",
+    "mergebranch",
+    "updateref",
+    "deleteref",
+    "createref",
+    "enablepullrequestautomerge",
+    "branchprotectionrule",
+];
+
+/// What a GitHub host is for, which decides how the token is presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRole {
+    /// git smart HTTP (github.com): `Authorization: Basic x-access-token:TOKEN`.
+    Git,
+    /// The REST and GraphQL API (api.github.com): `Authorization: Bearer TOKEN`.
+    Api,
+}
+
+/// One host the door intercepts, and where its requests go.
+#[derive(Debug, Clone)]
+pub struct InterceptedHost {
+    /// The name the sandbox uses (lower case).
+    pub name: String,
+    pub role: HostRole,
+    pub upstream: UpstreamUrl,
+}
+
+/// GitHub access for one lease.
+#[derive(Clone)]
+pub struct GithubAccess {
+    /// One broker per lease: revoking its tokens must not end another lease's.
+    pub broker: Arc<GithubBroker>,
+    pub scope: Scope,
+    pub hosts: Vec<InterceptedHost>,
+    /// Branch names (without `refs/heads/`) no push may update.
+    pub protected_branches: Vec<String>,
+    /// A host directory, traversable by sandbox users, where the door writes
+    /// this lease's CA bundle.
+    pub state_dir: PathBuf,
+}
+
+impl std::fmt::Debug for GithubAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GithubAccess")
+            .field("scope", &self.scope)
+            .field("hosts", &self.hosts)
+            .field("protected_branches", &self.protected_branches)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GithubAccess {
+    /// The default hosts from moat's environment: github.com to
+    /// `MOAT_GITHUB_URL` (default `https://github.com`) and api.github.com to
+    /// `MOAT_GITHUB_API_URL` (default `https://api.github.com`); `http://`
+    /// only with `MOAT_GITHUB_ALLOW_PLAIN_HTTP=1`.
+    pub fn hosts_from_env(
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<InterceptedHost>, String> {
+        let plain = env("MOAT_GITHUB_ALLOW_PLAIN_HTTP").as_deref() == Some("1");
+        let mut hosts = Vec::new();
+        for (name, role, var, default) in [
+            (
+                "github.com",
+                HostRole::Git,
+                "MOAT_GITHUB_URL",
+                "https://github.com",
+            ),
+            (
+                "api.github.com",
+                HostRole::Api,
+                "MOAT_GITHUB_API_URL",
+                moat_creds::DEFAULT_API_URL,
+            ),
+        ] {
+            let url = env(var).unwrap_or_else(|| default.to_string());
+            let upstream = UpstreamUrl::parse(&url, plain).map_err(|e| {
+                format!(
+                    "{var}: {}",
+                    e.replace("MOAT_LLM_ALLOW_PLAIN_HTTP", "MOAT_GITHUB_ALLOW_PLAIN_HTTP")
+                )
+            })?;
+            hosts.push(InterceptedHost {
+                name: name.to_string(),
+                role,
+                upstream,
+            });
+        }
+        Ok(hosts)
+    }
+}
+
+/// One request through the interception, for the audit log. Never holds a
+/// header value, a query string or a body.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GithubRecord {
+    pub ts_ms: u64,
+    pub lease: String,
+    /// Always `github`.
+    pub kind: &'static str,
+    pub method: String,
+    pub host: String,
+    pub path: String,
+    pub status: u16,
+    /// `allowed` or `denied`.
+    pub verdict: &'static str,
+    pub reason: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// A token minted or revoked for a lease (from the broker's audit events).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub ts_ms: u64,
+    pub lease: String,
+    /// Always `github-token`.
+    pub kind: &'static str,
+    /// `minted` or `revoked`.
+    pub event: &'static str,
+    pub repositories: Vec<String>,
+    pub permissions: std::collections::BTreeMap<String, String>,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+/// Hands the broker's mint and revoke events to a door's audit log, named
+/// for the lease. Give it to `GithubBroker::new`.
+pub struct TokenAudit {
+    pub lease: String,
+    pub audit: Arc<dyn crate::Audit>,
+}
+
+impl moat_creds::AuditSink for TokenAudit {
+    fn record(&self, event: &moat_creds::GithubAudit) {
+        let (ev, repositories, permissions, expires_at) = match event {
+            moat_creds::GithubAudit::Minted {
+                repositories,
+                permissions,
+                expires_at,
+            } => ("minted", repositories, permissions, expires_at),
+            moat_creds::GithubAudit::Revoked {
+                repositories,
+                permissions,
+                expires_at,
+            } => ("revoked", repositories, permissions, expires_at),
+        };
+        self.audit.record_token(&TokenRecord {
+            ts_ms: crate::now_ms(),
+            lease: self.lease.clone(),
+            kind: "github-token",
+            event: ev,
+            repositories: repositories.clone(),
+            permissions: permissions.clone(),
+            expires_at: *expires_at,
+        });
+    }
+}
+
+/// The lease's running GitHub state inside its door.
+pub(crate) struct GithubState {
+    access: GithubAccess,
+    placeholder: Secret,
+    server_tls: Arc<rustls::ServerConfig>,
+    client_tls: Arc<rustls::ClientConfig>,
+    bundle: PathBuf,
+    /// Every token this lease used, for revocation when it ends.
+    used: Mutex<Vec<InstallationToken>>,
+}
+
+fn random_hex(n: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; n];
+    getrandom::getrandom(&mut buf).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A CA for one lease, limited by name constraints to the intercepted hosts,
+/// and one server certificate for all of them. Returns (CA PEM, chain, key).
+fn lease_pki(
+    lease: &str,
+    names: &[String],
+) -> Result<
+    (
+        String,
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    rcgen::Error,
+> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, GeneralSubtree, IsCa,
+        KeyPair, KeyUsagePurpose, NameConstraints,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("moat lease CA {lease}"));
+    ca.distinguished_name
+        .push(DnType::OrganizationName, "moat (this sandbox only)");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.name_constraints = Some(NameConstraints {
+        permitted_subtrees: names
+            .iter()
+            .map(|n| GeneralSubtree::DnsName(n.clone()))
+            .collect(),
+        excluded_subtrees: Vec::new(),
+    });
+    ca.not_before = now - time::Duration::hours(1);
+    ca.not_after = now + time::Duration::days(30);
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let mut leaf = CertificateParams::new(names.to_vec())?;
+    leaf.distinguished_name.push(
+        DnType::CommonName,
+        names.first().cloned().unwrap_or_default(),
+    );
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.not_before = now - time::Duration::hours(1);
+    leaf.not_after = now + time::Duration::days(30);
+    let leaf_key = KeyPair::generate()?;
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key)?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    Ok((
+        ca_cert.pem(),
+        vec![leaf_cert.der().clone(), ca_cert.der().clone()],
+        key,
+    ))
+}
+
+impl GithubState {
+    /// Makes the lease CA and writes the sandbox's CA bundle (the system's
+    /// roots plus the lease CA) into the access's state directory.
+    pub(crate) fn new(lease: &str, access: GithubAccess) -> std::io::Result<GithubState> {
+        let names: Vec<String> = access.hosts.iter().map(|h| h.name.clone()).collect();
+        let (ca_pem, chain, key) = lease_pki(lease, &names)
+            .map_err(|e| std::io::Error::other(format!("lease CA: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(std::io::Error::other)?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(std::io::Error::other)?;
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(std::io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut bundle_text = std::fs::read_to_string(SYSTEM_BUNDLE).unwrap_or_default();
+        if !bundle_text.is_empty() && !bundle_text.ends_with('\n') {
+            bundle_text.push('\n');
+        }
+        bundle_text.push_str(&format!(
+            "# moat lease CA for {lease} (trusted in this sandbox only)\n"
+        ));
+        bundle_text.push_str(&ca_pem);
+        let bundle = write_bundle(&access.state_dir, &bundle_text)?;
+        Ok(GithubState {
+            access,
+            placeholder: Secret::new(format!("ghs_moat{}", random_hex(16)?)),
+            server_tls: Arc::new(server),
+            client_tls: Arc::new(client),
+            bundle,
+            used: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The intercepted host named `name` (already normalized), if any.
+    pub(crate) fn host(&self, name: &str) -> Option<&InterceptedHost> {
+        self.access.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// Variables for the sandbox: the placeholder token and the CA bundle.
+    pub(crate) fn client_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            (
+                "GH_TOKEN".to_string(),
+                self.placeholder.expose().to_string(),
+            ),
+            (
+                "GITHUB_TOKEN".to_string(),
+                self.placeholder.expose().to_string(),
+            ),
+        ];
+        for v in CA_VARS {
+            env.push((v.to_string(), CA_BUNDLE_PATH.to_string()));
+        }
+        env
+    }
+
+    /// The host file bound read-only at [`CA_BUNDLE_PATH`].
+    pub(crate) fn bundle_path(&self) -> &Path {
+        &self.bundle
+    }
+
+    /// Revokes every token this lease used; returns how many failed.
+    pub(crate) async fn revoke_all(&self) -> usize {
+        let tokens: Vec<InstallationToken> = self
+            .used
+            .lock()
+            .map(|mut u| std::mem::take(&mut *u))
+            .unwrap_or_default();
+        let mut failed = 0;
+        for t in tokens {
+            if let Err(e) = self.access.broker.revoke(&t).await {
+                tracing::warn!(error = %e, "could not revoke a GitHub installation token");
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    async fn token(&self) -> Result<InstallationToken, moat_creds::CredsError> {
+        let t = self.access.broker.token(&self.access.scope).await?;
+        if let Ok(mut used) = self.used.lock() {
+            if !used.iter().any(|u| u.token.expose() == t.token.expose()) {
+                used.push(t.clone());
+            }
+        }
+        Ok(t)
+    }
+}
+
+impl Drop for GithubState {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.bundle);
+    }
+}
+
+fn write_bundle(dir: &Path, text: &str) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("ca-bundle-{}.pem", random_hex(8)?));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&path)?;
+    f.write_all(text.as_bytes())?;
+    // The sandbox's user reads it through a read-only bind; nobody writes it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))?;
+    Ok(path)
+}
+
+/// Bytes already read from the client (its ClientHello) before the rest.
+struct Rewound<S> {
+    first: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewound<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            let chunk = self.first.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewound<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Ends the sandbox's TLS for an intercepted host (its ClientHello, already
+/// read and checked against the host, is `hello`) and serves HTTP/1.1 on it.
+pub(crate) async fn serve_tls<S>(state: Arc<crate::State>, client: S, hello: Vec<u8>, host: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(gh) = state.github.as_ref() else {
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(gh.server_tls.clone());
+    let stream = Rewound {
+        first: Bytes::from(hello),
+        inner: client,
+    };
+    let tls = match tokio::time::timeout(STEP_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(host = %host, error = %e, "TLS with the sandbox failed (does it trust the lease CA?)");
+            return;
+        }
+        Err(_) => return,
+    };
+    let svc = hyper::service::service_fn(move |req| {
+        let st = state.clone();
+        let host = host.clone();
+        async move { Ok::<_, Infallible>(handle(st, host, req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(STEP_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), svc)
+        .await;
+}
+
+type GhBody = BoxBody<Bytes, hyper::Error>;
+
+fn full(b: impl Into<Bytes>) -> GhBody {
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+/// A JSON error the way GitHub's API shapes one.
+fn api_error(status: StatusCode, msg: &str) -> Response<GhBody> {
+    let body = json!({"message": msg, "documentation_url": "https://docs.github.com/rest", "status": status.as_u16().to_string()});
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+struct Call {
+    method: String,
+    host: String,
+    path: String,
+    t0: Instant,
+}
+
+impl Call {
+    fn audit(&self, st: &crate::State, status: u16, reason: Option<String>) {
+        st.audit_github(GithubRecord {
+            ts_ms: 0,
+            lease: String::new(),
+            kind: "github",
+            method: self.method.clone(),
+            host: self.host.clone(),
+            path: self.path.chars().take(1024).collect(),
+            status,
+            verdict: if reason.is_none() {
+                "allowed"
+            } else {
+                "denied"
+            },
+            reason,
+            duration_ms: self.t0.elapsed().as_millis() as u64,
+        });
+    }
+}
+
+/// What the sandbox sent as a credential, judged against the placeholder.
+#[derive(Debug, PartialEq, Eq)]
+enum Presented {
+    None,
+    Placeholder,
+    Other,
+}
+
+fn presented(h: &HeaderMap, placeholder: &str) -> Presented {
+    let mut values = h.get_all(header::AUTHORIZATION).iter();
+    let Some(v) = values.next() else {
+        return Presented::None;
+    };
+    if values.next().is_some() {
+        return Presented::Other;
+    }
+    let Ok(v) = v.to_str() else {
+        return Presented::Other;
+    };
+    let (scheme, rest) = v.trim().split_once(' ').unwrap_or((v, ""));
+    let rest = rest.trim();
+    let secret = match scheme.to_ascii_lowercase().as_str() {
+        "bearer" | "token" => rest.to_string(),
+        "basic" => {
+            let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(rest) else {
+                return Presented::Other;
+            };
+            let Ok(text) = String::from_utf8(raw) else {
+                return Presented::Other;
+            };
+            match text.split_once(':') {
+                Some((_, pass)) => pass.to_string(),
+                None => return Presented::Other,
+            }
+        }
+        _ => return Presented::Other,
+    };
+    if constant_time_eq(secret.as_bytes(), placeholder.as_bytes()) {
+        Presented::Placeholder
+    } else {
+        Presented::Other
+    }
+}
+
+/// Request headers never forwarded: credentials of any kind, hop-by-hop
+/// headers, and method overrides.
+fn strip_request_header(k: &HeaderName) -> bool {
+    matches!(
+        k.as_str(),
+        "authorization"
+            | "proxy-authorization"
+            | "cookie"
+            | "host"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+    )
+}
+
+/// `%XX`-decodes a path; `None` if an escape is malformed or not UTF-8.
+fn decode_path(p: &str) -> Option<String> {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Why a branch name is protected, if it is.
+fn protected_branch<'a>(protected: &'a [String], refname: &str) -> Option<&'a str> {
+    let branch = refname.strip_prefix("refs/heads/").unwrap_or(refname);
+    protected
+        .iter()
+        .find(|p| p.as_str() == branch)
+        .map(String::as_str)
+}
+
+fn refusal_text(branch: &str) -> String {
+    format!("moat: pushes to the protected branch {branch} are refused; push a feature branch and open a pull request")
+}
+
+/// What a REST or GraphQL call needs before it may pass.
+enum ApiJudgement {
+    /// Passes without reading the body.
+    Pass,
+    /// Refused now, with this reason.
+    Refuse(String),
+    /// The JSON body decides.
+    Body(fn(&Value, &[String]) -> Result<(), String>),
+}
+
+fn branch_field(field: &'static str) -> fn(&Value, &[String]) -> Result<(), String> {
+    match field {
+        "ref" => |v, p| match v.get("ref").and_then(Value::as_str) {
+            Some(r) => match protected_branch(p, r) {
+                Some(b) if r.starts_with("refs/heads/") => Err(refusal_text(b)),
+                _ => Ok(()),
+            },
+            None => Ok(()),
+        },
+        "base" => |v, p| match v.get("base").and_then(Value::as_str) {
+            Some(r) => protected_branch(p, r).map_or(Ok(()), |b| Err(refusal_text(b))),
+            None => Err("moat: a merge must name its base branch".into()),
+        },
+        _ => |v, p| {
+            match v.get("branch").and_then(Value::as_str) {
+            Some(r) => protected_branch(p, r).map_or(Ok(()), |b| Err(refusal_text(b))),
+            None => Err("moat: name the branch (\"branch\": ...); without one this call writes to the default branch, which may be protected".into()),
+        }
+        },
+    }
+}
+
+fn graphql_mutation(v: &Value, _: &[String]) -> Result<(), String> {
+    let query = v
+        .get("query")
+        .and_then(Value::as_str)
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    for m in BRANCH_MUTATIONS {
+        if query.contains(m) {
+            return Err(format!("moat: the GraphQL mutation {m} can update a protected branch and is refused; use git push to a feature branch"));
+        }
+    }
+    Ok(())
+}
+
+/// Judges a REST or GraphQL call by method and (decoded) path.
+fn judge_api(method: &Method, path: &str, protected: &[String]) -> ApiJudgement {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let m = method.as_str();
+    if m == "GET" || m == "HEAD" || m == "OPTIONS" {
+        return ApiJudgement::Pass;
+    }
+    match l.as_slice() {
+        ["graphql"] => ApiJudgement::Body(graphql_mutation),
+        ["repos", _, _, "git", "refs"] if m == "POST" => ApiJudgement::Body(branch_field("ref")),
+        ["repos", _, _, "git", "refs", "heads", ..] => {
+            let branch = segs[6..].join("/");
+            match protected_branch(protected, &branch) {
+                Some(b) => ApiJudgement::Refuse(refusal_text(b)),
+                None => ApiJudgement::Pass,
+            }
+        }
+        ["repos", _, _, "contents", ..] if m == "PUT" || m == "DELETE" => {
+            ApiJudgement::Body(branch_field("branch"))
+        }
+        ["repos", _, _, "merges"] => ApiJudgement::Body(branch_field("base")),
+        ["repos", _, _, "merge-upstream"] => ApiJudgement::Body(branch_field("branch")),
+        ["repos", _, _, "pulls", _, "merge"] => ApiJudgement::Refuse(
+            "moat: merging pull requests is refused (the branch it would update is not checked here); a person merges".into(),
+        ),
+        ["repos", _, _, "branches", ..] => ApiJudgement::Refuse(
+            "moat: changing branches (rename, protection) through the API is refused".into(),
+        ),
+        _ => ApiJudgement::Pass,
+    }
+}
+
+/// The ref updates at the start of a receive-pack request body.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PushCommands {
+    refs: Vec<String>,
+    caps: Vec<String>,
+    /// Bytes of the body the commands took (through the flush packet).
+    len: usize,
+}
+
+/// Parses the command list of a push (pkt-lines up to the first flush).
+/// `Ok(None)`: more bytes are needed. Errors refuse the push.
+fn parse_push(buf: &[u8]) -> Result<Option<PushCommands>, String> {
+    let mut out = PushCommands::default();
+    let mut i = 0;
+    let mut first = true;
+    loop {
+        let Some(len_hex) = buf.get(i..i + 4) else {
+            return Ok(None);
+        };
+        let len = std::str::from_utf8(len_hex)
+            .ok()
+            .and_then(|s| usize::from_str_radix(s, 16).ok())
+            .ok_or("moat: the push does not start with git's packet lines")?;
+        if len == 0 {
+            out.len = i + 4;
+            return Ok(Some(out));
+        }
+        if len < 4 {
+            return Err("moat: unexpected special packet in the push's commands".into());
+        }
+        let Some(line) = buf.get(i + 4..i + len) else {
+            return Ok(None);
+        };
+        i += len;
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let (cmd, caps) = match line.iter().position(|b| *b == 0) {
+            Some(z) => (&line[..z], Some(&line[z + 1..])),
+            None => (line, None),
+        };
+        let cmd = std::str::from_utf8(cmd).map_err(|_| "moat: a pushed ref name is not UTF-8")?;
+        if first {
+            if let Some(c) = caps {
+                out.caps = String::from_utf8_lossy(c)
+                    .split(' ')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect();
+            }
+            first = false;
+        }
+        if cmd.starts_with("shallow ") {
+            continue;
+        }
+        if cmd.starts_with("push-cert") {
+            return Err(
+                "moat: signed pushes cannot be checked for protected branches and are refused"
+                    .into(),
+            );
+        }
+        let mut parts = cmd.splitn(3, ' ');
+        let (Some(old), Some(new), Some(refname)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err("moat: a push command is not `old new ref`".into());
+        };
+        let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(old) || !hex(new) {
+            return Err("moat: a push command is not `old new ref`".into());
+        }
+        out.refs.push(refname.to_string());
+    }
+}
+
+fn pkt(payload: &[u8]) -> Vec<u8> {
+    let mut v = format!("{:04x}", payload.len() + 4).into_bytes();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// The answer git shows for a refused push: each ref rejected with the
+/// reason, and a `remote:` line saying why.
+fn push_refusal(cmds: &PushCommands, branch: &str) -> Response<GhBody> {
+    let text = refusal_text(branch);
+    if !cmds.caps.iter().any(|c| c.starts_with("report-status")) {
+        let mut r = Response::new(full(format!("{text}\n")));
+        *r.status_mut() = StatusCode::FORBIDDEN;
+        return r;
+    }
+    let mut report = pkt(b"unpack ok\n");
+    for r in &cmds.refs {
+        let why = match protected_branch(&[branch.to_string()], r) {
+            Some(_) => format!("protected branch {branch} (moat)"),
+            None => format!("push also updates the protected branch {branch} (moat)"),
+        };
+        report.extend(pkt(format!("ng {r} {why}\n").as_bytes()));
+    }
+    report.extend_from_slice(b"0000");
+    let mut body = Vec::new();
+    if cmds
+        .caps
+        .iter()
+        .any(|c| c == "side-band-64k" || c == "side-band")
+    {
+        body.extend(pkt(format!("\x02{text}\n").as_bytes()));
+        for chunk in report.chunks(900) {
+            let mut p = vec![1u8];
+            p.extend_from_slice(chunk);
+            body.extend(pkt(&p));
+        }
+        body.extend_from_slice(b"0000");
+    } else {
+        body = report;
+    }
+    let mut r = Response::new(full(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-git-receive-pack-result"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// A request body: bytes already read, then the rest as it comes.
+struct Prefixed {
+    first: Option<Bytes>,
+    rest: Option<Incoming>,
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(b) = self.first.take() {
+            if !b.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+        }
+        match self.rest.as_mut() {
+            Some(r) => Pin::new(r).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !matches!(&self.first, Some(b) if !b.is_empty())
+            && !matches!(&self.rest, Some(r) if !r.is_end_stream())
+    }
+}
+
+/// Reads the start of a push until its commands are complete.
+async fn read_push_commands(body: &mut Incoming) -> Result<(PushCommands, BytesMut, bool), String> {
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(c) = parse_push(&buf)? {
+            return Ok((c, buf, false));
+        }
+        if buf.len() > MAX_PUSH_COMMANDS {
+            return Err("moat: the push's ref updates are too long to check".into());
+        }
+        match tokio::time::timeout(STEP_TIMEOUT, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                }
+            }
+            Ok(Some(Err(e))) => return Err(format!("moat: the push could not be read: {e}")),
+            Ok(None) => {
+                return match parse_push(&buf)? {
+                    Some(c) => Ok((c, buf, true)),
+                    None => Err("moat: the push ended before its ref updates did".into()),
+                }
+            }
+            Err(_) => return Err("moat: timed out reading the push".into()),
+        }
+    }
+}
+
+async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> Response<GhBody> {
+    let call = Call {
+        method: req.method().as_str().chars().take(16).collect(),
+        host: host.clone(),
+        path: req.uri().path().to_string(),
+        t0: Instant::now(),
+    };
+    let deny = |status: StatusCode, msg: String, resp: Response<GhBody>| {
+        call.audit(&st, status.as_u16(), Some(msg));
+        resp
+    };
+    let Some(gh) = st.github.as_ref() else {
+        let msg = "moat: GitHub is not enabled for this sandbox".to_string();
+        return deny(
+            StatusCode::NOT_FOUND,
+            msg.clone(),
+            api_error(StatusCode::NOT_FOUND, &msg),
+        );
+    };
+    let Some(target) = gh.host(&host).cloned() else {
+        let msg = format!("moat: {host} is not a GitHub host of this sandbox");
+        return deny(
+            StatusCode::NOT_FOUND,
+            msg.clone(),
+            api_error(StatusCode::NOT_FOUND, &msg),
+        );
+    };
+    if presented(req.headers(), gh.placeholder.expose()) == Presented::Other {
+        let msg = "moat: Bad credentials; only this sandbox's GH_TOKEN placeholder (or no credential) is accepted".to_string();
+        let mut r = api_error(StatusCode::UNAUTHORIZED, &msg);
+        if target.role == HostRole::Git {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"GitHub\""),
+            );
+        }
+        return deny(StatusCode::UNAUTHORIZED, msg, r);
+    }
+    let Some(path) = decode_path(req.uri().path()) else {
+        let msg = "moat: the request path has a malformed %-escape".to_string();
+        return deny(
+            StatusCode::BAD_REQUEST,
+            msg.clone(),
+            api_error(StatusCode::BAD_REQUEST, &msg),
+        );
+    };
+    if path.split('/').any(|s| s == "." || s == "..") {
+        let msg = "moat: dot segments are not allowed in the path".to_string();
+        return deny(
+            StatusCode::BAD_REQUEST,
+            msg.clone(),
+            api_error(StatusCode::BAD_REQUEST, &msg),
+        );
+    }
+    let protected = &gh.access.protected_branches;
+    let (parts, mut body) = req.into_parts();
+    // Decide what body goes upstream, refusing writes to protected branches.
+    let out_body: GhBody = match target.role {
+        HostRole::Git
+            if parts.method == Method::POST
+                && path.trim_end_matches('/').ends_with("/git-receive-pack") =>
+        {
+            let encoded = parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            if encoded {
+                let msg = "moat: a compressed push cannot be checked for protected branches and is refused".to_string();
+                return deny(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    msg.clone(),
+                    api_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, &msg),
+                );
+            }
+            let (cmds, first, ended) = match read_push_commands(&mut body).await {
+                Ok(v) => v,
+                Err(msg) => {
+                    return deny(
+                        StatusCode::BAD_REQUEST,
+                        msg.clone(),
+                        api_error(StatusCode::BAD_REQUEST, &msg),
+                    );
+                }
+            };
+            if let Some(b) = cmds.refs.iter().find_map(|r| {
+                r.starts_with("refs/heads/")
+                    .then(|| protected_branch(protected, r))
+                    .flatten()
+            }) {
+                let b = b.to_string();
+                return deny(StatusCode::OK, refusal_text(&b), push_refusal(&cmds, &b));
+            }
+            Prefixed {
+                first: Some(first.freeze()),
+                rest: (!ended).then_some(body),
+            }
+            .boxed()
+        }
+        HostRole::Api => {
+            match judge_api(&parts.method, &path, protected) {
+                ApiJudgement::Pass => body.boxed(),
+                ApiJudgement::Refuse(msg) => {
+                    return deny(
+                        StatusCode::FORBIDDEN,
+                        msg.clone(),
+                        api_error(StatusCode::FORBIDDEN, &msg),
+                    );
+                }
+                ApiJudgement::Body(check) => {
+                    let bytes = match Limited::new(body, MAX_JUDGED_BODY).collect().await {
+                        Ok(b) => b.to_bytes(),
+                        Err(_) => {
+                            let msg = format!("moat: the request body is unreadable or over {MAX_JUDGED_BODY} bytes");
+                            return deny(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                msg.clone(),
+                                api_error(StatusCode::PAYLOAD_TOO_LARGE, &msg),
+                            );
+                        }
+                    };
+                    let Ok(doc) = serde_json::from_slice::<Value>(&bytes) else {
+                        let msg = "moat: this call writes to a repository and its body is not JSON, so its branch cannot be checked".to_string();
+                        return deny(
+                            StatusCode::BAD_REQUEST,
+                            msg.clone(),
+                            api_error(StatusCode::BAD_REQUEST, &msg),
+                        );
+                    };
+                    if let Err(msg) = check(&doc, protected) {
+                        return deny(
+                            StatusCode::FORBIDDEN,
+                            msg.clone(),
+                            api_error(StatusCode::FORBIDDEN, &msg),
+                        );
+                    }
+                    full(bytes)
+                }
+            }
+        }
+        HostRole::Git => body.boxed(),
+    };
+    let token = match gh.token().await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "no GitHub installation token");
+            let msg = format!("moat: could not get a GitHub token for this sandbox: {e}");
+            return deny(
+                StatusCode::BAD_GATEWAY,
+                msg.clone(),
+                api_error(StatusCode::BAD_GATEWAY, &msg),
+            );
+        }
+    };
+    let up = &target.upstream;
+    let mut uri = format!("{}{}", up.base_path, parts.uri.path());
+    if let Some(q) = parts.uri.query() {
+        uri.push('?');
+        uri.push_str(q);
+    }
+    let mut out = Request::builder()
+        .method(parts.method.clone())
+        .uri(uri.as_str());
+    let headers = out.headers_mut().expect("a fresh builder");
+    for (k, v) in &parts.headers {
+        if !strip_request_header(k) {
+            headers.append(k.clone(), v.clone());
+        }
+    }
+    if let Ok(h) = HeaderValue::from_str(&authority(up)) {
+        headers.insert(header::HOST, h);
+    }
+    let auth = match target.role {
+        HostRole::Git => format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD
+                .encode(format!("x-access-token:{}", token.token.expose()))
+        ),
+        HostRole::Api => format!("Bearer {}", token.token.expose()),
+    };
+    let Ok(mut auth) = HeaderValue::from_str(&auth) else {
+        let msg = "moat: the installation token is not a valid header value".to_string();
+        return deny(
+            StatusCode::BAD_GATEWAY,
+            msg.clone(),
+            api_error(StatusCode::BAD_GATEWAY, &msg),
+        );
+    };
+    auth.set_sensitive(true);
+    headers.insert(header::AUTHORIZATION, auth);
+    let Ok(out) = out.body(out_body) else {
+        let msg = "moat: malformed request".to_string();
+        return deny(
+            StatusCode::BAD_REQUEST,
+            msg.clone(),
+            api_error(StatusCode::BAD_REQUEST, &msg),
+        );
+    };
+    match send(&gh.client_tls, up, out).await {
+        Ok(resp) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            for h in [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "te",
+                "trailer",
+                "upgrade",
+                "set-cookie",
+            ] {
+                rparts.headers.remove(h);
+            }
+            call.audit(&st, rparts.status.as_u16(), None);
+            Response::from_parts(rparts, rbody.boxed())
+        }
+        Err(e) => {
+            tracing::warn!(host = %up.host, error = %e, "GitHub upstream failed");
+            let msg = format!(
+                "moat: the upstream {} could not be reached: {e}",
+                authority(up)
+            );
+            deny(
+                StatusCode::BAD_GATEWAY,
+                msg.clone(),
+                api_error(StatusCode::BAD_GATEWAY, &msg),
+            )
+        }
+    }
+}
+
+fn authority(up: &UpstreamUrl) -> String {
+    let default = if up.tls { 443 } else { 80 };
+    let host = if up.host.contains(':') {
+        format!("[{}]", up.host)
+    } else {
+        up.host.clone()
+    };
+    if up.port == default {
+        host
+    } else {
+        format!("{host}:{}", up.port)
+    }
+}
+
+/// Connects from the host to the configured upstream and sends `req`.
+async fn send(
+    tls: &Arc<rustls::ClientConfig>,
+    up: &UpstreamUrl,
+    req: Request<GhBody>,
+) -> Result<Response<Incoming>, String> {
+    let tcp = tokio::time::timeout(
+        STEP_TIMEOUT,
+        tokio::net::TcpStream::connect((up.host.as_str(), up.port)),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    if !up.tls {
+        return exchange(tcp, req).await;
+    }
+    let name =
+        rustls::pki_types::ServerName::try_from(up.host.clone()).map_err(|e| e.to_string())?;
+    let stream = tokio::time::timeout(
+        STEP_TIMEOUT,
+        tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| format!("TLS: {e}"))?;
+    exchange(stream, req).await
+}
+
+async fn exchange<S>(s: S, req: Request<GhBody>) -> Result<Response<Incoming>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender.send_request(req).await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prot() -> Vec<String> {
+        vec!["main".into(), "master".into()]
+    }
+
+    #[test]
+    fn placeholder_forms_are_recognised() {
+        let ph = "ghs_mootabc";
+        let mut h = HeaderMap::new();
+        assert_eq!(presented(&h, ph), Presented::None);
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("token ghs_mootabc"),
+        );
+        assert_eq!(presented(&h, ph), Presented::Placeholder);
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer ghs_mootabc"),
+        );
+        assert_eq!(presented(&h, ph), Presented::Placeholder);
+        let b = base64::engine::general_purpose::STANDARD.encode("x-access-token:ghs_mootabc");
+        h.insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Basic {b}")).unwrap(),
+        );
+        assert_eq!(presented(&h, ph), Presented::Placeholder);
+        h.insert("authorization", HeaderValue::from_static("Bearer ghp_real"));
+        assert_eq!(presented(&h, ph), Presented::Other);
+        h.insert("authorization", HeaderValue::from_static("Basic !!!"));
+        assert_eq!(presented(&h, ph), Presented::Other);
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("token ghs_mootabc"),
+        );
+        h.append(
+            "authorization",
+            HeaderValue::from_static("token ghs_mootabc"),
+        );
+        assert_eq!(presented(&h, ph), Presented::Other);
+    }
+
+    fn push_body(cmds: &[(&str, &str)], caps: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (i, (new, r)) in cmds.iter().enumerate() {
+            let line = if i == 0 {
+                format!("{} {new} {r}\0{caps}\n", "0".repeat(40))
+            } else {
+                format!("{} {new} {r}\n", "0".repeat(40))
+            };
+            b.extend(pkt(line.as_bytes()));
+        }
+        b.extend_from_slice(b"0000PACK....");
+        b
+    }
+
+    #[test]
+    fn push_commands_are_read_up_to_the_flush() {
+        let new = "a".repeat(40);
+        let body = push_body(
+            &[(&new, "refs/heads/feature"), (&new, "refs/heads/main")],
+            "report-status side-band-64k agent=git/2",
+        );
+        let c = parse_push(&body).unwrap().unwrap();
+        assert_eq!(c.refs, vec!["refs/heads/feature", "refs/heads/main"]);
+        assert!(c.caps.contains(&"report-status".to_string()));
+        assert_eq!(&body[c.len..], b"PACK....");
+        // Every shorter prefix asks for more bytes, never decides.
+        for n in 0..c.len {
+            assert_eq!(parse_push(&body[..n]).unwrap(), None, "prefix {n}");
+        }
+        assert!(parse_push(b"zzzz").is_err());
+        assert!(parse_push(b"0002").is_err());
+        assert!(parse_push(&pkt(b"push-cert\0caps\n")).is_err());
+        assert!(parse_push(&pkt(b"nothex xx refs/heads/a\n")).is_err());
+    }
+
+    #[test]
+    fn refused_pushes_report_each_ref() {
+        let new = "b".repeat(40);
+        let body = push_body(&[(&new, "refs/heads/main")], "report-status side-band-64k");
+        let c = parse_push(&body).unwrap().unwrap();
+        let r = push_refusal(&c, "main");
+        assert_eq!(r.status(), StatusCode::OK);
+        let c2 = PushCommands {
+            refs: vec!["refs/heads/main".into()],
+            caps: vec![],
+            len: 0,
+        };
+        assert_eq!(push_refusal(&c2, "main").status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn api_writes_to_protected_branches_are_judged() {
+        let p = prot();
+        let refuse = |m: &str, path: &str| {
+            matches!(
+                judge_api(&Method::from_bytes(m.as_bytes()).unwrap(), path, &p),
+                ApiJudgement::Refuse(_)
+            )
+        };
+        assert!(refuse("PATCH", "/repos/o/r/git/refs/heads/main"));
+        assert!(refuse("DELETE", "/repos/O/R/git/refs/heads/master"));
+        assert!(!refuse("PATCH", "/repos/o/r/git/refs/heads/feature"));
+        assert!(refuse("PUT", "/repos/o/r/pulls/3/merge"));
+        assert!(refuse("POST", "/repos/o/r/branches/main/rename"));
+        assert!(matches!(
+            judge_api(&Method::GET, "/repos/o/r/git/refs/heads/main", &p),
+            ApiJudgement::Pass
+        ));
+        let body = |m: &str, path: &str, v: Value| match judge_api(
+            &Method::from_bytes(m.as_bytes()).unwrap(),
+            path,
+            &p,
+        ) {
+            ApiJudgement::Body(f) => f(&v, &p),
+            _ => panic!("{m} {path} should read its body"),
+        };
+        assert!(body("PUT", "/repos/o/r/contents/a.txt", json!({"message":"m"})).is_err());
+        assert!(body("PUT", "/repos/o/r/contents/a.txt", json!({"branch":"main"})).is_err());
+        assert!(body("PUT", "/repos/o/r/contents/a.txt", json!({"branch":"feat"})).is_ok());
+        assert!(body(
+            "POST",
+            "/repos/o/r/git/refs",
+            json!({"ref":"refs/heads/main"})
+        )
+        .is_err());
+        assert!(body("POST", "/repos/o/r/git/refs", json!({"ref":"refs/heads/x"})).is_ok());
+        assert!(body(
+            "POST",
+            "/repos/o/r/merges",
+            json!({"base":"master","head":"x"})
+        )
+        .is_err());
+        assert!(body(
+            "POST",
+            "/graphql",
+            json!({"query":"mutation { x: createCommitOnBranch(input: {}) { commit { oid } } }"})
+        )
+        .is_err());
+        assert!(body(
+            "POST",
+            "/graphql",
+            json!({"query":"query { viewer { login } }"})
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn escaped_paths_are_decoded_before_judging() {
+        assert_eq!(
+            decode_path("/repos/o/r/git/refs/heads/%6Dain").as_deref(),
+            Some("/repos/o/r/git/refs/heads/main")
+        );
+        assert_eq!(decode_path("/a%2"), None);
+        assert_eq!(decode_path("/a%zz"), None);
+    }
+
+    #[test]
+    fn the_lease_ca_signs_a_certificate_for_the_hosts_only() {
+        let (pem, chain, _) =
+            lease_pki("t", &["github.com".into(), "api.github.com".into()]).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_eq!(chain.len(), 2);
+        let (pem2, _, _) = lease_pki("t", &["github.com".into()]).unwrap();
+        assert_ne!(pem, pem2, "every lease gets its own CA");
+    }
+}
