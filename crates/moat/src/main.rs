@@ -6,6 +6,8 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod github;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use moat_policy::{Overrides, SandboxPolicy};
@@ -101,6 +103,19 @@ struct RunArgs {
     /// (default: $MOAT_SECRETS_FILE).
     #[arg(long, value_name = "FILE")]
     secrets: Option<PathBuf>,
+    /// Give the sandbox GitHub access to OWNER/REPO (repeatable; one owner):
+    /// the door adds a GitHub App installation token, down-scoped to these
+    /// repositories, to requests for github.com and api.github.com; the
+    /// sandbox only sees a placeholder GH_TOKEN.
+    #[arg(long = "github", value_name = "OWNER/REPO")]
+    github: Vec<String>,
+    /// Token permission for --github, e.g. issues=write (repeatable;
+    /// default: contents=write, pull_requests=write).
+    #[arg(long = "github-permission", value_name = "NAME=LEVEL")]
+    github_permissions: Vec<String>,
+    /// Branch no push may update through --github (repeatable; default: main and master).
+    #[arg(long = "protect-branch", value_name = "BRANCH")]
+    protect_branches: Vec<String>,
     /// Policy file (TOML); flags override it.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -265,23 +280,46 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
     // this process, on its own small runtime, for as long as the sandbox runs.
     let mut door_runtime = None;
     let mut door = None;
-    let network = if policy.network.is_enabled() || llm.is_some() {
+    let network = if policy.network.is_enabled() || llm.is_some() || !args.github.is_empty() {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .context("starting the egress door's runtime")?;
-        let audit = moat_egress::JsonlAudit::open(&audit_path)
-            .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
+        let audit: std::sync::Arc<dyn moat_egress::Audit> = std::sync::Arc::new(
+            moat_egress::JsonlAudit::open(&audit_path)
+                .with_context(|| format!("opening the audit log {}", audit_path.display()))?,
+        );
+        let github = if args.github.is_empty() {
+            None
+        } else {
+            let flags = github::GithubFlags {
+                repos: &args.github,
+                permissions: &args.github_permissions,
+                protect: &args.protect_branches,
+            };
+            let state_dir = engine
+                .config()
+                .runtime_dir
+                .join("doors")
+                .join(format!("cli-{}", std::process::id()));
+            Some(github::access(
+                &flags,
+                |k| secrets.get(k),
+                "cli",
+                audit.clone(),
+                state_dir,
+            )?)
+        };
         let d = moat_egress::Door::start(
             rt.handle(),
             moat_egress::DoorConfig {
                 lease: "cli".into(),
                 policy: std::sync::Arc::new(policy.network.clone()),
                 resolver: moat_egress::Resolver::System,
-                audit: std::sync::Arc::new(audit),
+                audit,
                 llm,
-                github: None,
+                github,
             },
         )
         .context("starting the egress door")?;
@@ -290,7 +328,9 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
             env: moat_egress::Door::client_env()
                 .into_iter()
                 .chain(d.llm_env())
+                .chain(d.github_env())
                 .collect(),
+            files: d.files(),
         };
         door = Some(d);
         door_runtime = Some(rt);
@@ -319,9 +359,18 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
                 .and_then(|_| stdout.lock().flush()),
             Stream::Stderr => stderr.lock().write_all(bytes),
         };
-    })?;
+    });
     let t_run = t0.elapsed();
-    lease.destroy().context("cleaning up the sandbox")?;
+    let destroyed = lease.destroy();
+    // The lease is over: its GitHub tokens end with it.
+    if let (Some(d), Some(rt)) = (&door, &door_runtime) {
+        let failed = rt.block_on(d.revoke_github());
+        if failed > 0 {
+            eprintln!("moat: warning: {failed} GitHub token(s) could not be revoked (see the log); they expire by themselves within an hour");
+        }
+    }
+    let outcome = outcome?;
+    destroyed.context("cleaning up the sandbox")?;
     drop(door);
     if let Some(rt) = door_runtime {
         rt.shutdown_background();
