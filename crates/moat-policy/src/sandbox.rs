@@ -94,6 +94,10 @@ pub struct SandboxPolicy {
     pub network: NetworkPolicy,
     /// System calls denied on top of moat's fixed list (names, checked by the backend).
     pub extra_denied_syscalls: Vec<String>,
+    /// `[llm]`: the LLM APIs the door serves (keys never come from a policy).
+    pub llm: crate::credentials::LlmSettings,
+    /// `[github]`: the repositories the door injects a GitHub token for.
+    pub github: crate::credentials::GithubSettings,
 }
 
 impl Default for SandboxPolicy {
@@ -122,6 +126,8 @@ impl Default for SandboxPolicy {
             },
             network: NetworkPolicy::default(),
             extra_denied_syscalls: Vec::new(),
+            llm: Default::default(),
+            github: Default::default(),
         }
     }
 }
@@ -143,6 +149,10 @@ struct RawPolicy {
     network: RawNetwork,
     #[serde(default)]
     syscalls: RawSyscalls,
+    #[serde(default)]
+    llm: crate::credentials::RawLlm,
+    #[serde(default)]
+    github: crate::credentials::RawGithub,
 }
 
 #[derive(Deserialize, Default)]
@@ -358,6 +368,8 @@ impl SandboxPolicy {
             }
             p.extra_denied_syscalls.push(name.clone());
         }
+        p.llm = raw.llm.validate()?;
+        p.github = raw.github.validate()?;
         Ok(p)
     }
 

@@ -238,9 +238,51 @@ fn sandbox_stdin() -> anyhow::Result<StdinSource> {
     Ok(StdinSource::Fd(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
+/// The policy file's `[llm]` and `[github]` settings under the flags: lists
+/// add up, single values from a flag win.
+fn merge_credentials(args: &mut RunArgs, policy: &SandboxPolicy) {
+    args.llm.extend(policy.llm.providers.iter().cloned());
+    if args.llm_models.is_empty() {
+        args.llm_models = policy.llm.models.clone();
+    }
+    args.llm_budget = args.llm_budget.or(policy.llm.budget);
+    args.llm_user_budget = args.llm_user_budget.or(policy.llm.user_budget);
+    args.github
+        .extend(policy.github.repositories.iter().cloned());
+    if args.github_permissions.is_empty() {
+        args.github_permissions = policy
+            .github
+            .permissions
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+    }
+    if args.protect_branches.is_empty() {
+        args.protect_branches = policy.github.protected_branches.clone().unwrap_or_default();
+    }
+}
+
+/// Upstream URLs from the policy file win over moat's environment; every
+/// other name is looked up in the environment, then the secrets file.
+fn credential_setting(
+    policy: &SandboxPolicy,
+    secrets: &moat_creds::secrets::Lookup,
+    key: &str,
+) -> Option<String> {
+    let from_policy = match key {
+        "MOAT_ANTHROPIC_URL" => policy.llm.anthropic_url.clone(),
+        "MOAT_OPENAI_URL" => policy.llm.openai_url.clone(),
+        "MOAT_GITHUB_URL" => policy.github.url.clone(),
+        "MOAT_GITHUB_API_URL" => policy.github.api_url.clone(),
+        _ => None,
+    };
+    from_policy.or_else(|| secrets.get(key))
+}
+
+fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
     let t0 = std::time::Instant::now();
     let policy = load_policy(&args)?;
+    merge_credentials(&mut args, &policy);
     let engine = Engine::new(EngineConfig::from_env(), policy.backend)?;
     let t_engine = t0.elapsed();
     let workspace = match &args.workspace {
@@ -258,8 +300,10 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
                 format!("--llm {name}: unknown provider; use anthropic or openai")
             })?);
         }
-        let mut cfg = moat_egress::llm::LlmConfig::from_env(&providers, |k| secrets.get(k))
-            .map_err(anyhow::Error::msg)?;
+        let mut cfg = moat_egress::llm::LlmConfig::from_env(&providers, |k| {
+            credential_setting(&policy, &secrets, k)
+        })
+        .map_err(anyhow::Error::msg)?;
         cfg.models = args.llm_models.clone();
         cfg.token_budget = args.llm_budget;
         cfg.user = Some(args.user.clone().unwrap_or_else(|| {
@@ -305,7 +349,7 @@ fn sandbox_run(args: RunArgs) -> anyhow::Result<u8> {
                 .join(format!("cli-{}", std::process::id()));
             Some(github::access(
                 &flags,
-                |k| secrets.get(k),
+                |k| credential_setting(&policy, &secrets, k),
                 "cli",
                 audit.clone(),
                 state_dir,
