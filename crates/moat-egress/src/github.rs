@@ -397,6 +397,8 @@ impl GithubState {
 impl Drop for GithubState {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.bundle);
+        // The directory goes too once no other door of this run uses it.
+        let _ = std::fs::remove_dir(&self.access.state_dir);
     }
 }
 
