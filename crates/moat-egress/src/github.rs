@@ -682,10 +682,16 @@ fn graphql_mutation(v: &Value, _: &[String]) -> Result<(), String> {
 
 /// Judges a REST or GraphQL call by method and (decoded) path.
 fn judge_api(method: &Method, path: &str, protected: &[String]) -> ApiJudgement {
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let mut segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // `/repositories/ID/...` is GitHub's alias of `/repos/OWNER/REPO/...`.
+    if segs.len() >= 2 && segs[0].eq_ignore_ascii_case("repositories") {
+        segs.splice(0..1, ["repos", "-"]);
+    }
     let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
-    let m = method.as_str();
+    // Methods are judged whatever their case (fail closed on `put`).
+    let upper = method.as_str().to_ascii_uppercase();
+    let m = upper.as_str();
     if m == "GET" || m == "HEAD" || m == "OPTIONS" {
         return ApiJudgement::Pass;
     }
@@ -954,8 +960,12 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
     // Decide what body goes upstream, refusing writes to protected branches.
     let out_body: GhBody = match target.role {
         HostRole::Git
-            if parts.method == Method::POST
-                && path.trim_end_matches('/').ends_with("/git-receive-pack") =>
+            if parts.method.as_str().eq_ignore_ascii_case("POST")
+                && path
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|last| last.to_ascii_lowercase().contains("receive-pack")) =>
         {
             let encoded = parts
                 .headers
@@ -1284,6 +1294,8 @@ mod tests {
             )
         };
         assert!(refuse("PATCH", "/repos/o/r/git/refs/heads/main"));
+        assert!(refuse("patch", "/repos/o/r/git/refs/heads/main"));
+        assert!(refuse("PATCH", "/repositories/42/git/refs/heads/main"));
         assert!(refuse("DELETE", "/repos/O/R/git/refs/heads/master"));
         assert!(!refuse("PATCH", "/repos/o/r/git/refs/heads/feature"));
         assert!(refuse("PUT", "/repos/o/r/pulls/3/merge"));
