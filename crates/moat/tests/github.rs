@@ -872,6 +872,10 @@ t delete_main git push origin :main
 t force_main git push -f origin HEAD:main
 t clone_nodotgit git clone -q https://github.com/@O@/@R@ /tmp/r2
 t clone_placeholder git clone -q "https://x-access-token:$GH_TOKEN@github.com/@O@/@R@.git" /tmp/r3
+head -c 3000000 /dev/urandom > big && git add big && git commit -q -m big
+echo "BIG=$(git rev-parse HEAD)"
+t push_big_feature git push origin HEAD:feature-big
+t push_big_main git push origin HEAD:main
 "#),
     );
     assert_ok(&out);
@@ -895,6 +899,14 @@ t clone_placeholder git clone -q "https://x-access-token:$GH_TOKEN@github.com/@O
     p.failed("push_both", None, "");
     p.succeeded("clone_nodotgit", "");
     p.succeeded("clone_placeholder", "");
+    // A 3 MB pack (sent chunked, after git's probe request): the ref updates
+    // are still read.
+    p.succeeded("push_big_feature", "");
+    p.failed("push_big_main", None, "protected");
+    assert_eq!(
+        fake.branch(REPO, "feature-big"),
+        Some(line(&out.stdout, "BIG="))
+    );
 
     let head = line(&out.stdout, "HEAD=");
     assert_eq!(fake.branch(REPO, "feature-x"), Some(head));
@@ -1130,13 +1142,28 @@ echo "GQL_UPDATEREF=$(api POST /graphql -d '{"query":"mutation { updateRef(input
 echo "GQL_UPDATEREFS=$(api POST /graphql -d '{"query":"mutation { updateRefs(input: {repositoryId: \"R_1\", refUpdates: []}) { clientMutationId } }"}')"
 echo "GQL_DELETEREF=$(api POST /graphql -d '{"query":"mutation { deleteRef(input: {refId: \"REF_1\"}) { clientMutationId } }"}')"
 echo "GQL_CREATEREF=$(api POST /graphql -d '{"query":"mutation { createRef(input: {repositoryId: \"R_1\", name: \"refs/heads/main\", oid: \"%C1%\"}) { clientMutationId } }"}')"
+echo "EV_PERCENT=$(api PATCH $R/git/refs/heads/ma%69n -d '{"sha":"%C1%","force":true}')"
+echo "EV_SLASH=$(api PATCH $R/git/refs/heads%2Fmain -d '{"sha":"%C1%","force":true}')"
+echo "EV_REPO_PERCENT=$(api PATCH /repos/@O@/%UR1%%70o/git/refs/heads/main -d '{"sha":"%C1%","force":true}')"
+echo "EV_LOWER_METHOD=$(api patch $R/git/refs/heads/main -d '{"sha":"%C1%","force":true}')"
+echo "EV_REPO_ID=$(api PATCH /repositories/1000/git/refs/heads/main -d '{"sha":"%C1%","force":true}')"
+echo "EV_TRAILING=$(api PATCH $R/git/refs/heads/main/ -d '{"sha":"%C1%","force":true}')"
+echo "EV_DOUBLE_SLASH=$(api PATCH //repos/@O@/@R@/git/refs/heads/main -d '{"sha":"%C1%","force":true}')"
+echo "EV_FULL_REF=$(api PUT $R/contents/api.txt -d '{"message":"m","content":"aGkK","branch":"refs/heads/main"}')"
+echo "EV_DUP_KEY=$(api PUT $R/contents/api.txt -d '{"message":"m","content":"aGkK","branch":"feature-x","branch":"main"}')"
+echo "EV_GQL_ESCAPE=$(api POST /graphql -d '{"query":"mutation { createCommit\u004fnBranch(input: {}) { commit { oid } } }"}')"
+echo "EV_GQL_ESCAPE2=$(api POST /graphql -d '{"query":"\u006dutation { createCommitOnBranch(input: {}) { commit { oid } } }"}')"
+echo "EV_GQL_COMMENT=$(api POST /graphql -d '{"query":"mutation { #x\n createCommitOnBranch(input: {}) { commit { oid } } }"}')"
+echo "EV_DOT_SEGMENT=$(curl -sS --path-as-is -m 30 -w ' %{http_code}' -X PATCH -H "Authorization: Bearer $GH_TOKEN" "https://api.github.com$R/git/refs/heads/x/../main" -d '{"sha":"%C1%","force":true}'; echo)"
+echo "EV_GZIP_BODY=$(printf '{"message":"m","content":"aGkK","branch":"main"}' | gzip | curl -sS -m 30 -w ' %{http_code}' -X PUT -H "Authorization: Bearer $GH_TOKEN" -H 'Content-Encoding: gzip' --data-binary @- https://api.github.com$R/contents/api.txt; echo)"
 echo "PUT_FEATURE=$(api PUT $R/contents/api.txt -d '{"message":"via api","content":"aGkK","branch":"feature-x"}')"
 echo "GQL_QUERY=$(api POST /graphql -d '{"query":"query { repository(owner: \"@O@\", name: \"@R@\") { name } }"}')"
 "#
     .replace("%C1%", &c1)
     .replace("%M0%", &main0)
     .replace("%UO%", &upper_o)
-    .replace("%UR%", &upper_r);
+    .replace("%UR%", &upper_r)
+    .replace("%UR1%", &REPO[..REPO.len() - 2]);
     let out = run(&sb, &fake, &["--github", &repo_arg(REPO)], &script);
     assert_ok(&out);
     let ph = placeholder(&out);
@@ -1157,6 +1184,18 @@ echo "GQL_QUERY=$(api POST /graphql -d '{"query":"query { repository(owner: \"@O
         "GQL_UPDATEREFS",
         "GQL_DELETEREF",
         "GQL_CREATEREF",
+        "EV_PERCENT",
+        "EV_SLASH",
+        "EV_REPO_PERCENT",
+        "EV_LOWER_METHOD",
+        "EV_REPO_ID",
+        "EV_TRAILING",
+        "EV_DOUBLE_SLASH",
+        "EV_FULL_REF",
+        "EV_DUP_KEY",
+        "EV_GQL_ESCAPE",
+        "EV_GQL_ESCAPE2",
+        "EV_GQL_COMMENT",
     ] {
         let l = line(&out.stdout, &format!("{k}="));
         let (body, status) = l.rsplit_once(' ').unwrap_or(("", &l));
@@ -1169,6 +1208,15 @@ echo "GQL_QUERY=$(api POST /graphql -d '{"query":"query { repository(owner: \"@O
                 .is_some_and(|m| m.contains("protected")),
             "{k}: {l}"
         );
+    }
+    // Bodies and paths the door cannot judge are refused (400 or 403).
+    for k in ["EV_DOT_SEGMENT", "EV_GZIP_BODY"] {
+        let l = line(&out.stdout, &format!("{k}="));
+        assert!(
+            l.ends_with(" 400") || l.ends_with(" 403"),
+            "{k} was not refused: {l}"
+        );
+        assert!(l.contains("moat:"), "{k}: {l}");
     }
     // Merging a pull request is refused whatever its base.
     let l = line(&out.stdout, "PR_MERGE=");

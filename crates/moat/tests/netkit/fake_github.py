@@ -16,7 +16,9 @@
 #   repository of NAME is GIT_ROOT/OWNER/NAME.git.
 # Listens on two ports, "web" (github.com: git) and "api" (api.github.com),
 # both serving everything; prints {"web": PORT, "api": PORT} on stdout once
-# listening. Owner and repository names match case-insensitively, as on GitHub.
+# listening. Owner and repository names match case-insensitively, API paths
+# are percent-decoded before routing and /repositories/ID stands for the
+# repository with that id (1000, 1001, ...), as on GitHub.
 #
 # LOG records:
 #   {"kind":"request", "server" ("web" or "api"), "method", "path" (with
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 APP_ID, INSTALLATION, PUBKEY, OWNER, REPOS, GIT_ROOT, LOG = sys.argv[1:8]
 REPOS = [r for r in REPOS.split(",") if r]
@@ -247,9 +250,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.revoke()
         if path == "/graphql" and self.command == "POST":
             return self.graphql(doc)
+        path = urllib.parse.unquote(path)
         m = re.match(r"^/repos/([^/]+)/([^/]+)(/.*)?$", path)
         if m:
             return self.repo_api(m.group(1), m.group(2), m.group(3) or "", doc)
+        m = re.match(r"^/repositories/(\d+)(/.*)?$", path)
+        if m and 0 <= int(m.group(1)) - 1000 < len(REPOS):
+            return self.repo_api(OWNER, REPOS[int(m.group(1)) - 1000], m.group(2) or "", doc)
         return self.fail(404, "Not Found")
 
     do_GET = do_POST = do_HEAD = do_PUT = do_PATCH = do_DELETE = any
