@@ -666,18 +666,25 @@ fn branch_field(field: &'static str) -> fn(&Value, &[String]) -> Result<(), Stri
     }
 }
 
+/// A GraphQL body: one `{"query": ...}` object or a batch of them. Anything
+/// else cannot be judged and is refused.
 fn graphql_mutation(v: &Value, _: &[String]) -> Result<(), String> {
-    let query = v
-        .get("query")
-        .and_then(Value::as_str)
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
-    for m in BRANCH_MUTATIONS {
-        if query.contains(m) {
-            return Err(format!("moat: the GraphQL mutation {m} can update a protected branch and is refused; use git push to a feature branch"));
+    let one = |doc: &Value| -> Result<(), String> {
+        let Some(query) = doc.get("query").and_then(Value::as_str) else {
+            return Err("moat: a GraphQL request must be {\"query\": \"...\"}".into());
+        };
+        let query = query.to_ascii_lowercase();
+        for m in BRANCH_MUTATIONS {
+            if query.contains(m) {
+                return Err(format!("moat: the GraphQL mutation {m} can update a protected branch and is refused; use git push to a feature branch"));
+            }
         }
+        Ok(())
+    };
+    match v {
+        Value::Array(batch) => batch.iter().try_for_each(one),
+        doc => one(doc),
     }
-    Ok(())
 }
 
 /// Judges a REST or GraphQL call by method and (decoded) path.
@@ -692,6 +699,9 @@ fn judge_api(method: &Method, path: &str, protected: &[String]) -> ApiJudgement 
     // Methods are judged whatever their case (fail closed on `put`).
     let upper = method.as_str().to_ascii_uppercase();
     let m = upper.as_str();
+    if l.as_slice() == ["graphql"] && m != "POST" {
+        return ApiJudgement::Refuse("moat: GraphQL is accepted by POST only".into());
+    }
     if m == "GET" || m == "HEAD" || m == "OPTIONS" {
         return ApiJudgement::Pass;
     }
@@ -1340,6 +1350,10 @@ mod tests {
             json!({"query":"query { viewer { login } }"})
         )
         .is_ok());
+        let batch = json!([{"query": "query { a }"}, {"query": "mutation { mergePullRequest(input: {}) { x } }"}]);
+        assert!(body("POST", "/graphql", batch).is_err());
+        assert!(body("POST", "/graphql", json!({"variables": {}})).is_err());
+        assert!(refuse("GET", "/graphql"));
     }
 
     #[test]

@@ -1154,6 +1154,8 @@ echo "EV_DUP_KEY=$(api PUT $R/contents/api.txt -d '{"message":"m","content":"aGk
 echo "EV_GQL_ESCAPE=$(api POST /graphql -d '{"query":"mutation { createCommit\u004fnBranch(input: {}) { commit { oid } } }"}')"
 echo "EV_GQL_ESCAPE2=$(api POST /graphql -d '{"query":"\u006dutation { createCommitOnBranch(input: {}) { commit { oid } } }"}')"
 echo "EV_GQL_COMMENT=$(api POST /graphql -d '{"query":"mutation { #x\n createCommitOnBranch(input: {}) { commit { oid } } }"}')"
+echo "EV_GQL_BATCH=$(api POST /graphql -d '[{"query":"query { viewer { login } }"},{"query":"mutation { createCommitOnBranch(input: {}) { commit { oid } } }"}]')"
+echo "EV_GQL_GET=$(api GET '/graphql?query=mutation%7BcreateCommitOnBranch(input:%7B%7D)%7Bcommit%7Boid%7D%7D%7D')"
 echo "EV_DOT_SEGMENT=$(curl -sS --path-as-is -m 30 -w ' %{http_code}' -X PATCH -H "Authorization: Bearer $GH_TOKEN" "https://api.github.com$R/git/refs/heads/x/../main" -d '{"sha":"%C1%","force":true}'; echo)"
 echo "EV_GZIP_BODY=$(printf '{"message":"m","content":"aGkK","branch":"main"}' | gzip | curl -sS -m 30 -w ' %{http_code}' -X PUT -H "Authorization: Bearer $GH_TOKEN" -H 'Content-Encoding: gzip' --data-binary @- https://api.github.com$R/contents/api.txt; echo)"
 echo "PUT_FEATURE=$(api PUT $R/contents/api.txt -d '{"message":"via api","content":"aGkK","branch":"feature-x"}')"
@@ -1196,6 +1198,7 @@ echo "GQL_QUERY=$(api POST /graphql -d '{"query":"query { repository(owner: \"@O
         "EV_GQL_ESCAPE",
         "EV_GQL_ESCAPE2",
         "EV_GQL_COMMENT",
+        "EV_GQL_BATCH",
     ] {
         let l = line(&out.stdout, &format!("{k}="));
         let (body, status) = l.rsplit_once(' ').unwrap_or(("", &l));
@@ -1210,7 +1213,7 @@ echo "GQL_QUERY=$(api POST /graphql -d '{"query":"query { repository(owner: \"@O
         );
     }
     // Bodies and paths the door cannot judge are refused (400 or 403).
-    for k in ["EV_DOT_SEGMENT", "EV_GZIP_BODY"] {
+    for k in ["EV_DOT_SEGMENT", "EV_GZIP_BODY", "EV_GQL_GET"] {
         let l = line(&out.stdout, &format!("{k}="));
         assert!(
             l.ends_with(" 400") || l.ends_with(" 403"),
