@@ -934,6 +934,11 @@ impl Body for Metered {
                 if let Some(d) = f.data_ref() {
                     this.meter.feed(d);
                 }
+                // A stream with a Content-Length ends with its last frame:
+                // hyper stops polling then, so the record is written here.
+                if this.inner.is_end_stream() {
+                    this.finish(None);
+                }
             }
             Poll::Ready(None) => this.finish(None),
             Poll::Ready(Some(Err(e))) => this.finish(Some(format!("upstream stream failed: {e}"))),

@@ -180,6 +180,16 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
                     "stop_reason":"end_turn","stop_sequence":null,
                     "usage":{"input_tokens":25,"cache_creation_input_tokens":3,"cache_read_input_tokens":7,"output_tokens":12}}),
             );
+        } else if req.header("x-test-length").is_some() {
+            // A stream framed by Content-Length (as some gateways send it).
+            let ev = |t: &str, d: Value| format!("event: {t}\ndata: {d}\n\n");
+            let text = [
+                ev("message_start", json!({"type":"message_start","message":{"id":"msg_fake","type":"message","role":"assistant","model":doc["model"],"content":[],"stop_reason":null,"usage":{"input_tokens":20,"output_tokens":1}}})),
+                ev("message_delta", json!({"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":4}})),
+                ev("message_stop", json!({"type":"message_stop"})),
+            ]
+            .concat();
+            let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}", text.len());
         } else {
             let ev = |t: &str, d: Value| format!("event: {t}\ndata: {d}\n\n");
             let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
@@ -411,6 +421,37 @@ res["o_stream"] = events(post(O + "/chat/completions", dict(chat, stream=True, s
 res["r_plain"] = json.load(post(O + "/responses", {"model": "gpt-test", "input": "hi"}, OH))
 print(json.dumps(res))
 "#;
+
+/// A stream framed by Content-Length instead of chunks is counted and
+/// recorded as complete (the record is written with its last frame).
+fn length_framed_stream_is_recorded_whole(b: Backend) {
+    let keys = Keys::new();
+    let sb = Sandbox::new(b, "llm-length");
+    let fake = FakeLlm::start(&sb.ws, &keys);
+    let script = r#"curl -sS -N "$ANTHROPIC_BASE_URL/v1/messages" -H "x-api-key: $ANTHROPIC_API_KEY" -H 'x-test-length: 1' -H 'content-type: application/json' -d '{"model":"claude-test","max_tokens":8,"stream":true,"messages":[]}' | grep -c '^event:'"#;
+    let out = run(&sb, &keys, &fake, &[], script);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.text().trim(), "3", "all three events arrived");
+    let recs = llm_records(&sb);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let r = &recs[0];
+    assert_eq!(r["stream"], true, "{r}");
+    assert_eq!(
+        r["reason"],
+        Value::Null,
+        "a whole stream is not 'closed early': {r}"
+    );
+    assert_eq!(
+        (r["input_tokens"].as_u64(), r["output_tokens"].as_u64()),
+        (Some(20), Some(4)),
+        "{r}"
+    );
+}
 
 fn clients_complete_calls(b: Backend) {
     let keys = Keys::new();
@@ -1026,6 +1067,7 @@ fn llm_without_the_host_key_fails_naming_the_variable() {
 
 net_tests! {
     llm_curl_and_python_complete_messages_and_chat_calls => clients_complete_calls;
+    llm_length_framed_stream_is_recorded_whole => length_framed_stream_is_recorded_whole;
     llm_model_allowlist_and_token_budget => model_allowlist_and_budget;
     llm_user_budget_spans_runs_per_user_with_channel_in_audit => user_budget_spans_runs;
     attack_c1_real_llm_key_is_nowhere_in_the_sandbox => attack_c1;
