@@ -1811,6 +1811,30 @@ fn node_fetch(b: Backend) {
     fake.assert_swapped(&[&ph]);
 }
 
+/// GitHub's own CLI, unchanged: it reads GH_TOKEN (the placeholder) and the
+/// CA bundle from SSL_CERT_FILE, and goes through HTTPS_PROXY.
+fn gh_cli(b: Backend) {
+    let fake = FakeGithub::start();
+    let sb = Sandbox::new(b, "gh-cli");
+    let script = fill(
+        r#"echo PH=$GH_TOKEN
+echo "VIEW=$(gh api repos/@O@/@R@ 2>&1)"
+echo "WRITE=$(gh api -X PATCH repos/@O@/@R@/git/refs/heads/main -f sha=0000000000000000000000000000000000000000 2>&1; echo " rc=$?")""#,
+    );
+    let out = run(&sb, &fake, &["--github", &repo_arg(REPO)], &script);
+    assert_ok(&out);
+    let ph = placeholder(&out);
+    let v: Value = serde_json::from_str(&line(&out.stdout, "VIEW="))
+        .unwrap_or_else(|e| panic!("gh api did not print JSON ({e}): {}", &out.stdout));
+    assert_eq!(v["full_name"], repo_arg(REPO), "{v}");
+    let w = line(&out.stdout, "WRITE=");
+    assert!(
+        w.contains("protected branch main") && w.contains("HTTP 403") && !w.ends_with("rc=0"),
+        "{w}"
+    );
+    fake.assert_swapped(&[&ph]);
+}
+
 #[test]
 fn github_without_the_app_variables_fails_naming_the_variable() {
     let sb = Sandbox::new(Backend::Bwrap, "gh-novars");
@@ -1883,6 +1907,7 @@ net_tests! {
     github_git_clone_push_feature_and_protected_main => git_push_protection;
     github_api_through_curl_and_python => api_clients;
     github_api_writes_to_protected_branches_are_refused => api_push_protection;
+    github_gh_cli_works_unchanged => gh_cli;
     github_one_mint_per_run_revoke_and_audit => mint_once_revoke_and_audit;
     github_lease_ca_is_per_lease_and_only_in_the_lease_bundle => lease_ca;
     github_node_fetch_reaches_the_api => node_fetch;
