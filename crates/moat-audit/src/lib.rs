@@ -1,0 +1,1 @@
+//! moat-audit (being written).

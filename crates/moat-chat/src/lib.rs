@@ -1,0 +1,1 @@
+//! moat-chat (being written).
