@@ -1,1 +1,9 @@
-//! moat-gateway (being written).
+//! moat-gateway: the pipeline from a chat message to the answer: the durable
+//! inbox, authorization, rate limits, debounce, conversations, the runner
+//! pool, the agent run in the conversation's sandbox, and the reply.
+//!
+//! Must never: run a message before it is stored, run two requests in one
+//! lease at once, let one conversation see another's files, or drop a stored
+//! message without an answer or a failure report.
+
+pub mod pool;

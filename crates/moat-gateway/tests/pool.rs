@@ -1,0 +1,204 @@
+//! The runner pool against real bwrap sandboxes: warm leases, clean state
+//! between holders (ATTACKS.md C3 at the pool level), FIFO waiting with a
+//! bound, and recovery of a sandbox killed from outside.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use moat_gateway::pool::{LeaseFactory, Pool, PoolError};
+use moat_policy::{BackendKind, SandboxPolicy};
+use moat_sandbox::{Engine, EngineConfig, RunSpec, Stream};
+
+/// moat-init next to the test binaries (built on demand: `cargo test -p
+/// moat-gateway` alone does not build other packages' binaries).
+fn init_path() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let p = exe.parent().unwrap().parent().unwrap().join("moat-init");
+        if !p.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let ok = std::process::Command::new(cargo)
+                .args(["build", "-p", "moat-sandbox", "--bin", "moat-init"])
+                .status()
+                .expect("running cargo to build moat-init")
+                .success();
+            assert!(ok && p.exists(), "moat-init is missing at {}", p.display());
+        }
+        p
+    })
+    .clone()
+}
+
+fn scratch() -> PathBuf {
+    static D: OnceLock<PathBuf> = OnceLock::new();
+    D.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("moat-gw-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+        d
+    })
+    .clone()
+}
+
+fn engine() -> Arc<Engine> {
+    let cfg = EngineConfig {
+        data_dir: scratch().join("data"),
+        runtime_dir: scratch().join("run"),
+        init_path: init_path(),
+    };
+    Arc::new(Engine::new(cfg, BackendKind::Bwrap).expect("engine"))
+}
+
+async fn pool(size: usize, max_waiters: usize) -> Pool {
+    let factory = LeaseFactory {
+        engine: engine(),
+        policy: SandboxPolicy::default(),
+        runtime: tokio::runtime::Handle::current(),
+        audit: Arc::new(moat_egress::MemoryAudit::default()),
+        prefix: "pool-test".into(),
+        counter: AtomicU64::new(0),
+    };
+    Pool::new(Arc::new(factory), size, max_waiters)
+        .await
+        .expect("pool")
+}
+
+/// Runs `script` in the lent runner's sandbox; returns (exit code, stdout).
+async fn sh(
+    lent: moat_gateway::pool::Lent,
+    script: &str,
+) -> (moat_gateway::pool::Lent, i32, String) {
+    let script = script.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut lent = lent;
+        let mut out = Vec::new();
+        let o = lent
+            .runner()
+            .lease
+            .run(RunSpec::new(["/bin/sh", "-c", &script]), &mut |s, b| {
+                if s == Stream::Stdout {
+                    out.extend_from_slice(b)
+                }
+            })
+            .expect("run");
+        (
+            lent,
+            o.exit_code(),
+            String::from_utf8_lossy(&out).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+async fn wait_idle(p: &Pool, idle: usize) {
+    for _ in 0..500 {
+        if p.stats().idle == idle {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("pool never had {idle} idle runners: {:?}", p.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_is_clean_for_its_next_holder() {
+    let p = pool(1, 4).await;
+    assert_eq!(
+        p.stats().idle,
+        1,
+        "the pool is warm before the first request"
+    );
+    let lent = p.acquire(|_| panic!("nobody should wait")).await.unwrap();
+    let (lent, code, _) = sh(
+        lent,
+        "echo secret-of-a > /workspace/a.txt; echo x > /tmp/t; echo y > ~/h; sleep 600 & echo started",
+    )
+    .await;
+    assert_eq!(code, 0);
+    drop(lent);
+    wait_idle(&p, 1).await;
+    let lent = p.acquire(|_| panic!("nobody should wait")).await.unwrap();
+    let (_lent, code, out) = sh(
+        lent,
+        "echo FILES=$(ls -A /workspace /tmp ~ | grep -v ':$' | tr -s '\n' ' '); echo SLEEPERS=$(pgrep -c sleep); cat /workspace/a.txt 2>&1 || true",
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("FILES= \n") || out.contains("FILES=\n"),
+        "files survived: {out}"
+    );
+    assert!(out.contains("SLEEPERS=0"), "a process survived: {out}");
+    assert!(
+        !out.contains("secret-of-a") && out.contains("No such file"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_in_order_and_the_line_is_bounded() {
+    let p = pool(1, 2).await;
+    let first = p.acquire(|_| {}).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..2 {
+        let p = p.clone();
+        let order = order.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tasks.push(tokio::spawn(async move {
+            let lent = p
+                .acquire(move |ahead| {
+                    let _ = tx.send(ahead);
+                })
+                .await
+                .unwrap();
+            order.lock().unwrap().push(i);
+            drop(lent);
+        }));
+        // Each waiter is told how many are ahead of it before the next comes.
+        assert_eq!(rx.await.unwrap(), i, "waiter {i}");
+    }
+    assert_eq!(p.stats().waiting, 2);
+    match p.acquire(|_| {}).await {
+        Err(PoolError::Full {
+            size: 1,
+            waiting: 2,
+        }) => {}
+        other => panic!("a third waiter must be refused: {:?}", other.err()),
+    }
+    drop(first);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        vec![0, 1],
+        "first come, first served"
+    );
+    wait_idle(&p, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_killed_from_outside_is_replaced() {
+    let p = pool(1, 2).await;
+    let lent = p.acquire(|_| {}).await.unwrap();
+    let (mut lent, _, _) = sh(lent, "true").await;
+    let pids = lent.runner().lease.host_pids();
+    assert!(!pids.is_empty(), "a warm runner has a running sandbox");
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    drop(lent);
+    wait_idle(&p, 1).await;
+    let lent = p.acquire(|_| {}).await.unwrap();
+    let (_l, code, out) = sh(lent, "echo alive").await;
+    assert_eq!((code, out.trim()), (0, "alive"));
+}
