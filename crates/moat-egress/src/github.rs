@@ -81,6 +81,9 @@ pub enum HostRole {
     Git,
     /// The REST and GraphQL API (api.github.com): `Authorization: Bearer TOKEN`.
     Api,
+    /// GitHub Enterprise Server: one host for both, the API under `/api/`
+    /// (`/api/v3/...`, `/api/graphql`), git everywhere else.
+    Enterprise,
 }
 
 /// One host the door intercepts, and where its requests go.
@@ -117,29 +120,48 @@ impl std::fmt::Debug for GithubAccess {
 }
 
 impl GithubAccess {
-    /// The default hosts from moat's environment: github.com to
-    /// `MOAT_GITHUB_URL` (default `https://github.com`) and api.github.com to
-    /// `MOAT_GITHUB_API_URL` (default `https://api.github.com`); `http://`
-    /// only with `MOAT_GITHUB_ALLOW_PLAIN_HTTP=1`.
+    /// The intercepted hosts from moat's settings: the names the sandbox uses,
+    /// `MOAT_GITHUB_HOST` (default github.com) and `MOAT_GITHUB_API_HOST`
+    /// (default api.github.com), go to `MOAT_GITHUB_URL` (default
+    /// `https://github.com`) and `MOAT_GITHUB_API_URL` (default
+    /// `https://api.github.com`); `http://` only with
+    /// `MOAT_GITHUB_ALLOW_PLAIN_HTTP=1`. When both names are the same (GitHub
+    /// Enterprise Server), that one host serves both, by path.
     pub fn hosts_from_env(
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Vec<InterceptedHost>, String> {
         let plain = env("MOAT_GITHUB_ALLOW_PLAIN_HTTP").as_deref() == Some("1");
-        let mut hosts = Vec::new();
+        let name_of = |var: &str, default: &str| -> Result<String, String> {
+            let raw = env(var).unwrap_or_else(|| default.to_string());
+            moat_policy::network::normalize_name(&raw)
+                .filter(|n| moat_policy::network::parse_ip_literal(n).is_none())
+                .ok_or_else(|| format!("{var}: {raw:?} is not a host name"))
+        };
+        let git_name = name_of("MOAT_GITHUB_HOST", "github.com")?;
+        let api_name = name_of("MOAT_GITHUB_API_HOST", "api.github.com")?;
+        let same = git_name == api_name;
+        let mut hosts: Vec<InterceptedHost> = Vec::new();
         for (name, role, var, default) in [
             (
-                "github.com",
-                HostRole::Git,
+                git_name,
+                if same {
+                    HostRole::Enterprise
+                } else {
+                    HostRole::Git
+                },
                 "MOAT_GITHUB_URL",
                 "https://github.com",
             ),
             (
-                "api.github.com",
+                api_name,
                 HostRole::Api,
                 "MOAT_GITHUB_API_URL",
                 moat_creds::DEFAULT_API_URL,
             ),
         ] {
+            if same && role == HostRole::Api {
+                continue;
+            }
             let url = env(var).unwrap_or_else(|| default.to_string());
             let upstream = UpstreamUrl::parse(&url, plain).map_err(|e| {
                 format!(
@@ -148,7 +170,7 @@ impl GithubAccess {
                 )
             })?;
             hosts.push(InterceptedHost {
-                name: name.to_string(),
+                name,
                 role,
                 upstream,
             });
@@ -941,7 +963,7 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
     if presented(req.headers(), gh.placeholder.expose()) == Presented::Other {
         let msg = "moat: Bad credentials; only this sandbox's GH_TOKEN placeholder (or no credential) is accepted".to_string();
         let mut r = api_error(StatusCode::UNAUTHORIZED, &msg);
-        if target.role == HostRole::Git {
+        if target.role != HostRole::Api {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"GitHub\""),
@@ -966,9 +988,10 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
         );
     }
     let protected = &gh.access.protected_branches;
+    let (role, path) = effective_role(target.role, path);
     let (parts, mut body) = req.into_parts();
     // Decide what body goes upstream, refusing writes to protected branches.
-    let out_body: GhBody = match target.role {
+    let out_body: GhBody = match role {
         HostRole::Git
             if parts.method.as_str().eq_ignore_ascii_case("POST")
                 && path
@@ -1054,7 +1077,7 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
                 }
             }
         }
-        HostRole::Git => body.boxed(),
+        HostRole::Git | HostRole::Enterprise => body.boxed(),
     };
     let token = match gh.token().await {
         Ok(t) => t,
@@ -1086,8 +1109,8 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
     if let Ok(h) = HeaderValue::from_str(&authority(up)) {
         headers.insert(header::HOST, h);
     }
-    let auth = match target.role {
-        HostRole::Git => format!(
+    let auth = match role {
+        HostRole::Git | HostRole::Enterprise => format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD
                 .encode(format!("x-access-token:{}", token.token.expose()))
@@ -1142,6 +1165,25 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
             )
         }
     }
+}
+
+/// The role a request plays, and the path judged for it: on an Enterprise
+/// host the API lives under `/api/v3` (REST) and `/api/graphql`.
+fn effective_role(role: HostRole, path: String) -> (HostRole, String) {
+    if role != HostRole::Enterprise {
+        return (role, path);
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower == "/api/graphql" || lower.starts_with("/api/graphql/") {
+        return (HostRole::Api, "/graphql".to_string());
+    }
+    if lower.starts_with("/api/v3/") || lower == "/api/v3" {
+        return (HostRole::Api, path["/api/v3".len()..].to_string());
+    }
+    if lower.starts_with("/api/") {
+        return (HostRole::Api, path);
+    }
+    (HostRole::Git, path)
 }
 
 fn authority(up: &UpstreamUrl) -> String {
@@ -1354,6 +1396,46 @@ mod tests {
         assert!(body("POST", "/graphql", batch).is_err());
         assert!(body("POST", "/graphql", json!({"variables": {}})).is_err());
         assert!(refuse("GET", "/graphql"));
+    }
+
+    #[test]
+    fn enterprise_hosts_split_api_and_git_by_path() {
+        let env = |k: &str| match k {
+            "MOAT_GITHUB_HOST" | "MOAT_GITHUB_API_HOST" => Some("GHE.Corp.Example".to_string()),
+            "MOAT_GITHUB_URL" => Some("https://ghe.corp.example".to_string()),
+            _ => None,
+        };
+        let hosts = GithubAccess::hosts_from_env(env).unwrap();
+        assert_eq!(hosts.len(), 1);
+        assert_eq!(
+            (hosts[0].name.as_str(), hosts[0].role),
+            ("ghe.corp.example", HostRole::Enterprise)
+        );
+        let r = |p: &str| effective_role(HostRole::Enterprise, p.to_string());
+        assert_eq!(
+            r("/api/v3/repos/o/r/git/refs/heads/main"),
+            (HostRole::Api, "/repos/o/r/git/refs/heads/main".to_string())
+        );
+        assert_eq!(r("/API/graphql"), (HostRole::Api, "/graphql".to_string()));
+        assert_eq!(
+            r("/o/r.git/git-receive-pack"),
+            (HostRole::Git, "/o/r.git/git-receive-pack".to_string())
+        );
+        let default = GithubAccess::hosts_from_env(|_| None).unwrap();
+        assert_eq!(
+            default
+                .iter()
+                .map(|h| (h.name.as_str(), h.role))
+                .collect::<Vec<_>>(),
+            [
+                ("github.com", HostRole::Git),
+                ("api.github.com", HostRole::Api)
+            ]
+        );
+        assert!(GithubAccess::hosts_from_env(
+            |k| (k == "MOAT_GITHUB_HOST").then(|| "10.0.0.1".to_string())
+        )
+        .is_err());
     }
 
     #[test]

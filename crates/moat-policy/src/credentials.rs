@@ -37,6 +37,11 @@ pub struct GithubSettings {
     /// Upstreams; `None`: `MOAT_GITHUB_URL` / `MOAT_GITHUB_API_URL`, else github.com.
     pub url: Option<String>,
     pub api_url: Option<String>,
+    /// Names the sandbox uses; `None`: `MOAT_GITHUB_HOST` / `MOAT_GITHUB_API_HOST`,
+    /// else github.com and api.github.com. The same name twice: GitHub
+    /// Enterprise Server (API under `/api/`).
+    pub host: Option<String>,
+    pub api_host: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -62,6 +67,8 @@ pub(crate) struct RawGithub {
     protected_branches: Option<Vec<String>>,
     url: Option<String>,
     api_url: Option<String>,
+    host: Option<String>,
+    api_host: Option<String>,
 }
 
 fn err(key: impl Into<String>, message: impl Into<String>) -> PolicyError {
@@ -89,6 +96,19 @@ fn url(v: Option<String>, key: &str) -> Result<Option<String>, PolicyError> {
             format!("{u:?} is not a URL; write https://host[:port][/base]"),
         )),
         other => Ok(other),
+    }
+}
+
+fn host(v: Option<String>, key: &str) -> Result<Option<String>, PolicyError> {
+    match v {
+        Some(h) => match crate::network::normalize_name(&h) {
+            Some(n) if crate::network::parse_ip_literal(&n).is_none() => Ok(Some(n)),
+            _ => Err(err(
+                key,
+                format!("{h:?} is not a host name such as \"github.example.com\""),
+            )),
+        },
+        None => Ok(None),
     }
 }
 
@@ -164,6 +184,8 @@ impl RawGithub {
             protected_branches: self.protected_branches,
             url: url(self.url, "github.url")?,
             api_url: url(self.api_url, "github.api_url")?,
+            host: host(self.host, "github.host")?,
+            api_host: host(self.api_host, "github.api_host")?,
         })
     }
 }
@@ -214,6 +236,7 @@ protected_branches = ["main", "release"]
                 "github.protected_branches[0]",
             ),
             ("[github]\nprivate_key = \"x\"", "github"),
+            ("[github]\nhost = \"10.1.2.3\"", "github.host"),
         ] {
             let e = SandboxPolicy::from_toml(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");

@@ -274,6 +274,8 @@ fn credential_setting(
         "MOAT_OPENAI_URL" => policy.llm.openai_url.clone(),
         "MOAT_GITHUB_URL" => policy.github.url.clone(),
         "MOAT_GITHUB_API_URL" => policy.github.api_url.clone(),
+        "MOAT_GITHUB_HOST" => policy.github.host.clone(),
+        "MOAT_GITHUB_API_HOST" => policy.github.api_host.clone(),
         _ => None,
     };
     from_policy.or_else(|| secrets.get(key))
