@@ -1,0 +1,286 @@
+//! The schema and its migrations.
+//!
+//! `MIGRATIONS[i]` takes a database from schema `i` to schema `i + 1`; the
+//! schema a database is at is its `PRAGMA user_version` (0 for a new file).
+//! Each script runs in its own transaction together with the `user_version`
+//! bump, so a database is always at exactly one schema: a failed or
+//! interrupted migration leaves it at the one before.
+//!
+//! Rules for whoever adds a migration: append, never edit or reorder a
+//! script that has shipped; a script must not run `PRAGMA user_version` or
+//! commit itself; state names are the strings in `model.rs`.
+
+use std::path::Path;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::error::StoreError;
+
+/// `PRAGMA application_id` of a moat database ("moat" in ASCII). A database
+/// with another non-zero id belongs to some other program and is refused.
+pub const APPLICATION_ID: i32 = 0x6d6f_6174;
+
+/// The migration scripts, in order. The schema this build writes is
+/// `MIGRATIONS.len()`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: conversations, turns, messages.
+    r#"
+CREATE TABLE conversations (
+    id              INTEGER PRIMARY KEY,
+    platform        TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    thread          TEXT NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    last_active_ms  INTEGER NOT NULL,
+    sandbox_mode    TEXT CHECK (sandbox_mode IN ('pool', 'per-thread')),
+    lease_name      TEXT,
+    agent_session   TEXT,
+    UNIQUE (platform, channel, thread)
+) STRICT;
+
+CREATE INDEX conversations_idle ON conversations (last_active_ms)
+    WHERE lease_name IS NOT NULL;
+
+CREATE TABLE turns (
+    id              INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations (id),
+    state           TEXT NOT NULL
+                    CHECK (state IN ('running', 'done', 'failed', 'cancelled')),
+    started_ms      INTEGER NOT NULL,
+    ended_ms        INTEGER,
+    answer_chars    INTEGER NOT NULL DEFAULT 0 CHECK (answer_chars >= 0),
+    error           TEXT,
+    CHECK ((state = 'running') = (ended_ms IS NULL))
+) STRICT;
+
+-- At most one running turn per conversation: a conversation's sandbox never
+-- serves two turns at once.
+CREATE UNIQUE INDEX turns_running ON turns (conversation_id)
+    WHERE state = 'running';
+CREATE INDEX turns_by_conversation ON turns (conversation_id, id);
+
+CREATE TABLE messages (
+    id              INTEGER PRIMARY KEY,
+    platform        TEXT NOT NULL,
+    event_id        TEXT NOT NULL,
+    conversation_id INTEGER NOT NULL REFERENCES conversations (id),
+    user            TEXT NOT NULL,
+    text            TEXT NOT NULL,
+    ts_ms           INTEGER NOT NULL,
+    state           TEXT NOT NULL DEFAULT 'received'
+                    CHECK (state IN ('received', 'queued', 'running',
+                                     'answered', 'failed', 'dropped')),
+    turn_id         INTEGER REFERENCES turns (id),
+    detail          TEXT,
+    UNIQUE (platform, event_id),
+    CHECK (state <> 'running' OR turn_id IS NOT NULL)
+) STRICT;
+
+CREATE INDEX messages_by_state ON messages (state, id);
+CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+CREATE INDEX messages_by_turn ON messages (turn_id) WHERE turn_id IS NOT NULL;
+"#,
+];
+
+/// The schema this build writes.
+pub fn current_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Brings `conn` to [`current_version`], or refuses a database that is newer
+/// ([`StoreError::TooNew`], changing nothing). The caller has already checked
+/// the application id. `path` and `busy_ms` only shape errors.
+pub fn migrate(conn: &mut Connection, path: &Path, busy_ms: u64) -> Result<(), StoreError> {
+    apply(conn, path, busy_ms, MIGRATIONS)
+}
+
+/// [`migrate`] with a given script list (tests use a broken one).
+fn apply(
+    conn: &mut Connection,
+    path: &Path,
+    busy_ms: u64,
+    scripts: &[&str],
+) -> Result<(), StoreError> {
+    let latest = scripts.len() as i64;
+    let mut version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| StoreError::sqlite(path, busy_ms, e))?;
+    if version > latest {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported: latest,
+        });
+    }
+    while version < latest {
+        let next = version + 1;
+        let failed = |e: rusqlite::Error| match StoreError::sqlite(path, busy_ms, e) {
+            StoreError::Sqlite { reason, .. } => StoreError::Migration {
+                path: path.to_path_buf(),
+                version: next,
+                left_at: version,
+                reason,
+            },
+            other => other,
+        };
+        // IMMEDIATE: take the write lock first, so two openers cannot both
+        // read version N and both try to apply script N+1.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(failed)?;
+        // Re-read under the lock.
+        let seen: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(failed)?;
+        if seen != version {
+            // Someone else migrated meanwhile; start over from what is there.
+            drop(tx);
+            version = seen;
+            if version > latest {
+                return Err(StoreError::TooNew {
+                    path: path.to_path_buf(),
+                    found: version,
+                    supported: latest,
+                });
+            }
+            continue;
+        }
+        tx.execute_batch(scripts[version as usize])
+            .map_err(failed)?;
+        // PRAGMA arguments cannot be bound; both values are integers we made.
+        tx.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {next};"
+        ))
+        .map_err(failed)?;
+        tx.commit().map_err(failed)?;
+        version = next;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn tables(conn: &Connection) -> Vec<String> {
+        conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn scripts_apply_in_order_and_once() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let scripts = ["CREATE TABLE a (x INTEGER)", "CREATE TABLE b (y INTEGER)"];
+        apply(&mut conn, Path::new(":memory:"), 0, &scripts).unwrap();
+        assert_eq!(version(&conn), 2);
+        assert_eq!(tables(&conn), ["a", "b"]);
+        // Again: nothing to do (a second CREATE TABLE would fail).
+        apply(&mut conn, Path::new(":memory:"), 0, &scripts).unwrap();
+        assert_eq!(version(&conn), 2);
+        let app: i32 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(app, APPLICATION_ID);
+    }
+
+    #[test]
+    fn a_failing_script_rolls_back_whole_and_keeps_the_version() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let scripts = [
+            "CREATE TABLE a (x INTEGER)",
+            // The first statement succeeds, the second fails: the table and
+            // the version bump must both be rolled back.
+            "CREATE TABLE b (y INTEGER); INSERT INTO nowhere VALUES (1);",
+        ];
+        let err = apply(&mut conn, Path::new("/data/moat.db"), 0, &scripts).unwrap_err();
+        match &err {
+            StoreError::Migration {
+                version, left_at, ..
+            } => assert_eq!((*version, *left_at), (2, 1)),
+            other => panic!("expected a migration error, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains("/data/moat.db") && text.contains("schema 2"),
+            "{text}"
+        );
+        assert!(text.contains("nowhere"), "the cause is kept: {text}");
+        assert_eq!(version(&conn), 1);
+        assert_eq!(tables(&conn), ["a"]);
+    }
+
+    #[test]
+    fn a_newer_database_is_refused_untouched() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("PRAGMA user_version = 7").unwrap();
+        let err = apply(
+            &mut conn,
+            Path::new("/d/moat.db"),
+            0,
+            &["CREATE TABLE a (x)"],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "database at /d/moat.db was written by a newer moat (schema 7 > 1); upgrade moat"
+        );
+        assert_eq!(version(&conn), 7);
+        assert!(tables(&conn).is_empty());
+    }
+
+    #[test]
+    fn the_real_schema_applies_and_its_constraints_hold() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+        migrate(&mut conn, Path::new(":memory:"), 0).unwrap();
+        assert_eq!(version(&conn), current_version());
+        assert_eq!(tables(&conn), ["conversations", "messages", "turns"]);
+        conn.execute_batch(
+            "INSERT INTO conversations (id, platform, channel, thread, created_ms, last_active_ms)
+             VALUES (1, 'web', 'c', 't', 0, 0);",
+        )
+        .unwrap();
+        let refused = [
+            // Unknown states and modes.
+            "UPDATE conversations SET sandbox_mode = 'shared' WHERE id = 1",
+            "INSERT INTO turns (conversation_id, state, started_ms) VALUES (1, 'paused', 0)",
+            "INSERT INTO messages (platform, event_id, conversation_id, user, text, ts_ms, state)
+             VALUES ('web', 'e0', 1, 'u', 't', 0, 'lost')",
+            // A running message without its turn.
+            "INSERT INTO messages (platform, event_id, conversation_id, user, text, ts_ms, state)
+             VALUES ('web', 'e1', 1, 'u', 't', 0, 'running')",
+            // A message of a conversation that does not exist.
+            "INSERT INTO messages (platform, event_id, conversation_id, user, text, ts_ms)
+             VALUES ('web', 'e2', 99, 'u', 't', 0)",
+            // A finished turn without an end, a running one with an end.
+            "INSERT INTO turns (conversation_id, state, started_ms) VALUES (1, 'done', 0)",
+            "INSERT INTO turns (conversation_id, state, started_ms, ended_ms)
+             VALUES (1, 'running', 0, 5)",
+            // STRICT: text in an integer column.
+            "INSERT INTO messages (platform, event_id, conversation_id, user, text, ts_ms)
+             VALUES ('web', 'e3', 1, 'u', 't', 'yesterday')",
+        ];
+        for sql in refused {
+            assert!(conn.execute_batch(sql).is_err(), "accepted: {sql}");
+        }
+        // Two running turns in one conversation.
+        conn.execute_batch(
+            "INSERT INTO turns (conversation_id, state, started_ms) VALUES (1, 'running', 0)",
+        )
+        .unwrap();
+        assert!(conn
+            .execute_batch(
+                "INSERT INTO turns (conversation_id, state, started_ms) VALUES (1, 'running', 1)"
+            )
+            .is_err());
+    }
+}
