@@ -2,6 +2,7 @@
 //! environment, no clock. Everything here defaults to "deny".
 
 pub mod credentials;
+pub mod gateway;
 pub mod network;
 pub mod paths;
 pub mod sandbox;

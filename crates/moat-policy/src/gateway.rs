@@ -1,0 +1,1414 @@
+//! The gateway's configuration: its listeners, the Slack front-end, the pool,
+//! the user groups, and one policy per chat channel (who may talk there, at which
+//! trust level, in which kind of sandbox, with which agent, limits, egress and
+//! rates), plus the authorization verdict for one message.
+//!
+//! Owns the TOML shape of `moat up --config FILE`, its defaults, validation with
+//! errors that name the key (`channel[2].rate.user`) and say what to write
+//! instead, and the embedded default that `moat up` runs without a file.
+//!
+//! Access is closed: a channel with no `users` lets nobody talk, a message from a
+//! channel with no `[[channel]]` entry is refused, and "everyone" is only ever an
+//! explicit `"*"`. It never reads a file, the environment or the clock, and never
+//! holds a secret: the file only names the environment variables that carry them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::network::{canonical_ip, parse_allow_entry, parse_ip_literal, parse_pin};
+use crate::sandbox::{BackendKind, SandboxPolicy};
+use crate::units::{format_duration, parse_duration};
+use crate::PolicyError;
+
+/// What `moat up` runs when no configuration file is given: the web chat on
+/// loopback, open to whoever can reach it. That is safe only because the web
+/// chat listens on 127.0.0.1 with `auth = "loopback"`, which the validation
+/// keeps tied together: anyone able to connect is already a user of this machine.
+pub const EMBEDDED_DEFAULT_TOML: &str = r#"# moat's embedded default: a local web chat with the shell agent.
+[web]
+listen = "127.0.0.1:8080"
+auth = "loopback"
+
+[admin]
+listen = "127.0.0.1:9090"
+
+[slack]
+mode = "off"
+
+[pool]
+size = 2
+
+[defaults]
+trust = "member"
+sandbox = "pool"
+agent = "shell"
+
+# Everyone who can reach 127.0.0.1:8080 may talk: only local users can.
+[[channel]]
+platform = "web"
+id = "*"
+users = ["*"]
+"#;
+
+/// Where the gateway keeps its store, audit log and per-thread sandboxes when
+/// `gateway.data_dir` is not set.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/moat";
+/// The variable holding the web chat's tokens when `web.token_env` is not set.
+pub const DEFAULT_WEB_TOKEN_ENV: &str = "MOAT_WEB_TOKENS";
+/// The identity header when `web.header` is not set.
+pub const DEFAULT_WEB_HEADER: &str = "X-Forwarded-User";
+pub const DEFAULT_SLACK_API_URL: &str = "https://slack.com/api";
+
+// ---- the model ------------------------------------------------------------
+
+/// How much a message is trusted. Ordered: `Untrusted < Member < Admin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Trust {
+    /// Anyone there may be hostile, including the thread the agent reads.
+    Untrusted,
+    /// A colleague: the channel's full configuration, own conversations only.
+    Member,
+    /// An operator: also the commands that act on other people's conversations.
+    Admin,
+}
+
+impl Trust {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "admin" => Ok(Self::Admin),
+            "member" => Ok(Self::Member),
+            "untrusted" => Ok(Self::Untrusted),
+            other => Err(format!(
+                "unknown trust level {other:?}; use \"admin\", \"member\" or \"untrusted\""
+            )),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Member => "member",
+            Self::Untrusted => "untrusted",
+        }
+    }
+}
+
+impl fmt::Display for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a message comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Platform {
+    Slack,
+    Web,
+    /// `moat chat`, the terminal client.
+    Cli,
+}
+
+impl Platform {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "slack" => Ok(Self::Slack),
+            "web" => Ok(Self::Web),
+            "cli" => Ok(Self::Cli),
+            other => Err(format!(
+                "unknown platform {other:?}; use \"slack\", \"web\" or \"cli\""
+            )),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Slack => "slack",
+            Self::Web => "web",
+            Self::Cli => "cli",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a conversation gets its sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// A pre-warmed lease from the pool per turn, reset to clean state afterwards.
+    Pool,
+    /// The conversation keeps its own files across turns (nothing runs while idle);
+    /// they are deleted after `idle_delete` without a turn.
+    PerThread { idle_delete: Duration },
+}
+
+/// Which agent answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentKind {
+    /// Each message is run as a shell command; its output is the answer.
+    Shell,
+}
+
+impl AgentKind {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "shell" => Ok(Self::Shell),
+            "builtin" | "claude" | "codex" | "amp" => Err(format!(
+                "agent {text:?} is not available yet; use \"shell\""
+            )),
+            other => Err(format!("unknown agent {other:?}; use \"shell\"")),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Shell => "shell",
+        }
+    }
+}
+
+/// `count` events per `per`, written `"20/min"`. A token bucket of `count`
+/// tokens refilled one every `per / count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: NonZeroU32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `N/sec`, `N/min` or `N/hour` (also `s`, `second`, `m`, `minute`, `h`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let shape = || {
+            format!("{text:?} is not a rate; write a count per unit, e.g. \"20/min\", \"1/sec\" or \"100/hour\"")
+        };
+        let (n, unit) = text.split_once('/').ok_or_else(shape)?;
+        let (n, unit) = (n.trim(), unit.trim());
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(shape());
+        }
+        let count: u32 = n
+            .parse()
+            .ok()
+            .filter(|c| (1..=1_000_000).contains(c))
+            .ok_or_else(|| format!("{text:?}: the count must be 1 to 1000000"))?;
+        let per = match unit {
+            "sec" | "s" | "second" => Duration::from_secs(1),
+            "min" | "m" | "minute" => Duration::from_secs(60),
+            "hour" | "h" => Duration::from_secs(3600),
+            other => {
+                return Err(format!(
+                    "{text:?} has an unknown unit {other:?}; use sec, min or hour"
+                ))
+            }
+        };
+        Ok(Rate {
+            count: NonZeroU32::new(count).expect("checked above"),
+            per,
+        })
+    }
+
+    /// The time to earn back one event.
+    pub fn interval(self) -> Duration {
+        self.per / self.count.get()
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "sec",
+            60 => "min",
+            _ => "hour",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// Rate limits of one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rates {
+    /// Messages one user may send in this channel.
+    pub user: Rate,
+    /// Messages all users together may send in this channel.
+    pub channel: Rate,
+}
+
+/// Who a `users` or `admins` list lets in, groups expanded. Empty: nobody.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserSet {
+    /// An explicit `"*"`.
+    pub everyone: bool,
+    /// Exact, case-sensitive platform user ids.
+    pub ids: BTreeSet<String>,
+}
+
+impl UserSet {
+    pub fn contains(&self, user_id: &str) -> bool {
+        self.everyone || self.ids.contains(user_id)
+    }
+    pub fn is_empty(&self) -> bool {
+        !self.everyone && self.ids.is_empty()
+    }
+}
+
+/// One `[[channel]]`: `[defaults]` with this entry's keys on top, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelPolicy {
+    /// Position in the file: this is `channel[index]` in errors and logs.
+    pub index: usize,
+    pub platform: Platform,
+    /// The platform's channel id, or `"*"` for any channel of the platform
+    /// that has no entry of its own.
+    pub id: String,
+    pub trust: Trust,
+    /// Who may talk here.
+    pub users: UserSet,
+    /// Who talks here as `admin` (and may talk even if not in `users`).
+    pub admins: UserSet,
+    pub sandbox: SandboxMode,
+    pub agent: AgentKind,
+    /// Messages from one user in one thread closer together than this are one turn.
+    pub debounce: Duration,
+    pub rate: Rates,
+    policy: SandboxPolicy,
+}
+
+impl ChannelPolicy {
+    /// The sandbox policy for this channel's turns: backend, limits and egress,
+    /// ready to hand to the engine.
+    pub fn sandbox_policy(&self) -> SandboxPolicy {
+        self.policy.clone()
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.id == "*"
+    }
+
+    /// `slack channel C0123`, or `slack channel "*"` for the wildcard entry.
+    pub fn describe(&self) -> String {
+        if self.is_wildcard() {
+            format!("{} channel \"*\"", self.platform)
+        } else {
+            format!("{} channel {}", self.platform, self.id)
+        }
+    }
+}
+
+/// How the web chat learns who is talking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebAuth {
+    /// Whoever connects names themselves; only allowed on a loopback listener.
+    Loopback,
+    /// A bearer token; the variable `env` names holds the tokens.
+    Token { env: String },
+    /// A trusted reverse proxy puts the user in `header`; only requests from
+    /// `trusted_proxies` (or from loopback when empty) are believed.
+    Header {
+        header: String,
+        trusted_proxies: Vec<IpAddr>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub auth: WebAuth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Serves `/metrics`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlackMode {
+    /// Slack posts events to `POST /slack/events`.
+    Events,
+    /// moat opens a Socket Mode WebSocket to Slack.
+    Socket,
+    Off,
+}
+
+impl SlackMode {
+    /// The environment variables the mode needs (read by the gateway, never here).
+    pub fn required_env(self) -> &'static [&'static str] {
+        match self {
+            Self::Events => &["SLACK_SIGNING_SECRET", "SLACK_BOT_TOKEN"],
+            Self::Socket => &["SLACK_APP_TOKEN", "SLACK_BOT_TOKEN"],
+            Self::Off => &[],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlackConfig {
+    pub mode: SlackMode,
+    /// Web API base, without a trailing slash.
+    pub api_url: String,
+    /// Events mode: where `POST /slack/events` is served. `None`: on `web.listen`.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Pre-warmed leases; 0 only when no channel uses `sandbox = "pool"`.
+    pub size: u32,
+    /// Requests that may wait for a lease; the next one is told the pool is busy.
+    pub max_waiters: u32,
+}
+
+/// A named set of user ids, referred to as `"@name"` in `users` and `admins`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub users: Vec<String>,
+}
+
+/// The whole gateway configuration, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    pub data_dir: PathBuf,
+    pub web: WebConfig,
+    pub admin: AdminConfig,
+    pub slack: SlackConfig,
+    pub pool: PoolConfig,
+    pub groups: Vec<Group>,
+    /// In file order.
+    pub channels: Vec<ChannelPolicy>,
+}
+
+/// The verdict on one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Authorization<'a> {
+    Allowed {
+        channel: &'a ChannelPolicy,
+        trust: Trust,
+    },
+    /// `reason` is for the audit log and the operator, never for the sender.
+    Denied { reason: String },
+}
+
+impl Authorization<'_> {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Self::Allowed { .. })
+    }
+}
+
+impl GatewayConfig {
+    /// The configuration `moat up` runs without `--config`: see
+    /// [`EMBEDDED_DEFAULT_TOML`].
+    pub fn embedded_default() -> Self {
+        Self::from_toml(EMBEDDED_DEFAULT_TOML).expect("the embedded default configuration is valid")
+    }
+
+    /// The channel entry a message from `channel_id` on `platform` falls under:
+    /// the entry with exactly that id, else the platform's `"*"` entry.
+    pub fn channel(&self, platform: Platform, channel_id: &str) -> Option<&ChannelPolicy> {
+        let of_platform = || self.channels.iter().filter(|c| c.platform == platform);
+        of_platform()
+            .find(|c| !c.is_wildcard() && c.id == channel_id)
+            .or_else(|| of_platform().find(|c| c.is_wildcard()))
+    }
+
+    /// May `user_id` talk in `channel_id`, and at which trust level? Ids are
+    /// compared exactly. An admin gets `Trust::Admin` unless the channel is
+    /// untrusted (validation forbids admins there).
+    pub fn authorize(
+        &self,
+        platform: Platform,
+        channel_id: &str,
+        user_id: &str,
+    ) -> Authorization<'_> {
+        let denied = |reason: String| Authorization::Denied { reason };
+        if channel_id.is_empty() {
+            return denied(format!("the {platform} message has no channel id"));
+        }
+        let Some(channel) = self.channel(platform, channel_id) else {
+            return denied(format!(
+                "no [[channel]] entry for {platform} channel {}",
+                shown(channel_id)
+            ));
+        };
+        let matched = if channel.is_wildcard() {
+            format!(
+                "{platform} channel {} (the {platform} \"*\" entry, channel[{}])",
+                shown(channel_id),
+                channel.index
+            )
+        } else {
+            format!(
+                "{platform} channel {} (channel[{}])",
+                shown(channel_id),
+                channel.index
+            )
+        };
+        if user_id.is_empty() {
+            return denied(format!("a message in {matched} has no user id"));
+        }
+        if channel.admins.contains(user_id) {
+            return Authorization::Allowed {
+                channel,
+                trust: Trust::Admin,
+            };
+        }
+        if channel.users.contains(user_id) {
+            return Authorization::Allowed {
+                channel,
+                trust: channel.trust,
+            };
+        }
+        if channel.users.is_empty() && channel.admins.is_empty() {
+            denied(format!(
+                "{matched} lets nobody talk: its users list is empty (user {})",
+                shown(user_id)
+            ))
+        } else {
+            denied(format!(
+                "user {} is not in the users of {matched}",
+                shown(user_id)
+            ))
+        }
+    }
+
+    /// Things that are valid but probably not meant, for `moat up` to print.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.channels.is_empty() {
+            w.push("no [[channel]] entries: nobody can talk to the gateway".to_string());
+        }
+        for c in &self.channels {
+            if c.users.is_empty() && c.admins.is_empty() {
+                w.push(format!(
+                    "channel[{}] ({}) lets nobody talk: its users list is empty",
+                    c.index,
+                    c.describe()
+                ));
+            }
+        }
+        if self.slack.mode != SlackMode::Off
+            && !self.channels.iter().any(|c| c.platform == Platform::Slack)
+        {
+            w.push(format!(
+                "slack.mode = \"{}\" but no [[channel]] has platform = \"slack\": every Slack message will be refused",
+                slack_mode_name(self.slack.mode)
+            ));
+        }
+        if !is_loopback(self.admin.listen) {
+            w.push(format!(
+                "admin.listen = \"{}\" is not a loopback address: /metrics is served to anyone who can reach it",
+                self.admin.listen
+            ));
+        }
+        w
+    }
+}
+
+fn slack_mode_name(m: SlackMode) -> &'static str {
+    match m {
+        SlackMode::Events => "events",
+        SlackMode::Socket => "socket",
+        SlackMode::Off => "off",
+    }
+}
+
+/// An id as it may go into a log line: as is when short and plain, else quoted
+/// and escaped (ids from a platform are not trusted to be printable).
+fn shown(id: &str) -> String {
+    let plain = id.len() <= 80 && id.bytes().all(|b| b.is_ascii_graphic() && b != b'"');
+    if plain {
+        id.to_string()
+    } else {
+        let cut: String = id.chars().take(80).collect();
+        format!("{cut:?}")
+    }
+}
+
+fn is_loopback(addr: SocketAddr) -> bool {
+    canonical_ip(addr.ip()).is_loopback()
+}
+
+// ---- the file format ------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    gateway: RawGateway,
+    #[serde(default)]
+    web: RawWeb,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    slack: RawSlack,
+    #[serde(default)]
+    pool: RawPool,
+    #[serde(default)]
+    defaults: RawSettings,
+    #[serde(default)]
+    group: Vec<RawGroup>,
+    #[serde(default)]
+    channel: Vec<RawChannel>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    data_dir: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWeb {
+    enabled: Option<bool>,
+    listen: Option<String>,
+    auth: Option<String>,
+    header: Option<String>,
+    token_env: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
+    // Present only to refuse them with a precise message: secrets never go here.
+    token: Option<toml::Value>,
+    tokens: Option<toml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSlack {
+    mode: Option<String>,
+    api_url: Option<String>,
+    listen: Option<String>,
+    signing_secret: Option<toml::Value>,
+    bot_token: Option<toml::Value>,
+    app_token: Option<toml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    size: Option<i64>,
+    max_waiters: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    users: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    user: Option<String>,
+    channel: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory: Option<String>,
+    pids: Option<i64>,
+    cpus: Option<f64>,
+    timeout: Option<String>,
+}
+
+/// The keys `[defaults]` and `[[channel]]` share.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    trust: Option<String>,
+    users: Option<Vec<String>>,
+    admins: Option<Vec<String>>,
+    sandbox: Option<String>,
+    idle_delete: Option<String>,
+    agent: Option<String>,
+    debounce: Option<String>,
+    rate: Option<RawRate>,
+    backend: Option<String>,
+    egress: Option<Vec<String>>,
+    resolve: Option<BTreeMap<String, String>>,
+    limits: Option<RawLimits>,
+}
+
+// serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
+// channel repeats the shared keys; `into_parts` hands them over.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChannel {
+    platform: String,
+    id: String,
+    trust: Option<String>,
+    users: Option<Vec<String>>,
+    admins: Option<Vec<String>>,
+    sandbox: Option<String>,
+    idle_delete: Option<String>,
+    agent: Option<String>,
+    debounce: Option<String>,
+    rate: Option<RawRate>,
+    backend: Option<String>,
+    egress: Option<Vec<String>>,
+    resolve: Option<BTreeMap<String, String>>,
+    limits: Option<RawLimits>,
+}
+
+impl RawChannel {
+    fn into_parts(self) -> (String, String, RawSettings) {
+        let s = RawSettings {
+            trust: self.trust,
+            users: self.users,
+            admins: self.admins,
+            sandbox: self.sandbox,
+            idle_delete: self.idle_delete,
+            agent: self.agent,
+            debounce: self.debounce,
+            rate: self.rate,
+            backend: self.backend,
+            egress: self.egress,
+            resolve: self.resolve,
+            limits: self.limits,
+        };
+        (self.platform, self.id, s)
+    }
+}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// A duration within `min..=max`; fractions get a hint instead of parse_duration's
+/// "unknown unit".
+fn duration_in(
+    text: &str,
+    key: &str,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, PolicyError> {
+    if text.contains('.') {
+        return Err(err(
+            key,
+            format!("{text:?}: write whole numbers with a smaller unit, e.g. \"1500ms\" for 1.5s"),
+        ));
+    }
+    let d = parse_duration(text).map_err(|m| err(key, m))?;
+    if d < min || d > max {
+        return Err(err(
+            key,
+            format!(
+                "{} is out of range; use {} to {}",
+                format_duration(d),
+                format_duration(min),
+                format_duration(max)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+fn listen_addr(text: &str, key: &str) -> Result<SocketAddr, PolicyError> {
+    text.trim().parse::<SocketAddr>().map_err(|_| {
+        err(
+            key,
+            format!("{text:?} is not an address and port; write e.g. \"127.0.0.1:8080\" or \"[::1]:8080\" (names are not resolved)"),
+        )
+    })
+}
+
+/// Whether two listeners would fight over one socket. Port 0 (any free port)
+/// never clashes; an unspecified address (`0.0.0.0`, `[::]`) covers every address.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (canonical_ip(a.ip()) == canonical_ip(b.ip())
+            || a.ip().is_unspecified()
+            || b.ip().is_unspecified())
+}
+
+fn env_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn secret_here(key: &str, instead: &str) -> PolicyError {
+    err(
+        key,
+        format!("secrets never go in the configuration file; {instead}"),
+    )
+}
+
+/// `http://` is accepted only for a loopback host (tests, a local proxy): the
+/// bot token travels in every request.
+fn slack_api_url(text: &str, key: &str) -> Result<String, PolicyError> {
+    let url = text.trim().trim_end_matches('/');
+    let (secure, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(err(
+            key,
+            format!("{text:?} is not a URL; write https://host[:port][/base], e.g. \"https://slack.com/api\""),
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    if host.is_empty() || authority.contains('@') || url.contains(char::is_whitespace) {
+        return Err(err(
+            key,
+            format!("{text:?} is not a URL; write https://host[:port][/base]"),
+        ));
+    }
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || parse_ip_literal(host).is_some_and(|ip| ip.is_loopback());
+    if !secure && !loopback {
+        return Err(err(
+            key,
+            format!("{text:?} would send the bot token unencrypted; use https:// (http:// only for a loopback host)"),
+        ));
+    }
+    Ok(url.to_string())
+}
+
+fn nonneg(v: i64, key: &str, max: i64, what: &str) -> Result<u32, PolicyError> {
+    if !(0..=max).contains(&v) {
+        return Err(err(
+            key,
+            format!("{v} is out of range; use 0 to {max} {what}"),
+        ));
+    }
+    Ok(v as u32)
+}
+
+/// Names a `[[group]]` may have: lower-case letters, digits, `-`, `_`.
+fn group_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// A user id as written in a list: printable, no spaces, not a reserved form.
+fn check_user_id(id: &str, key: &str) -> Result<(), PolicyError> {
+    if id.is_empty() || id.len() > 256 {
+        return Err(err(key, "a user id must be 1 to 256 characters"));
+    }
+    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(err(
+            key,
+            format!("{id:?} contains a space or control character; write the platform's user id, e.g. \"U0123ABCD\""),
+        ));
+    }
+    if id.contains('*') {
+        return Err(err(
+            key,
+            format!("{id:?}: \"*\" stands alone (everyone); patterns are not supported"),
+        ));
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    groups: &'a BTreeMap<String, Vec<String>>,
+}
+
+impl Ctx<'_> {
+    /// Resolves a `users`/`admins` list. `key` is e.g. `channel[2].users`.
+    fn user_set(&self, list: &[String], key: &str) -> Result<UserSet, PolicyError> {
+        let mut set = UserSet::default();
+        for (i, entry) in list.iter().enumerate() {
+            let k = format!("{key}[{i}]");
+            if entry == "*" {
+                if list.len() > 1 {
+                    return Err(err(
+                        k,
+                        "\"*\" already lets everyone in; remove the other entries or the \"*\"",
+                    ));
+                }
+                set.everyone = true;
+            } else if let Some(name) = entry.strip_prefix('@') {
+                let Some(members) = self.groups.get(name) else {
+                    let known: Vec<&str> = self.groups.keys().map(|s| s.as_str()).collect();
+                    let known = if known.is_empty() {
+                        "none is defined".to_string()
+                    } else {
+                        format!("defined: {}", known.join(", "))
+                    };
+                    return Err(err(
+                        k,
+                        format!("no [[group]] named {name:?} ({known}); define it with [[group]] name = {name:?}, or list the user by id without \"@\""),
+                    ));
+                };
+                set.ids.extend(members.iter().cloned());
+            } else {
+                check_user_id(entry, &k)?;
+                set.ids.insert(entry.clone());
+            }
+        }
+        Ok(set)
+    }
+}
+
+/// `[defaults]` resolved, or a channel's settings while being built.
+#[derive(Clone)]
+struct Settings {
+    trust: Trust,
+    users: UserSet,
+    admins: UserSet,
+    sandbox_kind: SandboxKind,
+    idle_delete: Duration,
+    agent: AgentKind,
+    debounce: Duration,
+    rate: Rates,
+    policy: SandboxPolicy,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum SandboxKind {
+    Pool,
+    PerThread,
+}
+
+impl Settings {
+    fn initial() -> Self {
+        Settings {
+            trust: Trust::Member,
+            users: UserSet::default(),
+            admins: UserSet::default(),
+            sandbox_kind: SandboxKind::Pool,
+            idle_delete: Duration::from_secs(24 * 3600),
+            agent: AgentKind::Shell,
+            debounce: Duration::from_millis(1500),
+            rate: Rates {
+                user: Rate::parse("20/min").expect("valid"),
+                channel: Rate::parse("100/min").expect("valid"),
+            },
+            policy: SandboxPolicy::default(),
+        }
+    }
+
+    /// Applies the keys set in `raw`; `at` is the section (`defaults`, `channel[2]`).
+    fn apply(&mut self, raw: RawSettings, at: &str, ctx: &Ctx) -> Result<(), PolicyError> {
+        let key = |k: &str| format!("{at}.{k}");
+        if let Some(t) = raw.trust {
+            self.trust = Trust::parse(&t).map_err(|m| err(key("trust"), m))?;
+        }
+        if let Some(u) = raw.users {
+            self.users = ctx.user_set(&u, &key("users"))?;
+        }
+        let admins_here = raw.admins.is_some();
+        if let Some(a) = raw.admins {
+            self.admins = ctx.user_set(&a, &key("admins"))?;
+            if self.admins.everyone {
+                return Err(err(
+                    key("admins[0]"),
+                    "\"*\" would make everyone an admin; set trust = \"admin\" for that, or list the admins",
+                ));
+            }
+        }
+        if let Some(s) = raw.sandbox {
+            self.sandbox_kind = match s.as_str() {
+                "pool" => SandboxKind::Pool,
+                "per-thread" => SandboxKind::PerThread,
+                other => {
+                    return Err(err(
+                        key("sandbox"),
+                        format!("unknown sandbox mode {other:?}; use \"pool\" or \"per-thread\""),
+                    ))
+                }
+            };
+        }
+        if let Some(d) = raw.idle_delete {
+            self.idle_delete = duration_in(
+                &d,
+                &key("idle_delete"),
+                Duration::from_secs(60),
+                Duration::from_secs(365 * 24 * 3600),
+            )?;
+        }
+        if let Some(a) = raw.agent {
+            self.agent = AgentKind::parse(&a).map_err(|m| err(key("agent"), m))?;
+        }
+        if let Some(d) = raw.debounce {
+            self.debounce = duration_in(
+                &d,
+                &key("debounce"),
+                Duration::ZERO,
+                Duration::from_secs(60),
+            )?;
+        }
+        if let Some(r) = raw.rate {
+            if let Some(u) = r.user {
+                self.rate.user = Rate::parse(&u).map_err(|m| err(key("rate.user"), m))?;
+            }
+            if let Some(c) = r.channel {
+                self.rate.channel = Rate::parse(&c).map_err(|m| err(key("rate.channel"), m))?;
+            }
+        }
+        if let Some(b) = raw.backend {
+            let kind = BackendKind::parse(&b).map_err(|m| err(key("backend"), m))?;
+            if kind == BackendKind::Local {
+                return Err(err(
+                    key("backend"),
+                    "the gateway serves other people and never runs their turns unsandboxed; use \"bwrap\" or \"gvisor\"",
+                ));
+            }
+            self.policy.backend = kind;
+        }
+        if let Some(list) = raw.egress {
+            self.policy.network.allow.clear();
+            for (i, entry) in list.iter().enumerate() {
+                let e =
+                    parse_allow_entry(entry).map_err(|m| err(key(&format!("egress[{i}]")), m))?;
+                self.policy.network.allow.push(e);
+            }
+        }
+        if let Some(pins) = raw.resolve {
+            self.policy.network.pins.clear();
+            for (host, ip) in &pins {
+                let (h, a) = parse_pin(&format!("{host}={ip}"))
+                    .map_err(|m| err(key(&format!("resolve.{host}")), m))?;
+                self.policy.network.pins.insert(h, a);
+            }
+        }
+        if let Some(l) = raw.limits {
+            let p = &mut self.policy;
+            if let Some(m) = l.memory {
+                p.set_memory(&m, &key("limits.memory"))?;
+            }
+            if let Some(n) = l.pids {
+                p.set_pids(n, &key("limits.pids"))?;
+            }
+            if let Some(c) = l.cpus {
+                p.set_cpus(c, &key("limits.cpus"))?;
+            }
+            if let Some(t) = l.timeout {
+                p.set_timeout(&t, &key("limits.timeout"))?;
+            }
+        }
+        if self.trust == Trust::Untrusted && !self.admins.is_empty() {
+            let (k, fix) = if admins_here {
+                ("admins", "remove admins or raise trust to \"member\"")
+            } else {
+                (
+                    "trust",
+                    "the admins come from [defaults]; set admins = [] here",
+                )
+            };
+            return Err(err(
+                key(k),
+                format!("an untrusted channel has no admins: everything in its threads is untrusted input; {fix}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Channel ids as platforms write them. A Slack id is what the channel's
+/// details show (`C0123ABCD`), never its `#name`.
+fn check_channel_id(platform: Platform, id: &str, key: &str) -> Result<(), PolicyError> {
+    if id == "*" {
+        return Ok(());
+    }
+    match platform {
+        Platform::Slack => {
+            let ok = !id.is_empty()
+                && id.len() <= 32
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+            if !ok {
+                return Err(err(
+                    key,
+                    format!("{id:?} is not a Slack channel id; write the id from the channel's details (e.g. \"C0123ABCD\"), not its #name, or \"*\" for any channel"),
+                ));
+            }
+        }
+        Platform::Web | Platform::Cli => {
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            if !ok {
+                return Err(err(
+                    key,
+                    format!("{id:?} is not a channel id; use letters, digits, '-', '_' and '.' (at most 64), or \"*\" for any channel"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl GatewayConfig {
+    /// Parses and validates a configuration file's text. Unset keys take the
+    /// defaults documented in docs/configuration.md; every error names the key
+    /// and says what to write instead. A file replaces the embedded default
+    /// entirely: without `[[channel]]` entries nobody may talk.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let de = toml::Deserializer::new(text);
+        let raw: RawFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            PolicyError::Syntax {
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: inner.message().to_string(),
+                line: inner.span().map(|s| line_of(text, s.start)),
+            }
+        })?;
+
+        // [gateway]
+        let data_dir = match raw.gateway.data_dir {
+            None => PathBuf::from(DEFAULT_DATA_DIR),
+            Some(d) => {
+                let p = PathBuf::from(&d);
+                if !p.is_absolute() || p.components().count() <= 1 {
+                    return Err(err(
+                        "gateway.data_dir",
+                        format!("{d:?} must be an absolute path to a directory other than /, e.g. \"{DEFAULT_DATA_DIR}\""),
+                    ));
+                }
+                p
+            }
+        };
+
+        // [web]
+        let w = raw.web;
+        if w.token.is_some() || w.tokens.is_some() {
+            let k = if w.token.is_some() {
+                "web.token"
+            } else {
+                "web.tokens"
+            };
+            return Err(secret_here(
+                k,
+                &format!("put the tokens in the environment variable named by web.token_env (default {DEFAULT_WEB_TOKEN_ENV}) or the secrets file"),
+            ));
+        }
+        let enabled = w.enabled.unwrap_or(true);
+        let web_listen = listen_addr(
+            w.listen.as_deref().unwrap_or("127.0.0.1:8080"),
+            "web.listen",
+        )?;
+        let auth_name = w.auth.as_deref().unwrap_or("loopback");
+        let only_with = |k: &str, mode: &str| {
+            err(
+                format!("web.{k}"),
+                format!("is only used with auth = \"{mode}\" (auth is \"{auth_name}\"); remove it or set auth = \"{mode}\""),
+            )
+        };
+        if w.header.is_some() && auth_name != "header" {
+            return Err(only_with("header", "header"));
+        }
+        if w.trusted_proxies.is_some() && auth_name != "header" {
+            return Err(only_with("trusted_proxies", "header"));
+        }
+        if w.token_env.is_some() && auth_name != "token" {
+            return Err(only_with("token_env", "token"));
+        }
+        let auth = match auth_name {
+            "loopback" => WebAuth::Loopback,
+            "token" => {
+                let env = w.token_env.unwrap_or_else(|| DEFAULT_WEB_TOKEN_ENV.into());
+                if !env_name_ok(&env) {
+                    return Err(err(
+                        "web.token_env",
+                        format!("{env:?} is not an environment variable name (letters, digits, _); write the variable's name, not a token"),
+                    ));
+                }
+                WebAuth::Token { env }
+            }
+            "header" => {
+                let header = w.header.unwrap_or_else(|| DEFAULT_WEB_HEADER.into());
+                let token_char =
+                    |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                if header.is_empty() || !header.bytes().all(token_char) {
+                    return Err(err(
+                        "web.header",
+                        format!("{header:?} is not an HTTP header name; write e.g. \"{DEFAULT_WEB_HEADER}\""),
+                    ));
+                }
+                let mut trusted = Vec::new();
+                for (i, p) in w.trusted_proxies.unwrap_or_default().iter().enumerate() {
+                    let ip = parse_ip_literal(p).ok_or_else(|| {
+                        err(
+                            format!("web.trusted_proxies[{i}]"),
+                            format!("{p:?} is not an IP address; list the proxies' addresses, e.g. \"10.0.0.5\""),
+                        )
+                    })?;
+                    if ip.is_unspecified() {
+                        return Err(err(
+                            format!("web.trusted_proxies[{i}]"),
+                            format!(
+                                "{p:?} would trust every peer; list the proxies' own addresses"
+                            ),
+                        ));
+                    }
+                    trusted.push(ip);
+                }
+                if enabled && !is_loopback(web_listen) && trusted.is_empty() {
+                    return Err(err(
+                        "web.trusted_proxies",
+                        format!("web.listen {web_listen} is reachable from other machines, and anyone reaching it could set {header}; list the reverse proxies' addresses, e.g. trusted_proxies = [\"10.0.0.5\"]"),
+                    ));
+                }
+                WebAuth::Header {
+                    header,
+                    trusted_proxies: trusted,
+                }
+            }
+            other => {
+                return Err(err(
+                    "web.auth",
+                    format!("unknown auth {other:?}; use \"loopback\", \"token\" or \"header\""),
+                ))
+            }
+        };
+        if enabled && auth == WebAuth::Loopback && !is_loopback(web_listen) {
+            return Err(err(
+                "web.listen",
+                format!("{web_listen} is reachable from other machines, but auth = \"loopback\" believes whoever connects; listen on 127.0.0.1, or set auth = \"token\" or \"header\""),
+            ));
+        }
+        let web = WebConfig {
+            enabled,
+            listen: web_listen,
+            auth,
+        };
+
+        // [admin]
+        let admin = AdminConfig {
+            listen: listen_addr(
+                raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9090"),
+                "admin.listen",
+            )?,
+        };
+        if web.enabled && clash(admin.listen, web.listen) {
+            return Err(err(
+                "admin.listen",
+                format!("{} is also web.listen ({}); give /metrics its own port, e.g. \"127.0.0.1:9090\"", admin.listen, web.listen),
+            ));
+        }
+
+        // [slack]
+        let s = raw.slack;
+        for (present, k) in [
+            (s.signing_secret.is_some(), "slack.signing_secret"),
+            (s.bot_token.is_some(), "slack.bot_token"),
+            (s.app_token.is_some(), "slack.app_token"),
+        ] {
+            if present {
+                let var = format!("SLACK_{}", k["slack.".len()..].to_ascii_uppercase());
+                return Err(secret_here(
+                    k,
+                    &format!("set {var} in moat's environment or the secrets file"),
+                ));
+            }
+        }
+        let mode = match s.mode.as_deref().unwrap_or("off") {
+            "events" => SlackMode::Events,
+            "socket" => SlackMode::Socket,
+            "off" => SlackMode::Off,
+            other => {
+                return Err(err(
+                    "slack.mode",
+                    format!("unknown mode {other:?}; use \"events\", \"socket\" or \"off\""),
+                ))
+            }
+        };
+        let api_url = slack_api_url(
+            s.api_url.as_deref().unwrap_or(DEFAULT_SLACK_API_URL),
+            "slack.api_url",
+        )?;
+        let slack_listen = match s.listen {
+            None => None,
+            Some(l) => {
+                if mode != SlackMode::Events {
+                    return Err(err(
+                        "slack.listen",
+                        "is only used with mode = \"events\"; remove it or set mode = \"events\"",
+                    ));
+                }
+                let a = listen_addr(&l, "slack.listen")?;
+                if web.enabled && clash(a, web.listen) {
+                    return Err(err(
+                        "slack.listen",
+                        format!("{a} is also web.listen; leave slack.listen out to serve /slack/events on web.listen, or give it its own port"),
+                    ));
+                }
+                if clash(a, admin.listen) {
+                    return Err(err(
+                        "slack.listen",
+                        format!("{a} is also admin.listen; give it its own port"),
+                    ));
+                }
+                Some(a)
+            }
+        };
+        if mode == SlackMode::Events && !web.enabled && slack_listen.is_none() {
+            return Err(err(
+                "slack.listen",
+                "mode = \"events\" needs a listener for POST /slack/events and the web chat is disabled; set slack.listen, e.g. \"0.0.0.0:3000\"",
+            ));
+        }
+        let slack = SlackConfig {
+            mode,
+            api_url,
+            listen: slack_listen,
+        };
+
+        // [pool]
+        let pool = PoolConfig {
+            size: nonneg(raw.pool.size.unwrap_or(2), "pool.size", 256, "leases")?,
+            max_waiters: nonneg(
+                raw.pool.max_waiters.unwrap_or(16),
+                "pool.max_waiters",
+                10_000,
+                "waiting requests",
+            )?,
+        };
+
+        // [[group]]
+        let mut groups = Vec::new();
+        let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (i, g) in raw.group.into_iter().enumerate() {
+            if !group_name_ok(&g.name) {
+                return Err(err(
+                    format!("group[{i}].name"),
+                    format!("{:?} is not a group name; use lower-case letters, digits, '-' and '_' (refer to it as \"@name\")", g.name),
+                ));
+            }
+            if by_name.contains_key(&g.name) {
+                let first = groups
+                    .iter()
+                    .position(|x: &Group| x.name == g.name)
+                    .unwrap_or(0);
+                return Err(err(
+                    format!("group[{i}].name"),
+                    format!(
+                        "{:?} is already group[{first}]; merge the two lists or rename one",
+                        g.name
+                    ),
+                ));
+            }
+            for (j, u) in g.users.iter().enumerate() {
+                let k = format!("group[{i}].users[{j}]");
+                if u == "*" {
+                    return Err(err(
+                        k,
+                        "a group lists people; to let everyone in, write users = [\"*\"] on the channel",
+                    ));
+                }
+                if u.starts_with('@') {
+                    return Err(err(
+                        k,
+                        format!("{u:?}: groups cannot contain groups; list the members' ids"),
+                    ));
+                }
+                check_user_id(u, &k)?;
+            }
+            by_name.insert(g.name.clone(), g.users.clone());
+            groups.push(Group {
+                name: g.name,
+                users: g.users,
+            });
+        }
+        let ctx = Ctx { groups: &by_name };
+
+        // [defaults]
+        let mut defaults = Settings::initial();
+        defaults.apply(raw.defaults, "defaults", &ctx)?;
+
+        // [[channel]]
+        let mut channels: Vec<ChannelPolicy> = Vec::new();
+        for (i, rc) in raw.channel.into_iter().enumerate() {
+            let at = format!("channel[{i}]");
+            let (platform, id, settings) = rc.into_parts();
+            let platform =
+                Platform::parse(&platform).map_err(|m| err(format!("{at}.platform"), m))?;
+            check_channel_id(platform, &id, &format!("{at}.id"))?;
+            if let Some(other) = channels
+                .iter()
+                .find(|c| c.platform == platform && c.id == id)
+            {
+                return Err(err(
+                    format!("{at}.id"),
+                    format!(
+                        "channel[{}] is already the entry for {}; merge the two entries",
+                        other.index,
+                        other.describe()
+                    ),
+                ));
+            }
+            let mut s = defaults.clone();
+            s.apply(settings, &at, &ctx)?;
+            if s.sandbox_kind == SandboxKind::Pool && pool.size == 0 {
+                return Err(err(
+                    format!("{at}.sandbox"),
+                    "uses the pool, but pool.size = 0; set pool.size to 1 or more, or sandbox = \"per-thread\"",
+                ));
+            }
+            channels.push(ChannelPolicy {
+                index: i,
+                platform,
+                id,
+                trust: s.trust,
+                users: s.users,
+                admins: s.admins,
+                sandbox: match s.sandbox_kind {
+                    SandboxKind::Pool => SandboxMode::Pool,
+                    SandboxKind::PerThread => SandboxMode::PerThread {
+                        idle_delete: s.idle_delete,
+                    },
+                },
+                agent: s.agent,
+                debounce: s.debounce,
+                rate: s.rate,
+                policy: s.policy,
+            });
+        }
+
+        Ok(GatewayConfig {
+            data_dir,
+            web,
+            admin,
+            slack,
+            pool,
+            groups,
+            channels,
+        })
+    }
+}
