@@ -582,7 +582,7 @@ fn main() {
         .build()
         .expect("runtime");
     let audit_dir = tempfile::tempdir().expect("a temporary directory");
-    let audit_path = audit_dir.path().join("egress.jsonl");
+    let audit_path = audit_dir.path().join("audit.jsonl");
     let door = Door::start(
         rt.handle(),
         DoorConfig {

@@ -20,7 +20,6 @@ pub mod netns;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -76,62 +75,60 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Appends records as JSON lines to a file (and logs them with `tracing`).
+/// Appends records to moat's audit log ([`moat_audit::AuditLog`]: JSON lines,
+/// each carrying the hash of the previous), and logs them with `tracing`.
+/// A record's `kind` becomes the log record's kind and its other fields the
+/// log record's fields; its `ts_ms` is dropped for the log's own (the same
+/// clock, taken at the append).
 pub struct JsonlAudit {
-    file: Mutex<std::fs::File>,
+    log: Arc<moat_audit::AuditLog>,
 }
 
 impl JsonlAudit {
     fn append<T: Serialize>(&self, rec: &T, what: &str) {
-        if let Ok(mut line) = serde_json::to_vec(rec) {
-            line.push(b'\n');
-            if let Ok(mut f) = self.file.lock() {
-                if let Err(e) = f.write_all(&line) {
-                    tracing::error!(error = %e, "could not write the {what} audit record");
-                }
+        let mut fields = match serde_json::to_value(rec) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(_) | Err(_) => {
+                tracing::error!("the {what} audit record is not a JSON object; not written");
+                return;
             }
+        };
+        fields.remove("ts_ms");
+        let Some(serde_json::Value::String(kind)) = fields.remove("kind") else {
+            tracing::error!("the {what} audit record has no kind; not written");
+            return;
+        };
+        if let Err(e) = self.log.append(&kind, serde_json::Value::Object(fields)) {
+            tracing::error!(error = %e, "could not write the {what} audit record");
         }
     }
 
+    /// Opens (or creates) the audit log at `path` for this door alone.
     pub fn open(path: &Path) -> std::io::Result<JsonlAudit> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
-        Ok(JsonlAudit {
-            file: Mutex::new(file),
-        })
+        let log = moat_audit::AuditLog::open(path).map_err(std::io::Error::other)?;
+        Ok(JsonlAudit::with_log(Arc::new(log)))
+    }
+
+    /// Writes to a log shared with others (the gateway's, say).
+    pub fn with_log(log: Arc<moat_audit::AuditLog>) -> JsonlAudit {
+        JsonlAudit { log }
+    }
+
+    /// The log records go to.
+    pub fn log(&self) -> &Arc<moat_audit::AuditLog> {
+        &self.log
     }
 }
 
 impl Audit for JsonlAudit {
     fn record(&self, rec: &EgressRecord) {
         tracing::info!(target: "moat::egress", lease = %rec.lease, kind = rec.kind, host = %rec.host, port = rec.port, verdict = rec.verdict, reason = rec.reason.as_deref().unwrap_or(""), "egress");
-        if let Ok(mut line) = serde_json::to_vec(rec) {
-            line.push(b'\n');
-            if let Ok(mut f) = self.file.lock() {
-                if let Err(e) = f.write_all(&line) {
-                    tracing::error!(error = %e, "could not write the egress audit record");
-                }
-            }
-        }
+        self.append(rec, "egress");
     }
 
     fn record_llm(&self, rec: &llm::LlmRecord) {
         tracing::info!(target: "moat::egress", lease = %rec.lease, provider = rec.provider, model = rec.model.as_deref().unwrap_or(""), status = rec.status, verdict = rec.verdict, input_tokens = rec.usage.input_tokens, output_tokens = rec.usage.output_tokens, "llm");
-        if let Ok(mut line) = serde_json::to_vec(rec) {
-            line.push(b'\n');
-            if let Ok(mut f) = self.file.lock() {
-                if let Err(e) = f.write_all(&line) {
-                    tracing::error!(error = %e, "could not write the LLM audit record");
-                }
-            }
-        }
+        self.append(rec, "LLM");
     }
 
     fn record_github(&self, rec: &github::GithubRecord) {
@@ -476,5 +473,58 @@ impl Drop for Door {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod jsonl_audit_tests {
+    use super::*;
+
+    fn connect(host: &str) -> EgressRecord {
+        EgressRecord {
+            ts_ms: 1,
+            lease: "l1".into(),
+            kind: "connect",
+            host: host.into(),
+            port: 443,
+            address: Some("192.0.2.1:443".into()),
+            verdict: "allowed",
+            reason: None,
+            bytes_up: 10,
+            bytes_down: 20,
+            duration_ms: 3,
+        }
+    }
+
+    #[test]
+    fn records_go_into_the_chain_with_one_kind_and_one_ts_ms() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit").join("audit.jsonl");
+        let a = JsonlAudit::open(&p).unwrap();
+        a.record(&connect("a.test"));
+        // A second door sharing the same log.
+        let b = JsonlAudit::with_log(a.log().clone());
+        b.record(&connect("b.test"));
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for (i, l) in lines.iter().enumerate() {
+            assert_eq!(l.matches("\"kind\":").count(), 1, "{l}");
+            assert_eq!(l.matches("\"ts_ms\":").count(), 1, "{l}");
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["kind"], "connect");
+            assert_eq!(v["seq"], i as u64 + 1);
+            assert_eq!(v["lease"], "l1");
+            assert_eq!(v["bytes_down"], 20);
+            assert!(
+                v["ts_ms"].as_u64().unwrap() > 1,
+                "the log's own time, not the record's"
+            );
+        }
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(lines[1]).unwrap()["host"],
+            "b.test"
+        );
+        assert_eq!(moat_audit::verify(&p).unwrap().records, 2);
     }
 }

@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn the_audit_log_seeds_users_and_channels_and_bad_lines_are_skipped() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("egress.jsonl");
+        let p = d.path().join("audit.jsonl");
         let mut f = std::fs::File::create(&p).unwrap();
         let lines = [
             r#"{"kind":"llm","lease":"cli","user":"alice","channel":"cli","input_tokens":10,"output_tokens":5,"cache_creation_input_tokens":2,"cache_read_input_tokens":3}"#,
