@@ -6,6 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod audit_cmd;
 mod github;
 
 use anyhow::Context;
@@ -36,6 +37,11 @@ enum Top {
     },
     /// Check this host for what the sandbox backends need.
     Doctor,
+    /// Read and check the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: audit_cmd::AuditCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -139,6 +145,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Top::Doctor => doctor(),
+        Top::Audit { command } => audit_cmd::run(command),
         Top::Sandbox {
             command: SandboxCmd::Run(args),
         } => match sandbox_run(*args) {
@@ -292,7 +299,7 @@ fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
         None => WorkspaceSource::Fresh,
     };
     let secrets = moat_creds::secrets::Lookup::from_flag_or_env(args.secrets.as_deref())?;
-    let audit_path = engine.config().data_dir.join("audit").join("egress.jsonl");
+    let audit_path = engine.config().data_dir.join("audit").join("audit.jsonl");
     let llm = if args.llm.is_empty() {
         None
     } else {

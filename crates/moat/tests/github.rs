@@ -523,7 +523,7 @@ fn github_records(sb: &Sandbox) -> Vec<Value> {
 }
 
 fn audit_text(sb: &Sandbox) -> String {
-    std::fs::read_to_string(sb.dir.join("data").join("audit").join("egress.jsonl"))
+    std::fs::read_to_string(sb.dir.join("data").join("audit").join("audit.jsonl"))
         .unwrap_or_default()
 }
 

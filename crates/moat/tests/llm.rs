@@ -361,7 +361,7 @@ fn llm_records(sb: &Sandbox) -> Vec<Value> {
 }
 
 fn audit_path(sb: &Sandbox) -> PathBuf {
-    sb.dir.join("data").join("audit").join("egress.jsonl")
+    sb.dir.join("data").join("audit").join("audit.jsonl")
 }
 
 /// Asserts the fake saw the real key and never a placeholder.

@@ -1084,7 +1084,7 @@ impl Drop for TlsServer {
 // Audit records
 // ---------------------------------------------------------------------------
 
-/// The door's audit records (from `egress.jsonl` or a `MemoryAudit`).
+/// The door's audit records (from `audit.jsonl` or a `MemoryAudit`).
 pub struct Audit {
     pub text: String,
     pub records: Vec<Value>,
@@ -1389,7 +1389,7 @@ impl Sandbox {
     }
 
     pub fn audit(&self) -> Audit {
-        let p = self.dir.join("data").join("audit").join("egress.jsonl");
+        let p = self.dir.join("data").join("audit").join("audit.jsonl");
         Audit::from_text(std::fs::read_to_string(p).unwrap_or_default())
     }
 
@@ -1397,7 +1397,7 @@ impl Sandbox {
         self.dir
             .join("data")
             .join("audit")
-            .join("egress.jsonl")
+            .join("audit.jsonl")
             .exists()
     }
 }
