@@ -16,6 +16,7 @@
 
 mod error;
 mod model;
+mod recovery;
 mod schema;
 
 use std::fs::{DirBuilder, File, OpenOptions};
