@@ -711,9 +711,8 @@ impl fmt::Display for Problem {
             ),
             Problem::SeqGap { expected, found } if found > expected => write!(
                 f,
-                "expected seq {expected}, found {found}: records {expected}..{} were deleted \
-                 (or the records were reordered)",
-                found - 1
+                "expected seq {expected}, found {found}: {} deleted (or the records were reordered)",
+                span(*expected, found - 1, "was", "were")
             ),
             Problem::SeqGap { expected, found } => write!(
                 f,
@@ -737,8 +736,8 @@ impl fmt::Display for Problem {
             Problem::HeadAhead { head_seq, last_seq } => write!(
                 f,
                 "the head file says the last record is seq {head_seq} but the log ends at seq \
-                 {last_seq}: records {}..{head_seq} were cut from the end",
-                last_seq + 1
+                 {last_seq}: {} cut from the end",
+                span(last_seq + 1, *head_seq, "was", "were")
             ),
             Problem::HeadHashMismatch { head_hash, hash } => write!(
                 f,
@@ -746,6 +745,15 @@ impl fmt::Display for Problem {
                  the record was replaced"
             ),
         }
+    }
+}
+
+/// "record 3 was" or "records 3..5 were".
+fn span(from: u64, to: u64, one: &str, many: &str) -> String {
+    if from == to {
+        format!("record {from} {one}")
+    } else {
+        format!("records {from}..{to} {many}")
     }
 }
 

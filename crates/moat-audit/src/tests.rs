@@ -238,7 +238,12 @@ fn a_deleted_middle_record_is_found() {
         ),
         "{e}"
     );
-    assert!(e.to_string().contains("records 3..3 were deleted"), "{e}");
+    assert!(e.to_string().contains("record 3 was deleted"), "{e}");
+    ls.remove(2);
+    write_lines(&p, &ls);
+    let e = problem(&p);
+    assert_eq!((e.line, e.seq), (Some(3), Some(5)), "{e}");
+    assert!(e.to_string().contains("records 3..4 were deleted"), "{e}");
 }
 
 #[test]
