@@ -6,4 +6,10 @@
 //! lease at once, let one conversation see another's files, or drop a stored
 //! message without an answer or a failure report.
 
+pub mod agent;
+pub mod hub;
+pub mod metrics;
+pub mod pipeline;
 pub mod pool;
+pub mod server;
+pub mod web;

@@ -60,23 +60,7 @@ impl RunnerFactory for LeaseFactory {
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("{}-{n}", self.prefix);
-        let door = if self.policy.network.is_enabled() {
-            let d = moat_egress::Door::start(
-                &self.runtime,
-                moat_egress::DoorConfig {
-                    lease: name.clone(),
-                    policy: Arc::new(self.policy.network.clone()),
-                    resolver: moat_egress::Resolver::System,
-                    audit: self.audit.clone(),
-                    llm: None,
-                    github: None,
-                },
-            )
-            .map_err(|e| format!("starting the egress door: {e}"))?;
-            Some(d)
-        } else {
-            None
-        };
+        let door = start_door(&self.runtime, &self.policy, &name, self.audit.clone())?;
         let network = door.as_ref().map(|d| NetworkAttachment {
             netns: d.netns(),
             env: moat_egress::Door::client_env(),
@@ -96,6 +80,32 @@ impl RunnerFactory for LeaseFactory {
         lease.start().map_err(|e| e.to_string())?;
         Ok(Runner { lease, door })
     }
+}
+
+/// The egress door for a lease of `policy`, when the policy allows any
+/// destination (`None`: the sandbox gets an empty network namespace).
+pub fn start_door(
+    runtime: &tokio::runtime::Handle,
+    policy: &SandboxPolicy,
+    name: &str,
+    audit: Arc<dyn moat_egress::Audit>,
+) -> Result<Option<moat_egress::Door>, String> {
+    if !policy.network.is_enabled() {
+        return Ok(None);
+    }
+    moat_egress::Door::start(
+        runtime,
+        moat_egress::DoorConfig {
+            lease: name.to_string(),
+            policy: Arc::new(policy.network.clone()),
+            resolver: moat_egress::Resolver::System,
+            audit,
+            llm: None,
+            github: None,
+        },
+    )
+    .map(Some)
+    .map_err(|e| format!("starting the egress door: {e}"))
 }
 
 struct State {

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod audit_cmd;
 mod github;
+mod up;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -42,6 +43,8 @@ enum Top {
         #[command(subcommand)]
         command: audit_cmd::AuditCmd,
     },
+    /// Run the gateway: chat in, the work in sandboxes, answers out.
+    Up(up::UpArgs),
 }
 
 #[derive(Subcommand)]
@@ -146,6 +149,13 @@ fn main() -> ExitCode {
     match cli.command {
         Top::Doctor => doctor(),
         Top::Audit { command } => audit_cmd::run(command),
+        Top::Up(args) => match up::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Top::Sandbox {
             command: SandboxCmd::Run(args),
         } => match sandbox_run(*args) {

@@ -1,0 +1,1018 @@
+//! The path of one message (DESIGN.md): store it, authorize it, rate-limit
+//! it, debounce it into a turn, run the turn in the conversation's sandbox
+//! with the channel's agent, and hand the answer to the platform.
+//!
+//! Owns: the conversations' actors (one task per conversation: debounce,
+//! follow-up queue, stop, status), the pools per channel, per-thread leases,
+//! rate limiters, crash recovery at start, and the audit records of messages
+//! and turns.
+//! Must never: run a message that is not stored, answer an unauthorised
+//! sender, run two turns of one conversation at once, give a conversation a
+//! lease another conversation's turn still holds, or put message text in the
+//! audit log.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultKeyedRateLimiter, Quota};
+use moat_audit::AuditLog;
+use moat_policy::gateway::{Authorization, ChannelPolicy, GatewayConfig, Platform, SandboxMode};
+use moat_sandbox::{Engine, Lease, LeaseOptions, NetworkAttachment, WorkspaceSource};
+use moat_store::{IncomingMessage, Inserted, MessageState, Store, TurnState};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::agent::{Agent, AgentEvent, CancelHandle, ShellAgent, TurnInput, TurnOutcome};
+use crate::hub::{ConvEvent, Hub};
+use crate::metrics::{Gauges, Metrics, Verdict};
+use crate::pool::{LeaseFactory, Lent, Pool, PoolError};
+
+/// A future a platform's replier returns.
+pub type BoxFut<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// Where a conversation lives on its platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvRef {
+    pub id: i64,
+    pub platform: Platform,
+    pub channel: String,
+    pub thread: String,
+}
+
+/// What a platform does with a conversation's turn (Slack: reactions, a live
+/// status message, the threaded answer). The web chat needs none of it: it
+/// watches the hub.
+pub trait Replier: Send + Sync {
+    /// A note to the conversation (busy, rate-limited, status, stopped).
+    fn notice<'a>(&'a self, conv: &'a ConvRef, text: &'a str) -> BoxFut<'a>;
+    /// A turn started for these platform messages.
+    fn started<'a>(&'a self, conv: &'a ConvRef, refs: &'a [String]) -> BoxFut<'a>;
+    /// The sandbox's status while the turn runs (called often; throttle).
+    fn progress<'a>(&'a self, conv: &'a ConvRef, status: &'a str) -> BoxFut<'a>;
+    /// The turn ended with this answer.
+    fn finished<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+    ) -> BoxFut<'a>;
+}
+
+/// A replier that does nothing (the web chat, tests).
+pub struct NoReplies;
+
+impl Replier for NoReplies {
+    fn notice<'a>(&'a self, _: &'a ConvRef, _: &'a str) -> BoxFut<'a> {
+        Box::pin(async {})
+    }
+    fn started<'a>(&'a self, _: &'a ConvRef, _: &'a [String]) -> BoxFut<'a> {
+        Box::pin(async {})
+    }
+    fn progress<'a>(&'a self, _: &'a ConvRef, _: &'a str) -> BoxFut<'a> {
+        Box::pin(async {})
+    }
+    fn finished<'a>(&'a self, _: &'a ConvRef, _: &'a [String], _: &'a TurnOutcome) -> BoxFut<'a> {
+        Box::pin(async {})
+    }
+}
+
+/// One chat message as a front-end hands it over (signature already checked).
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub platform: Platform,
+    /// The platform's id for the event; a retry carries the same id.
+    pub event_id: String,
+    pub channel: String,
+    /// The conversation within the channel (a Slack thread's root ts).
+    pub thread: String,
+    pub user: String,
+    pub text: String,
+    pub ts_ms: i64,
+    /// The platform's id of this message (Slack: its ts), for reactions.
+    pub message_ref: Option<String>,
+}
+
+/// What `accept` did with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored and queued for a turn.
+    Queued {
+        message_id: i64,
+        conversation_id: i64,
+    },
+    /// A platform retry of a stored event: not run again.
+    Duplicate { message_id: i64 },
+    /// Not authorised: stored as dropped, audited, nothing said to the sender.
+    Dropped { reason: String },
+    /// Over the rate limit: dropped (the sender was told once).
+    Limited,
+    /// `stop`, `abort` or `status`.
+    Command { conversation_id: i64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the message store failed: {0}")]
+    Store(#[from] moat_store::StoreError),
+    #[error("the audit log failed: {0}")]
+    Audit(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// A message waiting for its turn.
+#[derive(Debug, Clone)]
+struct Pending {
+    message_id: i64,
+    user: String,
+    text: String,
+    message_ref: Option<String>,
+    arrived: Instant,
+}
+
+enum ConvCmd {
+    Message(Pending),
+    Stop,
+    Status,
+}
+
+struct Limiters {
+    users: DefaultKeyedRateLimiter<String>,
+    channels: DefaultKeyedRateLimiter<String>,
+}
+
+fn quota(r: moat_policy::gateway::Rate) -> Quota {
+    Quota::with_period(r.interval().max(Duration::from_nanos(1)))
+        .expect("a positive period")
+        .allow_burst(r.count)
+}
+
+/// The gateway's shared state.
+pub struct Inner {
+    pub cfg: GatewayConfig,
+    pub store: Arc<Store>,
+    pub audit: Arc<AuditLog>,
+    pub egress_audit: Arc<dyn moat_egress::Audit>,
+    pub engine: Arc<Engine>,
+    pub hub: Hub,
+    pub metrics: Metrics,
+    agent: Arc<dyn Agent>,
+    runtime: tokio::runtime::Handle,
+    repliers: HashMap<Platform, Arc<dyn Replier>>,
+    pools: tokio::sync::Mutex<HashMap<usize, Pool>>,
+    convs: Mutex<HashMap<i64, mpsc::UnboundedSender<ConvCmd>>>,
+    limiters: Vec<Limiters>,
+    told: Mutex<HashSet<(usize, String)>>,
+    running: AtomicU64,
+    /// Conversations whose actor holds a per-thread lease right now.
+    leases_in_use: Mutex<HashSet<i64>>,
+}
+
+/// The gateway: clone it freely.
+#[derive(Clone)]
+pub struct Gateway {
+    pub inner: Arc<Inner>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What builds a gateway.
+pub struct GatewayParts {
+    pub cfg: GatewayConfig,
+    pub store: Arc<Store>,
+    pub audit: Arc<AuditLog>,
+    pub engine: Arc<Engine>,
+    pub repliers: HashMap<Platform, Arc<dyn Replier>>,
+}
+
+impl Gateway {
+    /// Builds the gateway (on a tokio runtime). Pools are warmed on first use
+    /// of their channel, or now with [`Gateway::warm`].
+    pub fn new(parts: GatewayParts) -> Gateway {
+        let limiters = parts
+            .cfg
+            .channels
+            .iter()
+            .map(|c| Limiters {
+                users: governor::RateLimiter::keyed(quota(c.rate.user)),
+                channels: governor::RateLimiter::keyed(quota(c.rate.channel)),
+            })
+            .collect();
+        let egress_audit: Arc<dyn moat_egress::Audit> =
+            Arc::new(moat_egress::JsonlAudit::with_log(parts.audit.clone()));
+        Gateway {
+            inner: Arc::new(Inner {
+                cfg: parts.cfg,
+                store: parts.store,
+                audit: parts.audit,
+                egress_audit,
+                engine: parts.engine,
+                hub: Hub::default(),
+                metrics: Metrics::default(),
+                agent: Arc::new(ShellAgent),
+                runtime: tokio::runtime::Handle::current(),
+                repliers: parts.repliers,
+                pools: tokio::sync::Mutex::new(HashMap::new()),
+                convs: Mutex::new(HashMap::new()),
+                limiters,
+                told: Mutex::new(HashSet::new()),
+                running: AtomicU64::new(0),
+                leases_in_use: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// Warms the pools of every pool-mode channel now.
+    pub async fn warm(&self) -> Result<(), PoolError> {
+        for (i, c) in self.inner.cfg.channels.iter().enumerate() {
+            if c.sandbox == SandboxMode::Pool {
+                self.inner.pool_for(i).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn audit(&self, kind: &str, fields: serde_json::Value) {
+        if let Err(e) = self.inner.audit.append(kind, fields) {
+            tracing::error!(error = %e, "could not write an audit record");
+        }
+    }
+
+    fn replier(&self, p: Platform) -> Arc<dyn Replier> {
+        self.inner
+            .repliers
+            .get(&p)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(NoReplies))
+    }
+
+    /// Takes one message: stored first (when this returns, the message is
+    /// durable and the platform may be told so), then judged and queued.
+    pub async fn accept(&self, m: Inbound) -> Result<Accepted, GatewayError> {
+        let store = self.inner.store.clone();
+        let incoming = IncomingMessage {
+            platform: m.platform.name().to_string(),
+            event_id: m.event_id.clone(),
+            channel: m.channel.clone(),
+            thread: m.thread.clone(),
+            user: m.user.clone(),
+            text: m.text.clone(),
+            ts_ms: m.ts_ms,
+        };
+        let inserted = tokio::task::spawn_blocking(move || store.insert_message(&incoming))
+            .await
+            .map_err(|e| GatewayError::Internal(e.to_string()))??;
+        let base = json!({
+            "platform": m.platform.name(),
+            "channel": m.channel,
+            "thread": m.thread,
+            "user": m.user,
+            "event_id": m.event_id,
+        });
+        let with = |extra: serde_json::Value| {
+            let mut b = base.clone();
+            if let (Some(o), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            b
+        };
+        let (message_id, conversation_id) = match inserted {
+            Inserted::Duplicate { message_id } => {
+                self.inner.metrics.event(Verdict::Duplicate);
+                self.audit(
+                    "message",
+                    with(json!({"verdict": "duplicate", "message_id": message_id})),
+                );
+                return Ok(Accepted::Duplicate { message_id });
+            }
+            Inserted::New {
+                message_id,
+                conversation_id,
+            } => (message_id, conversation_id),
+        };
+        let (chan_idx, channel) = match self.inner.cfg.authorize(m.platform, &m.channel, &m.user) {
+            Authorization::Allowed { channel, .. } => (channel.index, channel.clone()),
+            Authorization::Denied { reason } => {
+                self.inner.metrics.event(Verdict::Unauthorized);
+                self.inner.store.set_message_state(
+                    message_id,
+                    MessageState::Dropped,
+                    Some(&format!("unauthorised: {reason}")),
+                )?;
+                self.audit(
+                    "message",
+                    with(json!({"verdict": "unauthorized", "reason": reason, "message_id": message_id})),
+                );
+                return Ok(Accepted::Dropped { reason });
+            }
+        };
+        let conv = ConvRef {
+            id: conversation_id,
+            platform: m.platform,
+            channel: m.channel.clone(),
+            thread: m.thread.clone(),
+        };
+        // Rate limits: the user's, then the channel's.
+        let lim = &self.inner.limiters[chan_idx];
+        let limited = if lim.users.check_key(&m.user).is_err() {
+            Some(format!("user rate {}", channel.rate.user))
+        } else if lim.channels.check_key(&m.channel).is_err() {
+            Some(format!("channel rate {}", channel.rate.channel))
+        } else {
+            None
+        };
+        let told_key = (chan_idx, m.user.clone());
+        if let Some(which) = limited {
+            self.inner.metrics.event(Verdict::RateLimited);
+            self.inner.store.set_message_state(
+                message_id,
+                MessageState::Dropped,
+                Some(&format!("over the {which}")),
+            )?;
+            self.audit(
+                "message",
+                with(json!({"verdict": "rate_limited", "reason": which, "message_id": message_id})),
+            );
+            let first = self
+                .inner
+                .told
+                .lock()
+                .map(|mut t| t.insert(told_key))
+                .unwrap_or(false);
+            if first {
+                let text = format!(
+                    "You are sending messages faster than this channel allows ({which}); moat will answer again shortly."
+                );
+                self.inner
+                    .hub
+                    .publish(conv.id, ConvEvent::Notice { text: text.clone() });
+                self.replier(m.platform).notice(&conv, &text).await;
+            }
+            return Ok(Accepted::Limited);
+        }
+        if let Ok(mut t) = self.inner.told.lock() {
+            t.remove(&told_key);
+        }
+        let word = m.text.trim().to_ascii_lowercase();
+        let command = match word.as_str() {
+            "stop" | "abort" => Some(ConvCmd::Stop),
+            "status" => Some(ConvCmd::Status),
+            _ => None,
+        };
+        if let Some(cmd) = command {
+            self.inner.metrics.event(Verdict::Command);
+            self.inner.store.set_message_state(
+                message_id,
+                MessageState::Answered,
+                Some(&format!("command {word}")),
+            )?;
+            self.audit(
+                "message",
+                with(json!({"verdict": "command", "command": word, "message_id": message_id, "conversation_id": conversation_id})),
+            );
+            self.send(&conv, chan_idx, cmd);
+            return Ok(Accepted::Command { conversation_id });
+        }
+        self.inner
+            .store
+            .set_message_state(message_id, MessageState::Queued, None)?;
+        self.inner.metrics.event(Verdict::Accepted);
+        self.audit(
+            "message",
+            with(json!({"verdict": "accepted", "message_id": message_id, "conversation_id": conversation_id})),
+        );
+        self.inner.hub.publish(
+            conv.id,
+            ConvEvent::Message {
+                user: m.user.clone(),
+                text: m.text.clone(),
+            },
+        );
+        self.send(
+            &conv,
+            chan_idx,
+            ConvCmd::Message(Pending {
+                message_id,
+                user: m.user,
+                text: m.text,
+                message_ref: m.message_ref,
+                arrived: Instant::now(),
+            }),
+        );
+        Ok(Accepted::Queued {
+            message_id,
+            conversation_id,
+        })
+    }
+
+    /// Hands a command to the conversation's actor, starting it if needed.
+    fn send(&self, conv: &ConvRef, chan_idx: usize, cmd: ConvCmd) {
+        let mut convs = self.inner.convs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cmd = Some(cmd);
+        if let Some(tx) = convs.get(&conv.id) {
+            match tx.send(cmd.take().expect("set above")) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(c)) => cmd = Some(c),
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(cmd.take().expect("not sent yet"));
+        convs.insert(conv.id, tx);
+        let gw = self.clone();
+        let conv = conv.clone();
+        self.inner
+            .runtime
+            .spawn(async move { gw.conversation(conv, chan_idx, rx).await });
+    }
+
+    /// One conversation's actor: debounce per user, one turn at a time,
+    /// follow-ups queued, `stop` and `status`.
+    async fn conversation(
+        self,
+        conv: ConvRef,
+        chan_idx: usize,
+        mut rx: mpsc::UnboundedReceiver<ConvCmd>,
+    ) {
+        let channel = self.inner.cfg.channels[chan_idx].clone();
+        let debounce = channel.debounce;
+        // Per user: their messages and when their debounce ends.
+        let mut pending: Vec<(String, Vec<Pending>, tokio::time::Instant)> = Vec::new();
+        let mut ready: VecDeque<Vec<Pending>> = VecDeque::new();
+        let mut running: Option<(tokio::task::JoinHandle<()>, CancelHandle)> = None;
+        let status = Arc::new(Mutex::new(String::from("idle")));
+        let idle_exit = Duration::from_secs(600);
+        loop {
+            let now = tokio::time::Instant::now();
+            let mut i = 0;
+            while i < pending.len() {
+                if pending[i].2 <= now {
+                    let (_, batch, _) = pending.remove(i);
+                    ready.push_back(batch);
+                } else {
+                    i += 1;
+                }
+            }
+            if running.is_none() {
+                if let Some(batch) = ready.pop_front() {
+                    let cancel = CancelHandle::default();
+                    let gw = self.clone();
+                    let c = conv.clone();
+                    let ch = channel.clone();
+                    let st = status.clone();
+                    let cn = cancel.clone();
+                    let h = tokio::spawn(async move { gw.turn(c, ch, batch, cn, st).await });
+                    running = Some((h, cancel));
+                    continue;
+                }
+            }
+            let next = pending.iter().map(|p| p.2).min();
+            let quiet = running.is_none() && pending.is_empty() && ready.is_empty();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => break,
+                    Some(ConvCmd::Message(p)) => {
+                        let deadline = tokio::time::Instant::now() + debounce;
+                        match pending.iter_mut().find(|e| e.0 == p.user) {
+                            Some(e) => { e.1.push(p); e.2 = deadline; }
+                            None => pending.push((p.user.clone(), vec![p], deadline)),
+                        }
+                    }
+                    Some(ConvCmd::Stop) => {
+                        let mut dropped = Vec::new();
+                        for (_, b, _) in pending.drain(..) { dropped.extend(b); }
+                        for b in ready.drain(..) { dropped.extend(b); }
+                        for p in &dropped {
+                            let _ = self.inner.store.set_message_state(p.message_id, MessageState::Failed, Some("stopped before its turn"));
+                        }
+                        let text = match &running {
+                            Some((_, cancel)) => { cancel.cancel(); "Stopping the running turn.".to_string() }
+                            None if !dropped.is_empty() => format!("Dropped {} queued message(s).", dropped.len()),
+                            None => "Nothing is running.".to_string(),
+                        };
+                        self.inner.hub.publish(conv.id, ConvEvent::Notice { text: text.clone() });
+                        self.replier(conv.platform).notice(&conv, &text).await;
+                    }
+                    Some(ConvCmd::Status) => {
+                        let waiting: usize = pending.iter().map(|p| p.1.len()).sum::<usize>() + ready.iter().map(Vec::len).sum::<usize>();
+                        let now_doing = status.lock().map(|s| s.clone()).unwrap_or_default();
+                        let text = format!("Sandbox: {now_doing}. Messages waiting: {waiting}.");
+                        self.inner.hub.publish(conv.id, ConvEvent::Notice { text: text.clone() });
+                        self.replier(conv.platform).notice(&conv, &text).await;
+                    }
+                },
+                _ = sleep_until(next), if next.is_some() => {}
+                _ = async { if let Some((h, _)) = running.as_mut() { let _ = h.await; } }, if running.is_some() => {
+                    running = None;
+                }
+                _ = tokio::time::sleep(idle_exit), if quiet => {
+                    // Idle: end the actor; a new message starts a new one.
+                    let mut convs = self.inner.convs.lock().unwrap_or_else(|p| p.into_inner());
+                    if rx.is_empty() {
+                        convs.remove(&conv.id);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one turn for `batch`, start to answer.
+    async fn turn(
+        self,
+        conv: ConvRef,
+        channel: ChannelPolicy,
+        batch: Vec<Pending>,
+        cancel: CancelHandle,
+        status: Arc<Mutex<String>>,
+    ) {
+        let started = batch
+            .iter()
+            .map(|p| p.arrived)
+            .min()
+            .unwrap_or_else(Instant::now);
+        let ids: Vec<i64> = batch.iter().map(|p| p.message_id).collect();
+        let refs: Vec<String> = batch.iter().filter_map(|p| p.message_ref.clone()).collect();
+        let replier = self.replier(conv.platform);
+        let set_status = |s: &str| {
+            if let Ok(mut st) = status.lock() {
+                *st = s.to_string();
+            }
+        };
+        let store = self.inner.store.clone();
+        let turn_id = match store.start_turn(conv.id, &ids, now_ms()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(conversation = conv.id, error = %e, "could not start a turn");
+                for id in &ids {
+                    let _ = store.set_message_state(
+                        *id,
+                        MessageState::Failed,
+                        Some("moat could not start the turn"),
+                    );
+                }
+                let text = format!("moat could not start this turn: {e}");
+                self.inner.hub.publish(
+                    conv.id,
+                    ConvEvent::Answer {
+                        text: text.clone(),
+                        ok: false,
+                    },
+                );
+                replier.notice(&conv, &text).await;
+                return;
+            }
+        };
+        self.inner.running.fetch_add(1, Ordering::Relaxed);
+        let history: Vec<String> = store
+            .messages_since_last_turn(conv.id)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| !ids.contains(&m.id) && m.state != MessageState::Dropped)
+            .map(|m| format!("{}: {}", m.user, m.text))
+            .collect();
+        let input = TurnInput {
+            messages: batch.iter().map(|p| p.text.clone()).collect(),
+            history,
+        };
+        replier.started(&conv, &refs).await;
+        set_status("waiting for a sandbox");
+        self.inner.hub.publish(
+            conv.id,
+            ConvEvent::Status {
+                text: "waiting for a sandbox".into(),
+            },
+        );
+        let held = self.hold_lease(&conv, &channel).await;
+        let outcome = match held {
+            Err(text) => TurnOutcome {
+                answer: text,
+                ok: false,
+                cancelled: false,
+            },
+            Ok(held) => {
+                set_status("running");
+                self.inner.hub.publish(
+                    conv.id,
+                    ConvEvent::Status {
+                        text: "running".into(),
+                    },
+                );
+                let (tx, mut rx) = mpsc::unbounded_channel::<AgentEvent>();
+                let agent = self.inner.agent.clone();
+                let c2 = cancel.clone();
+                let job = tokio::task::spawn_blocking(move || {
+                    let mut held = held;
+                    let out = agent.run_turn(held.lease(), &input, &c2, &mut |e| {
+                        let _ = tx.send(e);
+                    });
+                    (held, out)
+                });
+                while let Some(ev) = rx.recv().await {
+                    match ev {
+                        AgentEvent::Text(t) => {
+                            self.inner.hub.publish(conv.id, ConvEvent::Text { text: t })
+                        }
+                        AgentEvent::Status(s) => {
+                            set_status(&s);
+                            self.inner
+                                .hub
+                                .publish(conv.id, ConvEvent::Status { text: s.clone() });
+                            replier.progress(&conv, &s).await;
+                        }
+                    }
+                }
+                match job.await {
+                    Ok((held, out)) => {
+                        self.give_back(&conv, held).await;
+                        out
+                    }
+                    Err(e) => TurnOutcome {
+                        answer: format!("moat: the turn crashed: {e}"),
+                        ok: false,
+                        cancelled: false,
+                    },
+                }
+            }
+        };
+        set_status("idle");
+        let state = if outcome.cancelled {
+            TurnState::Cancelled
+        } else if outcome.ok {
+            TurnState::Done
+        } else {
+            TurnState::Failed
+        };
+        let error = (!outcome.ok).then(|| outcome.answer.lines().last().unwrap_or("").to_string());
+        if let Err(e) = store.finish_turn(
+            turn_id,
+            state,
+            outcome.answer.chars().count() as u64,
+            error.as_deref(),
+            now_ms(),
+        ) {
+            tracing::error!(turn = turn_id, error = %e, "could not record the end of a turn");
+        }
+        self.inner.hub.publish(
+            conv.id,
+            ConvEvent::Answer {
+                text: outcome.answer.clone(),
+                ok: outcome.ok,
+            },
+        );
+        replier.finished(&conv, &refs, &outcome).await;
+        let secs = started.elapsed().as_secs_f64();
+        self.inner.metrics.turn(outcome.ok, secs);
+        self.inner.running.fetch_sub(1, Ordering::Relaxed);
+        self.audit(
+            "turn",
+            json!({
+                "conversation_id": conv.id,
+                "turn_id": turn_id,
+                "messages": ids,
+                "state": format!("{state:?}").to_lowercase(),
+                "answer_chars": outcome.answer.chars().count(),
+                "duration_ms": (secs * 1000.0) as u64,
+                "agent": self.inner.agent.name(),
+            }),
+        );
+    }
+
+    /// The conversation's lease for one turn: a pooled runner, or the
+    /// conversation's own named lease. `Err` is the answer to give instead.
+    async fn hold_lease(&self, conv: &ConvRef, channel: &ChannelPolicy) -> Result<Held, String> {
+        match channel.sandbox {
+            SandboxMode::Pool => {
+                let pool = self
+                    .inner
+                    .pool_for(channel.index)
+                    .await
+                    .map_err(|e| format!("moat: {e}"))?;
+                let hub = &self.inner.hub;
+                let mut told = None;
+                let lent = pool
+                    .acquire(|ahead| {
+                        let text = format!(
+                            "All sandboxes are busy; {} ahead of you. Your message will run when one is free.",
+                            match ahead { 0 => "nobody else is".to_string(), 1 => "1 request is".to_string(), n => format!("{n} requests are") }
+                        );
+                        hub.publish(conv.id, ConvEvent::Notice { text: text.clone() });
+                        told = Some(text);
+                    })
+                    .await;
+                if let Some(text) = told {
+                    self.replier(conv.platform).notice(conv, &text).await;
+                }
+                let lent = lent.map_err(|e| format!("moat: {e}"))?;
+                self.audit(
+                    "lease",
+                    json!({"event": "acquired", "conversation_id": conv.id, "mode": "pool"}),
+                );
+                Ok(Held::Pooled(lent))
+            }
+            SandboxMode::PerThread { .. } => {
+                // Per-thread leases are named after the conversation; the
+                // actor runs one turn at a time, so nobody else holds it.
+                if let Ok(mut inuse) = self.inner.leases_in_use.lock() {
+                    if !inuse.insert(conv.id) {
+                        return Err("moat: this conversation's sandbox is in use".into());
+                    }
+                }
+                let name = format!("conv-{}", conv.id);
+                let inner = self.inner.clone();
+                let policy = channel.sandbox_policy();
+                let n2 = name.clone();
+                let built = tokio::task::spawn_blocking(move || {
+                    let door = crate::pool::start_door(
+                        &inner.runtime,
+                        &policy,
+                        &n2,
+                        inner.egress_audit.clone(),
+                    )?;
+                    let network = door.as_ref().map(|d| NetworkAttachment {
+                        netns: d.netns(),
+                        env: moat_egress::Door::client_env(),
+                        files: d.files(),
+                    });
+                    let lease = inner
+                        .engine
+                        .lease(
+                            policy,
+                            LeaseOptions {
+                                name: Some(n2),
+                                workspace: WorkspaceSource::Fresh,
+                                network,
+                            },
+                        )
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((lease, door))
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+                match built {
+                    Ok((lease, door)) => {
+                        let _ = self
+                            .inner
+                            .store
+                            .set_conversation_lease(conv.id, Some(&name));
+                        self.audit(
+                            "lease",
+                            json!({"event": "attached", "conversation_id": conv.id, "mode": "per-thread", "lease": name}),
+                        );
+                        Ok(Held::Own { lease, _door: door })
+                    }
+                    Err(e) => {
+                        if let Ok(mut inuse) = self.inner.leases_in_use.lock() {
+                            inuse.remove(&conv.id);
+                        }
+                        Err(format!(
+                            "moat: could not prepare this conversation's sandbox: {e}"
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends one turn's use of a lease: a pooled runner goes back (reset in
+    /// the background); a per-thread lease stops, keeping its files.
+    async fn give_back(&self, conv: &ConvRef, held: Held) {
+        match held {
+            Held::Pooled(lent) => {
+                drop(lent);
+                self.audit(
+                    "lease",
+                    json!({"event": "released", "conversation_id": conv.id, "mode": "pool"}),
+                );
+            }
+            Held::Own { lease, _door } => {
+                let r = tokio::task::spawn_blocking(move || {
+                    let r = lease.release();
+                    drop(_door);
+                    r
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(conversation = conv.id, error = %e, "could not release a per-thread lease");
+                }
+                if let Ok(mut inuse) = self.inner.leases_in_use.lock() {
+                    inuse.remove(&conv.id);
+                }
+                self.audit(
+                    "lease",
+                    json!({"event": "parked", "conversation_id": conv.id, "mode": "per-thread"}),
+                );
+            }
+        }
+    }
+
+    /// Deletes per-thread sandboxes idle longer than their channel allows.
+    pub async fn sweep_idle(&self) -> usize {
+        let mut removed = 0;
+        let longest = self
+            .inner
+            .cfg
+            .channels
+            .iter()
+            .filter_map(|c| match c.sandbox {
+                SandboxMode::PerThread { idle_delete } => Some(idle_delete),
+                SandboxMode::Pool => None,
+            })
+            .min();
+        let Some(idle) = longest else { return 0 };
+        let convs = self
+            .inner
+            .store
+            .idle_conversations(now_ms() - idle.as_millis() as i64)
+            .unwrap_or_default();
+        for c in convs {
+            let Some(name) = c.lease_name.clone() else {
+                continue;
+            };
+            let busy = self
+                .inner
+                .leases_in_use
+                .lock()
+                .map(|u| u.contains(&c.id))
+                .unwrap_or(true);
+            if busy {
+                continue;
+            }
+            let engine = self.inner.engine.clone();
+            let Some(chan) = self
+                .inner
+                .cfg
+                .channels
+                .iter()
+                .find(|ch| matches!(ch.sandbox, SandboxMode::PerThread { .. }))
+            else {
+                continue;
+            };
+            let policy = chan.sandbox_policy();
+            let n2 = name.clone();
+            let ok = tokio::task::spawn_blocking(move || {
+                engine
+                    .lease(
+                        policy,
+                        LeaseOptions {
+                            name: Some(n2),
+                            workspace: WorkspaceSource::Fresh,
+                            network: None,
+                        },
+                    )
+                    .and_then(Lease::destroy)
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            if ok {
+                let _ = self.inner.store.set_conversation_lease(c.id, None);
+                self.audit("lease", json!({"event": "deleted", "conversation_id": c.id, "mode": "per-thread", "reason": "idle"}));
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// After a crash: every stored message that was not answered is queued
+    /// again (turns cut off by the crash are closed as failed first).
+    pub async fn recover(&self) -> Result<usize, GatewayError> {
+        let store = self.inner.store.clone();
+        let requeued = tokio::task::spawn_blocking(move || store.requeue_interrupted(now_ms()))
+            .await
+            .map_err(|e| GatewayError::Internal(e.to_string()))??;
+        let mut n = 0;
+        for m in requeued {
+            let Some(conv) = self.inner.store.conversation(m.conversation_id)? else {
+                continue;
+            };
+            let Ok(platform) = Platform::parse(&conv.platform) else {
+                continue;
+            };
+            let Authorization::Allowed { channel, .. } =
+                self.inner.cfg.authorize(platform, &conv.channel, &m.user)
+            else {
+                self.inner.store.set_message_state(
+                    m.id,
+                    MessageState::Dropped,
+                    Some("no longer authorised after a restart"),
+                )?;
+                continue;
+            };
+            let idx = channel.index;
+            let cref = ConvRef {
+                id: conv.id,
+                platform,
+                channel: conv.channel.clone(),
+                thread: conv.thread.clone(),
+            };
+            self.audit(
+                "message",
+                json!({"verdict": "recovered", "message_id": m.id, "conversation_id": conv.id}),
+            );
+            self.send(
+                &cref,
+                idx,
+                ConvCmd::Message(Pending {
+                    message_id: m.id,
+                    user: m.user,
+                    text: m.text,
+                    message_ref: None,
+                    arrived: Instant::now(),
+                }),
+            );
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Gauges for `/metrics`.
+    pub async fn gauges(&self) -> Gauges {
+        let mut g = Gauges {
+            queue_depth: self.inner.store.queue_depth().unwrap_or(0),
+            running_turns: self.inner.running.load(Ordering::Relaxed),
+            ..Gauges::default()
+        };
+        for p in self.inner.pools.lock().await.values() {
+            let s = p.stats();
+            g.pool_size += s.size as u64;
+            g.pool_idle += s.idle as u64;
+            g.pool_busy += s.busy as u64;
+            g.pool_waiting += s.waiting as u64;
+        }
+        g
+    }
+
+    /// Stops taking turns: pools close; running turns finish on their own.
+    pub async fn shutdown(&self) {
+        for p in self.inner.pools.lock().await.values() {
+            p.close();
+        }
+    }
+}
+
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A lease held for one turn.
+enum Held {
+    Pooled(Lent),
+    Own {
+        lease: Lease,
+        _door: Option<moat_egress::Door>,
+    },
+}
+
+impl Held {
+    fn lease(&mut self) -> &mut Lease {
+        match self {
+            Held::Pooled(l) => &mut l.runner().lease,
+            Held::Own { lease, .. } => lease,
+        }
+    }
+}
+
+impl Inner {
+    /// Turns running now.
+    pub fn running_turns(&self) -> u64 {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// The pool of a pool-mode channel, built (and warmed) on first use.
+    async fn pool_for(&self, idx: usize) -> Result<Pool, PoolError> {
+        let mut pools = self.pools.lock().await;
+        if let Some(p) = pools.get(&idx) {
+            return Ok(p.clone());
+        }
+        let c = &self.cfg.channels[idx];
+        let factory = LeaseFactory {
+            engine: self.engine.clone(),
+            policy: c.sandbox_policy(),
+            runtime: self.runtime.clone(),
+            audit: self.egress_audit.clone(),
+            prefix: format!("pool{idx}"),
+            counter: AtomicU64::new(0),
+        };
+        let pool = Pool::new(
+            Arc::new(factory),
+            self.cfg.pool.size as usize,
+            self.cfg.pool.max_waiters as usize,
+        )
+        .await?;
+        pools.insert(idx, pool.clone());
+        Ok(pool)
+    }
+}

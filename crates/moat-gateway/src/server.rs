@@ -1,0 +1,207 @@
+//! `moat up`: opens the store and the audit log, builds the gateway, queues
+//! again what a crash left unanswered, warms the pools, and serves the web
+//! chat and the admin address until told to stop.
+//!
+//! Must never: start with a configuration or secret it cannot honour (it
+//! fails before listening, naming what is wrong), or stop without closing
+//! the pools (leases are destroyed, nothing is left running).
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moat_audit::AuditLog;
+use moat_policy::gateway::{GatewayConfig, WebAuth};
+use moat_sandbox::{Engine, EngineConfig};
+use moat_store::Store;
+
+use crate::pipeline::{Gateway, GatewayParts};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("opening the message store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        source: moat_store::StoreError,
+    },
+    #[error("opening the audit log {path}: {source}")]
+    Audit {
+        path: PathBuf,
+        source: moat_audit::AuditError,
+    },
+    #[error("the sandbox engine: {0}")]
+    Engine(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("recovering after a restart: {0}")]
+    Recover(String),
+}
+
+/// Looks up a secret by name (moat's environment, then its secrets file).
+pub type SecretFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// What `serve` needs.
+pub struct ServeOptions {
+    pub cfg: GatewayConfig,
+    /// Store, audit log and leases live here.
+    pub data_dir: PathBuf,
+    pub engine: EngineConfig,
+    /// Secrets by name (moat's environment, then its secrets file).
+    pub secret: SecretFn,
+}
+
+/// The addresses actually bound (port 0 in the config picks a free one).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub web: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+/// Runs the gateway until `shutdown` completes; `ready` is called once the
+/// listeners are bound and the pools are warm.
+pub async fn serve(
+    opts: ServeOptions,
+    ready: impl FnOnce(Bound, &Gateway),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let cfg = opts.cfg;
+    let db = opts.data_dir.join("moat.db");
+    let store = Store::open(&db).map_err(|source| ServeError::Store {
+        path: db.clone(),
+        source,
+    })?;
+    let audit_path = opts.data_dir.join("audit").join("audit.jsonl");
+    let audit = AuditLog::open(&audit_path).map_err(|source| ServeError::Audit {
+        path: audit_path.clone(),
+        source,
+    })?;
+    let tokens = match &cfg.web.auth {
+        WebAuth::Token { env } => {
+            let text = (opts.secret)(env).ok_or_else(|| {
+                ServeError::Config(format!(
+                    "web.auth = \"token\" needs the tokens in {env} (user:token pairs, comma-separated), in moat's environment or secrets file"
+                ))
+            })?;
+            crate::web::parse_tokens(&text)
+                .map_err(|e| ServeError::Config(format!("{env}: {e}")))?
+        }
+        _ => HashMap::new(),
+    };
+    let kinds: std::collections::BTreeSet<&'static str> = cfg
+        .channels
+        .iter()
+        .map(|c| c.sandbox_policy().backend.name())
+        .collect();
+    if kinds.len() > 1 {
+        return Err(ServeError::Config(format!(
+            "the channels use different sandbox backends ({}); one gateway runs one backend today: set the same backend everywhere",
+            kinds.into_iter().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let engine_kind = cfg
+        .channels
+        .first()
+        .map(|c| c.sandbox_policy().backend)
+        .unwrap_or(moat_policy::BackendKind::Bwrap);
+    let engine =
+        Engine::new(opts.engine, engine_kind).map_err(|e| ServeError::Engine(e.to_string()))?;
+    let web_cfg = cfg.web.clone();
+    let admin_addr = cfg.admin.listen;
+    let gw = Gateway::new(GatewayParts {
+        cfg,
+        store: Arc::new(store),
+        audit: Arc::new(audit),
+        engine: Arc::new(engine),
+        repliers: HashMap::new(),
+    });
+    let requeued = gw
+        .recover()
+        .await
+        .map_err(|e| ServeError::Recover(e.to_string()))?;
+    if requeued > 0 {
+        tracing::info!(
+            messages = requeued,
+            "queued again the messages a restart left unanswered"
+        );
+    }
+    if let Err(e) = gw.warm().await {
+        return Err(ServeError::Engine(format!("warming the sandbox pool: {e}")));
+    }
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: admin_addr,
+            source,
+        })?;
+    let web = if web_cfg.enabled {
+        Some(
+            tokio::net::TcpListener::bind(web_cfg.listen)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: web_cfg.listen,
+                    source,
+                })?,
+        )
+    } else {
+        None
+    };
+    let bound = Bound {
+        web: web.as_ref().and_then(|l| l.local_addr().ok()),
+        admin: admin.local_addr().unwrap_or(admin_addr),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(
+        axum::serve(admin, crate::web::admin_router(gw.clone()))
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    ));
+    if let Some(l) = web {
+        let app = crate::web::router(gw.clone(), tokens)
+            .into_make_service_with_connect_info::<SocketAddr>();
+        tasks.push(tokio::spawn(
+            axum::serve(l, app)
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        ));
+    }
+    let sweeper = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let n = gw.sweep_idle().await;
+                if n > 0 {
+                    tracing::info!(sandboxes = n, "deleted idle per-thread sandboxes");
+                }
+            }
+        })
+    };
+    ready(bound, &gw);
+    shutdown.await;
+    tracing::info!("shutting down: no new messages; running turns may finish");
+    let _ = stop_tx.send(true);
+    sweeper.abort();
+    // Running turns get a moment to finish; whatever is cut off is queued
+    // again at the next start (the store still says it is unanswered).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gw.inner.running_turns() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
