@@ -12,4 +12,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pool;
 pub mod server;
+pub mod slack;
+pub mod slack_setup;
 pub mod web;

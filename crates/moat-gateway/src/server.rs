@@ -63,6 +63,15 @@ pub struct ServeOptions {
 pub struct Bound {
     pub web: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// `slack.listen`, when Slack's Events API has its own address.
+    pub slack: Option<SocketAddr>,
+}
+
+fn events_router_or_none(
+    slack: Option<&crate::slack_setup::Slack>,
+    gw: &Gateway,
+) -> Option<axum::Router> {
+    slack.and_then(|s| s.events_router(gw))
 }
 
 /// Runs the gateway until `shutdown` completes; `ready` is called once the
@@ -115,12 +124,19 @@ pub async fn serve(
         Engine::new(opts.engine, engine_kind).map_err(|e| ServeError::Engine(e.to_string()))?;
     let web_cfg = cfg.web.clone();
     let admin_addr = cfg.admin.listen;
+    let slack_cfg = cfg.slack.clone();
+    let slack = crate::slack_setup::connect(&slack_cfg, &*opts.secret).await?;
+    let mut repliers: HashMap<moat_policy::gateway::Platform, Arc<dyn crate::pipeline::Replier>> =
+        HashMap::new();
+    if let Some(s) = &slack {
+        repliers.insert(moat_policy::gateway::Platform::Slack, s.replier.clone());
+    }
     let gw = Gateway::new(GatewayParts {
         cfg,
         store: Arc::new(store),
         audit: Arc::new(audit),
         engine: Arc::new(engine),
-        repliers: HashMap::new(),
+        repliers,
     });
     let requeued = gw
         .recover()
@@ -153,9 +169,20 @@ pub async fn serve(
     } else {
         None
     };
+    // Slack's Events API: on its own address, or beside the web chat.
+    let events = slack.as_ref().and_then(|s| s.events_router(&gw));
+    let slack_listener = match (&events, slack_cfg.listen) {
+        (Some(_), Some(addr)) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })?,
+        ),
+        _ => None,
+    };
     let bound = Bound {
         web: web.as_ref().and_then(|l| l.local_addr().ok()),
         admin: admin.local_addr().unwrap_or(admin_addr),
+        slack: slack_listener.as_ref().and_then(|l| l.local_addr().ok()),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -167,9 +194,30 @@ pub async fn serve(
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     ));
+    let mut events_beside_web = None;
+    if let (Some(r), Some(l)) = (events, slack_listener) {
+        tasks.push(tokio::spawn(
+            axum::serve(l, r)
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        ));
+    } else {
+        events_beside_web = events_router_or_none(slack.as_ref(), &gw);
+    }
+    if let Some(s) = slack.as_ref() {
+        if let Some(task) = s.socket_mode(&gw, stopped(stop_rx.clone())) {
+            tasks.push(tokio::spawn(async move {
+                let _ = task.await;
+                Ok(())
+            }));
+        }
+    }
     if let Some(l) = web {
-        let app = crate::web::router(gw.clone(), tokens)
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let mut router = crate::web::router(gw.clone(), tokens);
+        if let Some(r) = events_beside_web {
+            router = router.merge(r);
+        }
+        let app = router.into_make_service_with_connect_info::<SocketAddr>();
         tasks.push(tokio::spawn(
             axum::serve(l, app)
                 .with_graceful_shutdown(stopped(stop_rx.clone()))

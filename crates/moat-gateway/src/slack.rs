@@ -1,0 +1,267 @@
+//! Slack in and out: the Events API endpoint (`POST /slack/events`, signed
+//! requests only), Socket Mode, and the replier that posts a turn's answer in
+//! the thread with a live status message and reactions (👀 while working,
+//! ✅ done, ❌ failed).
+//!
+//! Must never: act on a request whose signature does not verify, answer
+//! later than Slack's 3 seconds for a stored event (the turn runs after the
+//! acknowledgement), run a retried event twice (the store dedups by
+//! `event_id`), or put a token or the signing secret anywhere but the
+//! Authorization header / HMAC key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use moat_chat::format::{chunk, to_mrkdwn};
+use moat_chat::slack::{
+    parse_callback, Callback, Inbound as SlackInbound, InboundMessage, Verifier, WebApi,
+};
+use moat_policy::gateway::Platform;
+
+use crate::agent::TurnOutcome;
+use crate::metrics::Verdict;
+use crate::pipeline::{BoxFut, ConvRef, Gateway, Inbound, Replier};
+
+/// Slack's limit is 4,000 characters a message; leave room for formatting.
+pub const CHUNK: usize = 3_900;
+/// Largest callback body read.
+const MAX_BODY: usize = 1024 * 1024;
+/// The live status message is edited at most this often.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Turns a Slack message into the gateway's inbound message.
+pub fn inbound(event_id: &str, event_time: i64, m: &InboundMessage) -> Inbound {
+    Inbound {
+        platform: Platform::Slack,
+        event_id: event_id.to_string(),
+        channel: m.channel.clone(),
+        thread: m.thread_root().to_string(),
+        user: m.user.clone(),
+        text: m.text.clone(),
+        ts_ms: event_time.saturating_mul(1000),
+        message_ref: Some(m.ts.clone()),
+    }
+}
+
+/// What the events endpoint needs.
+#[derive(Clone)]
+pub struct SlackIn {
+    pub gw: Gateway,
+    pub verifier: Arc<Verifier>,
+    /// The bot's own user id (from `auth.test`), to ignore its own messages.
+    pub bot_user: Option<String>,
+}
+
+/// Handles one callback body (from the Events API or a Socket Mode
+/// envelope, already authenticated). Returns the body of the 200 answer.
+pub async fn handle_callback(
+    gw: &Gateway,
+    bot_user: Option<&str>,
+    body: &[u8],
+) -> Result<String, (StatusCode, String)> {
+    let cb = parse_callback(body, bot_user).map_err(|e| {
+        gw.inner.metrics.event(Verdict::Invalid);
+        (StatusCode::BAD_REQUEST, e.to_string())
+    })?;
+    match cb {
+        Callback::UrlVerification { challenge } => Ok(challenge),
+        Callback::Event(ev) => match &ev.inbound {
+            SlackInbound::Mention(m) | SlackInbound::DirectMessage(m) => {
+                gw.accept(inbound(&ev.event_id, ev.event_time, m))
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "a Slack event could not be stored");
+                        // Not acknowledged: Slack retries it.
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not stored; retry".to_string(),
+                        )
+                    })?;
+                Ok(String::new())
+            }
+            SlackInbound::Ignored(why) => {
+                tracing::debug!(event_id = %ev.event_id, reason = %why, "Slack event ignored");
+                Ok(String::new())
+            }
+        },
+        Callback::AppRateLimited { .. } => {
+            tracing::warn!("Slack is dropping this app's events for a minute (app_rate_limited)");
+            Ok(String::new())
+        }
+        Callback::Other { kind } => {
+            tracing::debug!(kind = %kind, "Slack callback of an unknown type acknowledged");
+            Ok(String::new())
+        }
+    }
+}
+
+async fn events(State(s): State<SlackIn>, headers: HeaderMap, body: Bytes) -> Response {
+    if body.len() > MAX_BODY {
+        s.gw.inner.metrics.event(Verdict::Invalid);
+        return (StatusCode::PAYLOAD_TOO_LARGE, "body too large").into_response();
+    }
+    // The signature first: nothing of an unsigned body is read.
+    if let Err(e) = s.verifier.verify(&headers, &body, now_secs()) {
+        s.gw.inner.metrics.event(Verdict::Forged);
+        tracing::debug!(error = %e, "Slack request refused");
+        return (StatusCode::UNAUTHORIZED, "invalid signature").into_response();
+    }
+    match handle_callback(&s.gw, s.bot_user.as_deref(), &body).await {
+        Ok(text) if text.is_empty() => StatusCode::OK.into_response(),
+        Ok(challenge) => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+            challenge,
+        )
+            .into_response(),
+        Err((status, msg)) => (status, msg).into_response(),
+    }
+}
+
+/// The `POST /slack/events` route.
+pub fn router(s: SlackIn) -> Router {
+    Router::new()
+        .route("/slack/events", post(events))
+        .with_state(s)
+}
+
+/// Posts turns to Slack threads.
+pub struct SlackReplier {
+    pub api: WebApi,
+    /// Per conversation: the live status message and when it was last edited.
+    status: Mutex<HashMap<i64, (String, Instant)>>,
+}
+
+impl SlackReplier {
+    pub fn new(api: WebApi) -> SlackReplier {
+        SlackReplier {
+            api,
+            status: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn log<T>(what: &str, r: Result<T, moat_chat::slack::WebApiError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(call = what, error = %e, "Slack call failed");
+                None
+            }
+        }
+    }
+}
+
+impl Replier for SlackReplier {
+    fn notice<'a>(&'a self, conv: &'a ConvRef, text: &'a str) -> BoxFut<'a> {
+        Box::pin(async move {
+            let r = self
+                .api
+                .post_message(&conv.channel, Some(&conv.thread), &to_mrkdwn(text))
+                .await;
+            Self::log("chat.postMessage", r);
+        })
+    }
+
+    fn started<'a>(&'a self, conv: &'a ConvRef, refs: &'a [String]) -> BoxFut<'a> {
+        Box::pin(async move {
+            for ts in refs {
+                Self::log(
+                    "reactions.add",
+                    self.api.add_reaction(&conv.channel, ts, "eyes").await,
+                );
+            }
+            let posted = self
+                .api
+                .post_message(&conv.channel, Some(&conv.thread), "_working…_")
+                .await;
+            if let Some(ts) = Self::log("chat.postMessage", posted) {
+                if let Ok(mut s) = self.status.lock() {
+                    s.insert(conv.id, (ts, Instant::now()));
+                }
+            }
+        })
+    }
+
+    fn progress<'a>(&'a self, conv: &'a ConvRef, status: &'a str) -> BoxFut<'a> {
+        Box::pin(async move {
+            let due = self.status.lock().ok().and_then(|mut s| {
+                let e = s.get_mut(&conv.id)?;
+                if e.1.elapsed() < STATUS_EVERY {
+                    return None;
+                }
+                e.1 = Instant::now();
+                Some(e.0.clone())
+            });
+            if let Some(ts) = due {
+                let text = format!("_{}_", status.replace('_', " "));
+                Self::log(
+                    "chat.update",
+                    self.api.update_message(&conv.channel, &ts, &text).await,
+                );
+            }
+        })
+    }
+
+    fn finished<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+    ) -> BoxFut<'a> {
+        Box::pin(async move {
+            // Command output is shown as it is, in a code block.
+            let body = if outcome.answer.trim().is_empty() {
+                "(no output)".to_string()
+            } else {
+                format!("```\n{}\n```", outcome.answer.trim_end())
+            };
+            for part in chunk(&to_mrkdwn(&body), CHUNK) {
+                Self::log(
+                    "chat.postMessage",
+                    self.api
+                        .post_message(&conv.channel, Some(&conv.thread), &part)
+                        .await,
+                );
+            }
+            let status_ts = self.status.lock().ok().and_then(|mut s| s.remove(&conv.id));
+            if let Some((ts, _)) = status_ts {
+                let text = if outcome.cancelled {
+                    "_stopped_"
+                } else if outcome.ok {
+                    "_done_"
+                } else {
+                    "_failed_"
+                };
+                Self::log(
+                    "chat.update",
+                    self.api.update_message(&conv.channel, &ts, text).await,
+                );
+            }
+            let mark = if outcome.ok { "white_check_mark" } else { "x" };
+            for ts in refs {
+                Self::log(
+                    "reactions.remove",
+                    self.api.remove_reaction(&conv.channel, ts, "eyes").await,
+                );
+                Self::log(
+                    "reactions.add",
+                    self.api.add_reaction(&conv.channel, ts, mark).await,
+                );
+            }
+        })
+    }
+}
