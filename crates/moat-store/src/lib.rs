@@ -24,7 +24,10 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::types::Type;
@@ -44,6 +47,14 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Past this size the WAL file is truncated after a checkpoint.
 const JOURNAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// The background checkpointer is woken after this many commits...
+const CHECKPOINT_EVERY_COMMITS: u64 = 64;
+/// ...and at least this often while the store lives.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Backstop: a writer checkpoints by itself once the WAL holds this many
+/// pages (about 40 MB), should the checkpointer fall behind.
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// What a committed write must survive. See `docs/store.md`, "Durability".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,8 +78,66 @@ pub struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
     durability: Durability,
-    /// Held (flock) for the store's lifetime: the one-process rule.
+    /// Write transactions committed, to wake the checkpointer.
+    commits: AtomicU64,
+    /// On-disk stores only: the thread that copies the WAL into the
+    /// database file, off the writers' path.
+    checkpointer: Option<Checkpointer>,
+    /// Held (flock) for the store's lifetime: the one-process rule. Declared
+    /// last: released only after both connections are closed.
     _lock: Option<File>,
+}
+
+/// A thread with its own connection that runs `PRAGMA wal_checkpoint(PASSIVE)`
+/// when woken and every [`CHECKPOINT_INTERVAL`]. Passive checkpoints never
+/// block writers; they move the fsyncs of checkpointing (two per checkpoint)
+/// off [`Store::insert_message`]'s path.
+struct Checkpointer {
+    wake: Option<SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(conn: Connection) -> Checkpointer {
+        let (wake, rx) = mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("moat-store-checkpoint".into())
+            .spawn(move || Checkpointer::run(conn, rx))
+            .ok();
+        Checkpointer {
+            wake: Some(wake),
+            thread,
+        }
+    }
+
+    fn run(conn: Connection, wake: Receiver<()>) {
+        loop {
+            match wake.recv_timeout(CHECKPOINT_INTERVAL) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {
+                    // A failure (busy, disk full) is retried next time; the
+                    // writer's own auto-checkpoint is the backstop.
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn nudge(&self) {
+        if let Some(w) = &self.wake {
+            // Full means a wake-up is already pending.
+            let _ = w.try_send(());
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.wake.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -160,9 +229,22 @@ impl Store {
             conn: Mutex::new(conn),
             path,
             durability,
+            commits: AtomicU64::new(0),
+            checkpointer: None,
             _lock: Some(lock),
         };
         store.configure(true)?;
+        // The checkpointer's connection, opened once the schema is in place.
+        let ckpt = Connection::open_with_flags(
+            &store.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|c| {
+            c.busy_timeout(BUSY_TIMEOUT)?;
+            Ok(c)
+        })
+        .map_err(|e| StoreError::sqlite(&store.path, busy_ms(), e))?;
+        store.checkpointer = Some(Checkpointer::start(ckpt));
         Ok(store)
     }
 
@@ -176,6 +258,8 @@ impl Store {
             conn: Mutex::new(conn),
             path,
             durability: Durability::default(),
+            commits: AtomicU64::new(0),
+            checkpointer: None,
             _lock: None,
         };
         store.configure(false)?;
@@ -227,7 +311,8 @@ impl Store {
         }
         conn.execute_batch(&format!(
             "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
-             PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT};"
+             PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}; \
+             PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES};"
         ))
         .map_err(sql)?;
         schema::migrate(conn, &path, busy_ms())
@@ -248,6 +333,16 @@ impl Store {
         // rusqlite transaction rolls back when dropped), so the connection is
         // still sound.
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called after each committed write transaction.
+    fn committed(&self) {
+        let n = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_multiple_of(CHECKPOINT_EVERY_COMMITS) {
+            if let Some(c) = &self.checkpointer {
+                c.nudge();
+            }
+        }
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -328,6 +423,7 @@ impl Store {
         .map_err(&err)?;
         let message_id = tx.last_insert_rowid();
         tx.commit().map_err(&err)?;
+        self.committed();
         Ok(Inserted::New {
             message_id,
             conversation_id,
@@ -384,7 +480,9 @@ impl Store {
         )
         .and_then(|mut s| s.execute(params![message_id, state.as_str(), detail, unlink]))
         .map_err(&err)?;
-        tx.commit().map_err(&err)
+        tx.commit().map_err(&err)?;
+        self.committed();
+        Ok(())
     }
 
     /// The message `message_id`, or `None` if there is none.
@@ -554,12 +652,14 @@ impl Store {
             .prepare_cached(sql)
             .and_then(|mut s| s.execute(params![conversation_id, value]))
             .map_err(self.err())?;
+        drop(conn);
         if n == 0 {
             return Err(StoreError::NotFound {
                 kind: "conversation",
                 id: conversation_id,
             });
         }
+        self.committed();
         Ok(())
     }
 
@@ -700,6 +800,7 @@ impl Store {
         .and_then(|mut s| s.execute(params![conversation_id, now_ms]))
         .map_err(&err)?;
         tx.commit().map_err(&err)?;
+        self.committed();
         Ok(turn_id)
     }
 
@@ -787,7 +888,9 @@ impl Store {
         )
         .and_then(|mut s| s.execute(params![conversation_id, now_ms]))
         .map_err(&err)?;
-        tx.commit().map_err(&err)
+        tx.commit().map_err(&err)?;
+        self.committed();
+        Ok(())
     }
 
     /// The turn `turn_id`, or `None`.

@@ -962,6 +962,37 @@ fn unfinished_messages_are_oldest_first_and_exclude_settled_ones() {
     assert_eq!(store.queue_depth().unwrap(), 3);
 }
 
+#[test]
+fn the_checkpointer_moves_committed_rows_into_the_database_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("moat.db");
+    let store = Store::open(&db).unwrap();
+    // Few enough that the writer's own auto-checkpoint (10,000 pages) never
+    // runs: only the background checkpointer can copy these into the file.
+    for i in 0..200 {
+        new_id(
+            store
+                .insert_message(&msg(&format!("E{i}"), "T", i))
+                .unwrap(),
+        );
+    }
+    // The main file alone (without its WAL) holds what was checkpointed.
+    let copy = tmp.path().join("copy.db");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rows = loop {
+        std::fs::copy(&db, &copy).unwrap();
+        let rows: i64 = rusqlite_conn(&copy)
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap_or(-1);
+        if rows == 200 || Instant::now() > deadline {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(rows, 200, "rows in the database file without its WAL");
+    drop(store);
+}
+
 /// Measures `insert_message` on a database file; prints, asserts only that
 /// every insert was stored. Run with
 /// `cargo test --release -p moat-store --test store insert_rate -- --nocapture`.
@@ -980,23 +1011,33 @@ fn insert_rate() {
             .map(|t| {
                 let store = Arc::clone(&store);
                 std::thread::spawn(move || {
+                    let mut took = Vec::with_capacity(n / threads + 1);
                     for i in (t..n).step_by(threads) {
                         let mut m = msg(&format!("Ev{i:08}"), &format!("T{}", i % 50), i as i64);
                         m.text = "please run the tests and tell me what fails".into();
+                        let one = Instant::now();
                         new_id(store.insert_message(&m).unwrap());
+                        took.push(one.elapsed());
                     }
+                    took
                 })
             })
             .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
+        let mut took: Vec<Duration> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
         let secs = start.elapsed().as_secs_f64();
         assert_eq!(store.queue_depth().unwrap(), n as u64);
+        took.sort();
+        let pct = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)].as_micros();
         println!(
-            "insert_message, {durability:?}, {threads} thread(s): {n} inserts in {:.3} s = {:.0} inserts/s",
-            secs,
-            n as f64 / secs
+            "insert_message, {durability:?}, {threads} thread(s): {n} inserts in {secs:.3} s = {:.0} inserts/s; \
+             latency p50 {} us, p99 {} us, max {} us",
+            n as f64 / secs,
+            pct(50),
+            pct(99),
+            took.last().unwrap().as_micros()
         );
     }
 }
