@@ -88,6 +88,8 @@ fn open_creates_private_files_migrates_and_reopens() {
         assert!(store.check_integrity().unwrap().is_empty());
         m
     };
+    // Closing checkpointed everything and removed the WAL.
+    assert!(!sidecar(&db, "-wal").exists(), "WAL left after close");
     assert_eq!(raw_pragma(&db, "journal_mode"), "wal");
     assert_eq!(
         raw_pragma(&db, "user_version"),
