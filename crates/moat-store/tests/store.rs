@@ -196,6 +196,27 @@ fn a_file_that_is_not_a_database_is_reported_as_such() {
 }
 
 #[test]
+fn a_write_lock_held_by_another_program_fails_after_the_busy_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("moat.db");
+    let store = Store::open(&db).unwrap();
+    // An operator's sqlite3 shell in the middle of a write transaction.
+    let shell = rusqlite_conn(&db);
+    shell.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let start = Instant::now();
+    let err = store.insert_message(&msg("E1", "T", 1)).unwrap_err();
+    assert!(
+        start.elapsed() >= moat_store::BUSY_TIMEOUT / 2,
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(matches!(err, StoreError::Busy { .. }), "{err:?}");
+    assert!(err.to_string().contains("close it and retry"), "{err}");
+    shell.execute_batch("ROLLBACK").unwrap();
+    new_id(store.insert_message(&msg("E1", "T", 1)).unwrap());
+}
+
+#[test]
 fn store_is_send_and_sync() {
     fn shared<T: Send + Sync + 'static>() {}
     shared::<Store>();
