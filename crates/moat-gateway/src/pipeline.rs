@@ -31,6 +31,9 @@ use crate::hub::{ConvEvent, Hub};
 use crate::metrics::{Gauges, Metrics, Verdict};
 use crate::pool::{LeaseFactory, Lent, Pool, PoolError};
 
+/// `hold_lease`'s refusal when the gateway is stopping.
+const SHUTTING_DOWN: &str = "moat: shutting down";
+
 /// A future a platform's replier returns.
 pub type BoxFut<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
@@ -593,6 +596,15 @@ impl Gateway {
         );
         let held = self.hold_lease(&conv, &channel).await;
         let outcome = match held {
+            Err(text) if text == SHUTTING_DOWN => {
+                tracing::info!(
+                    conversation = conv.id,
+                    turn = turn_id,
+                    "turn left for the next start (shutting down)"
+                );
+                self.inner.running.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
             Err(text) => TurnOutcome {
                 answer: text,
                 ok: false,
@@ -711,7 +723,12 @@ impl Gateway {
                 if let Some(text) = told {
                     self.replier(conv.platform).notice(conv, &text).await;
                 }
-                let lent = lent.map_err(|e| format!("moat: {e}"))?;
+                let lent = lent.map_err(|e| match e {
+                    // Shutting down: the turn stays unfinished in the store
+                    // and runs again at the next start.
+                    PoolError::Closed => SHUTTING_DOWN.to_string(),
+                    e => format!("moat: {e}"),
+                })?;
                 self.audit(
                     "lease",
                     json!({"event": "acquired", "conversation_id": conv.id, "mode": "pool"}),

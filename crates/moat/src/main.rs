@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod audit_cmd;
+mod chat;
 mod github;
 mod up;
 
@@ -45,6 +46,8 @@ enum Top {
     },
     /// Run the gateway: chat in, the work in sandboxes, answers out.
     Up(up::UpArgs),
+    /// Talk to a running gateway from the terminal (its web chat API).
+    Chat(chat::ChatArgs),
 }
 
 #[derive(Subcommand)]
@@ -149,6 +152,13 @@ fn main() -> ExitCode {
     match cli.command {
         Top::Doctor => doctor(),
         Top::Audit { command } => audit_cmd::run(command),
+        Top::Chat(args) => match chat::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Top::Up(args) => match up::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
