@@ -780,6 +780,10 @@ impl Gateway {
                         let _ = self
                             .inner
                             .store
+                            .set_sandbox_mode(conv.id, moat_store::SandboxMode::PerThread);
+                        let _ = self
+                            .inner
+                            .store
                             .set_conversation_lease(conv.id, Some(&name));
                         self.audit(
                             "lease",
