@@ -95,6 +95,20 @@ async fn sh(
     .unwrap()
 }
 
+/// Closes the pool and waits until every runner is destroyed (no sandbox
+/// mount outlives the test).
+async fn shut(p: Pool) {
+    p.close();
+    for _ in 0..1000 {
+        let s = p.stats();
+        if s.idle == 0 && s.busy == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the pool did not empty: {:?}", p.stats());
+}
+
 async fn wait_idle(p: &Pool, idle: usize) {
     for _ in 0..500 {
         if p.stats().idle == idle {
@@ -123,7 +137,7 @@ async fn a_runner_is_clean_for_its_next_holder() {
     drop(lent);
     wait_idle(&p, 1).await;
     let lent = p.acquire(|_| panic!("nobody should wait")).await.unwrap();
-    let (_lent, code, out) = sh(
+    let (lent2, code, out) = sh(
         lent,
         "echo FILES=$(ls -A /workspace /tmp ~ | grep -v ':$' | tr -s '\n' ' '); echo SLEEPERS=$(pgrep -c sleep); cat /workspace/a.txt 2>&1 || true",
     )
@@ -138,6 +152,8 @@ async fn a_runner_is_clean_for_its_next_holder() {
         !out.contains("secret-of-a") && out.contains("No such file"),
         "{out}"
     );
+    drop(lent2);
+    shut(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,6 +197,7 @@ async fn waiters_are_served_in_order_and_the_line_is_bounded() {
         "first come, first served"
     );
     wait_idle(&p, 1).await;
+    shut(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,6 +216,8 @@ async fn a_sandbox_killed_from_outside_is_replaced() {
     drop(lent);
     wait_idle(&p, 1).await;
     let lent = p.acquire(|_| {}).await.unwrap();
-    let (_l, code, out) = sh(lent, "echo alive").await;
+    let (l, code, out) = sh(lent, "echo alive").await;
     assert_eq!((code, out.trim()), (0, "alive"));
+    drop(l);
+    shut(p).await;
 }
