@@ -973,10 +973,21 @@ impl Gateway {
         g
     }
 
-    /// Stops taking turns: pools close; running turns finish on their own.
-    pub async fn shutdown(&self) {
-        for p in self.inner.pools.lock().await.values() {
+    /// Stops taking turns: pools close, and this waits (up to `wait`) until
+    /// every pooled sandbox is destroyed, so none outlives the process.
+    pub async fn shutdown(&self, wait: Duration) {
+        let pools: Vec<Pool> = self.inner.pools.lock().await.values().cloned().collect();
+        for p in &pools {
             p.close();
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline
+            && pools.iter().any(|p| {
+                let s = p.stats();
+                s.idle + s.busy > 0
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

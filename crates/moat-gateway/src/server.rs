@@ -247,7 +247,7 @@ pub async fn serve(
     while gw.inner.running_turns() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    gw.shutdown().await;
+    gw.shutdown(Duration::from_secs(10)).await;
     for t in tasks {
         let _ = t.await;
     }
