@@ -56,6 +56,17 @@ pub trait Replier: Send + Sync {
     fn started<'a>(&'a self, conv: &'a ConvRef, refs: &'a [String]) -> BoxFut<'a>;
     /// The sandbox's status while the turn runs (called often; throttle).
     fn progress<'a>(&'a self, conv: &'a ConvRef, status: &'a str) -> BoxFut<'a>;
+    /// The thread's messages since the previous turn, when the platform
+    /// keeps the thread (Slack: `conversations.replies`; the bot only hears
+    /// mentions, the agent should see the whole thread). `None`: use the
+    /// messages the gateway stored.
+    fn history<'a>(
+        &'a self,
+        _conv: &'a ConvRef,
+        _refs: &'a [String],
+    ) -> Pin<Box<dyn Future<Output = Option<Vec<String>>> + Send + 'a>> {
+        Box::pin(async { None })
+    }
     /// The turn ended with this answer.
     fn finished<'a>(
         &'a self,
@@ -575,13 +586,16 @@ impl Gateway {
             }
         };
         self.inner.running.fetch_add(1, Ordering::Relaxed);
-        let history: Vec<String> = store
-            .messages_since_last_turn(conv.id)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|m| !ids.contains(&m.id) && m.state != MessageState::Dropped)
-            .map(|m| format!("{}: {}", m.user, m.text))
-            .collect();
+        let history = match replier.history(&conv, &refs).await {
+            Some(h) => h,
+            None => store
+                .messages_since_last_turn(conv.id)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| !ids.contains(&m.id) && m.state != MessageState::Dropped)
+                .map(|m| format!("{}: {}", m.user, m.text))
+                .collect(),
+        };
         let input = TurnInput {
             messages: batch.iter().map(|p| p.text.clone()).collect(),
             history,

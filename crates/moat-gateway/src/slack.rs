@@ -144,6 +144,14 @@ pub struct SlackReplier {
     pub api: WebApi,
     /// Per conversation: the live status message and when it was last edited.
     status: Mutex<HashMap<i64, (String, Instant)>>,
+    /// Per conversation: the newest message `ts` a turn has already seen.
+    seen: Mutex<HashMap<i64, String>>,
+}
+
+/// Slack `ts` values ("1700000000.000100") compare as numbers.
+fn ts_key(ts: &str) -> (u64, u64) {
+    let (a, b) = ts.split_once('.').unwrap_or((ts, "0"));
+    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
 }
 
 impl SlackReplier {
@@ -151,6 +159,7 @@ impl SlackReplier {
         SlackReplier {
             api,
             status: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -166,6 +175,39 @@ impl SlackReplier {
 }
 
 impl Replier for SlackReplier {
+    fn history<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<String>>> + Send + 'a>> {
+        Box::pin(async move {
+            let since = self.seen.lock().ok().and_then(|s| s.get(&conv.id).cloned());
+            let newest = refs.iter().max_by_key(|t| ts_key(t)).cloned();
+            if let (Some(n), Ok(mut s)) = (newest, self.seen.lock()) {
+                s.insert(conv.id, n);
+            }
+            let msgs = match self
+                .api
+                .conversations_replies(&conv.channel, &conv.thread, since.as_deref())
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "conversations.replies failed; the turn gets the stored history only");
+                    return None;
+                }
+            };
+            let since_key = since.as_deref().map(ts_key);
+            Some(
+                msgs.into_iter()
+                    .filter(|m| since_key.is_none_or(|k| ts_key(&m.ts) > k))
+                    .filter(|m| !refs.contains(&m.ts) && m.bot_id.is_none() && m.subtype.is_none())
+                    .map(|m| format!("{}: {}", m.user.unwrap_or_default(), m.text))
+                    .collect(),
+            )
+        })
+    }
+
     fn notice<'a>(&'a self, conv: &'a ConvRef, text: &'a str) -> BoxFut<'a> {
         Box::pin(async move {
             let r = self
