@@ -1,0 +1,1012 @@
+//! The gateway end to end through its web chat, against real bwrap
+//! sandboxes: `serve` runs in this process on free loopback ports with a
+//! private data directory, and the tests talk to it only over HTTP (the JSON
+//! API and the server-sent events), reading the audit log, `/metrics` and the
+//! host's process table to check what happened inside.
+//!
+//! Covered: an answer streamed in order; two conversations isolated from each
+//! other (ATTACKS.md C3) in the pool and per thread; authorization (403
+//! without a word, 401 without an identity, nobody reads another user's
+//! conversation, no message text in the audit log); rate limits (told once,
+//! then quiet); duplicates run once; debounce and follow-ups; `stop` and
+//! `status`; `/metrics` and `/healthz`; the page itself in headless Chromium.
+
+mod gwkit;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gwkit::*;
+use serde_json::{json, Value};
+
+/// The one channel line every test needs: open to the loopback user.
+const OPEN: &str = "users = [\"*\"]";
+
+fn texts(evs: &[Value], k: &str) -> Vec<String> {
+    evs.iter()
+        .filter(|v| kind(v) == k)
+        .map(|v| v["text"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn a_message_gets_its_answer_over_sse_in_order() {
+    let gw = Gw::start(
+        "answer",
+        &web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\"")),
+    );
+    let c = gw.client(None);
+    let me = c.get("/api/me");
+    assert_eq!(
+        (me.status, me.json()["user"].clone()),
+        (200, json!("local"))
+    );
+    // The conversation exists once its first message is stored; watch it
+    // from then on.
+    let r = c.post("t1", "true");
+    assert_eq!(r.status, 202, "{r:?}");
+    assert_eq!(r.json()["status"], "queued");
+    let mut sse = c.events("t1").expect("the event stream");
+    let first = sse.answers(1);
+    assert_eq!(answers_of(&first), vec![("(no output)".to_string(), true)]);
+    // The runner is back and warm (a quick follow-up is another test).
+    gw.wait_pool_idle(1);
+
+    let m = random_hex(8);
+    let cmd = format!("echo $((6*7))-{m}");
+    let r = c.post("t1", &cmd);
+    assert_eq!(r.status, 202, "{r:?}");
+    let evs = sse.answers(1);
+    // message, then status..., then text..., then the answer; nothing else.
+    let phase = |v: &Value| match kind(v) {
+        "message" => 0,
+        "status" => 1,
+        "text" => 2,
+        "answer" => 3,
+        other => panic!("an unexpected {other} event: {evs:#?}"),
+    };
+    let phases: Vec<i32> = evs.iter().map(phase).collect();
+    assert!(
+        phases.windows(2).all(|w| w[0] <= w[1]),
+        "events out of order: {evs:#?}"
+    );
+    for p in 0..4 {
+        assert!(phases.contains(&p), "phase {p} missing: {evs:#?}");
+    }
+    assert_eq!(evs[0]["text"], cmd.as_str());
+    assert_eq!(evs[0]["user"], "local");
+    assert!(
+        texts(&evs, "status").iter().any(|s| s == "running"),
+        "{evs:#?}"
+    );
+    let want = format!("42-{m}\n");
+    assert_eq!(texts(&evs, "text").concat(), want, "the streamed text");
+    assert_eq!(answers_of(&evs), vec![(want, true)]);
+    let list = c.get("/api/conversations").json();
+    assert_eq!(list["conversations"][0]["thread"], "t1", "{list}");
+    drop(sse);
+    gw.stop();
+}
+
+#[test]
+fn a_quick_follow_up_is_not_told_the_sandboxes_are_busy() {
+    // One user, one conversation, an idle pool: the second message comes
+    // while the first turn's runner is being reset (a few ms). Nobody else
+    // is using the pool, so "All sandboxes are busy" would be wrong.
+    let gw = Gw::start(
+        "follow-up",
+        &web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\"")),
+    );
+    let c = gw.client(None);
+    assert_eq!(c.post("f", "echo one").status, 202);
+    let mut sse = c.events("f").expect("events");
+    let mut evs = sse.answers(1);
+    assert_eq!(c.post("f", "echo two").status, 202);
+    evs.extend(sse.answers(1));
+    assert_eq!(
+        answers_of(&evs),
+        vec![("one\n".to_string(), true), ("two\n".to_string(), true)]
+    );
+    let notices = texts(&evs, "notice");
+    assert!(
+        notices.is_empty(),
+        "a user alone on an idle gateway was told: {notices:?}"
+    );
+    drop(sse);
+    gw.stop();
+}
+
+/// A command that writes `secret` into /workspace, /tmp and $HOME and leaves
+/// `bg` running in the background, then keeps its turn busy with `fg`.
+fn plant(secret: &str, bg: &str, fg: &str) -> String {
+    format!(
+        "echo {secret} > /workspace/a.txt; echo {secret} > /tmp/a.txt; echo {secret} > ~/a.txt; \
+         {bg} >/dev/null 2>&1 & {fg}; echo planted"
+    )
+}
+
+/// A command that reports what it finds of another conversation's traces.
+const PROBE: &str = "echo FILES=$(ls -A /workspace /tmp ~ | grep -v ':$' | tr -s '\\n' ' '); \
+     echo SLEEPERS=$(pgrep -c sleep); cat /workspace/a.txt /tmp/a.txt ~/a.txt 2>&1; true";
+
+fn assert_clean(answer: &str, secret: &str, who: &str) {
+    assert!(!answer.contains(secret), "{who} saw the secret: {answer}");
+    assert!(
+        answer.contains("FILES= \n") || answer.contains("FILES=\n"),
+        "{who} found files: {answer}"
+    );
+    assert!(
+        answer.contains("SLEEPERS=0"),
+        "{who} saw a process: {answer}"
+    );
+    assert_eq!(answer.matches("No such file").count(), 3, "{who}: {answer}");
+}
+
+/// Waits for conversation `thread`'s next answer (watching from its start).
+fn answer(c: &Client, thread: &str) -> (String, bool) {
+    let mut sse = c.events(thread).expect("the event stream");
+    answers_of(&sse.answers(1)).remove(0)
+}
+
+#[test]
+fn two_conversations_get_isolated_sandboxes_from_the_pool() {
+    let gw = Gw::start(
+        "c3-pool",
+        &web_config(2, "", &format!("{OPEN}\ndebounce = \"0ms\"")),
+    );
+    gw.wait_pool_idle(2);
+    let c = gw.client(None);
+    let secret = format!("secret-{}", random_hex(8));
+    let bg = format!("sleep 300.{}", random_digits(6));
+    let fg = format!("sleep 6.{}", random_digits(6));
+
+    // A plants its traces and stays in its turn; B probes at the same time.
+    assert_eq!(c.post("a", &plant(&secret, &bg, &fg)).status, 202);
+    let a_procs = wait_host_proc(&bg);
+    wait_host_proc(&fg);
+    let a_uid = a_procs[0].1;
+    assert_eq!(c.post("b", PROBE).status, 202);
+    let (b, ok) = answer(&c, "b");
+    assert!(ok, "{b}");
+    assert!(
+        !host_procs(&fg).is_empty(),
+        "A's turn ended before B's probe finished; the two did not overlap"
+    );
+    assert_clean(&b, &secret, "B, beside A");
+    let (a, ok) = answer(&c, "a");
+    assert_eq!((a.as_str(), ok), ("planted\n", true));
+    // A's runner was reset: its background process is gone from the host.
+    wait_no_host_proc(&bg, Duration::from_secs(5));
+
+    // Next, two turns at once use both runners, so one of them is the runner
+    // A used; neither sees anything of A.
+    gw.wait_pool_idle(2);
+    let mb = format!("sleep 1.{}", random_digits(6));
+    let mc = format!("sleep 1.{}", random_digits(6));
+    assert_eq!(c.post("b", &format!("{mb}; {PROBE}")).status, 202);
+    assert_eq!(c.post("c", &format!("{mc}; {PROBE}")).status, 202);
+    let uids = [wait_host_proc(&mb)[0].1, wait_host_proc(&mc)[0].1];
+    assert!(
+        uids.contains(&a_uid),
+        "neither turn ran in A's runner (host uids {uids:?}, A's {a_uid})"
+    );
+    let mut sb = c.events("b").expect("events of b");
+    let b2 = answers_of(&sb.answers(2)).remove(1).0;
+    assert_clean(&b2, &secret, "B, after A");
+    let (c2, _) = answer(&c, "c");
+    assert_clean(&c2, &secret, "C, after A");
+    drop(sb);
+    gw.stop();
+}
+
+#[test]
+fn per_thread_conversations_keep_their_own_files_and_nothing_else() {
+    let gw = Gw::start(
+        "c3-thread",
+        &web_config(
+            1,
+            "",
+            &format!("{OPEN}\ndebounce = \"0ms\"\nsandbox = \"per-thread\""),
+        ),
+    );
+    let c = gw.client(None);
+    let secret = format!("secret-{}", random_hex(8));
+    let bg = format!("sleep 300.{}", random_digits(6));
+    let fg = format!("sleep 4.{}", random_digits(6));
+    assert_eq!(c.post("a", &plant(&secret, &bg, &fg)).status, 202);
+    wait_host_proc(&fg);
+    assert_eq!(c.post("b", PROBE).status, 202);
+    let (b, _) = answer(&c, "b");
+    assert!(
+        !host_procs(&fg).is_empty(),
+        "A's turn ended before B's probe finished"
+    );
+    assert_clean(&b, &secret, "B, beside A");
+    let mut sa = c.events("a").expect("events of a");
+    assert_eq!(answers_of(&sa.answers(1)), vec![("planted\n".into(), true)]);
+    // Nothing runs while the conversation is idle.
+    wait_no_host_proc(&bg, Duration::from_secs(5));
+
+    // A's next turn finds its workspace file; B still finds nothing.
+    assert_eq!(
+        c.post("a", "cat /workspace/a.txt; echo SLEEPERS=$(pgrep -c sleep)")
+            .status,
+        202
+    );
+    let a2 = answers_of(&sa.answers(1)).remove(0).0;
+    assert_eq!(a2, format!("{secret}\nSLEEPERS=0\n"));
+    assert_eq!(c.post("b", PROBE).status, 202);
+    let mut sb = c.events("b").expect("events of b");
+    let b2 = answers_of(&sb.answers(2)).remove(1).0;
+    assert_clean(&b2, &secret, "B, after A");
+    drop((sa, sb));
+    gw.stop();
+}
+
+const TOKENS_ENV: &str = "TEST_WEB_TOKENS";
+
+fn token_gw(name: &str, pool: usize, channel: &str) -> (Gw, String, String) {
+    let ta = random_hex(16);
+    let tb = random_hex(16);
+    let gw = Gw::start_with(
+        name,
+        &web_config(
+            pool,
+            &format!("auth = \"token\"\ntoken_env = \"{TOKENS_ENV}\""),
+            channel,
+        ),
+        vec![(TOKENS_ENV.to_string(), format!("alice:{ta},bob:{tb}"))],
+    );
+    (gw, ta, tb)
+}
+
+#[test]
+fn only_listed_users_are_answered_and_each_sees_only_their_own() {
+    let (gw, ta, tb) = token_gw("authz", 1, "users = [\"alice\"]\ndebounce = \"0ms\"");
+    let alice = gw.client(Some(&ta));
+    let bob = gw.client(Some(&tb));
+    let m = random_hex(8);
+    let bob_text = format!("echo bob-{m} > /tmp/bob-{m}; echo bob-{m}");
+
+    // Bob has an identity but may not talk here: 403, and nothing more.
+    let r = bob.post("t-bob", &bob_text);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json(), json!({"status": "not_accepted"}));
+
+    // No identity, or a wrong one: 401 everywhere.
+    let nobody = gw.client(None);
+    let wrong = gw.client(Some(&random_hex(16)));
+    for c in [&nobody, &wrong] {
+        assert_eq!(c.post("t-alice", "echo x").status, 401);
+        assert_eq!(c.get("/api/me").status, 401);
+        assert_eq!(c.get("/api/conversations").status, 401);
+        assert_eq!(c.events("t-bob").err().map(|r| r.status), Some(401));
+    }
+    let r = gw.client(None);
+    let malformed = request(
+        r.addr,
+        "GET",
+        "/api/me",
+        &[("Authorization", &format!("Basic {ta}"))],
+        None,
+    );
+    assert_eq!(malformed.status, 401);
+
+    // Alice is answered.
+    assert_eq!(alice.get("/api/me").json()["user"], "alice");
+    assert_eq!(
+        alice.post("t-alice", &format!("echo alice-{m}")).status,
+        202
+    );
+    assert_eq!(answer(&alice, "t-alice"), (format!("alice-{m}\n"), true));
+    // Bob's own conversation shows nothing of his message being run.
+    if let Ok(mut s) = bob.events("t-bob") {
+        let evs = s.during(Duration::from_millis(1500));
+        assert!(
+            evs.iter()
+                .all(|v| kind(v) != "answer" && kind(v) != "message"),
+            "bob's refused message shows in his conversation: {evs:#?}"
+        );
+    }
+    // Each user sees conversations under their own identity only.
+    assert_eq!(alice.events("t-bob").err().map(|r| r.status), Some(404));
+    assert_eq!(bob.events("t-alice").err().map(|r| r.status), Some(404));
+    let alice_list = alice.get("/api/conversations").body;
+    assert!(
+        alice_list.contains("t-alice") && !alice_list.contains("t-bob"),
+        "{alice_list}"
+    );
+    assert!(!bob.get("/api/conversations").body.contains("t-alice"));
+
+    // The audit log: bob's message refused with a reason, no turn or lease
+    // for it, and neither its text nor any token anywhere.
+    let recs = gw.wait_audit("alice's turn", |r| r.iter().any(|x| x["kind"] == "turn"));
+    let refused: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["kind"] == "message" && r["verdict"] == "unauthorized")
+        .collect();
+    assert_eq!(refused.len(), 1, "{recs:#?}");
+    assert_eq!(refused[0]["user"], "bob");
+    assert!(
+        refused[0]["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("bob")),
+        "a reason naming the user: {}",
+        refused[0]
+    );
+    let bob_id = refused[0]["message_id"].clone();
+    let turns: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "turn").collect();
+    assert_eq!(turns.len(), 1, "only alice's turn: {turns:#?}");
+    assert!(!turns[0]["messages"].as_array().unwrap().contains(&bob_id));
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r["kind"] == "lease" && r["event"] == "acquired")
+            .count(),
+        1,
+        "one sandbox taken, for alice"
+    );
+    let text = std::fs::read_to_string(gw.audit_path()).unwrap();
+    assert!(
+        !text.contains(&format!("bob-{m}")),
+        "bob's text is in the audit log"
+    );
+    assert!(
+        !text.contains(&format!("alice-{m}")),
+        "alice's text is in the audit log"
+    );
+    assert!(
+        !text.contains(&ta) && !text.contains(&tb),
+        "a token is in the audit log"
+    );
+    gw.stop();
+}
+
+#[test]
+fn a_burst_over_the_rate_is_refused_and_told_once() {
+    let gw = Gw::start(
+        "rate",
+        &web_config(
+            1,
+            "",
+            &format!("{OPEN}\ndebounce = \"0ms\"\nrate = {{ user = \"3/min\" }}"),
+        ),
+    );
+    let c = gw.client(None);
+    let m = random_hex(8);
+    let statuses: Vec<u16> = (0..7)
+        .map(|i| c.post("burst", &format!("echo r{i}-{m}")).status)
+        .collect();
+    assert_eq!(statuses, vec![202, 202, 202, 429, 429, 429, 429]);
+    let r = c.post("burst", "echo again");
+    assert_eq!(r.json()["status"], "rate_limited");
+    let mut sse = c.events("burst").expect("events");
+    let mut seen = Vec::new();
+    let mut want: Vec<String> = (0..3).map(|i| format!("r{i}-{m}")).collect();
+    while !want.is_empty() {
+        let evs = sse.answers(1);
+        let a = answers_of(&evs).remove(0).0;
+        want.retain(|w| !a.contains(w.as_str()));
+        seen.extend(evs);
+    }
+    seen.extend(sse.during(Duration::from_millis(1500)));
+    // (Notices that the pool is busy are another matter: see
+    // a_quick_follow_up_is_not_told_the_sandboxes_are_busy.)
+    let notices: Vec<String> = texts(&seen, "notice")
+        .into_iter()
+        .filter(|n| !n.starts_with("All sandboxes are busy"))
+        .collect();
+    assert_eq!(notices.len(), 1, "told exactly once: {notices:?}");
+    assert!(
+        notices[0].contains("faster") && notices[0].contains("3/min"),
+        "{notices:?}"
+    );
+    let all: String = answers_of(&seen).into_iter().map(|a| a.0).collect();
+    for i in 3..7 {
+        assert!(
+            !all.contains(&format!("r{i}-{m}")),
+            "a limited message ran: {all}"
+        );
+    }
+    let recs = gw.audit();
+    let limited: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["kind"] == "message" && r["verdict"] == "rate_limited")
+        .collect();
+    assert_eq!(limited.len(), 5, "{recs:#?}");
+    assert!(limited.iter().all(|r| r["reason"]
+        .as_str()
+        .is_some_and(|s| s.contains("user rate 3/min"))));
+    drop(sse);
+    gw.stop();
+}
+
+#[test]
+fn a_retried_post_with_the_same_client_id_runs_once() {
+    let gw = Gw::start(
+        "dup",
+        &web_config(
+            1,
+            "",
+            &format!("{OPEN}\ndebounce = \"0ms\"\nsandbox = \"per-thread\""),
+        ),
+    );
+    let c = gw.client(None);
+    let m = random_hex(8);
+    let cid = random_hex(8);
+    let cmd = format!("echo line-{m} >> /workspace/log; echo ran-{m}");
+    let first = c.post_id("d", &cmd, &cid);
+    assert_eq!(first.status, 202, "{first:?}");
+    let id = first.json()["message_id"].clone();
+    let again = c.post_id("d", &cmd, &cid);
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(
+        again.json(),
+        json!({"status": "duplicate", "message_id": id})
+    );
+    let mut sse = c.events("d").expect("events");
+    assert_eq!(
+        answers_of(&sse.answers(1)),
+        vec![(format!("ran-{m}\n"), true)]
+    );
+    // A retry after the answer is still the same message.
+    assert_eq!(c.post_id("d", &cmd, &cid).json()["status"], "duplicate");
+    assert_eq!(c.post("d", "cat /workspace/log").status, 202);
+    let evs = sse.answers(1);
+    assert_eq!(
+        answers_of(&evs),
+        vec![(format!("line-{m}\n"), true)],
+        "the command ran once"
+    );
+    let recs = gw.wait_audit("two turns", |r| {
+        r.iter().filter(|x| x["kind"] == "turn").count() == 2
+    });
+    let verdicts: Vec<&str> = recs
+        .iter()
+        .filter(|r| r["kind"] == "message")
+        .filter_map(|r| r["verdict"].as_str())
+        .collect();
+    assert_eq!(
+        verdicts,
+        vec!["accepted", "duplicate", "duplicate", "accepted"]
+    );
+    drop(sse);
+    gw.stop();
+}
+
+#[test]
+fn quick_messages_become_one_turn_and_follow_ups_the_next() {
+    let gw = Gw::start(
+        "debounce",
+        &web_config(1, "", &format!("{OPEN}\ndebounce = \"600ms\"")),
+    );
+    let c = gw.client(None);
+    let m = random_hex(8);
+    let ids: Vec<Value> = (1..=3)
+        .map(|i| {
+            let r = c.post("q", &format!("echo d{i}-{m}"));
+            assert_eq!(r.status, 202);
+            r.json()["message_id"].clone()
+        })
+        .collect();
+    let mut sse = c.events("q").expect("events");
+    let evs = sse.answers(1);
+    assert_eq!(
+        answers_of(&evs),
+        vec![(format!("d1-{m}\nd2-{m}\nd3-{m}\n"), true)],
+        "one turn, in order"
+    );
+    let recs = gw.wait_audit("the turn", |r| r.iter().any(|x| x["kind"] == "turn"));
+    let turns: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "turn").collect();
+    assert_eq!(turns.len(), 1);
+    assert_eq!(turns[0]["messages"], Value::Array(ids));
+    assert_eq!(turns[0]["state"], "done");
+
+    // Follow-ups sent while a turn runs are the next turn, in order.
+    let slow = format!("sleep 1.5; echo f0-{m}");
+    assert_eq!(c.post("q", &slow).status, 202);
+    let running = format!("running: {slow}");
+    sse.until(WAIT, |v| {
+        kind(v) == "status" && v["text"] == running.as_str()
+    });
+    let f1 = c.post("q", &format!("echo f1-{m}")).json()["message_id"].clone();
+    let f2 = c.post("q", &format!("echo f2-{m}")).json()["message_id"].clone();
+    let evs = sse.answers(2);
+    assert_eq!(
+        answers_of(&evs),
+        vec![
+            (format!("f0-{m}\n"), true),
+            (format!("f1-{m}\nf2-{m}\n"), true)
+        ]
+    );
+    let recs = gw.wait_audit("three turns", |r| {
+        r.iter().filter(|x| x["kind"] == "turn").count() == 3
+    });
+    let last = recs.iter().rev().find(|r| r["kind"] == "turn").unwrap();
+    assert_eq!(last["messages"], json!([f1, f2]));
+    drop(sse);
+    gw.stop();
+}
+
+#[test]
+fn stop_cancels_a_running_turn_and_status_reports() {
+    let gw = Gw::start(
+        "stop",
+        &web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\"")),
+    );
+    let c = gw.client(None);
+    let m = random_hex(8);
+    let sleeper = format!("sleep 30.{}", random_digits(6));
+    assert_eq!(
+        c.post("s", &format!("{sleeper}; echo never-{m}")).status,
+        202
+    );
+    let mut sse = c.events("s").expect("events");
+    wait_host_proc(&sleeper);
+
+    let r = c.post("s", "status");
+    assert_eq!(r.json()["status"], "command");
+    let evs = sse.until(WAIT, |v| kind(v) == "notice");
+    let note = texts(&evs, "notice").remove(0);
+    assert!(
+        note.starts_with(&format!("Sandbox: running: {sleeper}")) && note.contains("waiting: 0"),
+        "{note}"
+    );
+
+    let t0 = Instant::now();
+    assert_eq!(c.post("s", "stop").json()["status"], "command");
+    let evs = sse.until(WAIT, |v| kind(v) == "answer");
+    let took = t0.elapsed();
+    assert!(
+        texts(&evs, "notice").contains(&"Stopping the running turn.".to_string()),
+        "{evs:#?}"
+    );
+    let (a, ok) = answers_of(&evs).remove(0);
+    assert!(!ok && a.contains("stopped") && !a.contains("never"), "{a}");
+    assert!(took < Duration::from_secs(3), "stopping took {took:?}");
+    wait_no_host_proc(&sleeper, Duration::from_secs(3));
+    gw.wait_pool_idle(1);
+
+    c.post("s", "STATUS ");
+    let evs = sse.until(WAIT, |v| kind(v) == "notice");
+    assert_eq!(
+        texts(&evs, "notice"),
+        vec!["Sandbox: idle. Messages waiting: 0."]
+    );
+    c.post("s", "stop");
+    let evs = sse.until(WAIT, |v| kind(v) == "notice");
+    assert_eq!(texts(&evs, "notice"), vec!["Nothing is running."]);
+    // The conversation and its runner still work.
+    assert_eq!(c.post("s", &format!("echo after-{m}")).status, 202);
+    let evs = sse.answers(1);
+    assert_eq!(answers_of(&evs), vec![(format!("after-{m}\n"), true)]);
+    let turns = gw.wait_audit("two turns", |r| {
+        r.iter().filter(|x| x["kind"] == "turn").count() == 2
+    });
+    let states: Vec<&Value> = turns
+        .iter()
+        .filter(|r| r["kind"] == "turn")
+        .map(|r| &r["state"])
+        .collect();
+    assert_eq!(states, vec!["cancelled", "done"]);
+    drop(sse);
+    gw.stop();
+}
+
+#[test]
+fn metrics_count_what_happened_and_healthz_answers() {
+    let (gw, ta, tb) = token_gw(
+        "metrics",
+        2,
+        "users = [\"alice\"]\ndebounce = \"0ms\"\nrate = { user = \"2/min\" }",
+    );
+    let h = request(gw.admin, "GET", "/healthz", &[], None);
+    assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
+    assert_eq!(
+        gw.client(None).get("/metrics").status,
+        404,
+        "no /metrics on the web chat"
+    );
+    let v = |text: &str, s: &str| metric(text, s).unwrap_or_else(|| panic!("{s} missing:\n{text}"));
+    let t = gw.metrics();
+    assert_eq!(v(&t, "moat_pool_size"), 2.0);
+    assert_eq!(v(&t, "moat_pool_idle"), 2.0);
+    assert_eq!(v(&t, "moat_events_total{verdict=\"accepted\"}"), 0.0);
+
+    let alice = gw.client(Some(&ta));
+    let m = random_hex(8);
+    let sleeper = format!("sleep 1.{}", random_digits(6));
+    assert_eq!(
+        alice.post("m", &format!("{sleeper}; echo m1-{m}")).status,
+        202
+    );
+    wait_host_proc(&sleeper);
+    assert_eq!(alice.post("m", &format!("echo m2-{m}")).status, 202);
+    let t = gw.metrics();
+    assert_eq!(v(&t, "moat_running_turns"), 1.0, "{t}");
+    assert_eq!(v(&t, "moat_pool_busy"), 1.0, "{t}");
+    assert_eq!(v(&t, "moat_pool_idle"), 1.0, "{t}");
+    assert_eq!(v(&t, "moat_queue_depth"), 1.0, "the follow-up waits: {t}");
+    assert_eq!(alice.post("m", "echo m3").status, 429);
+    assert_eq!(gw.client(Some(&tb)).post("m", "echo hi").status, 403);
+
+    let mut sse = alice.events("m").expect("events");
+    let mut evs = sse.answers(1);
+    while !answers_of(&evs).concat_texts().contains(&format!("m2-{m}")) {
+        evs.extend(sse.answers(1));
+    }
+    let answers = answers_of(&evs);
+    assert!(answers.iter().all(|a| a.1), "{answers:?}");
+    gw.wait_pool_idle(2);
+    let t = gw.metrics();
+    for (s, want) in [
+        ("moat_events_total{verdict=\"accepted\"}", 2.0),
+        ("moat_events_total{verdict=\"rate_limited\"}", 1.0),
+        ("moat_events_total{verdict=\"unauthorized\"}", 1.0),
+        ("moat_events_total{verdict=\"duplicate\"}", 0.0),
+        ("moat_events_total{verdict=\"command\"}", 0.0),
+        ("moat_turns_total{result=\"ok\"}", answers.len() as f64),
+        ("moat_turns_total{result=\"failed\"}", 0.0),
+        ("moat_turn_seconds_count", answers.len() as f64),
+        ("moat_running_turns", 0.0),
+        ("moat_queue_depth", 0.0),
+        ("moat_pool_size", 2.0),
+        ("moat_pool_idle", 2.0),
+        ("moat_pool_busy", 0.0),
+        ("moat_pool_waiting", 0.0),
+    ] {
+        assert_eq!(v(&t, s), want, "{s}:\n{t}");
+    }
+    assert!(
+        !t.contains(&m) && !t.contains("alice"),
+        "user data in /metrics:\n{t}"
+    );
+    drop(sse);
+    gw.stop();
+}
+
+trait ConcatTexts {
+    fn concat_texts(&self) -> String;
+}
+
+impl ConcatTexts for Vec<(String, bool)> {
+    fn concat_texts(&self) -> String {
+        self.iter().map(|a| a.0.as_str()).collect()
+    }
+}
+
+// ---- the page in headless Chromium, driven over the DevTools protocol ----
+
+/// A minimal WebSocket client (RFC 6455: masked text frames out; text,
+/// continuation, ping and close frames in), enough for the DevTools protocol.
+struct Ws {
+    s: TcpStream,
+    raw: Vec<u8>,
+}
+
+impl Ws {
+    fn connect(url: &str) -> Ws {
+        let rest = url.strip_prefix("ws://").expect("a ws:// address");
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let mut s = TcpStream::connect(host).expect("connecting to the browser");
+        s.set_nodelay(true).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: bW9hdC10ZXN0LWtleS0xMg==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            let n = s.read(&mut buf).expect("the WebSocket handshake");
+            assert!(n > 0, "the browser closed the WebSocket handshake");
+            raw.extend_from_slice(&buf[..n]);
+            if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p;
+            }
+        };
+        let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        raw.drain(..end + 4);
+        Ws { s, raw }
+    }
+
+    fn frame(&mut self, opcode: u8, payload: &[u8]) {
+        let mut f = vec![0x80 | opcode];
+        let n = payload.len();
+        if n < 126 {
+            f.push(0x80 | n as u8);
+        } else if n < 65536 {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+        let key = [0x6d, 0x6f, 0x61, 0x74];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        self.s.write_all(&f).expect("writing to the browser");
+    }
+
+    fn send(&mut self, text: &str) {
+        self.frame(1, text.as_bytes());
+    }
+
+    /// The next text message, or `None` after `deadline`.
+    fn recv(&mut self, deadline: Instant) -> Option<String> {
+        let mut msg = Vec::new();
+        loop {
+            if let Some((fin, op, payload, used)) = parse_frame(&self.raw) {
+                self.raw.drain(..used);
+                match op {
+                    0 | 1 => {
+                        msg.extend_from_slice(&payload);
+                        if fin {
+                            return Some(String::from_utf8_lossy(&msg).into_owned());
+                        }
+                    }
+                    8 => return None,
+                    9 => self.frame(10, &payload),
+                    _ => {}
+                }
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.s.set_read_timeout(Some(left)).unwrap();
+            let mut buf = [0u8; 65536];
+            match self.s.read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => self.raw.extend_from_slice(&buf[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// (fin, opcode, payload, bytes used) of the first whole frame in `b`.
+fn parse_frame(b: &[u8]) -> Option<(bool, u8, Vec<u8>, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let fin = b[0] & 0x80 != 0;
+    let op = b[0] & 0x0f;
+    let masked = b[1] & 0x80 != 0;
+    let (len, mut at) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    let key = if masked {
+        let k = b.get(at..at + 4)?.to_vec();
+        at += 4;
+        Some(k)
+    } else {
+        None
+    };
+    let data = b.get(at..at + len)?;
+    let payload = match key {
+        Some(k) => data.iter().enumerate().map(|(i, x)| x ^ k[i % 4]).collect(),
+        None => data.to_vec(),
+    };
+    Some((fin, op, payload, at + len))
+}
+
+/// A DevTools session with one page.
+struct Cdp {
+    ws: Ws,
+    next: u64,
+}
+
+impl Cdp {
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        self.ws
+            .send(&json!({"id": id, "method": method, "params": params}).to_string());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let msg = self
+                .ws
+                .recv(deadline)
+                .unwrap_or_else(|| panic!("no answer from the browser to {method}"));
+            let v: Value = serde_json::from_str(&msg).expect("DevTools sends JSON");
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates `expr` in the page and returns its value.
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+        );
+        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Evaluates `expr` until it is truthy; returns its value.
+    fn wait_for(&mut self, what: &str, expr: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.eval(expr);
+            if !(v.is_null() || v == false || v == "") {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the page never showed {what}; log: {}",
+                self.eval("document.getElementById('log').innerText")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Debian's Chromium, headless, as this test's browser. `--no-sandbox`: the
+/// tests run as root and Chromium refuses to start its own sandbox as root;
+/// this is the test's browser, not a moat sandbox.
+struct Browser {
+    child: Child,
+    port: u16,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let profile = fresh_dir("chromium");
+        let mut child = Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("Debian's chromium is needed for this test: scripts/setup installs it");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("DevTools listening on ws://").nth(1) {
+                    let _ = tx.send(rest.to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(WAIT)
+            .expect("chromium did not announce its DevTools address");
+        let port = addr
+            .split('/')
+            .next()
+            .and_then(|h| h.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .expect("a DevTools port");
+        Browser { child, port }
+    }
+
+    /// A DevTools session with the browser's first page.
+    fn page(&self) -> Cdp {
+        let addr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let deadline = Instant::now() + WAIT;
+        let url = loop {
+            let list = request(addr, "GET", "/json/list", &[], None).json();
+            let page = list
+                .as_array()
+                .and_then(|l| l.iter().find(|t| t["type"] == "page"))
+                .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_string));
+            if let Some(u) = page {
+                break u;
+            }
+            assert!(Instant::now() < deadline, "chromium has no page: {list}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The browser builds the address from our Host header (no port):
+        // keep its path, use the port it announced.
+        let path = url
+            .strip_prefix("ws://")
+            .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
+            .unwrap_or_else(|| panic!("a DevTools address without a path: {url}"));
+        Cdp {
+            ws: Ws::connect(&format!("ws://127.0.0.1:{}{path}", self.port)),
+            next: 0,
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_web_page_answers_in_headless_chromium() {
+    let gw = Gw::start(
+        "chromium",
+        &web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\"")),
+    );
+    let browser = Browser::start();
+    let mut page = browser.page();
+    page.call("Page.enable", json!({}));
+    page.call(
+        "Page.navigate",
+        json!({"url": format!("http://{}/", gw.web)}),
+    );
+    page.wait_for(
+        "the chat form",
+        "document.readyState === 'complete' && !!document.getElementById('text')",
+    );
+    let m = random_hex(8);
+    let cmd = format!("echo $((6*7))-{m}");
+    // Type the command and press Enter, as a user does.
+    page.eval("document.getElementById('text').focus()");
+    page.call("Input.insertText", json!({"text": cmd}));
+    for t in ["keyDown", "keyUp"] {
+        page.call(
+            "Input.dispatchKeyEvent",
+            json!({"type": t, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13}),
+        );
+    }
+    let done = page.wait_for(
+        "the answer",
+        "(() => { const d = document.querySelector('#log .answer[data-done=\"1\"]'); \
+         return d ? d.textContent : null; })()",
+    );
+    assert_eq!(done, format!("42-{m}\n"), "the shell ran the command");
+    let view = page.eval(
+        "JSON.stringify({ user: [...document.querySelectorAll('#log .user')].map(d => d.textContent), \
+         failed: document.querySelectorAll('#log .answer.failed').length, \
+         thread: location.hash.slice(1), \
+         convs: [...document.querySelectorAll('#convs a')].map(a => a.textContent), \
+         input: document.getElementById('text').value, \
+         status: document.getElementById('status').textContent })",
+    );
+    let view: Value = serde_json::from_str(view.as_str().unwrap()).unwrap();
+    assert_eq!(view["user"], json!([cmd]), "{view}");
+    assert_eq!(view["failed"], 0, "{view}");
+    assert_eq!(
+        view["input"], "",
+        "the box is cleared after sending: {view}"
+    );
+    assert_eq!(view["status"], "idle", "{view}");
+    let thread = view["thread"].as_str().unwrap().to_string();
+    assert!(!thread.is_empty(), "{view}");
+    // The page's conversation is the gateway's: listed in the sidebar and in
+    // the API, and audited as the loopback user's message.
+    page.wait_for(
+        "the conversation in the sidebar",
+        &format!(
+            "[...document.querySelectorAll('#convs a')].some(a => a.textContent === '{thread}')"
+        ),
+    );
+    let list = gw.client(None).get("/api/conversations").body;
+    assert!(list.contains(&thread), "{list}");
+    let recs = gw.audit_kind("message");
+    assert!(
+        recs.iter().any(|r| r["verdict"] == "accepted"
+            && r["user"] == "local"
+            && r["thread"] == thread.as_str()),
+        "{recs:#?}"
+    );
+    drop(page);
+    drop(browser);
+    gw.stop();
+}
