@@ -41,6 +41,7 @@ struct Conv {
 #[derive(Default)]
 pub struct Hub {
     convs: Mutex<HashMap<i64, Conv>>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Hub {
@@ -59,13 +60,31 @@ impl Hub {
         }
     }
 
+    /// Ends every watcher's stream after the events already sent (shutdown:
+    /// open event streams must not hold the server up). Later subscribers
+    /// get the transcript and then the end.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut convs = self.convs.lock().unwrap_or_else(|p| p.into_inner());
+        for c in convs.values_mut() {
+            c.tx = None;
+        }
+    }
+
     /// The transcript so far and a receiver for what comes next.
     pub fn subscribe(&self, conversation: i64) -> (Vec<ConvEvent>, broadcast::Receiver<ConvEvent>) {
         let mut convs = self.convs.lock().unwrap_or_else(|p| p.into_inner());
         let c = convs.entry(conversation).or_default();
+        let past = c.transcript.iter().cloned().collect();
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            // A receiver whose sender is gone: it ends at once.
+            let (tx, rx) = broadcast::channel(1);
+            drop(tx);
+            return (past, rx);
+        }
         let tx =
             c.tx.get_or_insert_with(|| broadcast::channel(CHANNEL).0)
                 .clone();
-        (c.transcript.iter().cloned().collect(), tx.subscribe())
+        (past, tx.subscribe())
     }
 }

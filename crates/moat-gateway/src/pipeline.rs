@@ -31,6 +31,9 @@ use crate::hub::{ConvEvent, Hub};
 use crate::metrics::{Gauges, Metrics, Verdict};
 use crate::pool::{LeaseFactory, Lent, Pool, PoolError};
 
+/// How long a turn waits for a runner before the user is told it is busy.
+const BUSY_AFTER: Duration = Duration::from_secs(1);
+
 /// `hold_lease`'s refusal when the gateway is stopping.
 const SHUTTING_DOWN: &str = "moat: shutting down";
 
@@ -722,21 +725,31 @@ impl Gateway {
                     .pool_for(channel.index)
                     .await
                     .map_err(|e| format!("moat: {e}"))?;
-                let hub = &self.inner.hub;
-                let mut told = None;
-                let lent = pool
-                    .acquire(|ahead| {
-                        let text = format!(
-                            "All sandboxes are busy; {} ahead of you. Your message will run when one is free.",
-                            match ahead { 0 => "nobody else is".to_string(), 1 => "1 request is".to_string(), n => format!("{n} requests are") }
-                        );
-                        hub.publish(conv.id, ConvEvent::Notice { text: text.clone() });
-                        told = Some(text);
-                    })
-                    .await;
-                if let Some(text) = told {
-                    self.replier(conv.platform).notice(conv, &text).await;
-                }
+                // A runner being reset frees up within milliseconds: only a
+                // wait longer than BUSY_AFTER is worth telling the user about.
+                let ahead_cell: Arc<Mutex<Option<usize>>> = Arc::new(Mutex::new(None));
+                let cell = ahead_cell.clone();
+                let acquiring = pool.acquire(move |ahead| {
+                    if let Ok(mut c) = cell.lock() {
+                        *c = Some(ahead);
+                    }
+                });
+                tokio::pin!(acquiring);
+                let lent = tokio::select! {
+                    r = &mut acquiring => r,
+                    _ = tokio::time::sleep(BUSY_AFTER) => {
+                        let ahead = ahead_cell.lock().ok().and_then(|c| *c);
+                        if let Some(ahead) = ahead {
+                            let text = format!(
+                                "All sandboxes are busy; {} ahead of you. Your message will run when one is free.",
+                                match ahead { 0 => "nobody else is".to_string(), 1 => "1 request is".to_string(), n => format!("{n} requests are") }
+                            );
+                            self.inner.hub.publish(conv.id, ConvEvent::Notice { text: text.clone() });
+                            self.replier(conv.platform).notice(conv, &text).await;
+                        }
+                        acquiring.await
+                    }
+                };
                 let lent = lent.map_err(|e| match e {
                     // Shutting down: the turn stays unfinished in the store
                     // and runs again at the next start.

@@ -247,6 +247,8 @@ pub async fn serve(
     while gw.inner.running_turns() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Open event streams end now (after what was already sent).
+    gw.inner.hub.close();
     gw.shutdown(Duration::from_secs(10)).await;
     for t in tasks {
         let _ = t.await;
