@@ -40,7 +40,7 @@ fn need(
 /// `auth.test`, so a wrong token stops moat at start with Slack's reason.
 pub async fn connect(
     cfg: &SlackConfig,
-    secret: &dyn Fn(&str) -> Option<String>,
+    secret: &(dyn Fn(&str) -> Option<String> + Sync),
 ) -> Result<Option<Slack>, ServeError> {
     let mode_name = match cfg.mode {
         SlackMode::Off => return Ok(None),
