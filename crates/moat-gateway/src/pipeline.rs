@@ -31,6 +31,9 @@ use crate::hub::{ConvEvent, Hub};
 use crate::metrics::{Gauges, Metrics, Verdict};
 use crate::pool::{LeaseFactory, Lent, Pool, PoolError};
 
+/// How long a turn waits for the platform's thread history.
+const HISTORY_WAIT: Duration = Duration::from_secs(3);
+
 /// How long a turn waits for a runner before the user is told it is busy.
 const BUSY_AFTER: Duration = Duration::from_secs(1);
 
@@ -372,7 +375,10 @@ impl Gateway {
                 self.inner
                     .hub
                     .publish(conv.id, ConvEvent::Notice { text: text.clone() });
-                self.replier(m.platform).notice(&conv, &text).await;
+                // In the background: the platform's acknowledgement (Slack's
+                // 3 seconds) must not wait for the notice to be posted.
+                let (replier, conv2) = (self.replier(m.platform), conv.clone());
+                tokio::spawn(async move { replier.notice(&conv2, &text).await });
             }
             return Ok(Accepted::Limited);
         }
@@ -589,7 +595,13 @@ impl Gateway {
             }
         };
         self.inner.running.fetch_add(1, Ordering::Relaxed);
-        let history = match replier.history(&conv, &refs).await {
+        // The platform's thread, briefly: a slow platform must not hold up
+        // the turn (the stored messages are the fallback).
+        let platform_history = tokio::time::timeout(HISTORY_WAIT, replier.history(&conv, &refs))
+            .await
+            .ok()
+            .flatten();
+        let history = match platform_history {
             Some(h) => h,
             None => store
                 .messages_since_last_turn(conv.id)
