@@ -319,8 +319,8 @@ impl Gateway {
                 conversation_id,
             } => (message_id, conversation_id),
         };
-        let (chan_idx, channel) = match self.inner.cfg.authorize(m.platform, &m.channel, &m.user) {
-            Authorization::Allowed { channel, .. } => (channel.index, channel.clone()),
+        let (chan_idx, channel, trust) = match self.inner.cfg.authorize(m.platform, &m.channel, &m.user) {
+            Authorization::Allowed { channel, trust } => (channel.index, channel.clone(), trust),
             Authorization::Denied { reason } => {
                 self.inner.metrics.event(Verdict::Unauthorized);
                 self.inner.store.set_message_state(
@@ -400,7 +400,7 @@ impl Gateway {
             )?;
             self.audit(
                 "message",
-                with(json!({"verdict": "command", "command": word, "message_id": message_id, "conversation_id": conversation_id})),
+                with(json!({"verdict": "command", "command": word, "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
             );
             self.send(&conv, chan_idx, cmd);
             return Ok(Accepted::Command { conversation_id });
@@ -411,7 +411,7 @@ impl Gateway {
         self.inner.metrics.event(Verdict::Accepted);
         self.audit(
             "message",
-            with(json!({"verdict": "accepted", "message_id": message_id, "conversation_id": conversation_id})),
+            with(json!({"verdict": "accepted", "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
         );
         self.inner.hub.publish(
             conv.id,

@@ -279,3 +279,54 @@ fn sigterm_lets_the_running_turn_finish_and_leaves_nothing_running() {
         "{recs:#?}"
     );
 }
+
+/// `moat chat` from a pipe: each line is a message and gets its answer, in
+/// order, before the next is sent; a failing command says why.
+#[test]
+fn moat_chat_sends_each_line_and_prints_its_answer() {
+    let dir = fresh_dir("chat");
+    let data = dir.join("data");
+    let cfg = plain_config(&dir);
+    let mut up = Up::start(&data, &cfg);
+    let m = random_hex(8);
+    let mut chat = moat(&data)
+        .args(["chat", "--url"])
+        .arg(format!("http://{}", up.web))
+        .args(["--conversation", "from-a-pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting moat chat");
+    {
+        use std::io::Write;
+        let mut input = chat.stdin.take().unwrap();
+        writeln!(input, "echo first-{m}").unwrap();
+        writeln!(input, "expr 6 \\* 7").unwrap();
+        writeln!(input, "exit 3").unwrap();
+    }
+    let out = chat.wait_with_output().expect("moat chat ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = stdout
+        .find(&format!("first-{m}"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let second = stdout.find("42").unwrap_or_else(|| panic!("{stdout}"));
+    let third = stdout
+        .find("moat: command exited with status 3")
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        first < second && second < third,
+        "answers out of order: {stdout}"
+    );
+    // Three messages, three turns (one answer each, nothing merged).
+    let recs = audit_records(&data.join("audit").join("audit.jsonl"));
+    let turns = recs.iter().filter(|r| r["kind"] == "turn").count();
+    assert_eq!(turns, 3, "{recs:#?}");
+    up.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(30)).success());
+}
