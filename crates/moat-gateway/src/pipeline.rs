@@ -319,7 +319,11 @@ impl Gateway {
                 conversation_id,
             } => (message_id, conversation_id),
         };
-        let (chan_idx, channel, trust) = match self.inner.cfg.authorize(m.platform, &m.channel, &m.user) {
+        let (chan_idx, channel, trust) = match self
+            .inner
+            .cfg
+            .authorize(m.platform, &m.channel, &m.user)
+        {
             Authorization::Allowed { channel, trust } => (channel.index, channel.clone(), trust),
             Authorization::Denied { reason } => {
                 self.inner.metrics.event(Verdict::Unauthorized);
@@ -877,6 +881,11 @@ impl Gateway {
 
     /// Deletes per-thread sandboxes idle longer than their channel allows.
     pub async fn sweep_idle(&self) -> usize {
+        self.sweep_idle_at(now_ms()).await
+    }
+
+    /// [`Gateway::sweep_idle`] as if the time were `now_ms` (tests).
+    pub async fn sweep_idle_at(&self, now_ms: i64) -> usize {
         let mut removed = 0;
         let longest = self
             .inner
@@ -892,7 +901,7 @@ impl Gateway {
         let convs = self
             .inner
             .store
-            .idle_conversations(now_ms() - idle.as_millis() as i64)
+            .idle_conversations(now_ms - idle.as_millis() as i64)
             .unwrap_or_default();
         for c in convs {
             let Some(name) = c.lease_name.clone() else {

@@ -241,6 +241,32 @@ fn per_thread_conversations_keep_their_own_files_and_nothing_else() {
     let mut sb = c.events("b").expect("events of b");
     let b2 = answers_of(&sb.answers(2)).remove(1).0;
     assert_clean(&b2, &secret, "B, after A");
+
+    // Idle longer than idle_delete (24 h by default): both sandboxes go.
+    let leases = gw.data.join("leases");
+    let named = || {
+        std::fs::read_dir(&leases)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("conv-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(named(), 2, "each conversation has its own kept sandbox");
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 25 * 3600 * 1000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(gw.gw.sweep_idle_at(later)), 2);
+    assert_eq!(named(), 0, "idle sandboxes are deleted");
+    // Not yet idle long enough: nothing is deleted.
+    assert_eq!(c.post("a", "ls /workspace; echo listed").status, 202);
+    let a3 = answers_of(&sa.answers(1)).remove(0).0;
+    assert_eq!(a3, "listed\n", "a deleted sandbox starts empty");
+    assert_eq!(rt.block_on(gw.gw.sweep_idle()), 0);
     drop((sa, sb));
     gw.stop();
 }
