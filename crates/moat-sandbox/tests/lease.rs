@@ -52,14 +52,17 @@ per_backend! {
     };
     timeout_is_124_and_kills_daemons => |kind| {
         let (_e, mut l) = lease(kind);
+        // Durations unique to this process, so other programs' sleeps never match.
+        let tag = format!("{}{}", std::process::id(), kind.name().len());
+        let script = format!("setsid sleep 300.{tag} & nohup sleep 301.{tag} >/dev/null 2>&1 & (sleep 302.{tag} &) ; sleep 303.{tag}");
         let o = run(&mut l, RunSpec {
             timeout: Some(std::time::Duration::from_millis(1500)),
-            ..RunSpec::new(["/bin/sh", "-c", "setsid sleep 300 & nohup sleep 301 >/dev/null 2>&1 & (sleep 302 &) ; sleep 303"])
+            ..RunSpec::new(["/bin/sh", "-c", script.as_str()])
         });
         assert_eq!(o.code(), 124);
         assert_eq!(o.outcome.termination, Termination::TimedOut(std::time::Duration::from_millis(1500)));
         assert_eq!(o.outcome.reason().unwrap(), "moat: time limit 1500ms reached, process tree killed");
-        let left = std::process::Command::new("pgrep").args(["-f", "sleep 30[0-3]"]).output().unwrap();
+        let left = std::process::Command::new("pgrep").args(["-f", &format!("sleep 30[0-3][.]{tag}$")]).output().unwrap();
         assert!(left.stdout.is_empty(), "processes survived: {}", String::from_utf8_lossy(&left.stdout));
         // The lease still works afterwards, with its files.
         assert_eq!(sh(&mut l, "echo again").stdout, "again\n");
