@@ -858,6 +858,9 @@ struct SseMeter {
     line: Vec<u8>,
     overlong: bool,
     usage: Usage,
+    /// The API's last event passed (`message_stop`, `response.completed`,
+    /// `[DONE]`, ...): a client that goes away now has the whole answer.
+    complete: bool,
 }
 
 impl SseMeter {
@@ -892,8 +895,20 @@ impl SseMeter {
         }
         let line = line.strip_suffix(b"\r").unwrap_or(&line);
         if let Some(data) = line.strip_prefix(b"data:") {
-            if let Ok(v) = serde_json::from_slice::<Value>(data) {
+            if data.trim_ascii() == b"[DONE]" {
+                self.complete = true;
+            } else if let Ok(v) = serde_json::from_slice::<Value>(data) {
                 self.usage.absorb(&v);
+                let last = matches!(
+                    v.get("type").and_then(Value::as_str),
+                    Some(
+                        "message_stop"
+                            | "response.completed"
+                            | "response.failed"
+                            | "response.incomplete"
+                    )
+                );
+                self.complete |= last;
             }
         }
     }
@@ -954,7 +969,11 @@ impl Body for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        self.finish(Some("the client closed the stream early".into()));
+        // A client may hang up once it has the API's last event, before the
+        // body's own end arrives: that stream was whole.
+        let reason =
+            (!self.meter.complete).then(|| "the client closed the stream early".to_string());
+        self.finish(reason);
     }
 }
 
@@ -1122,6 +1141,21 @@ mod tests {
             (Some("alice"), Some("cli"))
         );
         assert_eq!(v["kind"], "llm");
+    }
+
+    #[test]
+    fn the_last_event_of_each_api_completes_a_stream() {
+        for last in [
+            "data: {\"type\":\"message_stop\"}\n\n",
+            "data: {\"type\":\"response.completed\",\"response\":{}}\n\n",
+            "data: [DONE]\n\n",
+        ] {
+            let mut m = SseMeter::default();
+            m.feed(b"data: {\"type\":\"message_start\",\"message\":{}}\n\n");
+            assert!(!m.complete);
+            m.feed(last.as_bytes());
+            assert!(m.complete, "{last}");
+        }
     }
 
     #[test]
