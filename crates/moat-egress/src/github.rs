@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::rustls;
 
-use crate::llm::{constant_time_eq, UpstreamUrl};
+use crate::llm::{constant_time_eq, random_hex, send_upstream, upstream_tls, UpstreamUrl};
 use crate::STEP_TIMEOUT;
 
 /// Where the sandbox finds the system roots plus its lease CA.
@@ -256,12 +256,6 @@ pub(crate) struct GithubState {
     used: Mutex<Vec<InstallationToken>>,
 }
 
-fn random_hex(n: usize) -> std::io::Result<String> {
-    let mut buf = vec![0u8; n];
-    getrandom::getrandom(&mut buf).map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// A CA for one lease, limited by name constraints to the intercepted hosts,
 /// and one server certificate for all of them. Returns (CA PEM, chain, key).
 fn lease_pki(
@@ -325,22 +319,14 @@ impl GithubState {
         let (ca_pem, chain, key) = lease_pki(lease, &names)
             .map_err(|e| std::io::Error::other(format!("lease CA: {e}")))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(std::io::Error::other)?
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .map_err(std::io::Error::other)?;
         server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(std::io::Error::other)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let client_tls = upstream_tls()?;
         let mut bundle_text = std::fs::read_to_string(SYSTEM_BUNDLE).unwrap_or_default();
         if !bundle_text.is_empty() && !bundle_text.ends_with('\n') {
             bundle_text.push('\n');
@@ -354,7 +340,7 @@ impl GithubState {
             access,
             placeholder: Secret::new(format!("ghs_moat{}", random_hex(16)?)),
             server_tls: Arc::new(server),
-            client_tls: Arc::new(client),
+            client_tls,
             bundle,
             used: Mutex::new(Vec::new()),
         })
@@ -1106,7 +1092,7 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
             headers.append(k.clone(), v.clone());
         }
     }
-    if let Ok(h) = HeaderValue::from_str(&authority(up)) {
+    if let Ok(h) = HeaderValue::from_str(&up.authority()) {
         headers.insert(header::HOST, h);
     }
     let auth = match role {
@@ -1135,7 +1121,7 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
             api_error(StatusCode::BAD_REQUEST, &msg),
         );
     };
-    match send(&gh.client_tls, up, out).await {
+    match send_upstream(&gh.client_tls, up, out).await {
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
             for h in [
@@ -1156,7 +1142,7 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
             tracing::warn!(host = %up.host, error = %e, "GitHub upstream failed");
             let msg = format!(
                 "moat: the upstream {} could not be reached: {e}",
-                authority(up)
+                up.authority()
             );
             deny(
                 StatusCode::BAD_GATEWAY,
@@ -1184,62 +1170,6 @@ fn effective_role(role: HostRole, path: String) -> (HostRole, String) {
         return (HostRole::Api, path);
     }
     (HostRole::Git, path)
-}
-
-fn authority(up: &UpstreamUrl) -> String {
-    let default = if up.tls { 443 } else { 80 };
-    let host = if up.host.contains(':') {
-        format!("[{}]", up.host)
-    } else {
-        up.host.clone()
-    };
-    if up.port == default {
-        host
-    } else {
-        format!("{host}:{}", up.port)
-    }
-}
-
-/// Connects from the host to the configured upstream and sends `req`.
-async fn send(
-    tls: &Arc<rustls::ClientConfig>,
-    up: &UpstreamUrl,
-    req: Request<GhBody>,
-) -> Result<Response<Incoming>, String> {
-    let tcp = tokio::time::timeout(
-        STEP_TIMEOUT,
-        tokio::net::TcpStream::connect((up.host.as_str(), up.port)),
-    )
-    .await
-    .map_err(|_| "connect timed out".to_string())?
-    .map_err(|e| e.to_string())?;
-    let _ = tcp.set_nodelay(true);
-    if !up.tls {
-        return exchange(tcp, req).await;
-    }
-    let name =
-        rustls::pki_types::ServerName::try_from(up.host.clone()).map_err(|e| e.to_string())?;
-    let stream = tokio::time::timeout(
-        STEP_TIMEOUT,
-        tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp),
-    )
-    .await
-    .map_err(|_| "TLS handshake timed out".to_string())?
-    .map_err(|e| format!("TLS: {e}"))?;
-    exchange(stream, req).await
-}
-
-async fn exchange<S>(s: S, req: Request<GhBody>) -> Result<Response<Incoming>, String>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn random_hex(bytes: usize) -> std::io::Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> std::io::Result<String> {
     let mut buf = vec![0u8; bytes];
     getrandom::getrandom(&mut buf).map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
@@ -160,7 +160,8 @@ impl UpstreamUrl {
         })
     }
 
-    fn authority(&self) -> String {
+    /// `host[:port]` as a Host header names it (port left out when default).
+    pub(crate) fn authority(&self) -> String {
         let default = if self.tls { 443 } else { 80 };
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
@@ -340,23 +341,12 @@ impl LlmState {
         for p in &cfg.providers {
             placeholders.push((p.provider, p.provider.new_placeholder()?));
         }
-        use tokio_rustls::rustls;
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(std::io::Error::other)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = upstream_tls()?;
         Ok(LlmState {
             cfg,
             placeholders,
             used: AtomicU64::new(0),
-            tls: Arc::new(tls),
+            tls,
         })
     }
 
@@ -810,12 +800,33 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove("set-cookie");
 }
 
+/// TLS to an operator-configured upstream: the Mozilla roots, HTTP/1.1.
+pub(crate) fn upstream_tls() -> std::io::Result<Arc<tokio_rustls::rustls::ClientConfig>> {
+    use tokio_rustls::rustls;
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// Connects from the host (never from the sandbox's namespace) and sends `req`.
-async fn send_upstream(
+pub(crate) async fn send_upstream<B>(
     tls: &Arc<tokio_rustls::rustls::ClientConfig>,
     up: &UpstreamUrl,
-    req: Request<Full<Bytes>>,
-) -> Result<Response<Incoming>, String> {
+    req: Request<B>,
+) -> Result<Response<Incoming>, String>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::time::timeout(
         STEP_TIMEOUT,
         tokio::net::TcpStream::connect((up.host.as_str(), up.port)),
@@ -839,9 +850,11 @@ async fn send_upstream(
     exchange(stream, req).await
 }
 
-async fn exchange<S>(s: S, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, String>
+async fn exchange<S, B>(s: S, req: Request<B>) -> Result<Response<Incoming>, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await
