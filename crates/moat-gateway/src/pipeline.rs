@@ -887,7 +887,9 @@ impl Gateway {
     /// [`Gateway::sweep_idle`] as if the time were `now_ms` (tests).
     pub async fn sweep_idle_at(&self, now_ms: i64) -> usize {
         let mut removed = 0;
-        let longest = self
+        // The shortest idle time of any channel finds the candidates; each is
+        // then held to its own channel's idle time.
+        let shortest = self
             .inner
             .cfg
             .channels
@@ -897,7 +899,7 @@ impl Gateway {
                 SandboxMode::Pool => None,
             })
             .min();
-        let Some(idle) = longest else { return 0 };
+        let Some(idle) = shortest else { return 0 };
         let convs = self
             .inner
             .store
@@ -907,6 +909,18 @@ impl Gateway {
             let Some(name) = c.lease_name.clone() else {
                 continue;
             };
+            let Some(chan) = Platform::parse(&c.platform)
+                .ok()
+                .and_then(|p| self.inner.cfg.channel(p, &c.channel))
+            else {
+                continue;
+            };
+            let SandboxMode::PerThread { idle_delete } = chan.sandbox else {
+                continue;
+            };
+            if c.last_active_ms > now_ms - idle_delete.as_millis() as i64 {
+                continue;
+            }
             let busy = self
                 .inner
                 .leases_in_use
@@ -917,15 +931,6 @@ impl Gateway {
                 continue;
             }
             let engine = self.inner.engine.clone();
-            let Some(chan) = self
-                .inner
-                .cfg
-                .channels
-                .iter()
-                .find(|ch| matches!(ch.sandbox, SandboxMode::PerThread { .. }))
-            else {
-                continue;
-            };
             let policy = chan.sandbox_policy();
             let n2 = name.clone();
             let ok = tokio::task::spawn_blocking(move || {
