@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use moat_audit::AuditLog;
 use moat_policy::gateway::{Authorization, ChannelPolicy, GatewayConfig, Platform, SandboxMode};
-use moat_sandbox::{Engine, Lease, LeaseOptions, NetworkAttachment, WorkspaceSource};
+use moat_sandbox::{Engine, Lease, LeaseOptions, WorkspaceSource};
 use moat_store::{IncomingMessage, Inserted, MessageState, Store, TurnState};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -180,7 +180,7 @@ pub struct Inner {
     pub engine: Arc<Engine>,
     pub hub: Hub,
     pub metrics: Metrics,
-    agent: Arc<dyn Agent>,
+    setups: HashMap<usize, ChannelSetup>,
     runtime: tokio::runtime::Handle,
     repliers: HashMap<Platform, Arc<dyn Replier>>,
     pools: tokio::sync::Mutex<HashMap<usize, Pool>>,
@@ -212,6 +212,25 @@ pub struct GatewayParts {
     pub audit: Arc<AuditLog>,
     pub engine: Arc<Engine>,
     pub repliers: HashMap<Platform, Arc<dyn Replier>>,
+    /// Per channel (by index): the agent and what its doors serve. A channel
+    /// without an entry runs the shell agent with the policy's egress only.
+    pub setups: HashMap<usize, ChannelSetup>,
+}
+
+/// What a channel's turns run with besides its sandbox policy.
+#[derive(Clone)]
+pub struct ChannelSetup {
+    pub agent: Arc<dyn Agent>,
+    pub extras: crate::pool::DoorExtras,
+}
+
+impl Default for ChannelSetup {
+    fn default() -> Self {
+        ChannelSetup {
+            agent: Arc::new(ShellAgent),
+            extras: Default::default(),
+        }
+    }
 }
 
 impl Gateway {
@@ -238,7 +257,7 @@ impl Gateway {
                 engine: parts.engine,
                 hub: Hub::default(),
                 metrics: Metrics::default(),
-                agent: Arc::new(ShellAgent),
+                setups: parts.setups,
                 runtime: tokio::runtime::Handle::current(),
                 repliers: parts.repliers,
                 pools: tokio::sync::Mutex::new(HashMap::new()),
@@ -618,7 +637,9 @@ impl Gateway {
         let input = TurnInput {
             messages: batch.iter().map(|p| p.text.clone()).collect(),
             history,
+            resume: matches!(channel.sandbox, SandboxMode::PerThread { .. }),
         };
+        let agent = self.inner.setup(channel.index).agent;
         replier.started(&conv, &refs).await;
         set_status("waiting for a sandbox");
         self.inner.hub.publish(
@@ -628,6 +649,7 @@ impl Gateway {
             },
         );
         let held = self.hold_lease(&conv, &channel).await;
+        let (mut usage, mut tool_calls) = ((0u64, 0u64), 0u64);
         let outcome = match held {
             Err(text) if text == SHUTTING_DOWN => {
                 tracing::info!(
@@ -652,7 +674,7 @@ impl Gateway {
                     },
                 );
                 let (tx, mut rx) = mpsc::unbounded_channel::<AgentEvent>();
-                let agent = self.inner.agent.clone();
+                let agent = agent.clone();
                 let c2 = cancel.clone();
                 let job = tokio::task::spawn_blocking(move || {
                     let mut held = held;
@@ -672,6 +694,36 @@ impl Gateway {
                                 .hub
                                 .publish(conv.id, ConvEvent::Status { text: s.clone() });
                             replier.progress(&conv, &s).await;
+                        }
+                        AgentEvent::ToolCall { name, summary } => {
+                            let s = format!("{name}: {summary}");
+                            set_status(&s);
+                            self.inner
+                                .hub
+                                .publish(conv.id, ConvEvent::Status { text: s.clone() });
+                            replier.progress(&conv, &s).await;
+                        }
+                        AgentEvent::Refused { tool, reason } => {
+                            self.audit(
+                                "tool-refused",
+                                json!({
+                                    "conversation_id": conv.id,
+                                    "turn_id": turn_id,
+                                    "tool": tool,
+                                    "reason": reason,
+                                }),
+                            );
+                        }
+                        AgentEvent::Usage {
+                            input_tokens,
+                            output_tokens,
+                        } => {
+                            usage.0 += input_tokens;
+                            usage.1 += output_tokens;
+                        }
+                        AgentEvent::ToolResult { .. } => tool_calls += 1,
+                        AgentEvent::Error(e) => {
+                            tracing::warn!(conversation = conv.id, turn = turn_id, error = %e, "agent error");
                         }
                     }
                 }
@@ -726,7 +778,10 @@ impl Gateway {
                 "state": format!("{state:?}").to_lowercase(),
                 "answer_chars": outcome.answer.chars().count(),
                 "duration_ms": (secs * 1000.0) as u64,
-                "agent": self.inner.agent.name(),
+                "agent": agent.name(),
+                "tool_calls": tool_calls,
+                "input_tokens": usage.0,
+                "output_tokens": usage.1,
             }),
         );
     }
@@ -789,6 +844,7 @@ impl Gateway {
                 let name = format!("conv-{}", conv.id);
                 let inner = self.inner.clone();
                 let policy = channel.sandbox_policy();
+                let extras = self.inner.setup(channel.index).extras;
                 let n2 = name.clone();
                 let built = tokio::task::spawn_blocking(move || {
                     let door = crate::pool::start_door(
@@ -796,12 +852,9 @@ impl Gateway {
                         &policy,
                         &n2,
                         inner.egress_audit.clone(),
+                        &extras,
                     )?;
-                    let network = door.as_ref().map(|d| NetworkAttachment {
-                        netns: d.netns(),
-                        env: moat_egress::Door::client_env(),
-                        files: d.files(),
-                    });
+                    let network = door.as_ref().map(|d| crate::pool::attachment(d, &extras));
                     let lease = inner
                         .engine
                         .lease(
@@ -1076,6 +1129,11 @@ impl Inner {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// The agent and door extras of channel `idx`.
+    fn setup(&self, idx: usize) -> ChannelSetup {
+        self.setups.get(&idx).cloned().unwrap_or_default()
+    }
+
     /// The pool of a pool-mode channel, built (and warmed) on first use.
     async fn pool_for(&self, idx: usize) -> Result<Pool, PoolError> {
         let mut pools = self.pools.lock().await;
@@ -1086,6 +1144,7 @@ impl Inner {
         let factory = LeaseFactory {
             engine: self.engine.clone(),
             policy: c.sandbox_policy(),
+            extras: self.setup(idx).extras,
             runtime: self.runtime.clone(),
             audit: self.egress_audit.clone(),
             prefix: format!("pool{idx}"),

@@ -47,6 +47,9 @@ pub trait RunnerFactory: Send + Sync + 'static {
 pub struct LeaseFactory {
     pub engine: Arc<Engine>,
     pub policy: SandboxPolicy,
+    /// The door's LLM proxy, and moat's own files for the sandbox (e.g. the
+    /// moat binary for the built-in agent).
+    pub extras: DoorExtras,
     pub runtime: tokio::runtime::Handle,
     pub audit: Arc<dyn moat_egress::Audit>,
     /// Names the runners in audit records (`<prefix>-<n>`).
@@ -60,12 +63,14 @@ impl RunnerFactory for LeaseFactory {
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("{}-{n}", self.prefix);
-        let door = start_door(&self.runtime, &self.policy, &name, self.audit.clone())?;
-        let network = door.as_ref().map(|d| NetworkAttachment {
-            netns: d.netns(),
-            env: moat_egress::Door::client_env(),
-            files: d.files(),
-        });
+        let door = start_door(
+            &self.runtime,
+            &self.policy,
+            &name,
+            self.audit.clone(),
+            &self.extras,
+        )?;
+        let network = door.as_ref().map(|d| attachment(d, &self.extras));
         let mut lease = self
             .engine
             .lease(
@@ -82,15 +87,41 @@ impl RunnerFactory for LeaseFactory {
     }
 }
 
+/// What a channel's doors add to the policy's egress: the LLM proxy (the
+/// real keys stay in the door) and moat's own read-only files under
+/// `/run/moat` (host path, path inside).
+#[derive(Clone, Default)]
+pub struct DoorExtras {
+    pub llm: Option<moat_egress::llm::LlmConfig>,
+    pub files: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// The lease's side of a door: its namespace, client settings and files.
+pub fn attachment(door: &moat_egress::Door, extras: &DoorExtras) -> NetworkAttachment {
+    let mut files = door.files();
+    files.extend(extras.files.iter().cloned());
+    NetworkAttachment {
+        netns: door.netns(),
+        env: moat_egress::Door::client_env()
+            .into_iter()
+            .chain(door.llm_env())
+            .chain(door.github_env())
+            .collect(),
+        files,
+    }
+}
+
 /// The egress door for a lease of `policy`, when the policy allows any
-/// destination (`None`: the sandbox gets an empty network namespace).
+/// destination or an LLM is served (`None`: the sandbox gets an empty
+/// network namespace).
 pub fn start_door(
     runtime: &tokio::runtime::Handle,
     policy: &SandboxPolicy,
     name: &str,
     audit: Arc<dyn moat_egress::Audit>,
+    extras: &DoorExtras,
 ) -> Result<Option<moat_egress::Door>, String> {
-    if !policy.network.is_enabled() {
+    if !policy.network.is_enabled() && extras.llm.is_none() && extras.files.is_empty() {
         return Ok(None);
     }
     moat_egress::Door::start(
@@ -100,7 +131,7 @@ pub fn start_door(
             policy: Arc::new(policy.network.clone()),
             resolver: moat_egress::Resolver::System,
             audit,
-            llm: None,
+            llm: extras.llm.clone(),
             github: None,
         },
     )

@@ -137,6 +137,7 @@ pub async fn serve(
         audit: Arc::new(audit),
         engine: Arc::new(engine),
         repliers,
+        setups: HashMap::new(),
     });
     let requeued = gw
         .recover()

@@ -55,6 +55,7 @@ fn engine() -> Arc<Engine> {
 
 async fn pool(size: usize, max_waiters: usize) -> Pool {
     let factory = LeaseFactory {
+        extras: Default::default(),
         engine: engine(),
         policy: SandboxPolicy::default(),
         runtime: tokio::runtime::Handle::current(),

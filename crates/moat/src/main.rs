@@ -6,6 +6,8 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod agent_run;
+mod agents_cmd;
 mod audit_cmd;
 mod chat;
 mod github;
@@ -48,6 +50,15 @@ enum Top {
     Up(up::UpArgs),
     /// Talk to a running gateway from the terminal (its web chat API).
     Chat(chat::ChatArgs),
+    /// Agent CLIs for the sandboxes (Claude Code, Codex, Amp).
+    Agents {
+        #[command(subcommand)]
+        command: agents_cmd::AgentsCmd,
+    },
+    /// The built-in agent, run by the gateway inside a sandbox: reads one
+    /// turn (JSON) on standard input, writes events (JSON lines) to standard output.
+    #[command(name = "agent-run", hide = true)]
+    AgentRun(agent_run::AgentRunArgs),
 }
 
 #[derive(Subcommand)]
@@ -159,6 +170,14 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Top::Agents { command } => match agents_cmd::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Top::AgentRun(args) => agent_run::run(args),
         Top::Up(args) => match up::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
