@@ -21,6 +21,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::agents::{
+    AgentKind, AgentPolicy, AgentsConfig, ArtifactPolicy, GatewayLlm, LlmProvider, McpServerConfig,
+};
+use crate::agents::{RawAgentKeys, RawAgents, RawArtifacts, RawGatewayLlm, RawMcp};
 use crate::network::{canonical_ip, parse_allow_entry, parse_ip_literal, parse_pin};
 use crate::sandbox::{BackendKind, SandboxPolicy};
 use crate::units::{format_duration, parse_duration};
@@ -47,7 +51,8 @@ size = 2
 [defaults]
 trust = "member"
 sandbox = "pool"
-agent = "shell"
+# agent unset: the built-in agent when ANTHROPIC_API_KEY or OPENAI_API_KEY is
+# set (environment or secrets file), else the shell agent.
 
 # Everyone who can reach 127.0.0.1:8080 may talk: only local users can.
 [[channel]]
@@ -149,30 +154,6 @@ pub enum SandboxMode {
     PerThread { idle_delete: Duration },
 }
 
-/// Which agent answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentKind {
-    /// Each message is run as a shell command; its output is the answer.
-    Shell,
-}
-
-impl AgentKind {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "shell" => Ok(Self::Shell),
-            "builtin" | "claude" | "codex" | "amp" => Err(format!(
-                "agent {text:?} is not available yet; use \"shell\""
-            )),
-            other => Err(format!("unknown agent {other:?}; use \"shell\"")),
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Shell => "shell",
-        }
-    }
-}
-
 /// `count` events per `per`, written `"20/min"`. A token bucket of `count`
 /// tokens refilled one every `per / count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,7 +253,8 @@ pub struct ChannelPolicy {
     /// Who talks here as `admin` (and may talk even if not in `users`).
     pub admins: UserSet,
     pub sandbox: SandboxMode,
-    pub agent: AgentKind,
+    /// Which agent answers and what it may use.
+    pub agent: AgentPolicy,
     /// Messages from one user in one thread closer together than this are one turn.
     pub debounce: Duration,
     pub rate: Rates,
@@ -383,6 +365,10 @@ pub struct GatewayConfig {
     pub groups: Vec<Group>,
     /// In file order.
     pub channels: Vec<ChannelPolicy>,
+    /// `[llm]`: the upstream APIs the doors call.
+    pub llm: GatewayLlm,
+    /// `[agents]`: where the agent CLIs come from.
+    pub agents: AgentsConfig,
 }
 
 /// The verdict on one message.
@@ -556,6 +542,12 @@ struct RawFile {
     group: Vec<RawGroup>,
     #[serde(default)]
     channel: Vec<RawChannel>,
+    #[serde(default)]
+    mcp: Vec<RawMcp>,
+    #[serde(default)]
+    llm: RawGatewayLlm,
+    #[serde(default)]
+    agents: RawAgents,
 }
 
 #[derive(Deserialize, Default)]
@@ -641,6 +633,14 @@ struct RawSettings {
     egress: Option<Vec<String>>,
     resolve: Option<BTreeMap<String, String>>,
     limits: Option<RawLimits>,
+    provider: Option<String>,
+    model: Option<String>,
+    tools: Option<Vec<String>>,
+    mcp: Option<Vec<String>>,
+    max_steps: Option<i64>,
+    persona: Option<String>,
+    budget: Option<i64>,
+    artifacts: Option<RawArtifacts>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
@@ -662,6 +662,14 @@ struct RawChannel {
     egress: Option<Vec<String>>,
     resolve: Option<BTreeMap<String, String>>,
     limits: Option<RawLimits>,
+    provider: Option<String>,
+    model: Option<String>,
+    tools: Option<Vec<String>>,
+    mcp: Option<Vec<String>>,
+    max_steps: Option<i64>,
+    persona: Option<String>,
+    budget: Option<i64>,
+    artifacts: Option<RawArtifacts>,
 }
 
 impl RawChannel {
@@ -679,6 +687,14 @@ impl RawChannel {
             egress: self.egress,
             resolve: self.resolve,
             limits: self.limits,
+            provider: self.provider,
+            model: self.model,
+            tools: self.tools,
+            mcp: self.mcp,
+            max_steps: self.max_steps,
+            persona: self.persona,
+            budget: self.budget,
+            artifacts: self.artifacts,
         };
         (self.platform, self.id, s)
     }
@@ -838,6 +854,7 @@ fn check_user_id(id: &str, key: &str) -> Result<(), PolicyError> {
 
 struct Ctx<'a> {
     groups: &'a BTreeMap<String, Vec<String>>,
+    mcp: &'a BTreeMap<String, McpServerConfig>,
 }
 
 impl Ctx<'_> {
@@ -885,7 +902,7 @@ struct Settings {
     admins: UserSet,
     sandbox_kind: SandboxKind,
     idle_delete: Duration,
-    agent: AgentKind,
+    agent: AgentPolicy,
     debounce: Duration,
     rate: Rates,
     policy: SandboxPolicy,
@@ -905,7 +922,7 @@ impl Settings {
             admins: UserSet::default(),
             sandbox_kind: SandboxKind::Pool,
             idle_delete: Duration::from_secs(24 * 3600),
-            agent: AgentKind::Shell,
+            agent: AgentPolicy::default(),
             debounce: Duration::from_millis(1500),
             rate: Rates {
                 user: Rate::parse("20/min").expect("valid"),
@@ -954,9 +971,21 @@ impl Settings {
                 Duration::from_secs(365 * 24 * 3600),
             )?;
         }
-        if let Some(a) = raw.agent {
-            self.agent = AgentKind::parse(&a).map_err(|m| err(key("agent"), m))?;
-        }
+        self.agent.apply(
+            RawAgentKeys {
+                agent: raw.agent,
+                provider: raw.provider,
+                model: raw.model,
+                tools: raw.tools,
+                mcp: raw.mcp,
+                max_steps: raw.max_steps,
+                persona: raw.persona,
+                budget: raw.budget,
+                artifacts: raw.artifacts,
+            },
+            at,
+            ctx.mcp,
+        )?;
         if let Some(d) = raw.debounce {
             self.debounce = duration_in(
                 &d,
@@ -1346,7 +1375,11 @@ impl GatewayConfig {
                 users: g.users,
             });
         }
-        let ctx = Ctx { groups: &by_name };
+        let mcp_servers = crate::agents::mcp_servers(raw.mcp)?;
+        let ctx = Ctx {
+            groups: &by_name,
+            mcp: &mcp_servers,
+        };
 
         // [defaults]
         let mut defaults = Settings::initial();
@@ -1375,6 +1408,7 @@ impl GatewayConfig {
             }
             let mut s = defaults.clone();
             s.apply(settings, &at, &ctx)?;
+            s.agent.check(&at)?;
             if s.sandbox_kind == SandboxKind::Pool && pool.size == 0 {
                 return Err(err(
                     format!("{at}.sandbox"),
@@ -1409,6 +1443,8 @@ impl GatewayConfig {
             pool,
             groups,
             channels,
+            llm: crate::agents::gateway_llm(raw.llm)?,
+            agents: crate::agents::agents_config(raw.agents)?,
         })
     }
 }

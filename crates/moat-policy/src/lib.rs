@@ -1,6 +1,7 @@
 //! moat-policy: the configuration model and its validation. Pure: no I/O, no
 //! environment, no clock. Everything here defaults to "deny".
 
+pub mod agents;
 pub mod credentials;
 pub mod gateway;
 pub mod network;

@@ -199,8 +199,7 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
     ("[defaults]\nsandbox = \"vm\"", "defaults.sandbox", "\"pool\" or \"per-thread\""),
     ("[defaults]\nidle_delete = \"7d\"", "defaults.idle_delete", "ms, s, m or h"),
     ("[defaults]\nidle_delete = \"10s\"", "defaults.idle_delete", "1m to"),
-    ("[defaults]\nagent = \"claude\"", "defaults.agent", "not available yet"),
-    ("[defaults]\nagent = \"gpt\"", "defaults.agent", "use \"shell\""),
+    ("[defaults]\nagent = \"gpt\"", "defaults.agent", "use \"builtin\", \"claude\""),
     ("[defaults]\ndebounce = \"1.5s\"", "defaults.debounce", "1500ms"),
     ("[defaults]\ndebounce = \"2m\"", "defaults.debounce", "0s to 1m"),
     ("[defaults]\nrate = { user = \"fast\" }", "defaults.rate.user", "\"20/min\""),
@@ -622,7 +621,7 @@ fn channels_inherit_the_defaults_and_override_key_by_key() {
     let (a, b) = (&c.channels[0], &c.channels[1]);
     assert_eq!(a.trust, Trust::Untrusted);
     assert_eq!(a.sandbox, SandboxMode::Pool);
-    assert_eq!(a.agent, AgentKind::Shell);
+    assert_eq!(a.agent.kind, None, "agent unset: decided by the gateway");
     assert_eq!(a.debounce, Duration::from_secs(2));
     let pa = a.sandbox_policy();
     assert_eq!(pa.backend, BackendKind::Gvisor);
@@ -791,7 +790,13 @@ fn the_embedded_default_is_a_local_web_chat() {
     assert!(ch.admins.is_empty());
     assert_eq!(ch.trust, Trust::Member);
     assert_eq!(ch.sandbox, SandboxMode::Pool);
-    assert_eq!(ch.agent, AgentKind::Shell);
+    assert_eq!(
+        ch.agent.kind, None,
+        "agent unset: builtin with an LLM key, else shell"
+    );
+    assert_eq!(ch.agent.kind_or_default(false), AgentKind::Shell);
+    assert_eq!(ch.agent.kind_or_default(true), AgentKind::Builtin);
+    assert!(ch.agent.mcp.is_empty(), "no MCP server by default");
     let p = ch.sandbox_policy();
     assert!(!p.network.is_enabled(), "no egress by default");
     assert_eq!(p.backend, BackendKind::Bwrap);
