@@ -27,6 +27,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::agent::{Agent, AgentEvent, CancelHandle, ShellAgent, TurnInput, TurnOutcome};
+use crate::artifacts::{Artifact, ArtifactLimits, Collected};
 use crate::hub::{ConvEvent, Hub};
 use crate::metrics::{Gauges, Metrics, Verdict};
 use crate::pool::{LeaseFactory, Lent, Pool, PoolError};
@@ -36,6 +37,9 @@ const HISTORY_WAIT: Duration = Duration::from_secs(3);
 
 /// How long a turn waits for a runner before the user is told it is busy.
 const BUSY_AFTER: Duration = Duration::from_secs(1);
+
+/// Refused artifacts told in an answer at most (the rest are counted).
+const MAX_REFUSAL_LINES: usize = 20;
 
 /// `hold_lease`'s refusal when the gateway is stopping.
 const SHUTTING_DOWN: &str = "moat: shutting down";
@@ -72,6 +76,17 @@ pub trait Replier: Send + Sync {
         _refs: &'a [String],
     ) -> Pin<Box<dyn Future<Output = Option<Vec<String>>> + Send + 'a>> {
         Box::pin(async { None })
+    }
+    /// The files the agent left in `~/artifacts`, called before
+    /// [`Replier::finished`] when there are any (Slack: uploaded into the
+    /// thread). Entries moat refused are already lines of the answer.
+    fn artifacts<'a>(
+        &'a self,
+        _conv: &'a ConvRef,
+        _refs: &'a [String],
+        _files: &'a [Artifact],
+    ) -> BoxFut<'a> {
+        Box::pin(async {})
     }
     /// The turn ended with this answer.
     fn finished<'a>(
@@ -222,6 +237,9 @@ pub struct GatewayParts {
 pub struct ChannelSetup {
     pub agent: Arc<dyn Agent>,
     pub extras: crate::pool::DoorExtras,
+    /// What a turn may send from `~/artifacts` (`artifacts.max_files`,
+    /// `artifacts.max_bytes`).
+    pub artifacts: ArtifactLimits,
 }
 
 impl Default for ChannelSetup {
@@ -229,6 +247,7 @@ impl Default for ChannelSetup {
         ChannelSetup {
             agent: Arc::new(ShellAgent),
             extras: Default::default(),
+            artifacts: ArtifactLimits::default(),
         }
     }
 }
@@ -639,7 +658,8 @@ impl Gateway {
             history,
             resume: matches!(channel.sandbox, SandboxMode::PerThread { .. }),
         };
-        let agent = self.inner.setup(channel.index).agent;
+        let setup = self.inner.setup(channel.index);
+        let (agent, limits) = (setup.agent, setup.artifacts);
         replier.started(&conv, &refs).await;
         set_status("waiting for a sandbox");
         self.inner.hub.publish(
@@ -650,7 +670,8 @@ impl Gateway {
         );
         let held = self.hold_lease(&conv, &channel).await;
         let (mut usage, mut tool_calls) = ((0u64, 0u64), 0u64);
-        let outcome = match held {
+        let mut collected = Collected::default();
+        let mut outcome = match held {
             Err(text) if text == SHUTTING_DOWN => {
                 tracing::info!(
                     conversation = conv.id,
@@ -681,7 +702,11 @@ impl Gateway {
                     let out = agent.run_turn(held.lease(), &input, &c2, &mut |e| {
                         let _ = tx.send(e);
                     });
-                    (held, out)
+                    // Before the lease is given back (a pooled one is reset):
+                    // what the agent left in ~/artifacts, read without
+                    // following any link (crate::artifacts).
+                    let collected = crate::artifacts::collect(held.lease(), &limits);
+                    (held, out, collected)
                 });
                 while let Some(ev) = rx.recv().await {
                     match ev {
@@ -728,8 +753,9 @@ impl Gateway {
                     }
                 }
                 match job.await {
-                    Ok((held, out)) => {
+                    Ok((held, out, found)) => {
                         self.give_back(&conv, held).await;
+                        collected = found;
                         out
                     }
                     Err(e) => TurnOutcome {
@@ -741,6 +767,7 @@ impl Gateway {
             }
         };
         set_status("idle");
+        self.artifacts_found(&conv, turn_id, &collected, &mut outcome);
         let state = if outcome.cancelled {
             TurnState::Cancelled
         } else if outcome.ok {
@@ -765,6 +792,9 @@ impl Gateway {
                 ok: outcome.ok,
             },
         );
+        if !collected.files.is_empty() {
+            replier.artifacts(&conv, &refs, &collected.files).await;
+        }
         replier.finished(&conv, &refs, &outcome).await;
         let secs = started.elapsed().as_secs_f64();
         self.inner.metrics.turn(outcome.ok, secs);
@@ -784,6 +814,70 @@ impl Gateway {
                 "output_tokens": usage.1,
             }),
         );
+    }
+
+    /// Audits a turn's artifacts (name, size, SHA-256; never contents) and
+    /// refusals, tells the user about every refusal in the answer, and
+    /// offers the files to the web chat's watchers (kept for download).
+    fn artifacts_found(
+        &self,
+        conv: &ConvRef,
+        turn_id: i64,
+        collected: &Collected,
+        outcome: &mut TurnOutcome,
+    ) {
+        for a in &collected.files {
+            self.audit(
+                "artifact",
+                json!({
+                    "conversation_id": conv.id,
+                    "turn_id": turn_id,
+                    "name": a.name,
+                    "bytes": a.size(),
+                    "sha256": a.sha256,
+                }),
+            );
+        }
+        for (name, why) in &collected.refused {
+            self.audit(
+                "artifact-refused",
+                json!({
+                    "conversation_id": conv.id,
+                    "turn_id": turn_id,
+                    "name": name,
+                    "reason": why.kind(),
+                    "detail": why.to_string(),
+                }),
+            );
+        }
+        let lines = collected.refusal_lines(MAX_REFUSAL_LINES);
+        if !lines.is_empty() {
+            if !outcome.answer.is_empty() && !outcome.answer.ends_with('\n') {
+                outcome.answer.push('\n');
+            }
+            for l in lines {
+                outcome.answer.push_str(&l);
+                outcome.answer.push('\n');
+            }
+        }
+        if conv.platform == Platform::Web {
+            for a in &collected.files {
+                let url = self
+                    .inner
+                    .hub
+                    .keep_artifact(conv.id, a)
+                    .map(|id| format!("/api/conversations/{}/artifacts/{id}", conv.thread));
+                self.inner.hub.publish(
+                    conv.id,
+                    ConvEvent::Artifact {
+                        name: a.name.clone(),
+                        size: a.size(),
+                        sha256: a.sha256.clone(),
+                        url,
+                    },
+                );
+            }
+        }
     }
 
     /// The conversation's lease for one turn: a pooled runner, or the

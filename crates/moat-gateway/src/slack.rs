@@ -1,7 +1,7 @@
 //! Slack in and out: the Events API endpoint (`POST /slack/events`, signed
 //! requests only), Socket Mode, and the replier that posts a turn's answer in
 //! the thread with a live status message and reactions (👀 while working,
-//! ✅ done, ❌ failed).
+//! ✅ done, ❌ failed), and uploads the turn's artifacts into the thread.
 //!
 //! Must never: act on a request whose signature does not verify, answer
 //! later than Slack's 3 seconds for a stored event (the turn runs after the
@@ -26,6 +26,7 @@ use moat_chat::slack::{
 use moat_policy::gateway::Platform;
 
 use crate::agent::TurnOutcome;
+use crate::artifacts::Artifact;
 use crate::metrics::Verdict;
 use crate::pipeline::{BoxFut, ConvRef, Gateway, Inbound, Replier};
 
@@ -254,6 +255,42 @@ impl Replier for SlackReplier {
                     "chat.update",
                     self.api.update_message(&conv.channel, &ts, &text).await,
                 );
+            }
+        })
+    }
+
+    fn artifacts<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        _refs: &'a [String],
+        files: &'a [Artifact],
+    ) -> BoxFut<'a> {
+        Box::pin(async move {
+            // One at a time, in name order: the thread shows them in that order.
+            for f in files {
+                let r = self
+                    .api
+                    .upload_file(
+                        &conv.channel,
+                        Some(&conv.thread),
+                        &f.name,
+                        f.bytes.clone(),
+                        Some(&f.name),
+                    )
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(conversation = conv.id, file = %f.name, error = %e, "an artifact could not be uploaded to Slack");
+                    let text = format!(
+                        "moat could not upload `{}` to Slack: {e}",
+                        f.name.replace('`', "'")
+                    );
+                    Self::log(
+                        "chat.postMessage",
+                        self.api
+                            .post_message(&conv.channel, Some(&conv.thread), &to_mrkdwn(&text))
+                            .await,
+                    );
+                }
             }
         })
     }

@@ -6,8 +6,14 @@
 //! environment variable the config names, `user:token` pairs separated by
 //! commas) to users; `header` takes the user from a header set by a trusted
 //! reverse proxy, accepted only from the configured proxy addresses.
-//! Must never: let one user read or write another user's conversation, or
-//! accept a request whose identity it could not establish.
+//! Artifacts the agent left are downloaded from
+//! `/api/conversations/{thread}/artifacts/{id}` by the conversation's owner
+//! only, always as an attachment of type `application/octet-stream` with
+//! `nosniff` and a sandboxing CSP (an HTML artifact never runs on this origin).
+//!
+//! Must never: let one user read or write another user's conversation (or
+//! download its artifacts), or accept a request whose identity it could not
+//! establish.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -303,6 +309,84 @@ async fn events(
         .into_response()
 }
 
+/// One artifact of the user's own conversation, as a download.
+async fn artifact(
+    State(w): State<Web>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((thread, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let user = match w.identify(peer, &headers) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let gone = || {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such file here (moat keeps a web chat's files in memory for a while; ask the agent again)"})),
+        )
+            .into_response()
+    };
+    if !valid_thread(&thread) || !valid_thread(&id) {
+        return gone();
+    }
+    // Only the user's own conversation: looked up under their own channel.
+    let conv = match w.gw.inner.store.conversation_by_key("web", &user, &thread) {
+        Ok(Some(c)) => c,
+        Ok(None) => return gone(),
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": e.to_string()})),
+            )
+                .into_response()
+        }
+    };
+    let Some((name, bytes)) = w.gw.inner.hub.artifact(conv.id, &id) else {
+        return gone();
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_DISPOSITION, attachment(&name)),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "sandbox; default-src 'none'".to_string(),
+            ),
+            (header::CACHE_CONTROL, "private, no-store".to_string()),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+/// `Content-Disposition: attachment` with the name in RFC 6266/5987 form
+/// (percent-encoded UTF-8) and a plain ASCII fallback.
+fn attachment(name: &str) -> String {
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ' ') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let encoded: String = name
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
+}
+
 fn to_sse(ev: ConvEvent) -> Result<Event, Infallible> {
     Ok(Event::default()
         .json_data(&ev)
@@ -317,6 +401,7 @@ pub fn router(gw: Gateway, tokens: HashMap<String, String>) -> Router {
         .route("/api/conversations", get(list))
         .route("/api/conversations/{thread}/messages", post(post_message))
         .route("/api/conversations/{thread}/events", get(events))
+        .route("/api/conversations/{thread}/artifacts/{id}", get(artifact))
         .with_state(Web {
             gw,
             tokens: Arc::new(tokens),

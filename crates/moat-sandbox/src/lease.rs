@@ -327,6 +327,11 @@ impl Lease {
         self.storage().root()
     }
 
+    /// The host directory the sandbox sees as /home/agent (both backends bind it there).
+    pub fn home_dir(&self) -> PathBuf {
+        self.storage().home()
+    }
+
     /// Host pids of the running instance's supervisor, if any.
     pub fn host_pids(&self) -> Vec<u32> {
         self.running
