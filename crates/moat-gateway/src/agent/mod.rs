@@ -7,6 +7,7 @@
 //! tool or MCP server its channel does not allow, or lose the outcome of a
 //! turn (a crashed or cancelled agent still gives an answer).
 
+pub mod builtin;
 pub mod shell;
 
 pub use shell::ShellAgent;
