@@ -7,7 +7,10 @@
 //! tool or MCP server its channel does not allow, or lose the outcome of a
 //! turn (a crashed or cancelled agent still gives an answer).
 
+pub mod amp;
 pub mod builtin;
+pub mod claude;
+pub mod codex;
 pub mod shell;
 
 pub use shell::ShellAgent;
