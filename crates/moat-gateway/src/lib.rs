@@ -7,6 +7,7 @@
 //! message without an answer or a failure report.
 
 pub mod agent;
+pub mod agents_setup;
 pub mod artifacts;
 pub mod hub;
 pub mod metrics;

@@ -120,8 +120,37 @@ pub async fn serve(
         .first()
         .map(|c| c.sandbox_policy().backend)
         .unwrap_or(moat_policy::BackendKind::Bwrap);
+    let runtime_dir = opts.engine.runtime_dir.clone();
     let engine =
         Engine::new(opts.engine, engine_kind).map_err(|e| ServeError::Engine(e.to_string()))?;
+    // The agents: which one answers per channel, the LLM API its doors serve
+    // (with the real key, which stays in the door) and moat's own files its
+    // sandboxes see. Fails before listening when a key or file is missing.
+    let ledger = moat_egress::llm::UsageLedger::from_audit_log(&audit_path).map_err(|e| {
+        ServeError::Config(format!(
+            "reading LLM usage from {}: {e}",
+            audit_path.display()
+        ))
+    })?;
+    let moat_exe = std::env::var_os("MOAT_EXE").map(PathBuf::from).or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .filter(|p| p.file_name().is_some_and(|n| n == "moat"))
+    });
+    let secret_fn = opts.secret.clone();
+    let setups = crate::agents_setup::build(&crate::agents_setup::SetupInputs {
+        cfg: &cfg,
+        secret: &*secret_fn,
+        moat_exe: moat_exe.as_deref(),
+        runtime_dir: &runtime_dir,
+        ledger: Arc::new(ledger),
+    })
+    .map_err(ServeError::Config)?;
+    for c in &cfg.channels {
+        if let Some(s) = setups.get(&c.index) {
+            tracing::info!(channel = %c.describe(), agent = s.agent.name(), "agent");
+        }
+    }
     let web_cfg = cfg.web.clone();
     let admin_addr = cfg.admin.listen;
     let slack_cfg = cfg.slack.clone();
@@ -137,7 +166,7 @@ pub async fn serve(
         audit: Arc::new(audit),
         engine: Arc::new(engine),
         repliers,
-        setups: HashMap::new(),
+        setups,
     });
     let requeued = gw
         .recover()

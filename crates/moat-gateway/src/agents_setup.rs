@@ -1,0 +1,245 @@
+//! Start-up of the agents: for each channel, which agent answers (the
+//! built-in agent when an LLM key is configured and the channel does not
+//! choose, else the shell agent), the LLM API its doors serve (the real key
+//! stays in the door), moat's own files its sandboxes see under /run/moat
+//! (the moat binary for the built-in agent, the CLI template), the persona
+//! text and the allowlists.
+//!
+//! Must never: put a key into anything a sandbox sees (only the door holds
+//! it), start a channel whose agent needs a key that is not there, or give a
+//! channel a tool or MCP server its configuration does not name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use moat_egress::llm::{LlmConfig, Provider, UsageLedger};
+use moat_policy::gateway::{AgentKind, ChannelPolicy, GatewayConfig, LlmProvider};
+
+use crate::agent::{Agent, AgentSettings, ShellAgent};
+use crate::pipeline::ChannelSetup;
+use crate::pool::DoorExtras;
+
+/// Where the moat binary is inside a sandbox (built-in agent).
+pub const MOAT_INSIDE: &str = "/run/moat/bin/moat";
+/// Where a CLI template made by `moat agents install` is shown inside.
+pub const TEMPLATE_INSIDE: &str = "/run/moat/agents";
+/// Where `scripts/setup` installs the CLIs on the host (seen inside as is,
+/// since sandboxes see /usr read-only).
+pub const HOST_CLI_DIR: &str = "/usr/local/lib/moat-agent-clis";
+
+/// What building the setups needs from the process.
+pub struct SetupInputs<'a> {
+    pub cfg: &'a GatewayConfig,
+    /// Secrets and settings by name (environment, then secrets file).
+    pub secret: &'a (dyn Fn(&str) -> Option<String> + Send + Sync),
+    /// The moat executable (for the built-in agent); `None`: not available.
+    pub moat_exe: Option<&'a Path>,
+    /// Where to put a world-readable copy of it.
+    pub runtime_dir: &'a Path,
+    /// The usage ledger shared by every door.
+    pub ledger: Arc<UsageLedger>,
+}
+
+/// Whether an LLM key is configured (the built-in agent becomes the default).
+pub fn llm_key_available(secret: &dyn Fn(&str) -> Option<String>) -> bool {
+    [LlmProvider::Anthropic, LlmProvider::Openai]
+        .iter()
+        .any(|p| secret(p.key_var()).is_some_and(|k| !k.is_empty()))
+}
+
+/// The tools an agent gets when its channel names none.
+pub fn default_tools(kind: AgentKind) -> Vec<String> {
+    let list: &[&str] = match kind {
+        AgentKind::Shell => &[],
+        AgentKind::Builtin => &moat_policy::agents::BUILTIN_TOOLS,
+        AgentKind::ClaudeCode => &["Bash", "Read", "Write", "Edit", "Glob", "Grep", "LS"],
+        AgentKind::Codex => &["shell"],
+        AgentKind::Amp => &["Bash", "Read", "create_file", "edit_file", "glob", "Grep"],
+    };
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// One [`ChannelSetup`] per channel, by index. Fails naming the channel key
+/// when an agent's key, persona or binary is missing.
+pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, String> {
+    let cfg = inputs.cfg;
+    let key_here = llm_key_available(inputs.secret);
+    let cli_dir = cli_template(cfg);
+    let mut moat_copy: Option<PathBuf> = None;
+    let mut out = HashMap::new();
+    for c in &cfg.channels {
+        let at = format!("channel[{}]", c.index);
+        let kind = c.agent.kind_or_default(key_here);
+        if kind == AgentKind::Shell {
+            out.insert(
+                c.index,
+                ChannelSetup {
+                    artifacts: artifact_limits(c),
+                    ..ChannelSetup::default()
+                },
+            );
+            continue;
+        }
+        let provider = provider_for(c, kind, inputs.secret, &at)?;
+        let persona = match &c.agent.persona {
+            None => None,
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                format!(
+                    "{at}.persona: cannot read {}: {e}; make it a readable text file or remove the key",
+                    p.display()
+                )
+            })?),
+        };
+        let mut extras = DoorExtras::default();
+        if let Some(p) = provider {
+            extras.llm = Some(llm_config(cfg, c, p, inputs)?);
+        }
+        let inside_cli_dir = match &cli_dir {
+            Some(host) if kind != AgentKind::Builtin => {
+                extras
+                    .files
+                    .push((host.clone(), PathBuf::from(TEMPLATE_INSIDE)));
+                PathBuf::from(TEMPLATE_INSIDE)
+            }
+            _ => PathBuf::from(HOST_CLI_DIR),
+        };
+        if kind == AgentKind::Builtin {
+            if moat_copy.is_none() {
+                let exe = inputs.moat_exe.ok_or_else(|| {
+                    format!("{at}.agent: the built-in agent runs the moat binary inside the sandbox, but this process does not know where it is; choose another agent")
+                })?;
+                moat_copy = Some(crate::agent::builtin::install_moat_binary(
+                    inputs.runtime_dir,
+                    exe,
+                )?);
+            }
+            if let Some(copy) = &moat_copy {
+                extras
+                    .files
+                    .push((copy.clone(), PathBuf::from(MOAT_INSIDE)));
+            }
+        }
+        let settings = AgentSettings {
+            persona,
+            tools: c.agent.tools.clone().unwrap_or_else(|| default_tools(kind)),
+            mcp: c
+                .agent
+                .mcp
+                .iter()
+                .map(|m| moat_agent::protocol::McpServer {
+                    name: m.name.clone(),
+                    command: m.command.clone(),
+                    env: m.env.clone(),
+                })
+                .collect(),
+            model: c.agent.model.clone(),
+            max_steps: c.agent.max_steps,
+            provider: provider.map(|p| match p {
+                LlmProvider::Anthropic => moat_agent::protocol::Provider::Anthropic,
+                LlmProvider::Openai => moat_agent::protocol::Provider::Openai,
+            }),
+            cli_dir: inside_cli_dir,
+        };
+        let agent = make_agent(kind, settings);
+        out.insert(
+            c.index,
+            ChannelSetup {
+                agent,
+                extras,
+                artifacts: artifact_limits(c),
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn artifact_limits(c: &ChannelPolicy) -> crate::artifacts::ArtifactLimits {
+    crate::artifacts::ArtifactLimits {
+        max_files: c.agent.artifacts.max_files as usize,
+        max_bytes: c.agent.artifacts.max_bytes,
+    }
+}
+
+fn make_agent(kind: AgentKind, settings: AgentSettings) -> Arc<dyn Agent> {
+    match kind {
+        AgentKind::Shell => Arc::new(ShellAgent),
+        AgentKind::Builtin => Arc::new(crate::agent::builtin::BuiltinAgent::new(
+            settings,
+            MOAT_INSIDE,
+        )),
+        AgentKind::ClaudeCode => Arc::new(crate::agent::claude::ClaudeCodeAgent::new(settings)),
+        AgentKind::Codex => Arc::new(crate::agent::codex::CodexAgent::new(settings)),
+        AgentKind::Amp => Arc::new(crate::agent::amp::AmpAgent::new(settings)),
+    }
+}
+
+/// The host directory of the CLI template, if one is configured or installed.
+fn cli_template(cfg: &GatewayConfig) -> Option<PathBuf> {
+    match &cfg.agents.dir {
+        Some(d) => Some(d.clone()),
+        None => {
+            let d = cfg.data_dir.join("agents").join("current");
+            d.is_dir().then_some(d)
+        }
+    }
+}
+
+/// The API a channel's doors serve, checking its key is there.
+fn provider_for(
+    c: &ChannelPolicy,
+    kind: AgentKind,
+    secret: &dyn Fn(&str) -> Option<String>,
+    at: &str,
+) -> Result<Option<LlmProvider>, String> {
+    let has = |p: LlmProvider| secret(p.key_var()).is_some_and(|k| !k.is_empty());
+    let p = match kind {
+        AgentKind::Shell => return Ok(None),
+        AgentKind::Amp => return Ok(None),
+        AgentKind::ClaudeCode => LlmProvider::Anthropic,
+        AgentKind::Codex => LlmProvider::Openai,
+        AgentKind::Builtin => c.agent.provider.unwrap_or(if has(LlmProvider::Anthropic) {
+            LlmProvider::Anthropic
+        } else {
+            LlmProvider::Openai
+        }),
+    };
+    if !has(p) {
+        return Err(format!(
+            "{at}.agent: agent \"{}\" needs {} in moat's environment or secrets file (the key stays in moat; the sandbox gets a placeholder)",
+            kind.name(),
+            p.key_var()
+        ));
+    }
+    Ok(Some(p))
+}
+
+fn llm_config(
+    cfg: &GatewayConfig,
+    c: &ChannelPolicy,
+    p: LlmProvider,
+    inputs: &SetupInputs,
+) -> Result<LlmConfig, String> {
+    let provider = match p {
+        LlmProvider::Anthropic => Provider::Anthropic,
+        LlmProvider::Openai => Provider::OpenAi,
+    };
+    let configured = match p {
+        LlmProvider::Anthropic => cfg.llm.anthropic_url.clone(),
+        LlmProvider::Openai => cfg.llm.openai_url.clone(),
+    };
+    let secret = inputs.secret;
+    let mut llm = LlmConfig::from_env(&[provider], |k| {
+        if k == provider.url_var() {
+            if let Some(u) = &configured {
+                return Some(u.clone());
+            }
+        }
+        secret(k)
+    })
+    .map_err(|e| format!("channel[{}].agent: {e}", c.index))?;
+    llm.token_budget = c.agent.budget;
+    llm.channel = Some(c.describe());
+    llm.ledger = inputs.ledger.clone();
+    Ok(llm)
+}
