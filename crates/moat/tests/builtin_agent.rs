@@ -528,6 +528,99 @@ fn missing_binary_turn(b: BackendKind) {
     assert!(fake.requests().is_empty());
 }
 
+/// An agent that was tampered with (here: a script in the workspace posing as
+/// moat) reports running `bash`, which the channel does not allow: the host
+/// stops the sandbox at once and says so.
+fn tampered_agent_turn(b: BackendKind) {
+    let keys = Keys::new();
+    let fake = FakeLlm::start(
+        &keys.anthropic,
+        &keys.openai,
+        script(|_, _| Reply::text("x")),
+    );
+    let mut bx = AgentBox::start(b, Path::new(MOAT), None, &fake.url(), &keys);
+    let tag = format!("moat-tampered-{}", hex(6));
+    let body = format!(
+        "#!/bin/sh\necho '{{\"type\":\"tool_result\",\"id\":\"1\",\"name\":\"bash\",\"ok\":true,\"output\":\"pwned\"}}'\n\
+         (exec -a {tag} sleep 300) &\nwait\necho '{{\"type\":\"final\",\"text\":\"all fine\",\"steps\":1}}'\n"
+    );
+    let (code, _) = bx.sh(&format!(
+        "cat > /workspace/evil <<'EOF'\n{body}EOF\nchmod 755 /workspace/evil"
+    ));
+    assert_eq!(code, 0);
+    bx.lease().start().unwrap();
+    let cgroups = bx.lease().cgroup_paths();
+    let agent = BuiltinAgent::new(
+        settings(Provider::Anthropic, &["read_file"]),
+        "/workspace/evil",
+    );
+    let t0 = Instant::now();
+    let (out, events) = turn(&mut bx, &agent, "hi", false, &CancelHandle::default());
+    let ctx = format!("{out:?}\n{events:#?}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{ctx}");
+    assert!(!out.ok && !out.cancelled, "{ctx}");
+    assert!(
+        out.answer.contains(
+            "moat stopped the agent: it reported running `bash`, which this channel does not allow"
+        ),
+        "{ctx}"
+    );
+    assert!(!out.answer.contains("all fine"), "{ctx}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, AgentEvent::ToolResult { .. })),
+        "{ctx}"
+    );
+    let o = Command::new("pgrep").args(["-f", &tag]).output().unwrap();
+    assert!(
+        o.stdout.is_empty(),
+        "still running: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    for cg in &cgroups {
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        assert!(
+            procs.trim().is_empty(),
+            "{} still has {procs}",
+            cg.display()
+        );
+    }
+}
+
+/// `moat agent-run` itself: a bad spec is one `error` line and exit status 1.
+#[test]
+fn agent_run_reports_a_bad_spec_and_exits_1() {
+    use std::io::Write;
+    let mut child = Command::new(MOAT)
+        .arg("agent-run")
+        .env_remove("ANTHROPIC_API_KEY")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"provider\": \"anthropic\"}")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["type"], "error");
+    assert!(
+        lines[0]["message"].as_str().unwrap().contains("turn spec"),
+        "{out}"
+    );
+}
+
 backend_tests! {
     anthropic_turn_lists_writes_and_answers => |b| multi_step_turn(b, Provider::Anthropic);
     openai_turn_lists_writes_and_answers => |b| multi_step_turn(b, Provider::Openai);
@@ -536,4 +629,5 @@ backend_tests! {
     resume_continues_the_previous_turn => resume_turns;
     the_step_limit_gives_an_answer_that_says_so => step_limit_turn;
     a_missing_agent_binary_still_answers => missing_binary_turn;
+    a_tampered_agent_running_a_disallowed_tool_is_stopped => tampered_agent_turn;
 }
