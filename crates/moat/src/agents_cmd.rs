@@ -54,6 +54,8 @@ pub const MANIFEST: &str = "moat-template.json";
 const STAGING_PREFIX: &str = ".new-";
 /// How long one command's `--version` may take in the check.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(60);
+/// The host's CA store (Debian's path), which sandboxes see in their /etc.
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Where the sandbox sees the host's `npm` and `node` (its PATH).
 const SANDBOX_PATH_DIRS: &[&str] = &[
     "/usr/local/sbin",
@@ -540,11 +542,16 @@ impl Drop for Staging {
 /// gone, so nothing changes the tree while it is walked.
 fn seal(root: &Path) -> anyhow::Result<u64> {
     let mut bytes = 0u64;
+    // Install scripts hard-link binaries (within the prefix: links across
+    // mounts fail): count each inode once.
+    let mut linked = std::collections::HashSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
         let meta =
             std::fs::symlink_metadata(&p).with_context(|| format!("reading {}", p.display()))?;
-        bytes += meta.blocks() * 512;
+        if meta.nlink() < 2 || meta.is_dir() || linked.insert((meta.dev(), meta.ino())) {
+            bytes += meta.blocks() * 512;
+        }
         let ft = meta.file_type();
         if ft.is_symlink() {
             std::os::unix::fs::lchown(&p, Some(0), Some(0))
@@ -897,6 +904,12 @@ fn npm_install(
         // npm's debug log would go to the scratch cache, deleted afterwards.
         ("npm_config_logs_max".into(), "0".into()),
     ];
+    // Node's own CA roots plus the host's store (the sandbox's /etc has
+    // it): a registry mirror or proxy with a site CA works like on the host.
+    if Path::new(HOST_CA_BUNDLE).is_file() {
+        spec.env
+            .push(("NODE_EXTRA_CA_CERTS".into(), HOST_CA_BUNDLE.into()));
+    }
     spec.timeout = Some(timeout);
     let mut tail: Vec<u8> = Vec::new();
     let stderr = std::io::stderr();

@@ -23,14 +23,14 @@
 mod netkit;
 mod registrykit;
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use netkit::{fresh_dir, random_hex, Audit, Backend, Out, Upstream};
+use netkit::{random_hex, Audit, Backend, Out, Upstream};
 use registrykit::{make_package, FakeRegistry};
 use serde_json::{json, Value};
 
@@ -65,6 +65,7 @@ fn pinned(name: &str) -> String {
 /// One test's world: its data and runtime directories (so its audit log is
 /// its own), the template directory, and package sources.
 struct World {
+    _tmp: tempfile::TempDir,
     dir: PathBuf,
     template: PathBuf,
     backend: Backend,
@@ -72,10 +73,17 @@ struct World {
 
 impl World {
     fn new(name: &str, backend: Backend) -> World {
-        let (dir, _) = fresh_dir(&format!("{name}-{}", backend.name()));
+        // Its own temporary directory (removed with it), traversable by
+        // sandbox uids: bwrap runs as one when it binds the template.
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("moat-agents-test-{name}-{}-", backend.name()))
+            .tempdir()
+            .expect("a temporary directory");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         World {
-            template: dir.join("agents"),
-            dir,
+            template: tmp.path().join("agents"),
+            dir: tmp.path().to_path_buf(),
+            _tmp: tmp,
             backend,
         }
     }
@@ -140,12 +148,6 @@ impl World {
             })
             .unwrap_or_default();
         assert!(left.is_empty(), "scratch left in the template: {left:?}");
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
