@@ -61,7 +61,32 @@ fn turn(agent: &dyn Agent, b: &mut CliBox, input: &TurnInput) -> (TurnOutcome, V
 /// The keys were used where they belong and nowhere else: every model call
 /// reached the fake with the real key (never a placeholder), and neither
 /// key is in the events or the answer.
-fn assert_sealed(fake: &FakeLlm, keys: &Keys, out: &TurnOutcome, events: &[AgentEvent]) {
+fn assert_sealed(
+    b: &CliBox,
+    fake: &FakeLlm,
+    keys: &Keys,
+    out: &TurnOutcome,
+    events: &[AgentEvent],
+) {
+    // With the settings the adapters give, the CLIs try no other
+    // connection (the door would refuse it and record it here).
+    let other: Vec<String> = b
+        .audit
+        .records
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}:{} {}", r.kind, r.host, r.port, r.verdict))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "the CLI tried to reach more than its API: {other:?}"
+    );
+    // Every model call went through the door's LLM proxy and was recorded.
+    assert_eq!(
+        b.audit.llm_records.lock().unwrap().len(),
+        fake.calls().len()
+    );
     let calls = fake.calls();
     assert!(!calls.is_empty(), "no model call reached the fake");
     for r in &calls {
@@ -170,7 +195,7 @@ fn claude_code_turn(backend: Backend) {
     // Inside, the key is the door's placeholder.
     let (_, key) = b.sh("printf %s \"$ANTHROPIC_API_KEY\"");
     assert!(key.starts_with("sk-ant-moat-"), "{key}");
-    assert_sealed(&fake, &keys, &out, &events);
+    assert_sealed(&b, &fake, &keys, &out, &events);
 }
 
 /// (b) Bash is not allowed: the model calls it anyway; Claude Code refuses,
@@ -227,7 +252,7 @@ fn claude_code_refuses_a_tool(backend: Backend) {
         "{:?}",
         calls[1].tool_results()
     );
-    assert_sealed(&fake, &keys, &out, &events);
+    assert_sealed(&b, &fake, &keys, &out, &events);
 }
 
 /// (c) Per-thread resume: the second turn continues the first session (the
@@ -268,7 +293,7 @@ fn claude_code_resumes(backend: Backend) {
     assert!(out3.ok, "{out3:?}");
     let third = fake.calls().last().unwrap().clone();
     assert!(!third.raw.contains(&first_q), "{}", third.raw);
-    assert_sealed(&fake, &keys, &out2, &ev2);
+    assert_sealed(&b, &fake, &keys, &out2, &ev2);
 }
 
 const MCP_SERVER: &str = r#"import sys, json
@@ -379,7 +404,7 @@ fn claude_code_gets_only_the_channels_mcp(backend: Backend) {
         "an MCP tool was offered: {offered:?}"
     );
     assert!(!offered.contains(&"Bash".to_string()), "{offered:?}");
-    assert_sealed(&fake, &keys, &out, &events);
+    assert_sealed(&b, &fake, &keys, &out, &events);
 }
 
 /// (f) Cancel: the model runs a long command; cancelling the turn stops it
@@ -523,7 +548,7 @@ fn codex_turn(backend: Backend) {
     );
     assert!(codex_declares(&calls[0], "exec_command"));
     assert!(calls[1].tool_results().iter().any(|r| r.contains(&marker)));
-    assert_sealed(&fake, &keys, &out, &events);
+    assert_sealed(&b, &fake, &keys, &out, &events);
 }
 
 /// Codex without `shell` in the channel's tools: its shell tool does not
@@ -572,7 +597,7 @@ fn codex_without_shell(backend: Backend) {
         "{:?}",
         calls[1].tool_results()
     );
-    assert_sealed(&fake, &keys, &out, &events);
+    assert_sealed(&b, &fake, &keys, &out, &events);
 }
 
 /// Codex resume: the second turn continues the first thread.
@@ -610,7 +635,7 @@ fn codex_resumes(backend: Backend) {
         "the second turn did not continue the first: {}",
         last.raw
     );
-    assert_sealed(&fake, &keys, &out2, &ev2);
+    assert_sealed(&b, &fake, &keys, &out2, &ev2);
 }
 
 /// Cancel while Codex waits on the model (the fake holds the response).
