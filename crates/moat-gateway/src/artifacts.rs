@@ -22,6 +22,14 @@
 //! entry the same way with `O_NOFOLLOW | O_NONBLOCK`, and the checks are made
 //! on the opened descriptor (`fstat`), so an entry swapped for a link between
 //! the directory listing and the open is refused, not followed.
+//!
+//! Independently of the link checks, nothing is read or removed unless the
+//! home is the lease's own tmpfs and `~/artifacts` and each file belong to
+//! the sandbox's user on that same file system: a directory of the host
+//! (root's `/etc`, another lease's home) fails these checks even if a link
+//! to it were ever followed. Removing entries is the dangerous half of this
+//! module; it only ever happens through the descriptor of a directory that
+//! passed them.
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
@@ -122,6 +130,8 @@ pub enum Refusal {
     BadName,
     /// Not on the file system of the sandbox's home.
     OtherFileSystem,
+    /// Not owned by the sandbox's user.
+    NotOwned,
     /// `~/artifacts` itself is a symbolic link (removed; nothing read).
     DirIsLink,
     /// `~/artifacts` is not a directory.
@@ -167,6 +177,7 @@ impl std::fmt::Display for Refusal {
             Refusal::OtherFileSystem => {
                 write!(f, "it is not on the sandbox's own file system")
             }
+            Refusal::NotOwned => write!(f, "it does not belong to the sandbox's user"),
             Refusal::DirIsLink => write!(
                 f,
                 "~/artifacts is a symbolic link; moat reads only a real directory there and never follows links"
@@ -195,6 +206,7 @@ impl Refusal {
             Refusal::TooMany { .. } => "too_many",
             Refusal::BadName => "bad_name",
             Refusal::OtherFileSystem => "other_file_system",
+            Refusal::NotOwned => "not_owned",
             Refusal::DirIsLink => "artifacts_dir_is_link",
             Refusal::NotADirectory => "artifacts_not_a_directory",
             Refusal::TooManyEntries { .. } => "too_many_entries",
@@ -235,6 +247,14 @@ impl Collected {
         }
         out
     }
+}
+
+/// Whether the lease's home has an `~/artifacts` entry at all (of any kind;
+/// nothing is followed or read). The pipeline stops the sandbox before
+/// collecting when it does, so every write is on the host (gVisor flushes
+/// what it cached) and nothing changes during the collection.
+pub fn present(lease: &Lease) -> bool {
+    std::fs::symlink_metadata(lease.home_dir().join(DIR)).is_ok()
 }
 
 /// Collects the lease's artifacts (see [`collect_home`]).
@@ -279,8 +299,26 @@ pub fn collect_home(home: &Path, limits: &ArtifactLimits) -> Collected {
             return out;
         }
     };
-    let home_dev = match nix::sys::stat::fstat(home_fd.as_raw_fd()) {
-        Ok(st) => st.st_dev,
+    // The home must be a lease's own tmpfs, never a host directory.
+    match nix::sys::statfs::fstatfs(&home_fd) {
+        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC => {}
+        Ok(_) => {
+            tracing::error!(home = %home.display(), "a lease's home is not its tmpfs; artifacts not collected");
+            out.refused
+                .push((SHOWN_DIR.to_string(), Refusal::OtherFileSystem));
+            return out;
+        }
+        Err(e) => {
+            out.refused
+                .push((SHOWN_DIR.to_string(), Refusal::Unreadable(e.to_string())));
+            return out;
+        }
+    }
+    let home = match nix::sys::stat::fstat(home_fd.as_raw_fd()) {
+        Ok(st) => Owner {
+            dev: st.st_dev,
+            uid: st.st_uid,
+        },
         Err(e) => {
             out.refused
                 .push((SHOWN_DIR.to_string(), Refusal::Unreadable(e.to_string())));
@@ -318,18 +356,23 @@ pub fn collect_home(home: &Path, limits: &ArtifactLimits) -> Collected {
             return out;
         }
     };
+    // Nothing below is read or removed unless this holds.
     match nix::sys::stat::fstat(dir.as_raw_fd()) {
-        Ok(st) if kind(&st) == SFlag::S_IFDIR && st.st_dev == home_dev => {}
         Ok(st) if kind(&st) != SFlag::S_IFDIR => {
             out.refused
                 .push((SHOWN_DIR.to_string(), Refusal::NotADirectory));
             return out;
         }
-        Ok(_) => {
+        Ok(st) if st.st_dev != home.dev => {
             out.refused
                 .push((SHOWN_DIR.to_string(), Refusal::OtherFileSystem));
             return out;
         }
+        Ok(st) if st.st_uid != home.uid => {
+            out.refused.push((SHOWN_DIR.to_string(), Refusal::NotOwned));
+            return out;
+        }
+        Ok(_) => {}
         Err(e) => {
             out.refused
                 .push((SHOWN_DIR.to_string(), Refusal::Unreadable(e.to_string())));
@@ -347,7 +390,7 @@ pub fn collect_home(home: &Path, limits: &ArtifactLimits) -> Collected {
     };
     for name in names {
         let shown = shown_name(&name);
-        match examine(dfd, &name, home_dev, limits, out.files.len()) {
+        match examine(dfd, &name, home, limits, out.files.len()) {
             Ok(bytes) => {
                 let sha256 = hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
                 remove(dfd, &name, false);
@@ -376,11 +419,19 @@ pub fn collect_home(home: &Path, limits: &ArtifactLimits) -> Collected {
     out
 }
 
+/// The device and owner of the lease's home: what `~/artifacts` and its
+/// files must match.
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    dev: u64,
+    uid: u32,
+}
+
 /// Decides on one entry; `Ok` is the file's bytes.
 fn examine(
     dfd: RawFd,
     name: &OsStr,
-    home_dev: u64,
+    home: Owner,
     limits: &ArtifactLimits,
     sent: usize,
 ) -> Result<Vec<u8>, Refusal> {
@@ -409,8 +460,11 @@ fn examine(
     let st =
         nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| Refusal::Unreadable(e.to_string()))?;
     not_regular(&st)?;
-    if st.st_dev != home_dev {
+    if st.st_dev != home.dev {
         return Err(Refusal::OtherFileSystem);
+    }
+    if st.st_uid != home.uid {
+        return Err(Refusal::NotOwned);
     }
     if st.st_nlink > 1 {
         return Err(Refusal::HardLink {
@@ -632,6 +686,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The guard that holds even if a link were followed: a home that is
+    /// not a lease's tmpfs (here a plain directory) is neither read nor
+    /// emptied.
+    #[test]
+    fn a_home_that_is_not_a_lease_tmpfs_is_left_alone() {
+        let on_tmpfs = |p: &Path| {
+            nix::sys::statfs::statfs(p)
+                .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        };
+        let base = [std::env::temp_dir(), std::path::PathBuf::from("/var/tmp")]
+            .into_iter()
+            .find(|p| p.is_dir() && !on_tmpfs(p))
+            .expect("a temporary directory that is not on a tmpfs");
+        let t = tempfile::tempdir_in(base).unwrap();
+        let dir = t.path().join(DIR);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("f"), "x").unwrap();
+        let c = collect_home(t.path(), &ArtifactLimits::default());
+        assert!(c.files.is_empty(), "{c:?}");
+        assert_eq!(
+            c.refused,
+            vec![(SHOWN_DIR.to_string(), Refusal::OtherFileSystem)]
+        );
+        assert_eq!(std::fs::read(dir.join("f")).unwrap(), b"x");
     }
 
     #[test]

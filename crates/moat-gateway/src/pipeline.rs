@@ -704,7 +704,11 @@ impl Gateway {
                     });
                     // Before the lease is given back (a pooled one is reset):
                     // what the agent left in ~/artifacts, read without
-                    // following any link (crate::artifacts).
+                    // following any link (crate::artifacts), with the
+                    // sandbox stopped (it is stopped or reset next anyway).
+                    if crate::artifacts::present(held.lease()) {
+                        held.lease().stop();
+                    }
                     let collected = crate::artifacts::collect(held.lease(), &limits);
                     (held, out, collected)
                 });

@@ -546,6 +546,12 @@ fn answer(s: &mut Fake, port: u16, method: &str, token: Option<&str>, a: &Value)
     }
 }
 
+/// SHA-256 of `b`, lower-case hex (what an upload's bytes are checked by).
+pub fn sha256_hex(b: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, b);
+    d.as_ref().iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// The upload URL: bytes in the body, no token.
 async fn upload(
     State(sh): State<Arc<Shared>>,
@@ -567,7 +573,7 @@ async fn upload(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
-        args: json!({"file": file, "bytes": body.len()}),
+        args: json!({"file": file, "bytes": body.len(), "sha256": sha256_hex(&body)}),
         status: status.as_u16(),
         at: Instant::now(),
         answer: json!({}),
