@@ -319,7 +319,11 @@ mod tests {
         );
         let text = refusal_text(&why);
         assert!(text.starts_with("moat: the Amp agent cannot run in this channel:"));
-        assert!(text.contains("never puts a real key inside a sandbox"));
+        assert!(text.contains(
+            "to talk to Amp's service at ampcode.com; moat never puts a real key inside a sandbox"
+        ));
+        assert!(refusal_text(&[AmpUnavailable::EgressDenied])
+            .contains("does not allow ampcode.com:443"));
         assert!(text.contains("remove it from the policy's env"));
         // The refusal never repeats a value from the policy.
         assert!(!text.contains("sgamp_user_x"));
