@@ -41,6 +41,9 @@ pub const AMP_VERSION: &str = "0.0.1790142911-g7618fb";
 /// Where the template is seen inside sandboxes (npm's `--prefix`): the CLIs
 /// are at `/opt/moat-agents/bin/{claude,codex,amp}`.
 pub const SANDBOX_PREFIX: &str = "/opt/moat-agents";
+/// Where the check also mounts a new version: the template must work
+/// wherever it is mounted (the gateway shows it at its own path).
+const RELOCATED_PREFIX: &str = "/opt/moat-agents-moved";
 /// npm's download cache inside the install sandbox (a scratch directory of
 /// the install, deleted with it).
 const SANDBOX_CACHE: &str = "/opt/moat-npm-cache";
@@ -981,9 +984,12 @@ fn npm_install(
     bail!(msg)
 }
 
-/// The check: in a sandbox without any network, the new version mounted
-/// read-only where agents will see it, each package's `package.json` is read
-/// and each of its commands answers `--version`.
+/// The check, in sandboxes without any network and with the new version
+/// mounted read-only: at the install prefix, each package's `package.json`
+/// is read and each of its commands answers `--version`; then, in a second
+/// sandbox where the version is mounted elsewhere only, each command answers
+/// `--version` again (the gateway shows the template at its own path, so a
+/// package that depends on where it was installed is refused).
 fn check(
     engine: &Engine,
     backend: BackendKind,
@@ -991,26 +997,63 @@ fn check(
     staging: &Staging,
     packages: &[Package],
 ) -> anyhow::Result<Vec<Installed>> {
-    let mut policy = SandboxPolicy {
-        backend,
-        ..SandboxPolicy::default()
+    let lease_at = |at: &str| -> anyhow::Result<Lease> {
+        let mut policy = SandboxPolicy {
+            backend,
+            ..SandboxPolicy::default()
+        };
+        policy.filesystem.allowed_roots = vec![template.dir.clone()];
+        policy.add_mount(
+            MountRequest {
+                host: staging.prefix(),
+                sandbox: at.into(),
+                writable: false,
+            },
+            "agents check",
+        )?;
+        policy.limits.timeout = VERSION_TIMEOUT;
+        Ok(engine.lease(policy, LeaseOptions::default())?)
     };
-    policy.filesystem.allowed_roots = vec![template.dir.clone()];
-    policy.add_mount(
-        MountRequest {
-            host: staging.prefix(),
-            sandbox: SANDBOX_PREFIX.into(),
-            writable: false,
-        },
-        "agents check",
-    )?;
-    policy.limits.timeout = VERSION_TIMEOUT;
-    let mut lease = engine.lease(policy, LeaseOptions::default())?;
+    let mut lease = lease_at(SANDBOX_PREFIX)?;
     let r = check_in(&mut lease, packages);
     let destroyed = lease.destroy();
     let installed = r?;
     destroyed.context("cleaning up the check sandbox")?;
+
+    let mut lease = lease_at(RELOCATED_PREFIX)?;
+    let mut r = Ok(());
+    'all: for i in &installed {
+        for (c, _) in &i.commands {
+            r = run_version(&mut lease, RELOCATED_PREFIX, c).map(|_| ()).map_err(|e| {
+                e.context(format!(
+                    "{}@{} works at {SANDBOX_PREFIX} but not when mounted elsewhere: it depends on where it was installed, and the gateway mounts the template at its own path",
+                    i.name, i.version
+                ))
+            });
+            if r.is_err() {
+                break 'all;
+            }
+        }
+    }
+    let destroyed = lease.destroy();
+    r?;
+    destroyed.context("cleaning up the check sandbox")?;
     Ok(installed)
+}
+
+/// Runs `<at>/bin/<command> --version`; its first line, or why it failed.
+fn run_version(lease: &mut Lease, at: &str, command: &str) -> anyhow::Result<String> {
+    let path = format!("{at}/bin/{command}");
+    let mut spec = RunSpec::new([path.clone(), "--version".into()]);
+    spec.timeout = Some(VERSION_TIMEOUT);
+    let (term, out, err) = run_captured(lease, spec)?;
+    if term != Termination::Exited(0) {
+        bail!(
+            "the new version does not work: {path} --version failed ({term:?}): {}",
+            one_line(if err.trim().is_empty() { &out } else { &err })
+        );
+    }
+    Ok(one_line(&out))
 }
 
 /// Reads what npm installed (inside: the host never reads the sandbox's files).
@@ -1118,17 +1161,8 @@ fn check_in(lease: &mut Lease, packages: &[Package]) -> anyhow::Result<Vec<Insta
         }
         let mut checked = Vec::new();
         for c in commands {
-            let path = format!("{SANDBOX_PREFIX}/bin/{c}");
-            let mut spec = RunSpec::new([path.clone(), "--version".into()]);
-            spec.timeout = Some(VERSION_TIMEOUT);
-            let (term, out, err) = run_captured(lease, spec)?;
-            if term != Termination::Exited(0) {
-                bail!(
-                    "the new version does not work: {path} --version failed ({term:?}): {}",
-                    one_line(if err.trim().is_empty() { &out } else { &err })
-                );
-            }
-            checked.push((c, one_line(&out)));
+            let v = run_version(lease, SANDBOX_PREFIX, &c)?;
+            checked.push((c, v));
         }
         installed.push(Installed {
             name,

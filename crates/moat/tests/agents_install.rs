@@ -202,9 +202,9 @@ fn assert_sealed(dir: &Path) {
     assert!(n > 3, "{} is nearly empty", dir.display());
 }
 
-/// Runs `argv` in a sandbox that mounts DIR/current read-only at
-/// /opt/moat-agents, as the gateway does.
-fn run_in_template_sandbox(world: &World, argv: &[&str]) -> Out {
+/// Runs `argv` in a sandbox that mounts DIR/current read-only at `at`, as
+/// the gateway does (at its own path).
+fn run_in_template_sandbox(world: &World, at: &str, argv: &[&str]) -> Out {
     let policy = world.dir.join("policy.toml");
     std::fs::write(
         &policy,
@@ -222,10 +222,7 @@ fn run_in_template_sandbox(world: &World, argv: &[&str]) -> Out {
         .arg("--policy")
         .arg(&policy)
         .arg("--mount")
-        .arg(format!(
-            "{}:/opt/moat-agents",
-            world.template.join("current").display()
-        ))
+        .arg(format!("{}:{at}", world.template.join("current").display()))
         .arg("--")
         .args(argv)
         .output()
@@ -323,21 +320,61 @@ fn install_puts_a_working_cli_in_current(b: Backend) {
         audit.text
     );
 
-    // The gateway's view: DIR/current read-only at /opt/moat-agents.
-    let o = run_in_template_sandbox(
-        &world,
-        &[
-            "/bin/sh",
-            "-c",
-            "/opt/moat-agents/bin/tinycli; touch /opt/moat-agents/x 2>/dev/null && echo WRITABLE; exit 0",
-        ],
-    );
-    assert_eq!(o.code, Some(0), "{o:?}");
-    assert!(o.stdout.contains("hello from tinycli 1.0.0"), "{o:?}");
+    // The gateway's view: DIR/current read-only, at the install prefix or
+    // anywhere else.
+    for at in ["/opt/moat-agents", "/srv/agents"] {
+        let o = run_in_template_sandbox(
+            &world,
+            at,
+            &[
+                "/bin/sh",
+                "-c",
+                &format!("{at}/bin/tinycli; touch {at}/x 2>/dev/null && echo WRITABLE; exit 0"),
+            ],
+        );
+        assert_eq!(o.code, Some(0), "{o:?}");
+        assert!(o.stdout.contains("hello from tinycli 1.0.0"), "{at}: {o:?}");
+        assert!(
+            !o.stdout.contains("WRITABLE"),
+            "the template is writable inside: {o:?}"
+        );
+    }
+}
+
+/// A package that only works where it was installed (its install script
+/// records an absolute path) is refused: the gateway mounts the template at
+/// its own path. Nothing is switched or left behind.
+#[test]
+fn prefix_dependent_package_is_refused() {
+    let world = World::new("prefix", Backend::Bwrap);
+    let reg = FakeRegistry::start(REGISTRY_HOST);
+    let cli = "#!/usr/bin/env node\n\
+const fs = require('fs');\n\
+const home = fs.readFileSync(__dirname + '/where.txt', 'utf8').trim();\n\
+const p = JSON.parse(fs.readFileSync(home + '/package.json', 'utf8'));\n\
+console.log(p.name + ' ' + p.version);\n";
+    let gen = "require('fs').writeFileSync(__dirname + '/where.txt', __dirname);\n";
+    reg.publish(&make_package(
+        &world.dir.join("src"),
+        "pinned",
+        "1.0.0",
+        "pinned",
+        json!({ "postinstall": "node gen.js" }),
+        &[("cli.js", cli), ("gen.js", gen)],
+    ));
+    let out = world.install(&reg.url(), &[], &["pinned@1.0.0"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
     assert!(
-        !o.stdout.contains("WRITABLE"),
-        "the template is writable inside: {o:?}"
+        out.stderr
+            .contains("pinned@1.0.0 works at /opt/moat-agents but not when mounted elsewhere")
+            && out
+                .stderr
+                .contains("/opt/moat-agents-moved/bin/pinned --version failed"),
+        "{out:?}"
     );
+    assert_eq!(world.current(), None);
+    assert!(world.versions().is_empty(), "{:?}", world.versions());
+    world.assert_no_staging();
 }
 
 #[test]
@@ -703,6 +740,7 @@ fn slow_default_packages_from_a_local_registry() {
     }
     let o = run_in_template_sandbox(
         &world,
+        "/opt/moat-agents",
         &[
             "/bin/sh",
             "-c",
