@@ -559,11 +559,15 @@ impl Gateway {
                             let _ = self.inner.store.set_message_state(p.message_id, MessageState::Failed, Some("stopped before its turn"));
                         }
                         let text = match &running {
-                            Some((_, cancel)) => { cancel.cancel(); "Stopping the running turn.".to_string() }
+                            Some(_) => "Stopping the running turn.".to_string(),
                             None if !dropped.is_empty() => format!("Dropped {} queued message(s).", dropped.len()),
                             None => "Nothing is running.".to_string(),
                         };
+                        // Told before the cancel: the stopped turn's answer comes after it.
                         self.inner.hub.publish(conv.id, ConvEvent::Notice { text: text.clone() });
+                        if let Some((_, cancel)) = &running {
+                            cancel.cancel();
+                        }
                         self.replier(conv.platform).notice(&conv, &text).await;
                     }
                     Some(ConvCmd::Status) => {
