@@ -1,12 +1,14 @@
 //! `moat agents ...`: the template of agent CLIs (Claude Code, Codex, Amp)
-//! that the gateway mounts read-only at `/opt/moat-agents` in agent sandboxes.
+//! that the gateway mounts read-only in agent sandboxes (installed with the
+//! prefix `/opt/moat-agents`, working at any mount point).
 //!
 //! Owns `moat agents install`: `npm install --global` runs inside a moat
 //! sandbox whose only network is an egress door allowing the package registry
 //! alone (install scripts included); the result is handed to root, checked in
-//! a second sandbox without any network (each command answers `--version`),
-//! renamed into place as a new version and switched in with one atomic rename
-//! of the `current` symlink. Older versions beyond `--keep` are removed.
+//! sandboxes without any network (each command answers `--version`, at the
+//! prefix and mounted elsewhere), renamed into place as a new version and
+//! switched in with one atomic rename of the `current` symlink. Older
+//! versions beyond `--keep` are removed.
 //!
 //! Must never: run npm or a package's install script on the host, let the
 //! install reach any host but the registry, follow a symlink the sandbox left
