@@ -407,6 +407,50 @@ fn claude_code_gets_only_the_channels_mcp(backend: Backend) {
     assert_sealed(&b, &fake, &keys, &out, &events);
 }
 
+/// Settings files the sandbox can write (the agent has `Write`, or a
+/// previous turn left them) must not run commands: Claude Code runs the
+/// hooks of `~/.claude/settings.json` and `/workspace/.claude/settings.json`
+/// whatever its tool list says. With moat's command line none runs.
+fn claude_code_ignores_planted_hooks(backend: Backend) {
+    let keys = Keys::new();
+    let fake = FakeLlm::start(
+        &keys,
+        Arc::new(|_req: &Req, step: usize| match step {
+            0 => Reply::tool("Read", json!({"file_path": "/workspace/readme.txt"})),
+            _ => Reply::text("read it"),
+        }),
+    );
+    let mut b = CliBox::start(backend, None, &fake.url(), &keys);
+    b.write("/workspace/readme.txt", "hello\n");
+    for (file, tag) in [
+        ("/home/agent/.claude/settings.json", "user"),
+        ("/workspace/.claude/settings.json", "project"),
+        ("/workspace/.claude/settings.local.json", "local"),
+    ] {
+        let hook = |event: &str| {
+            json!([{"matcher": "*", "hooks": [{"type": "command",
+                "command": format!("touch /workspace/hook-{tag}-{event}")}]}])
+        };
+        let settings = json!({"hooks": {"UserPromptSubmit": hook("prompt"),
+            "PreToolUse": hook("pre"), "PostToolUse": hook("post"), "Stop": hook("stop")}});
+        b.write(file, &settings.to_string());
+    }
+    let agent = ClaudeCodeAgent::new(settings(claude_dir(), &["Read"]));
+    let (out, events) = turn(&agent, &mut b, &input("Read the file.", false));
+    let ctx = format!("{out:#?}\n{events:#?}");
+    assert!(out.ok, "{ctx}");
+    assert_eq!(out.answer, "read it");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, AgentEvent::ToolResult { name, ok: true, .. } if name == "Read")),
+        "the tool call the hooks would fire on did not happen: {ctx}"
+    );
+    let (_, ran) = b.sh("ls /workspace | grep '^hook-' || true");
+    assert_eq!(ran.trim(), "", "a planted hook ran: {ran}");
+    assert_sealed(&b, &fake, &keys, &out, &events);
+}
+
 /// (f) Cancel: the model runs a long command; cancelling the turn stops it
 /// and leaves no process of the lease.
 fn claude_code_cancel(backend: Backend) {
@@ -600,6 +644,33 @@ fn codex_without_shell(backend: Backend) {
     assert_sealed(&b, &fake, &keys, &out, &events);
 }
 
+/// The sandbox's own `~/.codex/config.toml` is not loaded: its `notify`
+/// program would run a command after the turn even with the shell off.
+fn codex_ignores_a_planted_config(backend: Backend) {
+    let keys = Keys::new();
+    let fake = FakeLlm::start(&keys, Arc::new(|_req: &Req, _| Reply::text("hello")));
+    let mut b = CliBox::start(backend, None, &fake.url(), &keys);
+    b.write(
+        "/home/agent/.codex/config.toml",
+        "notify = [\"touch\", \"/workspace/notified\"]\n",
+    );
+    let (out, events) = turn(
+        &CodexAgent::new(settings(codex_dir(), &[])),
+        &mut b,
+        &input("Say hello.", false),
+    );
+    assert!(out.ok, "{out:?}");
+    assert_eq!(out.answer, "hello");
+    // notify runs when the turn ends; give a stray one time to show up.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        b.sh("test -e /workspace/notified").0,
+        1,
+        "the planted notify ran"
+    );
+    assert_sealed(&b, &fake, &keys, &out, &events);
+}
+
 /// Codex resume: the second turn continues the first thread.
 fn codex_resumes(backend: Backend) {
     let keys = Keys::new();
@@ -722,6 +793,8 @@ cli_tests! {
     claude_code_resume_continues_the_previous_session => claude_code_resumes;
     claude_code_gets_only_the_channels_mcp_servers => claude_code_gets_only_the_channels_mcp;
     claude_code_cancel_stops_the_turn_and_its_processes => claude_code_cancel;
+    claude_code_runs_no_hook_the_sandbox_planted => claude_code_ignores_planted_hooks;
+    codex_loads_no_config_the_sandbox_planted => codex_ignores_a_planted_config;
     codex_completes_a_scripted_turn_with_a_command => codex_turn;
     codex_without_shell_in_the_allowlist_runs_no_command => codex_without_shell;
     codex_resume_continues_the_previous_thread => codex_resumes;

@@ -708,7 +708,7 @@ impl StreamJsonParser {
                         self.calls.insert(id.to_string(), name.clone());
                     }
                     events(AgentEvent::ToolCall {
-                        summary: summarize_input(&name, &b["input"]),
+                        summary: summarize_input(&b["input"]),
                         name,
                     });
                 }
@@ -905,13 +905,12 @@ pub(crate) fn result_text(content: &Value) -> String {
 }
 
 /// The status-line summary of a tool call's input.
-pub(crate) fn summarize_input(tool: &str, input: &Value) -> String {
+pub(crate) fn summarize_input(input: &Value) -> String {
     for key in ["command", "file_path", "path", "pattern", "url", "query"] {
         if let Some(s) = input[key].as_str() {
             return first_line(s);
         }
     }
-    let _ = tool;
     match input {
         Value::Null => String::new(),
         Value::Object(m) if m.is_empty() => String::new(),
