@@ -20,8 +20,7 @@ use crate::agent::{Agent, AgentSettings, ShellAgent};
 use crate::pipeline::ChannelSetup;
 use crate::pool::DoorExtras;
 
-/// Where the moat binary is inside a sandbox (built-in agent).
-pub const MOAT_INSIDE: &str = "/run/moat/bin/moat";
+use crate::agent::builtin::MOAT_INSIDE;
 /// Where a CLI template made by `moat agents install` is shown inside.
 pub const TEMPLATE_INSIDE: &str = "/run/moat/agents";
 /// Where `scripts/setup` installs the CLIs on the host (seen inside as is,

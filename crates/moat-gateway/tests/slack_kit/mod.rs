@@ -984,6 +984,15 @@ pub struct Running {
 impl Running {
     /// Starts `serve` with `toml` and waits until it is ready (pools warm).
     pub async fn start(toml: &str, data: &Path) -> Running {
+        Running::start_with(toml, data, secret_fn()).await
+    }
+
+    /// [`Running::start`] with other secrets (e.g. an LLM key besides Slack's).
+    pub async fn start_with(
+        toml: &str,
+        data: &Path,
+        secret: moat_gateway::server::SecretFn,
+    ) -> Running {
         let cfg = moat_policy::gateway::GatewayConfig::from_toml(toml)
             .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let engine = moat_sandbox::EngineConfig {
@@ -997,7 +1006,7 @@ impl Running {
             cfg,
             data_dir: data.to_path_buf(),
             engine,
-            secret: secret_fn(),
+            secret,
         };
         let task = tokio::spawn(moat_gateway::server::serve(
             opts,

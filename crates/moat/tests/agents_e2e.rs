@@ -1,0 +1,317 @@
+//! The agents end to end: a fake Slack event in, the gateway (in this
+//! process, `moat_gateway::server::serve`, real bwrap sandboxes) runs the
+//! channel's built-in agent inside the conversation's sandbox, the agent's
+//! model calls go through the door's LLM proxy to a scripted fake Anthropic
+//! or OpenAI upstream (tests/llmkit), and the threaded answer and the
+//! agent's artifact come back to the fake Slack (moat-gateway's
+//! tests/slack_kit).
+//!
+//! What they check: the answer lands in the mention's thread; the file the
+//! agent wrote to `~/artifacts` is uploaded into that thread with its exact
+//! bytes; the fake saw the real key and never a placeholder; the real key is
+//! nowhere in the data directory (store, audit log) or Slack's calls; the
+//! audit log's turn record names the agent and counts its tool calls; in a
+//! per-thread channel the second turn continues the first one's session.
+//! Run as root: `cargo test -p moat --test agents_e2e -- --test-threads=2`.
+
+#[path = "../../moat-gateway/tests/slack_kit/mod.rs"]
+mod slack_kit;
+
+mod llmkit;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llmkit::{FakeLlm, Keys, Reply};
+use serde_json::{json, Value};
+use slack_kit::*;
+
+const ALICE: &str = "U0ALICE1";
+const GENERAL: &str = "C0GENERAL";
+
+/// Slack's secrets plus the real LLM keys (what moat's environment would hold).
+fn secrets(keys: &Keys) -> moat_gateway::server::SecretFn {
+    let slack = secret_fn();
+    let (a, o) = (keys.anthropic.clone(), keys.openai.clone());
+    Arc::new(move |k: &str| match k {
+        "ANTHROPIC_API_KEY" => Some(a.clone()),
+        "OPENAI_API_KEY" => Some(o.clone()),
+        // The fake upstream is plain HTTP on loopback.
+        "MOAT_LLM_ALLOW_PLAIN_HTTP" => Some("1".into()),
+        other => slack(other),
+    })
+}
+
+/// The gateway's configuration: one Slack channel for Alice with the
+/// built-in agent on `provider`, upstream the fake.
+fn rest(fake_llm: &FakeLlm, provider: &str, sandbox: &str) -> String {
+    format!(
+        "[llm]\nanthropic_url = \"{url}\"\nopenai_url = \"{url}\"\n\n\
+         [pool]\nsize = 1\n\n[defaults]\ndebounce = \"0ms\"\n\n\
+         [[channel]]\nplatform = \"slack\"\nid = \"{GENERAL}\"\nusers = [\"{ALICE}\"]\n\
+         agent = \"builtin\"\nprovider = \"{provider}\"\nsandbox = \"{sandbox}\"\n\
+         tools = [\"list_files\", \"write_file\", \"read_file\"]\n",
+        url = fake_llm.url()
+    )
+}
+
+/// The uploads completed into `channel`/`thread`: (filename, sha256).
+fn uploads(calls: &[Call], channel: &str, thread: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for done in calls
+        .iter()
+        .filter(|c| c.method == "files.completeUploadExternal" && c.ok())
+    {
+        if done.arg("channel_id") != Some(channel) || done.arg("thread_ts") != Some(thread) {
+            continue;
+        }
+        let files: Vec<Value> = serde_json::from_str(done.arg("files").unwrap_or("[]")).unwrap();
+        for f in files {
+            let id = f["id"].as_str().unwrap_or("");
+            let ticket = calls
+                .iter()
+                .find(|c| c.method == "files.getUploadURLExternal" && c.answer["file_id"] == id)
+                .expect("the upload's ticket");
+            let sent = calls
+                .iter()
+                .find(|c| c.method == "upload" && c.arg("file") == Some(id) && c.status == 200)
+                .expect("the upload's bytes");
+            out.push((
+                ticket.arg("filename").unwrap_or("").to_string(),
+                sent.arg("sha256").unwrap_or("").to_string(),
+            ));
+        }
+    }
+    out
+}
+
+/// Every file under `dir`, read as bytes, checked for `needle`.
+fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(p);
+            } else if meta.is_file() {
+                if let Ok(b) = std::fs::read(&p) {
+                    if b.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                        hits.push(p.display().to_string());
+                    }
+                }
+            }
+        }
+    }
+    hits
+}
+
+async fn slack_turn_with_artifact(provider: &str) {
+    std::env::set_var("MOAT_EXE", env!("CARGO_BIN_EXE_moat"));
+    let keys = Keys::new();
+    let mark = llmkit::hex(8);
+    let report = format!("# Report {mark}\nall files listed\n");
+    let (r2, m2) = (report.clone(), mark.clone());
+    let llm = FakeLlm::start(
+        &keys.anthropic,
+        &keys.openai,
+        Arc::new(move |_req, step| match step {
+            0 => Reply::tool("list_files", json!({"path": "."})),
+            1 => Reply::tool(
+                "write_file",
+                json!({"path": "/home/agent/artifacts/report.md", "content": r2}),
+            ),
+            _ => Reply::text(format!("Done: the report is attached ({m2}).")),
+        }),
+    );
+    let slack = FakeSlack::start().await;
+    let data = data_dir(&format!("agents-e2e-{provider}"));
+    let gw = Running::start_with(
+        &config(&slack, &data, Mode::Events, &rest(&llm, provider, "pool")),
+        &data,
+        secrets(&keys),
+    )
+    .await;
+
+    let ts = new_ts();
+    let body = slack.callback(
+        &new_event_id(),
+        mention(GENERAL, ALICE, &ts, None, "write me a report of the files"),
+    );
+    assert_eq!(post_signed(gw.events(), &body).await.status, 200);
+
+    // The answer in the mention's thread.
+    let answer = slack
+        .wait_post(
+            GENERAL,
+            &ts,
+            &format!("Done: the report is attached ({mark})"),
+        )
+        .await;
+    assert_eq!(answer.arg("thread_ts"), Some(ts.as_str()));
+    let calls = slack
+        .wait_for("the ✅ reaction", Duration::from_secs(60), |calls| {
+            calls
+                .iter()
+                .any(|c| c.method == "reactions.add" && c.arg("name") == Some("white_check_mark"))
+                .then(|| calls.to_vec())
+        })
+        .await;
+    // The artifact, with the agent's exact bytes, in the same thread.
+    assert_eq!(
+        uploads(&calls, GENERAL, &ts),
+        [("report.md".to_string(), sha256_hex(report.as_bytes()))],
+        "{}",
+        summary(&calls)
+    );
+
+    // Three model calls, all with the real key, none with a placeholder;
+    // the tools offered are exactly the channel's allowlist.
+    let reqs = llm.requests();
+    assert_eq!(reqs.len(), 3, "list, write, answer");
+    for r in &reqs {
+        assert_eq!(r.status, 200);
+        let key = match provider {
+            "anthropic" => r.header("x-api-key").map(str::to_string),
+            _ => r
+                .header("authorization")
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .map(str::to_string),
+        };
+        let real = if provider == "anthropic" {
+            &keys.anthropic
+        } else {
+            &keys.openai
+        };
+        assert_eq!(
+            key.as_deref(),
+            Some(real.as_str()),
+            "the door put the real key in"
+        );
+        assert!(
+            !r.raw.contains("moat-placeholder"),
+            "a placeholder went upstream"
+        );
+        let mut offered: Vec<String> = r.body["tools"]
+            .as_array()
+            .expect("tools offered")
+            .iter()
+            .map(|t| {
+                t["name"]
+                    .as_str()
+                    .or(t["function"]["name"].as_str())
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        offered.sort();
+        assert_eq!(offered, ["list_files", "read_file", "write_file"]);
+    }
+
+    // The audit log: the turn names the agent and its tool calls; the door
+    // logged each model call. (The turn record follows the ✅ reaction.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let recs = loop {
+        let recs = gw.audit();
+        if recs.iter().any(|r| r["kind"] == "turn") || std::time::Instant::now() > deadline {
+            break recs;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let turn = recs
+        .iter()
+        .find(|r| r["kind"] == "turn")
+        .unwrap_or_else(|| panic!("no turn record: {recs:#?}"));
+    assert_eq!(turn["agent"], "builtin");
+    assert_eq!(turn["tool_calls"], 2, "{turn}");
+    assert_eq!(turn["state"], "done");
+    let artifact = recs
+        .iter()
+        .find(|r| r["kind"] == "artifact")
+        .expect("artifact record");
+    assert_eq!(artifact["name"], "report.md");
+    assert_eq!(
+        recs.iter().filter(|r| r["kind"] == "llm").count(),
+        3,
+        "one door record per model call"
+    );
+
+    gw.stop().await;
+    // No real key anywhere the gateway wrote, nor in anything sent to Slack.
+    for key in [&keys.anthropic, &keys.openai] {
+        assert_eq!(files_containing(&data, key), Vec::<String>::new());
+        assert!(!summary(&calls).contains(key.as_str()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_event_to_threaded_answer_with_artifact_builtin_anthropic() {
+    slack_turn_with_artifact("anthropic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_event_to_threaded_answer_with_artifact_builtin_openai() {
+    slack_turn_with_artifact("openai").await;
+}
+
+/// A per-thread channel: the conversation's sandbox keeps the agent's
+/// session, so the second mention's model call carries the first turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_thread_second_turn_continues_the_first_session() {
+    std::env::set_var("MOAT_EXE", env!("CARGO_BIN_EXE_moat"));
+    let keys = Keys::new();
+    let first = llmkit::hex(6);
+    let f2 = first.clone();
+    let llm = FakeLlm::start(
+        &keys.anthropic,
+        &keys.openai,
+        Arc::new(move |req, _step| {
+            let n = req.body["messages"].as_array().map_or(0, |m| m.len());
+            Reply::text(format!("turn with {n} messages ({f2})"))
+        }),
+    );
+    let slack = FakeSlack::start().await;
+    let data = data_dir("agents-e2e-per-thread");
+    let gw = Running::start_with(
+        &config(
+            &slack,
+            &data,
+            Mode::Events,
+            &rest(&llm, "anthropic", "per-thread"),
+        ),
+        &data,
+        secrets(&keys),
+    )
+    .await;
+    let ts = new_ts();
+    let one = slack.callback(
+        &new_event_id(),
+        mention(GENERAL, ALICE, &ts, None, "remember the word heron"),
+    );
+    assert_eq!(post_signed(gw.events(), &one).await.status, 200);
+    slack
+        .wait_post(GENERAL, &ts, &format!("turn with 1 messages ({first})"))
+        .await;
+    let two = slack.callback(
+        &new_event_id(),
+        mention(GENERAL, ALICE, &new_ts(), Some(&ts), "which word?"),
+    );
+    assert_eq!(post_signed(gw.events(), &two).await.status, 200);
+    slack
+        .wait_post(GENERAL, &ts, &format!("turn with 3 messages ({first})"))
+        .await;
+    let reqs = llm.requests();
+    assert_eq!(reqs.len(), 2);
+    let second = reqs[1].body["messages"].to_string();
+    assert!(
+        second.contains("remember the word heron") && second.contains("which word?"),
+        "the second call continues the session: {second}"
+    );
+    gw.stop().await;
+}
