@@ -17,6 +17,7 @@
 #[path = "../../moat-gateway/tests/slack_kit/mod.rs"]
 mod slack_kit;
 
+mod clikit;
 mod llmkit;
 
 use std::sync::Arc;
@@ -31,8 +32,12 @@ const GENERAL: &str = "C0GENERAL";
 
 /// Slack's secrets plus the real LLM keys (what moat's environment would hold).
 fn secrets(keys: &Keys) -> moat_gateway::server::SecretFn {
+    secrets_of(&keys.anthropic, &keys.openai)
+}
+
+fn secrets_of(anthropic: &str, openai: &str) -> moat_gateway::server::SecretFn {
     let slack = secret_fn();
-    let (a, o) = (keys.anthropic.clone(), keys.openai.clone());
+    let (a, o) = (anthropic.to_string(), openai.to_string());
     Arc::new(move |k: &str| match k {
         "ANTHROPIC_API_KEY" => Some(a.clone()),
         "OPENAI_API_KEY" => Some(o.clone()),
@@ -314,4 +319,93 @@ async fn per_thread_second_turn_continues_the_first_session() {
         "the second call continues the session: {second}"
     );
     gw.stop().await;
+}
+
+/// Claude Code through the gateway: a Slack channel with `agent = "claude"`
+/// and `[agents] dir` naming a CLI install (shown to the sandbox at
+/// /run/moat/agents, as a `moat agents install` template is). Claude Code
+/// writes the report with its Write tool into ~/artifacts; the answer and the
+/// file come back into the thread; `Bash`, not in the channel's tools, is
+/// never offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_event_to_threaded_answer_with_artifact_claude_code() {
+    let cli = clikit::claude_dir();
+    let keys = clikit::Keys::new();
+    let mark = clikit::hex(8);
+    let report = format!("report {mark}\n");
+    let (r2, m2) = (report.clone(), mark.clone());
+    let llm = clikit::FakeLlm::start(
+        &keys,
+        Arc::new(move |req, step| {
+            // Claude Code's side calls (titles, topic checks) offer no tools.
+            let tools = req.body["tools"].as_array().map_or(0, |t| t.len());
+            match step {
+                0 if tools > 0 => clikit::Reply::tool(
+                    "Write",
+                    json!({"file_path": "/home/agent/artifacts/report.md", "content": r2}),
+                ),
+                _ => clikit::Reply::text(format!("Claude wrote the report ({m2}).")),
+            }
+        }),
+    );
+    let slack = FakeSlack::start().await;
+    let data = data_dir("agents-e2e-claude");
+    let rest = format!(
+        "[llm]\nanthropic_url = \"{url}\"\n\n[agents]\ndir = \"{dir}\"\n\n\
+         [pool]\nsize = 1\n\n[defaults]\ndebounce = \"0ms\"\n\n\
+         [[channel]]\nplatform = \"slack\"\nid = \"{GENERAL}\"\nusers = [\"{ALICE}\"]\n\
+         agent = \"claude\"\ntools = [\"Write\", \"Read\"]\nlimits = {{ memory = \"2GiB\" }}\n",
+        url = llm.url(),
+        dir = cli.display()
+    );
+    let gw = Running::start_with(
+        &config(&slack, &data, Mode::Events, &rest),
+        &data,
+        secrets_of(&keys.anthropic, &keys.openai),
+    )
+    .await;
+    let ts = new_ts();
+    let body = slack.callback(
+        &new_event_id(),
+        mention(GENERAL, ALICE, &ts, None, "write the report"),
+    );
+    assert_eq!(post_signed(gw.events(), &body).await.status, 200);
+    slack
+        .wait_post(GENERAL, &ts, &format!("Claude wrote the report ({mark})"))
+        .await;
+    let calls = slack
+        .wait_for("the ✅ reaction", Duration::from_secs(90), |calls| {
+            calls
+                .iter()
+                .any(|c| c.method == "reactions.add" && c.arg("name") == Some("white_check_mark"))
+                .then(|| calls.to_vec())
+        })
+        .await;
+    assert_eq!(
+        uploads(&calls, GENERAL, &ts),
+        [("report.md".to_string(), sha256_hex(report.as_bytes()))],
+        "{}",
+        summary(&calls)
+    );
+    let model_calls = llm.calls();
+    assert!(!model_calls.is_empty());
+    for r in &model_calls {
+        assert_eq!(r.header("x-api-key"), Some(keys.anthropic.as_str()));
+        let names = r.tool_names();
+        assert!(
+            !names.iter().any(|n| n == "Bash"),
+            "Bash is not in the channel's tools but was offered: {names:?}"
+        );
+    }
+    assert!(
+        model_calls
+            .iter()
+            .any(|r| r.tool_names().iter().any(|n| n == "Write")),
+        "Write was offered"
+    );
+    gw.stop().await;
+    assert_eq!(
+        files_containing(&data, &keys.anthropic),
+        Vec::<String>::new()
+    );
 }
