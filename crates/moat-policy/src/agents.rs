@@ -213,8 +213,6 @@ pub struct GatewayLlm {
     /// `None`: `MOAT_ANTHROPIC_URL`, else the public API.
     pub anthropic_url: Option<String>,
     pub openai_url: Option<String>,
-    /// Tokens one user may use over all channels and runs.
-    pub user_budget: Option<u64>,
 }
 
 /// `[agents]` of the gateway file.
@@ -248,7 +246,6 @@ pub(crate) struct RawMcp {
 pub(crate) struct RawGatewayLlm {
     anthropic_url: Option<String>,
     openai_url: Option<String>,
-    user_budget: Option<i64>,
     // Present only to refuse them with a precise message.
     api_key: Option<toml::Value>,
     anthropic_api_key: Option<toml::Value>,
@@ -397,7 +394,6 @@ pub(crate) fn gateway_llm(raw: RawGatewayLlm) -> Result<GatewayLlm, PolicyError>
     Ok(GatewayLlm {
         anthropic_url: url(raw.anthropic_url, "llm.anthropic_url")?,
         openai_url: url(raw.openai_url, "llm.openai_url")?,
-        user_budget: tokens(raw.user_budget, "llm.user_budget")?,
     })
 }
 
