@@ -242,3 +242,150 @@ fn llm_config(
     llm.ledger = inputs.ledger.clone();
     Ok(llm)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Env {
+        dir: tempfile::TempDir,
+        exe: PathBuf,
+    }
+
+    fn env() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("moat");
+        std::fs::write(&exe, b"#!/bin/sh\n").unwrap();
+        Env { dir, exe }
+    }
+
+    fn build_with(
+        toml: &str,
+        keys: &[(&'static str, &'static str)],
+        e: &Env,
+    ) -> Result<HashMap<usize, ChannelSetup>, String> {
+        let cfg = GatewayConfig::from_toml(toml).unwrap();
+        let keys: Vec<(String, String)> = keys
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let secret = move |k: &str| keys.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        build(&SetupInputs {
+            cfg: &cfg,
+            secret: &secret,
+            moat_exe: Some(&e.exe),
+            runtime_dir: e.dir.path(),
+            ledger: Arc::new(UsageLedger::new()),
+        })
+    }
+
+    const CHANNEL: &str = "[[channel]]\nplatform = \"web\"\nid = \"*\"\nusers = [\"*\"]\n";
+    const KEY: &str = "sk-ant-api03-unit-test-key-0000";
+
+    #[test]
+    fn without_a_key_the_default_is_the_shell_agent_with_no_door_extras() {
+        let e = env();
+        let s = build_with(CHANNEL, &[], &e).unwrap();
+        assert_eq!(s[&0].agent.name(), "shell");
+        assert!(s[&0].extras.llm.is_none());
+        assert!(s[&0].extras.files.is_empty());
+    }
+
+    #[test]
+    fn with_a_key_the_default_is_the_builtin_agent_with_the_llm_proxy_and_the_binary() {
+        let e = env();
+        let s = build_with(CHANNEL, &[("ANTHROPIC_API_KEY", KEY)], &e).unwrap();
+        assert_eq!(s[&0].agent.name(), "builtin");
+        let llm = s[&0].extras.llm.as_ref().expect("the door serves the API");
+        assert_eq!(llm.providers.len(), 1);
+        assert_eq!(llm.providers[0].provider, Provider::Anthropic);
+        let (host, inside) = &s[&0].extras.files[0];
+        assert_eq!(inside, Path::new(MOAT_INSIDE));
+        assert!(
+            host.starts_with(e.dir.path()),
+            "a copy under the runtime dir"
+        );
+        assert_eq!(std::fs::read(host).unwrap(), b"#!/bin/sh\n");
+    }
+
+    #[test]
+    fn openai_only_picks_openai_and_an_agent_without_its_key_fails_naming_it() {
+        let e = env();
+        let s = build_with(CHANNEL, &[("OPENAI_API_KEY", "sk-proj-x")], &e).unwrap();
+        assert_eq!(
+            s[&0].extras.llm.as_ref().unwrap().providers[0].provider,
+            Provider::OpenAi
+        );
+        let err = build_with(
+            &format!("{CHANNEL}agent = \"claude\""),
+            &[("OPENAI_API_KEY", "sk-proj-x")],
+            &e,
+        )
+        .err()
+        .expect("claude without an Anthropic key");
+        assert!(
+            err.contains("channel[0].agent") && err.contains("ANTHROPIC_API_KEY"),
+            "{err}"
+        );
+        assert!(!err.contains("sk-proj-x"));
+    }
+
+    #[test]
+    fn an_unreadable_persona_fails_naming_the_key_and_a_readable_one_is_used() {
+        let e = env();
+        let err = build_with(
+            &format!("{CHANNEL}persona = \"/nonexistent/persona.md\""),
+            &[("ANTHROPIC_API_KEY", KEY)],
+            &e,
+        )
+        .err()
+        .expect("missing persona");
+        assert!(err.starts_with("channel[0].persona:"), "{err}");
+        let p = e.dir.path().join("persona.md");
+        std::fs::write(&p, "You are terse.").unwrap();
+        let s = build_with(
+            &format!("{CHANNEL}persona = \"{}\"", p.display()),
+            &[("ANTHROPIC_API_KEY", KEY)],
+            &e,
+        );
+        assert!(s.is_ok());
+    }
+
+    #[test]
+    fn a_cli_template_dir_is_shown_at_run_moat_agents() {
+        let e = env();
+        let s = build_with(
+            &format!("[agents]\ndir = \"/srv/agents/current\"\n{CHANNEL}agent = \"claude\""),
+            &[("ANTHROPIC_API_KEY", KEY)],
+            &e,
+        )
+        .unwrap();
+        assert_eq!(s[&0].agent.name(), "claude");
+        assert_eq!(
+            s[&0].extras.files,
+            vec![(
+                PathBuf::from("/srv/agents/current"),
+                PathBuf::from(TEMPLATE_INSIDE)
+            )]
+        );
+    }
+
+    #[test]
+    fn default_tools_cover_every_agent_and_never_a_thread_search_tool() {
+        for k in [
+            AgentKind::Builtin,
+            AgentKind::ClaudeCode,
+            AgentKind::Codex,
+            AgentKind::Amp,
+        ] {
+            let t = default_tools(k);
+            assert!(!t.is_empty(), "{k:?}");
+            assert!(!t.iter().any(|n| moat_policy::agents::is_forbidden_tool(n)));
+        }
+        assert_eq!(
+            moat_policy::agents::BUILTIN_TOOLS,
+            moat_agent::protocol::BUILTIN_TOOLS,
+            "the policy's and the agent's tool lists agree"
+        );
+    }
+}
