@@ -29,10 +29,19 @@ pub const FORBIDDEN_TOOLS: [&str; 4] = [
     "list_threads",
 ];
 
-/// Whether `name` is one of [`FORBIDDEN_TOOLS`] (case-insensitive, `-` = `_`).
+/// Whether `name` is one of [`FORBIDDEN_TOOLS`] (any case, with or without `_`/`-`, with or without an `mcp__server__` prefix).
 pub fn is_forbidden_tool(name: &str) -> bool {
-    let n = name.to_ascii_lowercase().replace('-', "_");
-    FORBIDDEN_TOOLS.contains(&n.as_str())
+    // The tool's own name (after an `mcp__server__` prefix), compared without
+    // case, `_` or `-`: `read_thread`, `readThread`, `READ-THREAD` are one.
+    let base = name.rsplit("__").next().unwrap_or(name);
+    let squash = |s: &str| -> String {
+        s.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let n = squash(base);
+    FORBIDDEN_TOOLS.iter().any(|f| squash(f) == n)
 }
 
 /// Which API the built-in agent speaks (through the door).

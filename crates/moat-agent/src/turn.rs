@@ -101,7 +101,18 @@ pub fn compose_prompt(spec: &TurnSpec) -> String {
     )
 }
 
+/// A saved session larger than this starts over: it would soon outgrow the
+/// model's context, and every later turn of the thread would fail.
+const MAX_SESSION_BYTES: u64 = 1024 * 1024;
+
 fn load_session(path: &Path, provider: Provider) -> Option<Conversation> {
+    let size = std::fs::metadata(path).ok()?.len();
+    if size > MAX_SESSION_BYTES {
+        eprintln!(
+            "moat-agent: the saved session is {size} bytes (over {MAX_SESSION_BYTES}); starting a new one"
+        );
+        return None;
+    }
     let text = std::fs::read(path).ok()?;
     match serde_json::from_slice::<Conversation>(&text) {
         Ok(c) if c.provider == provider && c.is_complete() => Some(c),
@@ -237,7 +248,8 @@ fn run_inner(
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
-                save_session(&session, &conv);
+                // The saved session stays as the last good turn left it: a
+                // prompt the model refused (e.g. too long) is not kept.
                 return Err(e.to_string());
             }
         };

@@ -31,7 +31,9 @@ fn escape_into(out: &mut String, s: &str) {
     }
 }
 
-fn escape(s: &str) -> String {
+/// `&`, `<` and `>` as Slack's entities, so text cannot form a mention
+/// (`<!channel>`), a link or a user reference.
+pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     escape_into(&mut out, s);
     out

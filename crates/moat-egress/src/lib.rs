@@ -413,6 +413,14 @@ impl Door {
         self.netns.clone()
     }
 
+    /// Starts the LLM token count of this door's lease again: a pooled lease
+    /// is reset for its next holder, and its token budget is per holder.
+    pub fn reset_llm_usage(&self) {
+        if let Some(l) = &self.state.llm {
+            l.reset_usage();
+        }
+    }
+
     /// Variables for the LLM proxy: base URLs and this lease's placeholder
     /// keys (never a real key). Empty without an LLM config.
     pub fn llm_env(&self) -> Vec<(String, String)> {

@@ -350,6 +350,11 @@ impl LlmState {
         })
     }
 
+    /// Starts the lease's token count again (its budget is per holder).
+    pub(crate) fn reset_usage(&self) {
+        self.used.store(0, Ordering::SeqCst);
+    }
+
     /// The sandbox's variables: base URLs and placeholder keys.
     pub(crate) fn client_env(&self) -> Vec<(String, String)> {
         let mut env = Vec::new();

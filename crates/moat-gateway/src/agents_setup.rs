@@ -70,6 +70,9 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
     for c in &cfg.channels {
         let at = format!("channel[{}]", c.index);
         let kind = c.agent.kind_or_default(key_here);
+        // The settings are checked again against the agent the default
+        // picked (the file may leave `agent` unset).
+        c.agent.check_as(kind, &at).map_err(|e| e.to_string())?;
         if kind == AgentKind::Shell {
             out.insert(
                 c.index,
@@ -92,7 +95,14 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
         };
         let mut extras = DoorExtras::default();
         if let Some(p) = provider {
-            extras.llm = Some(llm_config(cfg, c, p, inputs)?);
+            let mut llm = llm_config(cfg, c, p, inputs)?;
+            // The channel's model is enforced at the door for the agents that
+            // use only that model (Claude Code also calls a small background
+            // model, so for it `model` is what it asks for, not a limit).
+            if let (Some(m), AgentKind::Builtin | AgentKind::Codex) = (&c.agent.model, kind) {
+                llm.models = vec![m.clone()];
+            }
+            extras.llm = Some(llm);
         }
         let inside_cli_dir = match &cli_dir {
             Some(host) if kind != AgentKind::Builtin => {

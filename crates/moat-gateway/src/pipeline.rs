@@ -186,6 +186,38 @@ fn quota(r: moat_policy::gateway::Rate) -> Quota {
         .allow_burst(r.count)
 }
 
+/// Refused tool calls recorded one by one per turn; the rest are counted.
+const MAX_REFUSALS_AUDITED: usize = 50;
+/// The longest answer kept, posted and stored (the agent's output is the
+/// sandbox's: bounded here whatever an agent does).
+const MAX_ANSWER_BYTES: usize = 256 * 1024;
+
+/// `s` cut to `max` characters.
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    }
+}
+
+/// Cuts an answer longer than [`MAX_ANSWER_BYTES`] at a character boundary
+/// and says so.
+fn cap_answer(answer: &mut String) {
+    if answer.len() <= MAX_ANSWER_BYTES {
+        return;
+    }
+    let mut end = MAX_ANSWER_BYTES;
+    while !answer.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = answer.len() - end;
+    answer.truncate(end);
+    answer.push_str(&format!(
+        "\n\nmoat: the answer was cut here ({cut} more bytes)"
+    ));
+}
+
 /// The gateway's shared state.
 pub struct Inner {
     pub cfg: GatewayConfig,
@@ -673,7 +705,7 @@ impl Gateway {
             },
         );
         let held = self.hold_lease(&conv, &channel).await;
-        let (mut usage, mut tool_calls) = ((0u64, 0u64), 0u64);
+        let (mut usage, mut tool_calls, mut refusals) = ((0u64, 0u64), 0u64, 0usize);
         let mut collected = Collected::default();
         let mut outcome = match held {
             Err(text) if text == SHUTTING_DOWN => {
@@ -686,6 +718,7 @@ impl Gateway {
                 return;
             }
             Err(text) => TurnOutcome {
+                preformatted: false,
                 answer: text,
                 ok: false,
                 cancelled: false,
@@ -737,15 +770,20 @@ impl Gateway {
                             replier.progress(&conv, &s).await;
                         }
                         AgentEvent::Refused { tool, reason } => {
-                            self.audit(
-                                "tool-refused",
-                                json!({
-                                    "conversation_id": conv.id,
-                                    "turn_id": turn_id,
-                                    "tool": tool,
-                                    "reason": reason,
-                                }),
-                            );
+                            // The names come from the sandbox: bounded in
+                            // number and length before they are recorded.
+                            refusals += 1;
+                            if refusals <= MAX_REFUSALS_AUDITED {
+                                self.audit(
+                                    "tool-refused",
+                                    json!({
+                                        "conversation_id": conv.id,
+                                        "turn_id": turn_id,
+                                        "tool": clip(&tool, 200),
+                                        "reason": clip(&reason, 200),
+                                    }),
+                                );
+                            }
                         }
                         AgentEvent::Usage {
                             input_tokens,
@@ -767,6 +805,7 @@ impl Gateway {
                         out
                     }
                     Err(e) => TurnOutcome {
+                        preformatted: false,
                         answer: format!("moat: the turn crashed: {e}"),
                         ok: false,
                         cancelled: false,
@@ -774,6 +813,17 @@ impl Gateway {
                 }
             }
         };
+        cap_answer(&mut outcome.answer);
+        if refusals > MAX_REFUSALS_AUDITED {
+            self.audit(
+                "tool-refused",
+                json!({
+                    "conversation_id": conv.id,
+                    "turn_id": turn_id,
+                    "more": refusals - MAX_REFUSALS_AUDITED,
+                }),
+            );
+        }
         set_status("idle");
         self.artifacts_found(&conv, turn_id, &collected, &mut outcome);
         let state = if outcome.cancelled {

@@ -202,7 +202,13 @@ fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, State> {
 /// Resets `r` and hands it on; on failure builds a replacement.
 fn give_back(inner: &Arc<Inner>, mut r: Runner) {
     let runner = match r.lease.reset().and_then(|_| r.lease.start()) {
-        Ok(()) => Some(r),
+        Ok(()) => {
+            // The token budget is per turn: the next holder starts at zero.
+            if let Some(d) = &r.door {
+                d.reset_llm_usage();
+            }
+            Some(r)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "a pooled sandbox could not be reset; rebuilding it");
             drop(r);

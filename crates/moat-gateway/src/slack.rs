@@ -32,6 +32,8 @@ use crate::pipeline::{BoxFut, ConvRef, Gateway, Inbound, Replier};
 
 /// Slack's limit is 4,000 characters a message; leave room for formatting.
 pub const CHUNK: usize = 3_900;
+/// Messages one answer may take in a thread (about 47,000 characters).
+pub const MAX_PARTS: usize = 12;
 /// Largest callback body read.
 const MAX_BODY: usize = 1024 * 1024;
 /// The live status message is edited at most this often.
@@ -250,7 +252,9 @@ impl Replier for SlackReplier {
                 Some(e.0.clone())
             });
             if let Some(ts) = due {
-                let text = format!("_{}_", status.replace('_', " "));
+                // The status is the agent's (tool names and inputs): escaped,
+                // so it cannot mention anyone or hide a link.
+                let text = format!("_{}_", moat_chat::format::escape(&status.replace('_', " ")));
                 Self::log(
                     "chat.update",
                     self.api.update_message(&conv.channel, &ts, &text).await,
@@ -302,13 +306,28 @@ impl Replier for SlackReplier {
         outcome: &'a TurnOutcome,
     ) -> BoxFut<'a> {
         Box::pin(async move {
-            // Command output is shown as it is, in a code block.
+            // Command output is shown as it is, in a code block; an agent's
+            // answer is Markdown, converted to mrkdwn.
             let body = if outcome.answer.trim().is_empty() {
                 "(no output)".to_string()
-            } else {
+            } else if outcome.preformatted {
                 format!("```\n{}\n```", outcome.answer.trim_end())
+            } else {
+                outcome.answer.trim_end().to_string()
             };
-            for part in chunk(&to_mrkdwn(&body), CHUNK) {
+            let mut parts = chunk(&to_mrkdwn(&body), CHUNK);
+            // A thread is not a file: at most MAX_PARTS messages per answer.
+            if parts.len() > MAX_PARTS {
+                let left: usize = parts[MAX_PARTS - 1..]
+                    .iter()
+                    .map(|p| p.chars().count())
+                    .sum();
+                parts.truncate(MAX_PARTS - 1);
+                parts.push(format!(
+                    "_(the answer goes on for {left} more characters; ask the agent to put long output in ~/artifacts, which is sent as a file)_"
+                ));
+            }
+            for part in parts {
                 Self::log(
                     "chat.postMessage",
                     self.api

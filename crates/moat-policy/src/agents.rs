@@ -39,9 +39,17 @@ pub const FORBIDDEN_TOOLS: [&str; 4] = [
 /// Whether `name` is a thread-search tool (any case, `-` for `_`, with or
 /// without an `mcp__server__` prefix).
 pub fn is_forbidden_tool(name: &str) -> bool {
-    let n = name.to_ascii_lowercase().replace('-', "_");
-    let base = n.rsplit("__").next().unwrap_or(&n);
-    FORBIDDEN_TOOLS.contains(&base)
+    // The tool's own name (after an `mcp__server__` prefix), compared without
+    // case, `_` or `-`: `read_thread`, `readThread`, `READ-THREAD` are one.
+    let base = name.rsplit("__").next().unwrap_or(name);
+    let squash = |s: &str| -> String {
+        s.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let n = squash(base);
+    FORBIDDEN_TOOLS.iter().any(|f| squash(f) == n)
 }
 
 /// Which agent answers.
@@ -550,10 +558,16 @@ impl AgentPolicy {
 
     /// Checks the combination once `[defaults]` and the channel are merged.
     pub(crate) fn check(&self, at: &str) -> Result<(), PolicyError> {
+        match self.kind {
+            None => Ok(()),
+            Some(kind) => self.check_as(kind, at),
+        }
+    }
+
+    /// Checks the settings against `kind`, the agent that will answer (the
+    /// gateway calls this once it has picked the default for an unset `agent`).
+    pub fn check_as(&self, kind: AgentKind, at: &str) -> Result<(), PolicyError> {
         let key = |k: &str| format!("{at}.{k}");
-        let Some(kind) = self.kind else {
-            return Ok(());
-        };
         if kind == AgentKind::Shell {
             for (set, k) in [
                 (self.tools.is_some(), "tools"),
@@ -611,6 +625,8 @@ mod tests {
             "READ_THREAD",
             "search-threads",
             "mcp__slack__read_thread",
+            "readThread",
+            "mcp__x__FindThread",
         ] {
             assert!(is_forbidden_tool(n), "{n}");
         }

@@ -160,6 +160,11 @@ async fn slack_turn_with_artifact(provider: &str) {
         )
         .await;
     assert_eq!(answer.arg("thread_ts"), Some(ts.as_str()));
+    assert!(
+        !answer.text().contains("```"),
+        "an agent's answer is Markdown, not a code block: {}",
+        answer.text()
+    );
     let calls = slack
         .wait_for("the ✅ reaction", Duration::from_secs(60), |calls| {
             calls
@@ -407,5 +412,62 @@ async fn slack_event_to_threaded_answer_with_artifact_claude_code() {
     assert_eq!(
         files_containing(&data, &keys.anthropic),
         Vec::<String>::new()
+    );
+}
+
+/// `budget` is per turn: on a pool of one sandbox, two three-call turns of
+/// 330 tokens each both finish under `budget = 400` (the door's count starts
+/// again for each holder), and one turn of the same size under
+/// `budget = 200` is stopped by the door. The channel's `model` is the only
+/// one the door lets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_budget_is_per_turn_and_the_model_is_enforced() {
+    std::env::set_var("MOAT_EXE", env!("CARGO_BIN_EXE_moat"));
+    let keys = Keys::new();
+    let llm = FakeLlm::start(
+        &keys.anthropic,
+        &keys.openai,
+        Arc::new(move |_req, step| match step {
+            0 => Reply::tool("list_files", json!({"path": "."})),
+            1 => Reply::tool("read_file", json!({"path": "nothing-here"})),
+            _ => Reply::text("three calls done"),
+        }),
+    );
+    for (budget, name) in [(400, "per-turn"), (200, "spent")] {
+        let slack = FakeSlack::start().await;
+        let data = data_dir(&format!("agents-e2e-budget-{name}"));
+        let rest = format!(
+            "{}budget = {budget}\nmodel = \"claude-test-model\"\n",
+            rest(&llm, "anthropic", "pool")
+        );
+        let gw = Running::start_with(
+            &config(&slack, &data, Mode::Events, &rest),
+            &data,
+            secrets(&keys),
+        )
+        .await;
+        let turns = if budget == 400 { 2 } else { 1 };
+        for _ in 0..turns {
+            let ts = new_ts();
+            let body = slack.callback(&new_event_id(), mention(GENERAL, ALICE, &ts, None, "go"));
+            assert_eq!(post_signed(gw.events(), &body).await.status, 200);
+            let needle = if budget == 400 {
+                "three calls done"
+            } else {
+                "token budget is spent"
+            };
+            slack.wait_post(GENERAL, &ts, needle).await;
+        }
+        gw.stop().await;
+    }
+    let models: Vec<String> = llm
+        .requests()
+        .iter()
+        .map(|r| r.body["model"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(!models.is_empty());
+    assert!(
+        models.iter().all(|m| m == "claude-test-model"),
+        "{models:?}"
     );
 }

@@ -443,6 +443,7 @@ mod tests {
         assert_eq!(
             out,
             TurnOutcome {
+                preformatted: false,
                 answer: "Just a README.".into(),
                 ok: true,
                 cancelled: false

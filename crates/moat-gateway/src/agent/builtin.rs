@@ -11,7 +11,7 @@
 //! or end a turn without an answer (a crashed, killed or silent agent still
 //! gives one).
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use moat_agent::protocol::{is_forbidden_tool, Event, Provider, TurnSpec, BUILTIN_TOOLS};
@@ -143,12 +143,14 @@ impl Agent for BuiltinAgent {
         events: &mut dyn FnMut(AgentEvent),
     ) -> TurnOutcome {
         let fail = |answer: String| TurnOutcome {
+            preformatted: false,
             answer,
             ok: false,
             cancelled: cancel.is_cancelled(),
         };
         if cancel.is_cancelled() {
             return TurnOutcome {
+                preformatted: false,
                 answer: "moat: stopped".into(),
                 ok: false,
                 cancelled: true,
@@ -268,6 +270,7 @@ impl Agent for BuiltinAgent {
             answer.push_str("\n(moat: answer cut)");
         }
         TurnOutcome {
+            preformatted: false,
             answer,
             ok: ok && !cancel.is_cancelled(),
             cancelled: cancel.is_cancelled(),
@@ -379,11 +382,15 @@ pub fn install_moat_binary(runtime_dir: &Path, exe: &Path) -> Result<PathBuf, St
     let dir = runtime_dir.join("bin");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
-    let dst = dir.join(format!(
-        "moat-{}-{}",
-        meta.len(),
-        meta.mtime_nsec() ^ meta.mtime()
-    ));
+    // Named by content: a rebuilt binary (even one with the same size and
+    // time) never reuses an older copy.
+    let bytes = std::fs::read(exe).map_err(|e| format!("reading {}: {e}", exe.display()))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let hex: String = digest.as_ref()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dst = dir.join(format!("moat-{}-{hex}", meta.len()));
     if dst.exists() {
         return Ok(dst);
     }

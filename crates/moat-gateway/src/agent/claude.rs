@@ -407,6 +407,7 @@ impl Agent for ClaudeCodeAgent {
 /// A turn that could not start: the answer says why.
 pub(crate) fn refusal(answer: String) -> TurnOutcome {
     TurnOutcome {
+        preformatted: false,
         answer,
         ok: false,
         cancelled: false,
@@ -862,6 +863,7 @@ impl StreamJsonParser {
             answer = "(no answer)".to_string();
         }
         TurnOutcome {
+            preformatted: false,
             answer,
             ok: ok && !run.cancelled,
             cancelled: run.cancelled,
@@ -1090,6 +1092,7 @@ mod tests {
         assert_eq!(
             out,
             TurnOutcome {
+                preformatted: false,
                 answer: "There are two files.".into(),
                 ok: true,
                 cancelled: false
@@ -1216,6 +1219,7 @@ mod tests {
         assert_eq!(
             out,
             TurnOutcome {
+                preformatted: false,
                 answer: "There are two files.\n\nmoat: stopped".into(),
                 ok: false,
                 cancelled: true

@@ -458,6 +458,7 @@ impl CodexParser {
             answer = "(no answer)".to_string();
         }
         TurnOutcome {
+            preformatted: false,
             answer,
             ok: ok && !run.cancelled,
             cancelled: run.cancelled,
@@ -583,6 +584,7 @@ mod tests {
         assert_eq!(
             p.finish(&ok_run(), &mut |_| {}),
             TurnOutcome {
+                preformatted: false,
                 answer: "Done: wrote x.".into(),
                 ok: true,
                 cancelled: false
@@ -719,6 +721,7 @@ mod tests {
         assert_eq!(
             out,
             TurnOutcome {
+                preformatted: false,
                 answer: "moat: stopped".into(),
                 ok: false,
                 cancelled: true

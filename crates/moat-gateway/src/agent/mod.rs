@@ -88,6 +88,9 @@ pub struct TurnOutcome {
     /// `false` when the command failed, was cancelled or the sandbox died.
     pub ok: bool,
     pub cancelled: bool,
+    /// The answer is command output, shown as it is (a code block in Slack),
+    /// not Markdown (the shell agent).
+    pub preformatted: bool,
 }
 
 /// Stops a running turn from another thread: kills every process of the

@@ -78,6 +78,7 @@ impl Agent for ShellAgent {
             answer.push_str("(no output)");
         }
         TurnOutcome {
+            preformatted: true,
             answer,
             ok: ok && !cancel.is_cancelled(),
             cancelled: cancel.is_cancelled(),
