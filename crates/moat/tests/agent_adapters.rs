@@ -591,6 +591,12 @@ fn codex_turn(backend: Backend) {
         "the persona did not reach the model"
     );
     assert!(codex_declares(&calls[0], "exec_command"));
+    // No hosted tool that would reach the web outside the door (web search
+    // runs at OpenAI, not in the sandbox).
+    assert!(
+        calls.iter().all(|c| !c.raw.contains("web_search")),
+        "Codex offered the model web search"
+    );
     assert!(calls[1].tool_results().iter().any(|r| r.contains(&marker)));
     assert_sealed(&b, &fake, &keys, &out, &events);
 }
