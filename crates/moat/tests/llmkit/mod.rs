@@ -181,9 +181,11 @@ fn serve_conn(
         for c in &chunks {
             out.push_str(c);
         }
+        // Logged before the answer goes out: a client that has its answer
+        // must find its request in the log.
+        log.lock().unwrap().push(req);
         let ok = w.write_all(out.as_bytes()).and_then(|_| w.flush()).is_ok();
         handler_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::SeqCst);
-        log.lock().unwrap().push(req);
         if !ok || !keep {
             return;
         }
