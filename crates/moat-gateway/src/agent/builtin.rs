@@ -11,7 +11,7 @@
 //! or end a turn without an answer (a crashed, killed or silent agent still
 //! gives one).
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use moat_agent::protocol::{is_forbidden_tool, Event, Provider, TurnSpec, BUILTIN_TOOLS};
@@ -382,15 +382,17 @@ pub fn install_moat_binary(runtime_dir: &Path, exe: &Path) -> Result<PathBuf, St
     let dir = runtime_dir.join("bin");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
-    // Named by content: a rebuilt binary (even one with the same size and
-    // time) never reuses an older copy.
-    let bytes = std::fs::read(exe).map_err(|e| format!("reading {}: {e}", exe.display()))?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    let hex: String = digest.as_ref()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let dst = dir.join(format!("moat-{}-{hex}", meta.len()));
+    // Named by the file's identity (device, inode, size, change time: none of
+    // them can be set back by a build), so a rebuilt binary never reuses an
+    // older copy, without reading the whole binary at every start.
+    let dst = dir.join(format!(
+        "moat-{:x}-{:x}-{}-{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    ));
     if dst.exists() {
         return Ok(dst);
     }
