@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use moat_agent::protocol::{is_forbidden_tool, Event, Provider, TurnSpec, BUILTIN_TOOLS};
 use moat_sandbox::{Lease, RunSpec, StdinSource, Stream};
 
-use super::{first_line, Agent, AgentEvent, AgentSettings, CancelHandle, TurnInput, TurnOutcome};
+use super::{
+    first_line, summarize_input, Agent, AgentEvent, AgentSettings, CancelHandle, TurnInput,
+    TurnOutcome,
+};
 
 /// Where the gateway binds the moat binary inside every sandbox of a
 /// channel with the built-in agent.
@@ -119,15 +122,6 @@ struct Collected {
     /// A tool the channel does not allow was reported as run.
     violation: Option<String>,
     partial: Vec<u8>,
-}
-
-/// A short summary of a tool's input for the status line.
-fn input_summary(input: &serde_json::Value) -> String {
-    let s = ["command", "path", "pattern"]
-        .iter()
-        .find_map(|k| input.get(k).and_then(|v| v.as_str()).map(str::to_string))
-        .unwrap_or_else(|| input.to_string());
-    first_line(&s)
 }
 
 impl Agent for BuiltinAgent {
@@ -314,10 +308,10 @@ impl BuiltinAgent {
             Event::ToolCall { name, input, .. } => {
                 events(AgentEvent::Status(format!(
                     "{name}: {}",
-                    input_summary(&input)
+                    summarize_input(&input)
                 )));
                 events(AgentEvent::ToolCall {
-                    summary: input_summary(&input),
+                    summary: summarize_input(&input),
                     name,
                 });
             }

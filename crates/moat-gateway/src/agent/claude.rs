@@ -16,7 +16,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use moat_sandbox::{Lease, RunSpec, StdinSource, Stream};
 use serde_json::{json, Value};
 
-use super::{first_line, Agent, AgentEvent, AgentSettings, CancelHandle, TurnInput, TurnOutcome};
+use super::{
+    first_line, summarize_input, Agent, AgentEvent, AgentSettings, CancelHandle, TurnInput,
+    TurnOutcome,
+};
 
 /// Claude Code's built-in tools (2.1.x; older and newer names too), so that
 /// every one the channel does not allow is named in `--disallowedTools`.
@@ -903,20 +906,6 @@ pub(crate) fn result_text(content: &Value) -> String {
             .join("\n"),
         Value::Null => String::new(),
         other => other.to_string(),
-    }
-}
-
-/// The status-line summary of a tool call's input.
-pub(crate) fn summarize_input(input: &Value) -> String {
-    for key in ["command", "file_path", "path", "pattern", "url", "query"] {
-        if let Some(s) = input[key].as_str() {
-            return first_line(s);
-        }
-    }
-    match input {
-        Value::Null => String::new(),
-        Value::Object(m) if m.is_empty() => String::new(),
-        other => first_line(&other.to_string()),
     }
 }
 

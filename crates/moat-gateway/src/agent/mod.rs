@@ -161,3 +161,17 @@ pub(crate) fn first_line(s: &str) -> String {
         l.to_string()
     }
 }
+
+/// The status-line summary of a tool call's input.
+pub(crate) fn summarize_input(input: &serde_json::Value) -> String {
+    for key in ["command", "file_path", "path", "pattern", "url", "query"] {
+        if let Some(s) = input[key].as_str() {
+            return first_line(s);
+        }
+    }
+    match input {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::Object(m) if m.is_empty() => String::new(),
+        other => first_line(&other.to_string()),
+    }
+}
