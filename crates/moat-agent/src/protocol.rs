@@ -10,39 +10,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The built-in tools, by the names the model sees.
-pub const BUILTIN_TOOLS: [&str; 6] = [
-    "bash",
-    "read_file",
-    "write_file",
-    "edit_file",
-    "list_files",
-    "search",
-];
-
-/// Tool names that would read other people's conversations (the seeds'
-/// `find_thread` / `read_thread`): never enabled, whatever a configuration says.
-pub const FORBIDDEN_TOOLS: [&str; 4] = [
-    "find_thread",
-    "read_thread",
-    "search_threads",
-    "list_threads",
-];
-
-/// Whether `name` is one of [`FORBIDDEN_TOOLS`] (any case, with or without `_`/`-`, with or without an `mcp__server__` prefix).
-pub fn is_forbidden_tool(name: &str) -> bool {
-    // The tool's own name (after an `mcp__server__` prefix), compared without
-    // case, `_` or `-`: `read_thread`, `readThread`, `READ-THREAD` are one.
-    let base = name.rsplit("__").next().unwrap_or(name);
-    let squash = |s: &str| -> String {
-        s.chars()
-            .filter(|c| *c != '_' && *c != '-')
-            .flat_map(char::to_lowercase)
-            .collect()
-    };
-    let n = squash(base);
-    FORBIDDEN_TOOLS.iter().any(|f| squash(f) == n)
-}
+/// The built-in tools and the thread-search tools that are never enabled:
+/// one list, the policy's, for the configuration check, the gateway and the
+/// agent alike.
+pub use moat_policy::agents::{is_forbidden_tool, BUILTIN_TOOLS, FORBIDDEN_TOOLS};
 
 /// Which API the built-in agent speaks (through the door).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
