@@ -12,13 +12,17 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+mod wire;
+use wire::read_request;
+pub use wire::{hex, step_of, Keys, Req};
 
 /// What the fake answers to one request.
 #[derive(Debug, Clone)]
@@ -38,70 +42,7 @@ impl Reply {
     }
 }
 
-/// One request the fake received.
-#[derive(Debug, Clone)]
-pub struct Req {
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Value,
-    /// The whole request as text (request line, headers, body).
-    pub raw: String,
-    /// The status the fake answered.
-    pub status: u16,
-}
-
-impl Req {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 pub type Script = Arc<dyn Fn(&Req, usize) -> Reply + Send + Sync>;
-
-/// Which step of the current turn `body` asks for: the number of model
-/// answers (Anthropic assistant messages; OpenAI runs of output items) after
-/// the last user message that is not only tool results.
-pub fn step_of(body: &Value) -> usize {
-    if let Some(messages) = body["messages"].as_array() {
-        let plain_user = |m: &Value| {
-            m["role"] == "user"
-                && !m["content"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|b| b["type"] == "tool_result"))
-        };
-        let start = messages.iter().rposition(plain_user).map_or(0, |i| i + 1);
-        return messages[start..]
-            .iter()
-            .filter(|m| m["role"] == "assistant")
-            .count();
-    }
-    if let Some(items) = body["input"].as_array() {
-        let start = items
-            .iter()
-            .rposition(|i| i["type"] == "message" && i["role"] == "user")
-            .map_or(0, |i| i + 1);
-        let output = |i: &Value| {
-            matches!(
-                i["type"].as_str(),
-                Some("function_call" | "reasoning" | "custom_tool_call")
-            ) || (i["type"] == "message" && i["role"] == "assistant")
-        };
-        let mut runs = 0;
-        let mut prev = false;
-        for i in &items[start..] {
-            let o = output(i);
-            if o && !prev {
-                runs += 1;
-            }
-            prev = o;
-        }
-        return runs;
-    }
-    0
-}
 
 /// The fake upstream.
 pub struct FakeLlm {
@@ -190,46 +131,6 @@ fn serve_conn(
             return;
         }
     }
-}
-
-fn read_request(r: &mut BufReader<TcpStream>) -> Option<Req> {
-    let mut first = String::new();
-    r.read_line(&mut first).ok()?;
-    let mut parts = first.trim_end().split(' ');
-    let method = parts.next()?.to_string();
-    let target = parts.next()?.to_string();
-    let mut raw = first.clone();
-    let mut headers = Vec::new();
-    loop {
-        let mut l = String::new();
-        if r.read_line(&mut l).ok()? == 0 {
-            return None;
-        }
-        raw.push_str(&l);
-        let t = l.trim_end();
-        if t.is_empty() {
-            break;
-        }
-        let (k, v) = t.split_once(':')?;
-        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).ok()?;
-    let text = String::from_utf8_lossy(&body).into_owned();
-    raw.push_str(&text);
-    let _ = method;
-    Some(Req {
-        path: target.split('?').next().unwrap_or("").to_string(),
-        headers,
-        body: serde_json::from_str(&text).unwrap_or(Value::Null),
-        raw,
-        status: 0,
-    })
 }
 
 fn json_response(status: u16, body: &Value) -> (u16, String, Vec<String>) {
@@ -373,30 +274,6 @@ fn openai(doc: &Value, reply: &Reply) -> (u16, String, Vec<String>) {
 // A lease with a door serving the LLM proxy and the moat binary, as the
 // gateway's pool builds it (pool::start_door + pool::attachment).
 // ---------------------------------------------------------------------------
-
-/// Real keys, known only to the host (the door) and the fake upstream.
-pub struct Keys {
-    pub anthropic: String,
-    pub openai: String,
-}
-
-impl Keys {
-    pub fn new() -> Keys {
-        Keys {
-            anthropic: format!("sk-ant-api03-{}", hex(24)),
-            openai: format!("sk-proj-{}", hex(24)),
-        }
-    }
-}
-
-pub fn hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut buf)
-        .unwrap();
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// A lease of `backend` whose door proxies both providers to the fake and
 /// binds the installed moat binary at /run/moat/bin/moat.
