@@ -464,37 +464,6 @@ fn slack_rest(mode: &str) -> String {
     )
 }
 
-/// The uploads that completed into `channel`/`thread`: (filename, bytes, sha256).
-fn uploads(calls: &[slack_kit::Call], channel: &str, thread: &str) -> Vec<(String, u64, String)> {
-    let mut out = Vec::new();
-    for done in calls
-        .iter()
-        .filter(|c| c.method == "files.completeUploadExternal" && c.ok())
-    {
-        if done.arg("channel_id") != Some(channel) || done.arg("thread_ts") != Some(thread) {
-            continue;
-        }
-        let files: Vec<Value> = serde_json::from_str(done.arg("files").unwrap_or("[]")).unwrap();
-        for f in files {
-            let id = f["id"].as_str().unwrap_or("");
-            let ticket = calls
-                .iter()
-                .find(|c| c.method == "files.getUploadURLExternal" && c.answer["file_id"] == id)
-                .expect("the upload's ticket");
-            let sent = calls
-                .iter()
-                .find(|c| c.method == "upload" && c.arg("file") == Some(id) && c.status == 200)
-                .expect("the upload's bytes");
-            out.push((
-                ticket.arg("filename").unwrap_or("").to_string(),
-                sent.args["bytes"].as_u64().unwrap_or(0),
-                sent.arg("sha256").unwrap_or("").to_string(),
-            ));
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_a_turns_artifact_is_uploaded_into_its_thread_and_a_left_symlink_is_told() {
     use slack_kit::*;

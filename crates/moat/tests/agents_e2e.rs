@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llmkit::{FakeLlm, Keys, Reply};
-use serde_json::{json, Value};
+use serde_json::json;
 use slack_kit::*;
 
 const ALICE: &str = "U0ALICE1";
@@ -62,32 +62,10 @@ fn rest(fake_llm: &FakeLlm, provider: &str, sandbox: &str) -> String {
 
 /// The uploads completed into `channel`/`thread`: (filename, sha256).
 fn uploads(calls: &[Call], channel: &str, thread: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for done in calls
-        .iter()
-        .filter(|c| c.method == "files.completeUploadExternal" && c.ok())
-    {
-        if done.arg("channel_id") != Some(channel) || done.arg("thread_ts") != Some(thread) {
-            continue;
-        }
-        let files: Vec<Value> = serde_json::from_str(done.arg("files").unwrap_or("[]")).unwrap();
-        for f in files {
-            let id = f["id"].as_str().unwrap_or("");
-            let ticket = calls
-                .iter()
-                .find(|c| c.method == "files.getUploadURLExternal" && c.answer["file_id"] == id)
-                .expect("the upload's ticket");
-            let sent = calls
-                .iter()
-                .find(|c| c.method == "upload" && c.arg("file") == Some(id) && c.status == 200)
-                .expect("the upload's bytes");
-            out.push((
-                ticket.arg("filename").unwrap_or("").to_string(),
-                sent.arg("sha256").unwrap_or("").to_string(),
-            ));
-        }
-    }
-    out
+    slack_kit::uploads(calls, channel, thread)
+        .into_iter()
+        .map(|(name, _, sha)| (name, sha))
+        .collect()
 }
 
 /// Every file under `dir`, read as bytes, checked for `needle`.
