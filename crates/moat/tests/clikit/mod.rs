@@ -31,6 +31,7 @@ use serde_json::{json, Value};
 #[path = "../llmkit/wire.rs"]
 mod wire;
 use wire::read_request;
+#[allow(unused_imports)]
 pub use wire::{hex, step_of, Keys, Req};
 
 // ---------------------------------------------------------------------------

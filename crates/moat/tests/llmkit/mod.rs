@@ -22,6 +22,8 @@ use serde_json::{json, Value};
 
 mod wire;
 use wire::read_request;
+// Each user of the kit (tests, the agent bench) takes what it needs.
+#[allow(unused_imports)]
 pub use wire::{hex, step_of, Keys, Req};
 
 /// What the fake answers to one request.
