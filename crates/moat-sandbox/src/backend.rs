@@ -82,6 +82,12 @@ pub trait Backend: Send + Sync {
             millicpus: limits.millicpus,
         }
     }
+    /// Whether host directories must be shown through socket-proof overlay
+    /// views ([`crate::view`]): a backend whose sandbox can connect to a host
+    /// unix socket it sees in a bound directory (bwrap) says yes.
+    fn needs_socket_proof_views(&self) -> bool {
+        false
+    }
     /// Starts an instance; `cgroup_procs` are open `cgroup.procs` files the
     /// sandbox's first process must join before it runs anything.
     fn start(&self, env: &LeaseEnv, cgroup_procs: &[OwnedFd]) -> Result<Box<dyn Instance>>;

@@ -211,6 +211,10 @@ impl Backend for BwrapBackend {
         "bwrap"
     }
 
+    fn needs_socket_proof_views(&self) -> bool {
+        true
+    }
+
     fn start(&self, env: &LeaseEnv, cgroup_procs: &[OwnedFd]) -> Result<Box<dyn Instance>> {
         let deny = seccomp::to_bytes(&seccomp::deny_filter(&env.policy.extra_denied_syscalls)?);
         let clone3 = seccomp::to_bytes(&seccomp::clone3_filter()?);

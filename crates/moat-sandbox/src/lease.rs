@@ -177,6 +177,19 @@ pub struct NetworkAttachment {
 struct Running {
     instance: Box<dyn Instance>,
     cgroup: Option<Cgroup>,
+    /// Socket-proof views of host directories; unmounted after the kill.
+    views: Vec<crate::view::View>,
+}
+
+/// A writable host directory to hand back after the sandbox wrote to it.
+struct HandBack {
+    root: PathBuf,
+    /// The root's socket-proof view while the instance runs: the walk goes
+    /// through it then, so the overlay never sees the directory change
+    /// behind its back (it would keep stale entries).
+    view: Option<PathBuf>,
+    /// Paths (relative to `root`) the sandbox saw read-only.
+    protected: Vec<PathBuf>,
 }
 
 pub struct Lease {
@@ -198,6 +211,10 @@ pub struct Lease {
     mask_sources: (PathBuf, PathBuf),
     /// `.git` directories of writable host roots to clear of a planted `commondir`.
     watched_git: Vec<PathBuf>,
+    /// Writable host directories to make safe after each command (F8).
+    hand_back: Vec<HandBack>,
+    /// What the hand-back changed since the caller last took it.
+    findings: Vec<crate::handback::Finding>,
     runtime_dir: PathBuf,
     /// Distinguishes this engine's cgroups from other moat data directories'.
     cgroup_scope: String,
@@ -287,6 +304,8 @@ pub(crate) fn open_lease(
         etc_dir: engine.etc_dir().to_path_buf(),
         mask_sources: engine.mask_sources().clone(),
         watched_git: Vec::new(),
+        hand_back: Vec::new(),
+        findings: Vec::new(),
         cgroup_scope: engine.cgroup_scope().to_string(),
         network: opts.network.clone(),
         runtime_dir: engine.config().runtime_dir.clone(),
@@ -467,6 +486,27 @@ impl Lease {
             .map(|d| d.0)
             .collect();
         self.watched_git = crate::fsguard::git_dirs_without_commondir(&roots);
+        self.hand_back = roots
+            .iter()
+            .map(|root| HandBack {
+                protected: env
+                    .protected
+                    .iter()
+                    .filter_map(|(host, _)| host.strip_prefix(root).ok())
+                    .filter(|rel| !rel.as_os_str().is_empty())
+                    .map(PathBuf::from)
+                    .collect(),
+                root: root.clone(),
+                view: None,
+            })
+            .collect();
+        let (env, views) = self.through_views(env)?;
+        for hb in &mut self.hand_back {
+            hb.view = views
+                .iter()
+                .find(|v| v.host == hb.root)
+                .map(|v| v.path.clone());
+        }
         let cgroup = if self.backend.uses_host_cgroup() {
             Some(Cgroup::create(
                 &crate::cgroup_name(&self.cgroup_scope, self.instances, &self.id),
@@ -482,20 +522,82 @@ impl Lease {
         let t1 = Instant::now();
         let instance = self.backend.start(&env, &procs)?;
         tracing::debug!(lease = %self.id, cgroup_us = (t1 - t0).as_micros() as u64, start_us = t1.elapsed().as_micros() as u64, "instance started");
-        self.running = Some(Running { instance, cgroup });
+        self.running = Some(Running {
+            instance,
+            cgroup,
+            views,
+        });
         Ok(())
     }
 
-    /// Kills every process of the lease and removes its cgroup; files stay.
+    /// Kills every process of the lease and removes its cgroup; files stay,
+    /// made safe for host users (see [`Lease::take_findings`]).
     pub fn stop(&mut self) {
         self.stop_instance();
         self.clear_planted_git_files();
+    }
+
+    /// Shows every host directory through a socket-proof view when the
+    /// backend needs one (ATTACKS N9): the workspace, mounts and protected
+    /// binds that lie in a host directory are bound from its view instead.
+    fn through_views(&self, mut env: LeaseEnv) -> Result<(LeaseEnv, Vec<crate::view::View>)> {
+        if !self.backend.needs_socket_proof_views() {
+            return Ok((env, Vec::new()));
+        }
+        let base = self
+            .runtime_dir
+            .join("views")
+            .join(&self.id)
+            .join(self.instances.to_string());
+        let empty = self.runtime_dir.join("empty");
+        let mut views = Vec::new();
+        let mut map: Vec<(PathBuf, PathBuf)> = Vec::new();
+        for (i, (host, _, writable)) in self.host_dirs().into_iter().enumerate() {
+            let tag = format!("{}-{}-{i}", self.id, self.instances);
+            let v = crate::view::mount(&host, writable, &base.join(i.to_string()), &empty, &tag)?;
+            map.push((host, v.path.clone()));
+            views.push(v);
+        }
+        // The deepest host directory first: a mount may lie inside the workspace.
+        map.sort_by_key(|(h, _)| std::cmp::Reverse(h.components().count()));
+        let remap = |p: &PathBuf| -> PathBuf {
+            for (host, view) in &map {
+                if let Ok(rest) = p.strip_prefix(host) {
+                    return if rest.as_os_str().is_empty() {
+                        view.clone()
+                    } else {
+                        view.join(rest)
+                    };
+                }
+            }
+            p.clone()
+        };
+        if self.host_workspace.is_some() {
+            env.workspace = remap(&env.workspace);
+        }
+        for m in &mut env.mounts {
+            m.host = remap(&m.host);
+        }
+        for (host, _) in &mut env.protected {
+            *host = remap(host);
+        }
+        Ok((env, views))
+    }
+
+    /// What the hand-back changed in host directories since the last call
+    /// (each is also logged): for the caller to show the user and audit.
+    pub fn take_findings(&mut self) -> Vec<crate::handback::Finding> {
+        std::mem::take(&mut self.findings)
     }
 
     fn stop_instance(&mut self) {
         if let Some(mut r) = self.running.take() {
             let t0 = Instant::now();
             r.instance.kill_all();
+            drop(std::mem::take(&mut r.views));
+            for hb in &mut self.hand_back {
+                hb.view = None;
+            }
             let t1 = Instant::now();
             if let Some(cg) = r.cgroup.take() {
                 if let Err(e) = cg.remove() {
@@ -509,9 +611,26 @@ impl Lease {
     /// Removes a `.git/commondir` the sandbox planted in a writable host
     /// repository (git never writes one there; host git would follow it to a
     /// config the sandbox wrote). Called after every command and at stop.
-    fn clear_planted_git_files(&self) {
+    fn clear_planted_git_files(&mut self) {
+        let overlay = self.backend.needs_socket_proof_views();
+        for hb in &self.hand_back {
+            let through = hb.view.as_ref().unwrap_or(&hb.root);
+            for f in crate::handback::hand_back(through, self.host_uid, &hb.protected, overlay) {
+                tracing::warn!(lease = %self.id, root = %hb.root.display(), "hand-back: {f}");
+                self.findings.push(f);
+            }
+        }
         for g in &self.watched_git {
-            match crate::fsguard::remove_planted_commondir(g) {
+            // Through the view while one is mounted (see `HandBack::view`).
+            let through = self
+                .hand_back
+                .iter()
+                .find_map(|hb| {
+                    let rest = g.strip_prefix(&hb.root).ok()?;
+                    hb.view.as_ref().map(|v| v.join(rest))
+                })
+                .unwrap_or_else(|| g.clone());
+            match crate::fsguard::remove_planted_commondir(&through) {
                 Ok(true) => {
                     tracing::warn!(lease = %self.id, git_dir = %g.display(), "removed a .git/commondir planted by the sandbox")
                 }

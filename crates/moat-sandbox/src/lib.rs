@@ -14,12 +14,14 @@ pub mod doctor;
 pub mod error;
 pub mod fsguard;
 pub mod gvisor;
+pub mod handback;
 pub mod lease;
 pub mod local;
 pub mod proto;
 pub mod seccomp;
 mod spawner;
 pub mod storage;
+pub mod view;
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -124,6 +126,8 @@ impl Engine {
         mkdir_mode(&config.data_dir.join("leases"), 0o711)?;
         mkdir_mode(&config.runtime_dir, 0o711)?;
         mkdir_mode(&config.runtime_dir.join("bin"), 0o755)?;
+        mkdir_mode(&config.runtime_dir.join("views"), 0o711)?;
+        mkdir_mode(&config.runtime_dir.join("empty"), 0o755)?;
         let cgroup_scope = scope_of(&config.data_dir);
         let swept = sweep(&config.data_dir.join("leases"), &cgroup_scope);
         if swept.leases + swept.cgroups > 0 {
@@ -133,6 +137,7 @@ impl Engine {
                 "cleaned up after a moat process that died"
             );
         }
+        sweep_views(&config);
         let installed_init = install_init(&config)?;
         let etc_dir = prepare_etc(&config.runtime_dir)?;
         let mask_sources = prepare_masks(&config.runtime_dir)?;
@@ -331,6 +336,21 @@ pub fn sweep(leases_dir: &Path, scope: &str) -> Swept {
         }
     }
     swept
+}
+
+/// Unmounts the socket-proof views of leases no live moat holds (a crash).
+fn sweep_views(config: &EngineConfig) {
+    let Ok(rd) = std::fs::read_dir(config.runtime_dir.join("views")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let lease_dir = config.data_dir.join("leases").join(e.file_name());
+        let stale =
+            !lease_dir.exists() || matches!(storage::Storage::adopt_stale(&lease_dir), Ok(Some(_)));
+        if stale {
+            view::sweep_one(&e.path());
+        }
+    }
 }
 
 /// The cgroup name of a lease's `n`th instance: `<scope>-<n>-<lease id>`.

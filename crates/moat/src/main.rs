@@ -453,6 +453,12 @@ fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
         };
     });
     let t_run = t0.elapsed();
+    // Stop first so the hand-back (ATTACKS F8) sees the workspace's final
+    // state, then tell the user what it changed in their directories.
+    lease.stop();
+    for f in lease.take_findings() {
+        eprintln!("moat: workspace: {f}");
+    }
     let destroyed = lease.destroy();
     // The lease is over: its GitHub tokens end with it.
     if let (Some(d), Some(rt)) = (&door, &door_runtime) {

@@ -53,6 +53,7 @@ pub fn lease(kind: BackendKind) -> (Engine, Lease) {
     (e, l)
 }
 
+#[derive(Debug)]
 pub struct Output {
     pub outcome: RunOutcome,
     pub stdout: String,
