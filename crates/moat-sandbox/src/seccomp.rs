@@ -1,7 +1,7 @@
 //! moat's seccomp filter, built with `seccompiler` and handed to the sandbox as
 //! raw BPF (bwrap's `--add-seccomp-fd`, or the OCI spec for gVisor).
 //!
-//! Owns the deny list (ATTACKS.md K4) and nothing else: no allow-listing of
+//! Owns the deny list (ATTACKS.md K4, K9) and nothing else: no allow-listing of
 //! ordinary system calls, which would break real agents' tools. Invariant: every
 //! program returned here denies, on the host architecture, at least every call in
 //! `DENIED` plus the conditional socket/ioctl/clone/personality rules.
@@ -60,7 +60,11 @@ pub const DENIED: &[&str] = &[
     "clock_adjtime",
     "adjtimex",
     "vhangup",
+    // Reaching into another process (K9): descriptors, memory advice, and
+    // comparing its kernel objects; with ptrace and process_vm_* above.
     "pidfd_getfd",
+    "process_madvise",
+    "kcmp",
     "iopl",
     "ioperm",
 ];
@@ -113,6 +117,8 @@ fn syscall_number(name: &str) -> Option<i64> {
         "adjtimex" => libc::SYS_adjtimex,
         "vhangup" => libc::SYS_vhangup,
         "pidfd_getfd" => libc::SYS_pidfd_getfd,
+        "process_madvise" => libc::SYS_process_madvise,
+        "kcmp" => libc::SYS_kcmp,
         #[cfg(target_arch = "x86_64")]
         "iopl" => libc::SYS_iopl,
         #[cfg(target_arch = "x86_64")]
@@ -121,7 +127,6 @@ fn syscall_number(name: &str) -> Option<i64> {
         "uname" => libc::SYS_uname,
         "sethostname" => libc::SYS_sethostname,
         "setdomainname" => libc::SYS_setdomainname,
-        "kcmp" => libc::SYS_kcmp,
         "personality" => libc::SYS_personality,
         "memfd_create" => libc::SYS_memfd_create,
         "execveat" => libc::SYS_execveat,
