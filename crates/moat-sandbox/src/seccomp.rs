@@ -170,6 +170,9 @@ const TIOCLINUX: u64 = 0x541C;
 /// The mode bits a sandbox may not set on any file (ATTACKS.md F8): a setuid or
 /// setgid file left in a host workspace would run as its owner for anyone.
 const SET_ID_BITS: [u64; 2] = [libc::S_ISUID as u64, libc::S_ISGID as u64];
+/// fchmodat2 (Linux 6.6): 452 on x86_64 and in the generic table (aarch64);
+/// the libc crate does not name it for every target yet.
+const SYS_FCHMODAT2: i64 = 452;
 const O_CREAT: u64 = libc::O_CREAT as u64;
 /// O_TMPFILE without O_DIRECTORY: the bit that makes open create a file.
 const O_TMPFILE_BIT: u64 = (libc::O_TMPFILE & !libc::O_DIRECTORY) as u64;
@@ -253,7 +256,7 @@ fn set_id_rules() -> Vec<(&'static str, i64, Vec<ArgRule>)> {
     let mut v = vec![
         ("fchmod", libc::SYS_fchmod, set_id_mode(1)),
         ("fchmodat", libc::SYS_fchmodat, set_id_mode(2)),
-        ("fchmodat2", libc::SYS_fchmodat2, set_id_mode(2)),
+        ("fchmodat2", SYS_FCHMODAT2, set_id_mode(2)),
         ("mknodat", libc::SYS_mknodat, set_id_mode(2)),
         ("openat", libc::SYS_openat, set_id_create(2, 3)),
     ];
@@ -425,6 +428,50 @@ mod tests {
         }
         assert!(!deny_filter(&[]).unwrap().is_empty());
         assert!(!enosys_filter().unwrap().is_empty());
+    }
+
+    #[test]
+    fn set_id_modes_are_refused_and_ordinary_modes_pass() {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "").unwrap();
+        let c = |p: &std::path::Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+        let (file, new) = (c(&file), c(&dir.path().join("new")));
+        let prog = deny_filter(&[]).unwrap();
+        // SAFETY: the child makes system calls only and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let eperm = |r: libc::c_int| {
+                r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+            };
+            // SAFETY: prctl, chmod and open on valid C strings, in the child.
+            let bits = unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                let applied = seccompiler::apply_filter(&prog).is_ok();
+                [
+                    applied,
+                    eperm(libc::chmod(file.as_ptr(), 0o4755)),
+                    eperm(libc::chmod(file.as_ptr(), 0o2755)),
+                    libc::chmod(file.as_ptr(), 0o1755) == 0,
+                    eperm(libc::open(
+                        new.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY,
+                        0o4755,
+                    )),
+                    // Without O_CREAT the mode is not looked at.
+                    libc::open(file.as_ptr(), libc::O_RDONLY, 0o4755) >= 0,
+                ]
+            };
+            let code = bits.iter().rev().fold(0, |acc, b| acc << 1 | *b as i32);
+            // SAFETY: leaving the forked child without unwinding.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), 0b11_1111, "status {status:#x}");
     }
 
     #[test]
