@@ -141,6 +141,12 @@ sc("fchmod", 91, fd, 0o6755)
 touch("later", 0o644)
 show("chmod_after_create", lambda: os.chmod("later", 0o4755))
 print("mode_f", mode("f"), flush=True)
+# Copying a setuid program: cp -p drops the bits itself; shutil.copy2 tries to
+# keep them and is refused.
+r = subprocess.run(["cp", "-p", "/usr/bin/passwd", "cp-p"], capture_output=True, text=True)
+print("cp_p", "rc=%d" % r.returncode, mode("cp-p"), flush=True)
+import shutil
+show("shutil_copy2", lambda: shutil.copy2("/usr/bin/passwd", "copy2"))
 "##;
         let (o, ws) = run_in_host_workspace(kind, "f8-chmod", script, |_| {});
         expect_all(&o, &[
@@ -152,6 +158,8 @@ print("mode_f", mode("f"), flush=True)
             ("fchmodat2", if kind == BackendKind::Bwrap { "EPERM" } else { "EPERM|ENOSYS" }),
             ("chmod_after_create", "EPERM"),
             ("mode_f", "0o755"),
+            ("cp_p", "rc=0 0o755"),
+            ("shutil_copy2", "EPERM"),
         ]);
         assert_no_set_id(&ws.0);
         assert_eq!(host_mode(&ws.0, "f"), 0o755);
