@@ -217,7 +217,7 @@ impl Backend for BwrapBackend {
 
     fn start(&self, env: &LeaseEnv, cgroup_procs: &[OwnedFd]) -> Result<Box<dyn Instance>> {
         let deny = seccomp::to_bytes(&seccomp::deny_filter(&env.policy.extra_denied_syscalls)?);
-        let clone3 = seccomp::to_bytes(&seccomp::clone3_filter()?);
+        let clone3 = seccomp::to_bytes(&seccomp::enosys_filter()?);
         let (host_end, sandbox_end) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,

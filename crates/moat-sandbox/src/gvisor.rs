@@ -224,6 +224,10 @@ pub(crate) fn oci_seccomp(extra: &[String]) -> Result<LinuxSeccomp> {
         .errno_ret(eperm)
         .build()
         .map_err(oci_err)?];
+    // bwrap's second filter (ENOSYS for clone3 and openat2) has no rule here:
+    // this runsc answers every OCI errno rule with EPERM, which would stop libc
+    // from falling back; its sentry implements neither call and answers ENOSYS
+    // itself (attacks_setuid.rs and attack_k4 check that it still does).
     for (name, nr, rules) in seccomp::conditional_rules() {
         if outright.iter().any(|(_, n)| *n == nr) {
             continue;
@@ -276,9 +280,12 @@ pub(crate) fn oci_seccomp(extra: &[String]) -> Result<LinuxSeccomp> {
 fn mount_of(p: &Place) -> Result<Mount> {
     let b = MountBuilder::default().destination(p.dest.clone());
     match &p.source {
+        // nosuid and nodev, as bwrap's binds (ATTACKS.md F8, K2).
         Source::Bind { host, writable } => b.typ("bind").source(host.clone()).options(vec![
             "rbind".to_string(),
             if *writable { "rw" } else { "ro" }.to_string(),
+            "nosuid".to_string(),
+            "nodev".to_string(),
         ]),
         Source::Proc => b.typ("proc").source("proc"),
     }
@@ -1215,6 +1222,9 @@ mod tests {
                 "/workspace/out",
             ];
             assert_eq!(writable, may_write.contains(&dest), "{m}");
+            if m["type"] == "bind" {
+                assert!(opts.contains(&"nosuid") && opts.contains(&"nodev"), "{m}");
+            }
         }
     }
 
@@ -1324,9 +1334,34 @@ mod tests {
             .iter()
             .map(|r| r["names"][0].as_str().unwrap())
             .collect();
-        for n in ["socket", "ioctl", "clone"] {
+        for n in [
+            "socket",
+            "ioctl",
+            "clone",
+            "fchmod",
+            "fchmodat",
+            "fchmodat2",
+            "mknodat",
+            "openat",
+        ] {
             assert!(conditional.contains(&n), "{n}");
         }
+        // A setuid mode in openat's mode (argument 3) is refused when it creates.
+        let creat = rules[1..]
+            .iter()
+            .filter(|r| r["names"][0] == "openat")
+            .map(|r| {
+                (
+                    r["args"][0]["index"].clone(),
+                    r["args"][1]["index"].clone(),
+                    r["args"][1]["valueTwo"].clone(),
+                )
+            })
+            .collect::<Vec<_>>();
+        assert!(
+            creat.contains(&(2.into(), 3.into(), libc::S_ISUID.into())),
+            "{creat:?}"
+        );
         let raw = rules[1..]
             .iter()
             .find(|r| {

@@ -1,10 +1,14 @@
 //! moat's seccomp filter, built with `seccompiler` and handed to the sandbox as
 //! raw BPF (bwrap's `--add-seccomp-fd`, or the OCI spec for gVisor).
 //!
-//! Owns the deny list (ATTACKS.md K4) and nothing else: no allow-listing of
-//! ordinary system calls, which would break real agents' tools. Invariant: every
-//! program returned here denies, on the host architecture, at least every call in
-//! `DENIED` plus the conditional socket/ioctl/clone/personality rules.
+//! Owns the deny list (ATTACKS.md K4, K9, F8) and nothing else: no allow-listing
+//! of ordinary system calls, which would break real agents' tools. Invariant:
+//! every program returned here denies, on the host architecture, at least every
+//! call in `DENIED` plus the conditional socket/ioctl/clone/personality rules and
+//! the setuid/setgid mode rules (chmod, fchmod, fchmodat, fchmodat2, mknod,
+//! mknodat, creat, open and openat with S_ISUID or S_ISGID in the mode); and
+//! `enosys_filter` answers ENOSYS to the calls whose arguments it cannot read
+//! (clone3, openat2), so that libc falls back to the ones it can.
 
 use std::collections::BTreeMap;
 
@@ -60,7 +64,11 @@ pub const DENIED: &[&str] = &[
     "clock_adjtime",
     "adjtimex",
     "vhangup",
+    // Reaching into another process (K9): descriptors, memory advice, and
+    // comparing its kernel objects; with ptrace and process_vm_* above.
     "pidfd_getfd",
+    "process_madvise",
+    "kcmp",
     "iopl",
     "ioperm",
 ];
@@ -113,6 +121,8 @@ fn syscall_number(name: &str) -> Option<i64> {
         "adjtimex" => libc::SYS_adjtimex,
         "vhangup" => libc::SYS_vhangup,
         "pidfd_getfd" => libc::SYS_pidfd_getfd,
+        "process_madvise" => libc::SYS_process_madvise,
+        "kcmp" => libc::SYS_kcmp,
         #[cfg(target_arch = "x86_64")]
         "iopl" => libc::SYS_iopl,
         #[cfg(target_arch = "x86_64")]
@@ -121,7 +131,6 @@ fn syscall_number(name: &str) -> Option<i64> {
         "uname" => libc::SYS_uname,
         "sethostname" => libc::SYS_sethostname,
         "setdomainname" => libc::SYS_setdomainname,
-        "kcmp" => libc::SYS_kcmp,
         "personality" => libc::SYS_personality,
         "memfd_create" => libc::SYS_memfd_create,
         "execveat" => libc::SYS_execveat,
@@ -158,6 +167,15 @@ const SOCK_TYPE_MASK: u64 = 0xf;
 #[allow(clippy::unnecessary_cast)] // the type of TIOCSTI differs between targets
 const TIOCSTI: u64 = libc::TIOCSTI as u64;
 const TIOCLINUX: u64 = 0x541C;
+/// The mode bits a sandbox may not set on any file (ATTACKS.md F8): a setuid or
+/// setgid file left in a host workspace would run as its owner for anyone.
+const SET_ID_BITS: [u64; 2] = [libc::S_ISUID as u64, libc::S_ISGID as u64];
+/// fchmodat2 (Linux 6.6): 452 on x86_64 and in the generic table (aarch64);
+/// the libc crate does not name it for every target yet.
+const SYS_FCHMODAT2: i64 = 452;
+const O_CREAT: u64 = libc::O_CREAT as u64;
+/// O_TMPFILE without O_DIRECTORY: the bit that makes open create a file.
+const O_TMPFILE_BIT: u64 = (libc::O_TMPFILE & !libc::O_DIRECTORY) as u64;
 const NAMESPACE_FLAGS: [u64; 8] = [
     libc::CLONE_NEWUSER as u64,
     libc::CLONE_NEWNS as u64,
@@ -199,6 +217,59 @@ pub(crate) enum ArgTest {
 /// A rule matches (and the call is denied) when every (argument index, test) holds.
 pub(crate) type ArgRule = Vec<(u8, ArgTest)>;
 
+/// Denied when the mode (argument `mode`) has S_ISUID or S_ISGID.
+fn set_id_mode(mode: u8) -> Vec<ArgRule> {
+    SET_ID_BITS
+        .iter()
+        .map(|b| {
+            vec![(
+                mode,
+                ArgTest::MaskedEq {
+                    mask: *b,
+                    value: *b,
+                },
+            )]
+        })
+        .collect()
+}
+
+/// Denied when the call creates a file (O_CREAT or O_TMPFILE in argument
+/// `flags`) with S_ISUID or S_ISGID in its mode (argument `mode`). Without
+/// either flag the mode argument is not read by the kernel (and may hold
+/// anything), so it is not judged.
+fn set_id_create(flags: u8, mode: u8) -> Vec<ArgRule> {
+    let mut out = Vec::new();
+    for f in [O_CREAT, O_TMPFILE_BIT] {
+        for b in SET_ID_BITS {
+            out.push(vec![
+                (flags, ArgTest::MaskedEq { mask: f, value: f }),
+                (mode, ArgTest::MaskedEq { mask: b, value: b }),
+            ]);
+        }
+    }
+    out
+}
+
+/// The calls that set a file's mode, with the rules refusing S_ISUID/S_ISGID
+/// (ATTACKS.md F8). openat2 passes its mode in memory: `enosys_filter`.
+fn set_id_rules() -> Vec<(&'static str, i64, Vec<ArgRule>)> {
+    let mut v = vec![
+        ("fchmod", libc::SYS_fchmod, set_id_mode(1)),
+        ("fchmodat", libc::SYS_fchmodat, set_id_mode(2)),
+        ("fchmodat2", SYS_FCHMODAT2, set_id_mode(2)),
+        ("mknodat", libc::SYS_mknodat, set_id_mode(2)),
+        ("openat", libc::SYS_openat, set_id_create(2, 3)),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.extend([
+        ("chmod", libc::SYS_chmod, set_id_mode(1)),
+        ("mknod", libc::SYS_mknod, set_id_mode(1)),
+        ("creat", libc::SYS_creat, set_id_mode(1)),
+        ("open", libc::SYS_open, set_id_create(1, 2)),
+    ]);
+    v
+}
+
 /// The argument-dependent part of the deny list, shared by the BPF filter
 /// (bwrap) and the OCI seccomp section (gVisor): (name, number, rules). A call
 /// denied outright (`DENIED` or an operator's extra name) keeps that.
@@ -221,7 +292,7 @@ pub(crate) fn conditional_rules() -> Vec<(&'static str, i64, Vec<ArgRule>)> {
             ),
         ]);
     }
-    vec![
+    let mut rules = vec![
         ("socket", libc::SYS_socket, socket),
         // ioctl(): terminal injection.
         (
@@ -252,7 +323,9 @@ pub(crate) fn conditional_rules() -> Vec<(&'static str, i64, Vec<ArgRule>)> {
             libc::SYS_personality,
             vec![vec![(0, Ne(0)), (0, Ne(0xffff_ffff))]],
         ),
-    ]
+    ];
+    rules.extend(set_id_rules());
+    rules
 }
 
 /// The names denied outright: `DENIED` plus the policy's `extra`, each checked
@@ -308,11 +381,20 @@ pub fn deny_filter(extra: &[String]) -> Result<BpfProgram> {
     BpfProgram::try_from(filter).map_err(|e| SandboxError::Start(format!("seccomp filter: {e}")))
 }
 
-/// A second filter: `clone3` fails with ENOSYS, so libc falls back to `clone`,
-/// whose flags the first filter can inspect (clone3 passes them in memory).
-pub fn clone3_filter() -> Result<BpfProgram> {
+/// The calls `enosys_filter` answers with ENOSYS: their arguments are in
+/// memory, out of a filter's sight, and libc and the usual runtimes fall back to
+/// an older call the first filter judges. `clone3` → `clone` (namespace flags);
+/// `openat2` → `openat` (the created file's mode: glibc, Python, coreutils, Rust
+/// std and Go never call openat2; systemd and a few others try it first).
+pub const ENOSYS_CALLS: &[(&str, i64)] =
+    &[("clone3", libc::SYS_clone3), ("openat2", libc::SYS_openat2)];
+
+/// A second filter: the calls of `ENOSYS_CALLS` fail with ENOSYS.
+pub fn enosys_filter() -> Result<BpfProgram> {
     let mut rules = BTreeMap::new();
-    rules.insert(libc::SYS_clone3, Vec::new());
+    for (_, nr) in ENOSYS_CALLS {
+        rules.insert(*nr, Vec::new());
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -345,7 +427,51 @@ mod tests {
             assert!(syscall_number(name).is_some(), "{name}");
         }
         assert!(!deny_filter(&[]).unwrap().is_empty());
-        assert!(!clone3_filter().unwrap().is_empty());
+        assert!(!enosys_filter().unwrap().is_empty());
+    }
+
+    #[test]
+    fn set_id_modes_are_refused_and_ordinary_modes_pass() {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "").unwrap();
+        let c = |p: &std::path::Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+        let (file, new) = (c(&file), c(&dir.path().join("new")));
+        let prog = deny_filter(&[]).unwrap();
+        // SAFETY: the child makes system calls only and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let eperm = |r: libc::c_int| {
+                r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+            };
+            // SAFETY: prctl, chmod and open on valid C strings, in the child.
+            let bits = unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                let applied = seccompiler::apply_filter(&prog).is_ok();
+                [
+                    applied,
+                    eperm(libc::chmod(file.as_ptr(), 0o4755)),
+                    eperm(libc::chmod(file.as_ptr(), 0o2755)),
+                    libc::chmod(file.as_ptr(), 0o1755) == 0,
+                    eperm(libc::open(
+                        new.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY,
+                        0o4755,
+                    )),
+                    // Without O_CREAT the mode is not looked at.
+                    libc::open(file.as_ptr(), libc::O_RDONLY, 0o4755) >= 0,
+                ]
+            };
+            let code = bits.iter().rev().fold(0, |acc, b| acc << 1 | *b as i32);
+            // SAFETY: leaving the forked child without unwinding.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), 0b11_1111, "status {status:#x}");
     }
 
     #[test]

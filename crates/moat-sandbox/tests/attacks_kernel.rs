@@ -231,6 +231,138 @@ for name, req in [("tiocsti", termios.TIOCSTI), ("tioclinux", 0x541C)]:
         print(name, errno.errorcode.get(ex.errno, str(ex.errno)))
 "##;
 
+// K9: x86_64 code that, written over PID 1's resume address while it waits
+// for the command, answers the host on descriptor 3 as moat-init would:
+// "exited 0" for the command, then "started" and "exited 0" for every later
+// request without running it (exit_group if descriptor 3 is no socket).
+// Assembled from: lea rsi,[exited0]; call send5; again: recvfrom(3, rsp-2048,
+// 1024); jle die; send5(started); send5(exited0); jmp again; die: exit_group(0);
+// send5: sendto(3, rsi, 5, MSG_NOSIGNAL).
+const K9_FORGER: &str = "488d3572000000e84a000000bf03000000488db42400f8ffffba000400004531d24531c04531c9b82d0000000f054885c07e1a488d353a000000e817000000488d3533000000e80b000000ebbf31ffb8e70000000f05bf03000000ba0500000041ba004000004531c04531c9b82c0000000f05c353010000005800000000";
+
+// K9: every way a command (here a grandchild of PID 1) could reach into PID 1.
+// The forgery itself (writing K9_FORGER at PID 1's resume address) runs last.
+const K9_PY: &str = r##"
+import ctypes, errno, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+CODE = bytes.fromhex(sys.argv[1])
+def name_of(e):
+    return errno.errorcode.get(e, str(e))
+def show(name, f):
+    try:
+        f()
+        print(name, "OK", flush=True)
+    except OSError as ex:
+        print(name, name_of(ex.errno), flush=True)
+def sc(name, nr, *a):
+    r = libc.syscall(nr, *a)
+    print(name, "OK" if r >= 0 else name_of(ctypes.get_errno()), flush=True)
+    return r
+def read(p):
+    with open(p, "rb") as f:
+        f.read(4096)
+def write(p, data):
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+def opened(p, flags):
+    os.close(os.open(p, flags))
+
+show("mem_open_ro", lambda: opened("/proc/1/mem", os.O_RDONLY))
+show("mem_open_rw", lambda: opened("/proc/1/mem", os.O_RDWR))
+show("task_mem_open_rw", lambda: opened("/proc/1/task/1/mem", os.O_RDWR))
+for f in ("environ", "maps", "syscall", "auxv", "pagemap"):
+    show("read_" + f, lambda f=f: read("/proc/1/" + f))
+for f in ("root", "cwd", "exe"):
+    show("link_" + f, lambda f=f: os.readlink("/proc/1/" + f))
+show("list_root", lambda: os.listdir("/proc/1/root/"))
+show("list_fd", lambda: os.listdir("/proc/1/fd"))
+for fd in range(4):
+    show("open_fd%d" % fd, lambda fd=fd: opened("/proc/1/fd/%d" % fd, os.O_RDONLY))
+for f, data in (("comm", b"pwned"), ("oom_score_adj", b"1000"), ("coredump_filter", b"0x7f"),
+                ("clear_refs", b"1"), ("timerslack_ns", b"1")):
+    show("write_" + f, lambda f=f, data=data: write("/proc/1/" + f, data))
+
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+buf = ctypes.create_string_buffer(64)
+local = iovec(ctypes.cast(buf, ctypes.c_void_p), 64)
+remote = iovec(ctypes.cast(buf, ctypes.c_void_p), 64)
+sc("ptrace_attach", 101, 16, 1, 0, 0)
+sc("ptrace_seize", 101, 0x4206, 1, 0, 0)
+sc("process_vm_readv", 310, 1, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+sc("process_vm_writev", 311, 1, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+pidfd = sc("pidfd_open", 434, 1, 0)
+sc("pidfd_getfd", 438, pidfd, 3, 0)
+sc("process_madvise", 440, pidfd, ctypes.byref(local), 1, 20, 0)
+sc("kcmp", 312, 1, os.getpid(), 0, 3, 0)
+if pidfd >= 0:
+    os.close(pidfd)
+
+# The forgery: PID 1 waits for our shell in wait4; its resume address is the
+# last field of /proc/1/syscall.
+pc = None
+try:
+    pc = int(open("/proc/1/syscall").read().split()[-1], 16)
+except (OSError, ValueError, IndexError):
+    pass
+def forge():
+    fd = os.open("/proc/1/mem", os.O_RDWR)
+    try:
+        if pc is None:
+            raise OSError(errno.ENODATA, "no resume address")
+        os.pwrite(fd, CODE, pc)
+    finally:
+        os.close(fd)
+show("forge", forge)
+"##;
+
+/// What differs under gVisor, where PID 1 is the command's own shell (one
+/// container per command): its descendants may read what is the command's own
+/// (environ, maps, its descriptors 0-2, oom_score_adj), but not write its memory
+/// (gVisor refuses ptrace access to an ancestor); some files do not exist, and
+/// the sentry has no pidfd calls. Nothing outlives the command.
+const K9_GVISOR: &[(&str, &str)] = &[
+    ("read_environ", "OK"),
+    ("read_maps", "OK"),
+    ("read_syscall", "ENOENT"),
+    ("read_auxv", "OK"),
+    ("read_pagemap", "ENOENT"),
+    ("list_fd", "OK"),
+    ("open_fd0", "OK"),
+    ("open_fd1", "OK"),
+    ("open_fd2", "OK"),
+    ("open_fd3", "ENOENT"),
+    ("write_oom_score_adj", "OK"),
+    ("write_coredump_filter", "ENOENT"),
+    ("write_clear_refs", "ENOENT"),
+    ("write_timerslack_ns", "ENOENT"),
+    ("pidfd_open", "ENOSYS"),
+    ("pidfd_getfd", "EPERM|ENOSYS"),
+    ("process_madvise", "EPERM|ENOSYS"),
+];
+
+// K9: signals to PID 1, SIGKILL last (pidfd_send_signal where there are pidfds).
+const K9_SIGNALS_PY: &str = r##"
+import os, signal
+try:
+    pidfd = os.pidfd_open(1)
+    signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+    print("pidfd_send_signal OK", flush=True)
+except OSError as ex:
+    print("pidfd_send_signal", ex.errno, flush=True)
+for sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+            signal.SIGUSR1, signal.SIGSEGV, signal.SIGPIPE, signal.SIGKILL):
+    try:
+        os.kill(1, sig)
+        print("kill_" + sig.name, "OK", flush=True)
+    except OSError as ex:
+        print("kill_" + sig.name, ex.errno, flush=True)
+"##;
+
 per_backend! {
     // ---- K1 -------------------------------------------------------------
     attack_k1_no_new_privs_no_capabilities_and_no_host_root => |kind| {
@@ -352,10 +484,15 @@ su -c id root </dev/null; echo "su=$?"
 su root -c 'id -u' </dev/null 2>/dev/null | grep -c '^0$'
 if command -v sudo >/dev/null; then sudo -n true; echo "sudo=$?"; else echo "sudo=absent"; fi
 mount -t tmpfs none /tmp; echo "mount=$?"
-cp /usr/bin/passwd ./passwd-copy && chmod u+s ./passwd-copy && python3 -c 'import os, stat; print(stat.filemode(os.stat("passwd-copy").st_mode))' 
+cp /usr/bin/passwd ./passwd-copy && chmod u+s ./passwd-copy 2>/dev/null; python3 -c 'import os, stat; print(stat.filemode(os.stat("passwd-copy").st_mode))' 
 ./passwd-copy -S root; echo "passwd=$?"
-cp /usr/bin/id ./myid && chmod 6755 ./myid && ./myid -u && ./myid -g
-python3 -c 'import os; open("own-suid", "w").close(); os.chmod("own-suid", 0o6755); print("own_mode", oct(os.stat("own-suid").st_mode & 0o7777))'
+cp /usr/bin/id ./myid; chmod 6755 ./myid 2>/dev/null; chmod 755 ./myid && ./myid -u && ./myid -g
+python3 -c 'import os
+open("own-suid", "w").close()
+try:
+    os.chmod("own-suid", 0o6755)
+except OSError as e: print("own_chmod", e.errno)
+print("own_mode", oct(os.stat("own-suid").st_mode & 0o7777))'
 "##));
         // bwrap: EINVAL, uid 0 does not even exist in the sandbox's user
         // namespace; gVisor's kernel answers EPERM.
@@ -376,11 +513,14 @@ python3 -c 'import os; open("own-suid", "w").close(); os.chmod("own-suid", 0o675
             "0",
             if o.stdout.contains("sudo=absent") { "sudo=absent" } else { "sudo=1" },
             "mount=32",
-            "-rwsr-xr-x",
+            // Setting setuid/setgid bits is refused (ATTACKS.md F8,
+            // attacks_setuid.rs); the copies run unprivileged anyway.
+            "-rwxr-xr-x",
             "passwd=1",
             "1000",
             "1000",
-            "own_mode 0o6755",
+            "own_chmod 1",
+            "own_mode 0o644",
         ];
         assert_eq!(o.stdout.lines().collect::<Vec<_>>(), want, "stderr: {}", o.stderr);
         assert!(o.stderr.contains("su: "), "{}", o.stderr);
@@ -453,8 +593,13 @@ for name, pid in [("host_sleep", P["host_pid"]), ("test_process", P["my_pid"])]:
         print(name + "_kill", "OK")
     except OSError as e:
         print(name + "_kill", "ESRCH" if e.errno == 3 else e.errno)
-print("root_link", os.readlink("/proc/1/root"))
-print("root_same", "yes" if sorted(os.listdir("/proc/1/root")) == sorted(os.listdir("/")) else "no")
+# Under bwrap PID 1 (moat-init) is not dumpable: its root is out of reach (K9).
+try:
+    print("root_link", os.readlink("/proc/1/root"))
+    print("root_same", "yes" if sorted(os.listdir("/proc/1/root")) == sorted(os.listdir("/")) else "no")
+except PermissionError:
+    print("root_link", "EACCES")
+    print("root_same", "EACCES")
 for name, p in [("shadow", "/proc/1/root/etc/shadow"), ("root_home", "/proc/1/root/root"), ("cwd_up", "/proc/1/cwd/../../root")]:
     print("exists_" + name, os.path.exists(p))
 "##;
@@ -484,13 +629,70 @@ for name, p in [("shadow", "/proc/1/root/etc/shadow"), ("root_home", "/proc/1/ro
             ("test_process_cmdline", "ENOENT"),
             ("test_process_status", "ENOENT"),
             ("test_process_kill", "ESRCH"),
-            ("root_link", "/"),
-            ("root_same", "yes"),
+            ("root_link", if kind == BackendKind::Bwrap { "EACCES" } else { "/" }),
+            ("root_same", if kind == BackendKind::Bwrap { "EACCES" } else { "yes" }),
             ("exists_shadow", "False"),
             ("exists_root_home", "False"),
             ("exists_cwd_up", "False"),
         ]);
         assert!(host_pid > 3 && my_pid > 3, "host pids too small to tell apart");
+    };
+
+    // ---- K9 -------------------------------------------------------------
+    attack_k9_pid1_cannot_be_read_written_traced_or_stopped => |kind| {
+        if !cfg!(target_arch = "x86_64") {
+            panic!("the K9 script uses x86_64 system call numbers and code; port it to this architecture");
+        }
+        let (_e, mut l) = lease(kind);
+        let snap = HostSnapshot::take(&[]);
+        // The command is a shell (exit 3) whose child attacks PID 1: moat-init
+        // under bwrap, the shell itself under gVisor (one container per command).
+        let attack = run(&mut l, RunSpec {
+            timeout: Some(Duration::from_secs(60)),
+            ..RunSpec::new(["/bin/sh", "-c", "python3 -c \"$0\" \"$1\"; exit 3", K9_PY, K9_FORGER])
+        });
+        // True statuses, first: the attack's own and a later command's.
+        assert_eq!(attack.outcome.termination, Termination::Exited(3), "the attack command's status was forged or lost: {}\n{}", attack.stdout, attack.stderr);
+        let later = sh(&mut l, "echo later; exit 7");
+        assert_eq!((later.outcome.termination.clone(), later.stdout.as_str()), (Termination::Exited(7), "later\n"), "a later command's status was forged: {}", later.stderr);
+        let denied = "EACCES|EPERM";
+        let mut expected: Vec<(&str, &str)> = vec![
+            ("mem_open_ro", denied), ("mem_open_rw", denied), ("task_mem_open_rw", denied),
+            ("read_environ", denied), ("read_maps", denied), ("read_syscall", denied),
+            ("read_auxv", denied), ("read_pagemap", denied),
+            ("link_root", denied), ("link_cwd", denied), ("link_exe", denied), ("list_root", denied),
+            ("list_fd", denied), ("open_fd0", denied), ("open_fd1", denied), ("open_fd2", denied), ("open_fd3", denied),
+            ("write_comm", denied), ("write_oom_score_adj", denied), ("write_coredump_filter", denied),
+            ("write_clear_refs", denied), ("write_timerslack_ns", denied),
+            ("ptrace_attach", "EPERM"), ("ptrace_seize", "EPERM"),
+            ("process_vm_readv", "EPERM"), ("process_vm_writev", "EPERM"),
+            ("pidfd_open", "OK"), ("pidfd_getfd", "EPERM"), ("process_madvise", "EPERM"), ("kcmp", "EPERM"),
+            ("forge", denied),
+        ];
+        if kind == BackendKind::Gvisor {
+            for e in expected.iter_mut() {
+                if let Some(v) = K9_GVISOR.iter().find(|(n, _)| *n == e.0) {
+                    e.1 = v.1;
+                }
+            }
+        }
+        expect_all(&attack, &expected);
+        // Signals: moat-init, as its namespace's init without handlers, never
+        // sees them. Under gVisor PID 1 is the command's own shell, which a
+        // SIGKILL from inside ends: its true status, and the next command is a
+        // new container.
+        let signals = run(&mut l, RunSpec {
+            timeout: Some(Duration::from_secs(60)),
+            ..RunSpec::new(["/bin/sh", "-c", "python3 -c \"$0\"; exit 4", K9_SIGNALS_PY])
+        });
+        let want = if kind == BackendKind::Bwrap { Termination::Exited(4) } else { Termination::Signaled(9) };
+        assert_eq!(signals.outcome.termination, want, "{}\n{}", signals.stdout, signals.stderr);
+        if kind == BackendKind::Bwrap {
+            assert!(signals.stdout.contains("kill_SIGKILL OK") && signals.stdout.contains("pidfd_send_signal OK"), "{}", signals.stdout);
+        }
+        let again = sh(&mut l, "echo again; exit 5");
+        assert_eq!((again.outcome.termination, again.stdout.as_str()), (Termination::Exited(5), "again\n"));
+        snap.assert_unchanged();
     };
 
     // ---- K4 -------------------------------------------------------------

@@ -4,7 +4,13 @@
 //! given, reports how it ended, and reaps every orphan.
 //!
 //! It holds no privilege and no secret: it runs under the same seccomp filter,
-//! uid and namespaces as the commands. The host trusts nothing it says.
+//! uid and namespaces as the commands. The host trusts nothing it says, but it
+//! is the one that reports every command's exit status, so the commands must
+//! never reach into it (ATTACKS.md K9): it makes itself non-dumpable before
+//! anything else, which puts its /proc entries (mem, environ, fd, root, maps,
+//! syscall, ...) out of reach of same-uid processes without CAP_SYS_PTRACE (none
+//! has it); ptrace, process_vm_* and pidfd_getfd are refused by the filter, and
+//! as its namespace's init it ignores every signal it has no handler for.
 
 use std::ffi::{CString, OsStr};
 use std::io::IoSliceMut;
@@ -134,6 +140,13 @@ fn run(req: &RunRequest, fds: [OwnedFd; 3]) {
 }
 
 fn main() {
+    // First thing, before any command can exist: not dumpable (K9). execve
+    // resets the flag, so the commands it starts are ordinary again.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        // Fail closed: the host sees no Hello and refuses the sandbox.
+        std::process::exit(1);
+    }
     close_from(CONTROL_FD as u32 + 1, false);
     // SAFETY: fcntl on our control descriptor.
     unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
