@@ -1,5 +1,5 @@
 //! Artifacts: the files an agent leaves in `~/artifacts` inside its sandbox,
-//! read on the host after the turn and sent to the chat (ATTACKS.md F3).
+//! read on the host after the turn and sent to the chat (docs/threat-model.md F3).
 //!
 //! Owns: finding the lease's `~/artifacts` on the host, deciding which of its
 //! entries may be sent (regular files of the lease's own file system, with a

@@ -1,4 +1,4 @@
-//! The path of one message (DESIGN.md): store it, authorize it, rate-limit
+//! The path of one message (docs/design.md): store it, authorize it, rate-limit
 //! it, debounce it into a turn, run the turn in the conversation's sandbox
 //! with the channel's agent, and hand the answer to the platform.
 //!

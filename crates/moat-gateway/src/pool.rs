@@ -1,4 +1,4 @@
-//! The runner pool (DESIGN D5): pre-warmed leases of one sandbox policy,
+//! The runner pool (docs/design.md D5): pre-warmed leases of one sandbox policy,
 //! handed out one request at a time and reset to a clean state afterwards.
 //!
 //! Owns: the idle leases, the FIFO of waiters (bounded), health checks on

@@ -1,4 +1,4 @@
-//! Artifacts (issue 6, item 5; ATTACKS.md F3): what an agent leaves in
+//! Artifacts (issue 6, item 5; docs/threat-model.md F3): what an agent leaves in
 //! `~/artifacts` is read on the host without following any link out of the
 //! lease, and sent to the chat.
 //!

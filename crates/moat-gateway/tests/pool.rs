@@ -1,5 +1,5 @@
 //! The runner pool against real bwrap sandboxes: warm leases, clean state
-//! between holders (ATTACKS.md C3 at the pool level), FIFO waiting with a
+//! between holders (docs/threat-model.md C3 at the pool level), FIFO waiting with a
 //! bound, and recovery of a sandbox killed from outside.
 
 use std::path::PathBuf;

@@ -5,7 +5,7 @@
 //! host's process table to check what happened inside.
 //!
 //! Covered: an answer streamed in order; two conversations isolated from each
-//! other (ATTACKS.md C3) in the pool and per thread; authorization (403
+//! other (docs/threat-model.md C3) in the pool and per thread; authorization (403
 //! without a word, 401 without an identity, nobody reads another user's
 //! conversation, no message text in the audit log); rate limits (told once,
 //! then quiet); duplicates run once; debounce and follow-ups; `stop` and

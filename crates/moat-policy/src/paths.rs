@@ -1,6 +1,6 @@
 //! Pure path rules for mounts: blocked name patterns and in-sandbox path shape.
 //!
-//! Owns the default list of blocked names (ATTACKS.md F6) and the rules a path
+//! Owns the default list of blocked names (docs/threat-model.md F6) and the rules a path
 //! must satisfy before the sandbox crate even looks at the disk. It never touches
 //! the filesystem: the real-path checks (after symlinks) live in `moat-sandbox`,
 //! which must call these functions on the *resolved* path as well.

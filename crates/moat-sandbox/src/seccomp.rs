@@ -1,7 +1,7 @@
 //! moat's seccomp filter, built with `seccompiler` and handed to the sandbox as
 //! raw BPF (bwrap's `--add-seccomp-fd`, or the OCI spec for gVisor).
 //!
-//! Owns the deny list (ATTACKS.md K4, K9, F8) and nothing else: no allow-listing
+//! Owns the deny list (docs/threat-model.md K4, K9, F8) and nothing else: no allow-listing
 //! of ordinary system calls, which would break real agents' tools. Invariant:
 //! every program returned here denies, on the host architecture, at least every
 //! call in `DENIED` plus the conditional socket/ioctl/clone/personality rules and

@@ -1,4 +1,4 @@
-//! ATTACKS.md, filesystem (F1-F7) and the lease-reuse and cross-lease part of
+//! docs/threat-model.md, filesystem (F1-F7) and the lease-reuse and cross-lease part of
 //! C3, run for real against every backend. Each test attacks from inside a
 //! sandbox, asserts the attack failed the way it must, and asserts the host is
 //! unchanged.

@@ -1,4 +1,4 @@
-//! ATTACKS.md, processes and kernel (K1-K8), run for real against every
+//! docs/threat-model.md, processes and kernel (K1-K8), run for real against every
 //! backend: privileges, setuid, /proc, denied system calls, fork, memory and
 //! CPU bombs, timeouts, and what is left after release or a crash.
 

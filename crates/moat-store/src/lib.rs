@@ -2,7 +2,7 @@
 //! sandbox and agent session attached to each conversation, in one SQLite
 //! database (WAL mode) with ordered migrations.
 //!
-//! It owns the rule "nothing accepted is lost" (DESIGN D7) at the storage
+//! It owns the rule "nothing accepted is lost" (docs/design.md D7) at the storage
 //! level: [`Store::insert_message`] returns only once the event is in the
 //! database, recognises a platform's retry of the same event, and after a
 //! crash [`Store::unfinished_messages`] and [`Store::interrupted_turns`] tell

@@ -450,7 +450,7 @@ async fn pool_budget_is_per_turn_and_the_model_is_enforced() {
     );
 }
 
-/// ATTACKS.md C4: what an agent sends to moat (its event stream) is
+/// docs/threat-model.md C4: what an agent sends to moat (its event stream) is
 /// attributed by the sandbox it came from, never by a field in it. A tool
 /// call in conversation A writes forged events straight into the agent's
 /// event pipe, naming conversation B's id, channel and thread; B's thread

@@ -1,4 +1,4 @@
-//! The network attack suite: N1–N10 of ATTACKS.md, run inside real sandboxes
+//! The network attack suite: N1–N10 of docs/threat-model.md, run inside real sandboxes
 //! (through the `moat` CLI, or through the libraries where a test needs a door
 //! with a fake resolver), once per backend.
 //!

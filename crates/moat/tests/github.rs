@@ -8,7 +8,7 @@
 //! what it never got is what the door refused.
 //!
 //! Real clients inside the sandbox: git (clone, push), curl and Python's
-//! urllib. Also ATTACKS.md C1 (the App key, the JWT and the installation
+//! urllib. Also docs/threat-model.md C1 (the App key, the JWT and the installation
 //! token are nowhere in the sandbox, moat's logs or the audit log) and C2 (the
 //! placeholder sent anywhere else arrives unchanged; another credential is
 //! refused), and the per-lease CA.

@@ -1,7 +1,7 @@
 //! The door's LLM reverse proxy, through the real CLI, against fake Anthropic
 //! and OpenAI servers written here from their public API documentation (plain
 //! HTTP on 127.0.0.1; no real API is ever contacted). Real clients inside the
-//! sandbox: curl and Python's urllib. Also ATTACKS.md C1 (the real key is
+//! sandbox: curl and Python's urllib. Also docs/threat-model.md C1 (the real key is
 //! nowhere in the sandbox, moat's logs or the audit log) and C2 (a placeholder
 //! sent anywhere else is never swapped; another lease's placeholder is refused).
 

@@ -7,7 +7,7 @@
 //! `disconnect`), and reconnecting with backoff when Slack asks or the socket
 //! dies. For each `events_api` envelope it calls the handler and sends the
 //! acknowledgement `{"envelope_id":…}` only after the handler returned `Ok`,
-//! that is after the gateway stored the event (DESIGN D7): an event whose
+//! that is after the gateway stored the event (docs/design.md D7): an event whose
 //! handler failed is not acknowledged, so Slack delivers it again.
 //!
 //! It never runs two handlers at once, never acknowledges before the handler
