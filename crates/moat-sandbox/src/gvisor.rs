@@ -280,7 +280,7 @@ pub(crate) fn oci_seccomp(extra: &[String]) -> Result<LinuxSeccomp> {
 fn mount_of(p: &Place) -> Result<Mount> {
     let b = MountBuilder::default().destination(p.dest.clone());
     match &p.source {
-        // nosuid and nodev, as bwrap's binds (ATTACKS.md F8, K2).
+        // nosuid and nodev, as bwrap's binds (docs/threat-model.md F8, K2).
         Source::Bind { host, writable } => b.typ("bind").source(host.clone()).options(vec![
             "rbind".to_string(),
             if *writable { "rw" } else { "ro" }.to_string(),

@@ -538,7 +538,7 @@ impl Lease {
     }
 
     /// Shows every host directory through a socket-proof view when the
-    /// backend needs one (ATTACKS N9): the workspace, mounts and protected
+    /// backend needs one (docs/threat-model.md N9): the workspace, mounts and protected
     /// binds that lie in a host directory are bound from its view instead.
     fn through_views(&self, mut env: LeaseEnv) -> Result<(LeaseEnv, Vec<crate::view::View>)> {
         if !self.backend.needs_socket_proof_views() {

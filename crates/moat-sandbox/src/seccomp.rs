@@ -167,7 +167,7 @@ const SOCK_TYPE_MASK: u64 = 0xf;
 #[allow(clippy::unnecessary_cast)] // the type of TIOCSTI differs between targets
 const TIOCSTI: u64 = libc::TIOCSTI as u64;
 const TIOCLINUX: u64 = 0x541C;
-/// The mode bits a sandbox may not set on any file (ATTACKS.md F8): a setuid or
+/// The mode bits a sandbox may not set on any file (docs/threat-model.md F8): a setuid or
 /// setgid file left in a host workspace would run as its owner for anyone.
 const SET_ID_BITS: [u64; 2] = [libc::S_ISUID as u64, libc::S_ISGID as u64];
 /// fchmodat2 (Linux 6.6): 452 on x86_64 and in the generic table (aarch64);
@@ -251,7 +251,7 @@ fn set_id_create(flags: u8, mode: u8) -> Vec<ArgRule> {
 }
 
 /// The calls that set a file's mode, with the rules refusing S_ISUID/S_ISGID
-/// (ATTACKS.md F8). openat2 passes its mode in memory: `enosys_filter`.
+/// (docs/threat-model.md F8). openat2 passes its mode in memory: `enosys_filter`.
 fn set_id_rules() -> Vec<(&'static str, i64, Vec<ArgRule>)> {
     let mut v = vec![
         ("fchmod", libc::SYS_fchmod, set_id_mode(1)),

@@ -70,7 +70,7 @@ fn fd_path(fd: &OwnedFd) -> String {
 
 fn refused(host: &Path, why: String) -> SandboxError {
     SandboxError::Refused(format!(
-        "{}: cannot show it to the sandbox without its unix sockets (ATTACKS N9): {why}",
+        "{}: cannot show it to the sandbox without its unix sockets (docs/threat-model.md N9): {why}",
         host.display()
     ))
 }

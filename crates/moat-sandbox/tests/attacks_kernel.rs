@@ -513,7 +513,7 @@ print("own_mode", oct(os.stat("own-suid").st_mode & 0o7777))'
             "0",
             if o.stdout.contains("sudo=absent") { "sudo=absent" } else { "sudo=1" },
             "mount=32",
-            // Setting setuid/setgid bits is refused (ATTACKS.md F8,
+            // Setting setuid/setgid bits is refused (docs/threat-model.md F8,
             // attacks_setuid.rs); the copies run unprivileged anyway.
             "-rwxr-xr-x",
             "passwd=1",

@@ -453,7 +453,7 @@ fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
         };
     });
     let t_run = t0.elapsed();
-    // Stop first so the hand-back (ATTACKS F8) sees the workspace's final
+    // Stop first so the hand-back (docs/threat-model.md F8) sees the workspace's final
     // state, then tell the user what it changed in their directories.
     lease.stop();
     for f in lease.take_findings() {

@@ -6,7 +6,7 @@
 //! It holds no privilege and no secret: it runs under the same seccomp filter,
 //! uid and namespaces as the commands. The host trusts nothing it says, but it
 //! is the one that reports every command's exit status, so the commands must
-//! never reach into it (ATTACKS.md K9): it makes itself non-dumpable before
+//! never reach into it (docs/threat-model.md K9): it makes itself non-dumpable before
 //! anything else, which puts its /proc entries (mem, environ, fd, root, maps,
 //! syscall, ...) out of reach of same-uid processes without CAP_SYS_PTRACE (none
 //! has it); ptrace, process_vm_* and pidfd_getfd are refused by the filter, and
