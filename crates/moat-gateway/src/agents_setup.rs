@@ -109,7 +109,7 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
                 moat_sandbox::reach::require_for_sandboxes(
                     host,
                     &format!("{at}: the agent CLI template {}", host.display()),
-                    "install the CLIs where they can (`moat agents install --dir DIR`) and set agents.dir = DIR",
+                    "install the CLIs where they can (`moat agents install --dir DIR`) and set agents.dir = \"DIR/current\"",
                 )
                 .map_err(|e| e.to_string())?;
                 extras

@@ -157,7 +157,7 @@ pub fn require_lease_sources(
             host,
             who,
             &format!("{} (shown at {})", host.display(), inside.display()),
-            "keep it under a directory they can reach (for agent CLIs: `moat agents install --dir DIR` and `agents.dir = DIR`)",
+            "keep it under a directory they can reach (for agent CLIs: `moat agents install --dir DIR` and `agents.dir = \"DIR/current\"`)",
         )?;
     }
     Ok(())

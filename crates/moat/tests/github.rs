@@ -995,7 +995,7 @@ fn git_push_refusal_reads_the_same_in_each_git(b: Backend) {
     for g in GITS {
         assert!(
             Path::new(g).is_file(),
-            "{g} is not installed; this test checks each git the machine has (scripts/setup installs both)"
+            "{g} is not installed: this test runs both gits moat's machines have (Debian's, and a newer one under /usr/local/bin, which scripts/setup does not install)"
         );
     }
     let fake = FakeGithub::start();
