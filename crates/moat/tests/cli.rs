@@ -279,14 +279,16 @@ fn under_a_closed_parent(name: &str, below: &str) -> (PathBuf, PathBuf) {
 #[test]
 fn a_data_dir_under_a_closed_parent_works() {
     let (parent, data) = under_a_closed_parent("closed-data", "moat");
-    let o = moat()
-        .env("MOAT_DATA_DIR", &data)
-        .args(["sandbox", "run", "--", "sh", "-c"])
-        .arg("echo kept > /workspace/f && cat /workspace/f && id -u")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(stdout(&o), "kept\n1000\n");
+    for backend in ["bwrap", "gvisor"] {
+        let o = moat()
+            .env("MOAT_DATA_DIR", &data)
+            .args(["sandbox", "run", "--backend", backend, "--", "sh", "-c"])
+            .arg("echo kept > /workspace/f && cat /workspace/f && id -u")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{backend}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "kept\n1000\n", "{backend}");
+    }
     // moat changed nothing about the parent to get there.
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&parent).unwrap().mode() & 0o7777, 0o700);
@@ -313,15 +315,21 @@ fn a_workspace_its_owner_cannot_reach_is_refused_naming_the_directory_in_the_way
         "-c",
         "cat in.txt; echo out > out.txt",
     ];
-    let o = run(&args);
-    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
-    let err = stderr(&o);
-    let fix = format!("chmod o+x {}", parent.display());
-    assert!(
-        err.contains(&format!("--workspace {}", ws.display())) && err.contains(&fix),
-        "{err}"
-    );
-    assert!(!err.contains("Can't find source path"), "{err}");
+    for backend in ["bwrap", "gvisor"] {
+        let o = moat()
+            .args(["sandbox", "run", "--backend", backend])
+            .args(&args[2..])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(125), "{backend}: {}", stderr(&o));
+        let err = stderr(&o);
+        let fix = format!("chmod o+x {}", parent.display());
+        assert!(
+            err.contains(&format!("--workspace {}", ws.display())) && err.contains(&fix),
+            "{backend}: {err}"
+        );
+        assert!(!err.contains("Can't find source path"), "{err}");
+    }
     // Nothing ran: the workspace is as it was.
     assert!(!ws.join("out.txt").exists());
     // The fix the message names works.
