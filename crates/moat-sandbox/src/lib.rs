@@ -134,7 +134,11 @@ impl Engine {
         let leases = leases_dir_of(&config.runtime_dir, &cgroup_scope);
         mkdir_mode(&config.runtime_dir.join("leases"), 0o711)?;
         mkdir_mode(&leases, 0o711)?;
-        let swept = sweep(&leases, &cgroup_scope);
+        let mut swept = sweep(&leases, &cgroup_scope);
+        // Leases of a moat from before they moved to the runtime directory.
+        let legacy = sweep(&config.data_dir.join("leases"), &cgroup_scope);
+        swept.leases += legacy.leases;
+        swept.cgroups += legacy.cgroups;
         if swept.leases + swept.cgroups > 0 {
             tracing::info!(
                 leases = swept.leases,

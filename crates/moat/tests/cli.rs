@@ -364,6 +364,39 @@ fn a_runtime_dir_the_sandboxes_cannot_reach_is_refused_naming_the_setting() {
     );
 }
 
+/// A dead lease where moat kept leases before they moved to the runtime
+/// directory (`<data>/leases`) is cleaned up like one in the new place.
+#[test]
+fn a_dead_lease_in_the_old_place_under_the_data_dir_is_swept() {
+    let s = scratch().join("legacy");
+    let lease = s.join("data").join("leases").join("tmp-00000000000000aa");
+    let g1 = lease.join("g1");
+    std::fs::create_dir_all(&g1).unwrap();
+    std::fs::write(lease.join("uid"), "1000000042").unwrap();
+    std::fs::write(lease.join("lock"), "").unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "moat-lease"])
+        .arg(&g1)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mounting the old lease's tmpfs");
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(g1.to_str().unwrap())
+    };
+    assert!(mounted());
+    let o = moat()
+        .env("MOAT_DATA_DIR", s.join("data"))
+        .args(["sandbox", "run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!mounted(), "the old lease's tmpfs is still mounted");
+    assert!(!lease.exists(), "the old lease's directory is still there");
+}
+
 #[test]
 fn no_network_and_no_host_environment_inside() {
     let o = moat()
