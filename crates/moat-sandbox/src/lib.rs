@@ -3,7 +3,7 @@
 //! The [`Engine`] opens [`Lease`]s; a lease owns a sandbox's files (a
 //! size-limited tmpfs), its host uid, its cgroup limits and its running
 //! instance, started by one of the backends (`bwrap`, `gvisor`, `local`).
-//! Security-relevant modules: `bwrap`, `gvisor`, `seccomp`, `cgroup`,
+//! Security-relevant modules: `bwrap`, `gvisor`, `seccomp`, `cgroup`, `reach`,
 //! `fsguard`, `storage`, `proto`. Nothing here reads moat's own configuration
 //! or secrets, and nothing from moat's environment is passed into a sandbox.
 
