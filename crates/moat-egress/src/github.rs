@@ -24,10 +24,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use base64::Engine as _;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body::{Body, Frame};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -41,6 +40,9 @@ use tokio_rustls::rustls;
 use crate::llm::{constant_time_eq, random_hex, send_upstream, upstream_tls, UpstreamUrl};
 use crate::STEP_TIMEOUT;
 
+mod push;
+use push::{drain, push_refusal, read_push_commands, Prefixed};
+
 /// Where the sandbox finds the system roots plus its lease CA.
 pub const CA_BUNDLE_PATH: &str = "/run/moat/ca-bundle.pem";
 /// The host's bundle of trusted roots (Debian's ca-certificates).
@@ -52,8 +54,6 @@ pub const DEFAULT_PERMISSIONS: [(&str, &str); 2] =
     [("contents", "write"), ("pull_requests", "write")];
 /// Largest JSON body read to judge a REST or GraphQL call.
 const MAX_JUDGED_BODY: usize = 64 * 1024 * 1024;
-/// Largest ref-update section of a push (the pack after it is streamed).
-const MAX_PUSH_COMMANDS: usize = 1024 * 1024;
 /// The variables that make TLS clients trust the lease CA.
 const CA_VARS: [&str; 5] = [
     "SSL_CERT_FILE",
@@ -738,187 +738,6 @@ fn judge_api(method: &Method, path: &str, protected: &[String]) -> ApiJudgement 
     }
 }
 
-/// The ref updates at the start of a receive-pack request body.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct PushCommands {
-    refs: Vec<String>,
-    caps: Vec<String>,
-    /// Bytes of the body the commands took (through the flush packet).
-    len: usize,
-}
-
-/// Parses the command list of a push (pkt-lines up to the first flush).
-/// `Ok(None)`: more bytes are needed. Errors refuse the push.
-fn parse_push(buf: &[u8]) -> Result<Option<PushCommands>, String> {
-    let mut out = PushCommands::default();
-    let mut i = 0;
-    let mut first = true;
-    loop {
-        let Some(len_hex) = buf.get(i..i + 4) else {
-            return Ok(None);
-        };
-        let len = std::str::from_utf8(len_hex)
-            .ok()
-            .and_then(|s| usize::from_str_radix(s, 16).ok())
-            .ok_or("moat: the push does not start with git's packet lines")?;
-        if len == 0 {
-            out.len = i + 4;
-            return Ok(Some(out));
-        }
-        if len < 4 {
-            return Err("moat: unexpected special packet in the push's commands".into());
-        }
-        let Some(line) = buf.get(i + 4..i + len) else {
-            return Ok(None);
-        };
-        i += len;
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
-        let (cmd, caps) = match line.iter().position(|b| *b == 0) {
-            Some(z) => (&line[..z], Some(&line[z + 1..])),
-            None => (line, None),
-        };
-        let cmd = std::str::from_utf8(cmd).map_err(|_| "moat: a pushed ref name is not UTF-8")?;
-        if first {
-            if let Some(c) = caps {
-                out.caps = String::from_utf8_lossy(c)
-                    .split(' ')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect();
-            }
-            first = false;
-        }
-        if cmd.starts_with("shallow ") {
-            continue;
-        }
-        if cmd.starts_with("push-cert") {
-            return Err(
-                "moat: signed pushes cannot be checked for protected branches and are refused"
-                    .into(),
-            );
-        }
-        let mut parts = cmd.splitn(3, ' ');
-        let (Some(old), Some(new), Some(refname)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err("moat: a push command is not `old new ref`".into());
-        };
-        let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
-        if !hex(old) || !hex(new) {
-            return Err("moat: a push command is not `old new ref`".into());
-        }
-        out.refs.push(refname.to_string());
-    }
-}
-
-fn pkt(payload: &[u8]) -> Vec<u8> {
-    let mut v = format!("{:04x}", payload.len() + 4).into_bytes();
-    v.extend_from_slice(payload);
-    v
-}
-
-/// The answer git shows for a refused push: each ref rejected with the
-/// reason, and a `remote:` line saying why.
-fn push_refusal(cmds: &PushCommands, branch: &str) -> Response<GhBody> {
-    let text = refusal_text(branch);
-    if !cmds.caps.iter().any(|c| c.starts_with("report-status")) {
-        let mut r = Response::new(full(format!("{text}\n")));
-        *r.status_mut() = StatusCode::FORBIDDEN;
-        return r;
-    }
-    let mut report = pkt(b"unpack ok\n");
-    for r in &cmds.refs {
-        let why = match protected_branch(&[branch.to_string()], r) {
-            Some(_) => format!("protected branch {branch} (moat)"),
-            None => format!("push also updates the protected branch {branch} (moat)"),
-        };
-        report.extend(pkt(format!("ng {r} {why}\n").as_bytes()));
-    }
-    report.extend_from_slice(b"0000");
-    let mut body = Vec::new();
-    if cmds
-        .caps
-        .iter()
-        .any(|c| c == "side-band-64k" || c == "side-band")
-    {
-        body.extend(pkt(format!("\x02{text}\n").as_bytes()));
-        for chunk in report.chunks(900) {
-            let mut p = vec![1u8];
-            p.extend_from_slice(chunk);
-            body.extend(pkt(&p));
-        }
-        body.extend_from_slice(b"0000");
-    } else {
-        body = report;
-    }
-    let mut r = Response::new(full(body));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-git-receive-pack-result"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    r
-}
-
-/// A request body: bytes already read, then the rest as it comes.
-struct Prefixed {
-    first: Option<Bytes>,
-    rest: Option<Incoming>,
-}
-
-impl Body for Prefixed {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(b) = self.first.take() {
-            if !b.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(b))));
-            }
-        }
-        match self.rest.as_mut() {
-            Some(r) => Pin::new(r).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        !matches!(&self.first, Some(b) if !b.is_empty())
-            && !matches!(&self.rest, Some(r) if !r.is_end_stream())
-    }
-}
-
-/// Reads the start of a push until its commands are complete.
-async fn read_push_commands(body: &mut Incoming) -> Result<(PushCommands, BytesMut, bool), String> {
-    let mut buf = BytesMut::new();
-    loop {
-        if let Some(c) = parse_push(&buf)? {
-            return Ok((c, buf, false));
-        }
-        if buf.len() > MAX_PUSH_COMMANDS {
-            return Err("moat: the push's ref updates are too long to check".into());
-        }
-        match tokio::time::timeout(STEP_TIMEOUT, body.frame()).await {
-            Ok(Some(Ok(f))) => {
-                if let Ok(d) = f.into_data() {
-                    buf.extend_from_slice(&d);
-                }
-            }
-            Ok(Some(Err(e))) => return Err(format!("moat: the push could not be read: {e}")),
-            Ok(None) => {
-                return match parse_push(&buf)? {
-                    Some(c) => Ok((c, buf, true)),
-                    None => Err("moat: the push ended before its ref updates did".into()),
-                }
-            }
-            Err(_) => return Err("moat: timed out reading the push".into()),
-        }
-    }
-}
-
 async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> Response<GhBody> {
     let call = Call {
         method: req.method().as_str().chars().take(16).collect(),
@@ -1014,7 +833,15 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
                     .flatten()
             }) {
                 let b = b.to_string();
-                return deny(StatusCode::OK, refusal_text(&b), push_refusal(&cmds, &b));
+                // Nothing of it goes upstream; the client gets the answer
+                // once it has sent its pack.
+                if !ended && !drain(&mut body).await {
+                    tracing::info!(
+                        "a refused push's pack was cut short; its client may not see the reason"
+                    );
+                }
+                let resp = push_refusal(&cmds, &b);
+                return deny(resp.status(), refusal_text(&b), resp);
             }
             Prefixed {
                 first: Some(first.freeze()),
@@ -1214,56 +1041,6 @@ mod tests {
             HeaderValue::from_static("token ghs_mootabc"),
         );
         assert_eq!(presented(&h, ph), Presented::Other);
-    }
-
-    fn push_body(cmds: &[(&str, &str)], caps: &str) -> Vec<u8> {
-        let mut b = Vec::new();
-        for (i, (new, r)) in cmds.iter().enumerate() {
-            let line = if i == 0 {
-                format!("{} {new} {r}\0{caps}\n", "0".repeat(40))
-            } else {
-                format!("{} {new} {r}\n", "0".repeat(40))
-            };
-            b.extend(pkt(line.as_bytes()));
-        }
-        b.extend_from_slice(b"0000PACK....");
-        b
-    }
-
-    #[test]
-    fn push_commands_are_read_up_to_the_flush() {
-        let new = "a".repeat(40);
-        let body = push_body(
-            &[(&new, "refs/heads/feature"), (&new, "refs/heads/main")],
-            "report-status side-band-64k agent=git/2",
-        );
-        let c = parse_push(&body).unwrap().unwrap();
-        assert_eq!(c.refs, vec!["refs/heads/feature", "refs/heads/main"]);
-        assert!(c.caps.contains(&"report-status".to_string()));
-        assert_eq!(&body[c.len..], b"PACK....");
-        // Every shorter prefix asks for more bytes, never decides.
-        for n in 0..c.len {
-            assert_eq!(parse_push(&body[..n]).unwrap(), None, "prefix {n}");
-        }
-        assert!(parse_push(b"zzzz").is_err());
-        assert!(parse_push(b"0002").is_err());
-        assert!(parse_push(&pkt(b"push-cert\0caps\n")).is_err());
-        assert!(parse_push(&pkt(b"nothex xx refs/heads/a\n")).is_err());
-    }
-
-    #[test]
-    fn refused_pushes_report_each_ref() {
-        let new = "b".repeat(40);
-        let body = push_body(&[(&new, "refs/heads/main")], "report-status side-band-64k");
-        let c = parse_push(&body).unwrap().unwrap();
-        let r = push_refusal(&c, "main");
-        assert_eq!(r.status(), StatusCode::OK);
-        let c2 = PushCommands {
-            refs: vec!["refs/heads/main".into()],
-            caps: vec![],
-            len: 0,
-        };
-        assert_eq!(push_refusal(&c2, "main").status(), StatusCode::FORBIDDEN);
     }
 
     #[test]

@@ -106,6 +106,12 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
         }
         let inside_cli_dir = match &cli_dir {
             Some(host) if kind != AgentKind::Builtin => {
+                moat_sandbox::reach::require_for_sandboxes(
+                    host,
+                    &format!("{at}: the agent CLI template {}", host.display()),
+                    "install the CLIs where they can (`moat agents install --dir DIR`) and set agents.dir = \"DIR/current\"",
+                )
+                .map_err(|e| e.to_string())?;
                 extras
                     .files
                     .push((host.clone(), PathBuf::from(TEMPLATE_INSIDE)));
@@ -378,6 +384,32 @@ mod tests {
                 PathBuf::from(TEMPLATE_INSIDE)
             )]
         );
+    }
+
+    #[test]
+    fn a_cli_template_the_sandboxes_cannot_reach_stops_the_start_naming_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let e = env();
+        // Below a directory only root may enter, as under /root.
+        let closed = e.dir.path().join("closed");
+        let template = closed.join("agents").join("current");
+        std::fs::create_dir_all(&template).unwrap();
+        std::fs::set_permissions(e.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let toml = format!(
+            "[agents]\ndir = \"{}\"\n{CHANNEL}agent = \"claude\"",
+            template.display()
+        );
+        let keys = [("ANTHROPIC_API_KEY", KEY)];
+        let err = build_with(&toml, &keys, &e).err().expect("refused");
+        assert!(
+            err.starts_with("channel[0]: the agent CLI template")
+                && err.contains(&format!("chmod o+x {}", closed.display()))
+                && err.contains("agents.dir"),
+            "{err}"
+        );
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert!(build_with(&toml, &keys, &e).is_ok());
     }
 
     #[test]

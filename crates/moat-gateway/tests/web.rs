@@ -243,7 +243,7 @@ fn per_thread_conversations_keep_their_own_files_and_nothing_else() {
     assert_clean(&b2, &secret, "B, after A");
 
     // Idle longer than idle_delete (24 h by default): both sandboxes go.
-    let leases = gw.data.join("leases");
+    let leases = leases_of(&gw.data);
     let named = || {
         std::fs::read_dir(&leases)
             .map(|d| {

@@ -61,8 +61,8 @@ id = "*"
 users = ["*"]
 "#;
 
-/// Where the gateway keeps its store, audit log and per-thread sandboxes when
-/// `gateway.data_dir` is not set.
+/// Where the gateway keeps its store and audit log when `gateway.data_dir` is
+/// not set (sandboxes' files live in the engine's runtime directory).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/moat";
 /// The variable holding the web chat's tokens when `web.token_env` is not set.
 pub const DEFAULT_WEB_TOKEN_ENV: &str = "MOAT_WEB_TOKENS";

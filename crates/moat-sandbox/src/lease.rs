@@ -285,6 +285,15 @@ pub(crate) fn open_lease(
         let uid = lock.uid;
         (Some(lock), uid)
     };
+    if root && policy.backend != BackendKind::Local {
+        let files = opts.network.as_ref().map(|n| n.files.as_slice());
+        crate::reach::require_lease_sources(
+            host_uid,
+            host_workspace.as_deref(),
+            &mounts,
+            files.unwrap_or_default(),
+        )?;
+    }
     let fresh = !dir.join("uid").exists();
     let storage = Storage::open(&dir, host_uid, policy.limits.disk.bytes())?;
     let mut lease = Lease {

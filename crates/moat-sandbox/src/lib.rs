@@ -3,7 +3,7 @@
 //! The [`Engine`] opens [`Lease`]s; a lease owns a sandbox's files (a
 //! size-limited tmpfs), its host uid, its cgroup limits and its running
 //! instance, started by one of the backends (`bwrap`, `gvisor`, `local`).
-//! Security-relevant modules: `bwrap`, `gvisor`, `seccomp`, `cgroup`,
+//! Security-relevant modules: `bwrap`, `gvisor`, `seccomp`, `cgroup`, `reach`,
 //! `fsguard`, `storage`, `proto`. Nothing here reads moat's own configuration
 //! or secrets, and nothing from moat's environment is passed into a sandbox.
 
@@ -18,6 +18,7 @@ pub mod handback;
 pub mod lease;
 pub mod local;
 pub mod proto;
+pub mod reach;
 pub mod seccomp;
 mod spawner;
 pub mod storage;
@@ -38,9 +39,12 @@ pub use lease::{
 /// Where the engine keeps things on the host.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Leases' directories live under `<data_dir>/leases`.
+    /// moat's own state; sandboxes mount nothing from here, so it may lie
+    /// anywhere (under a home directory of mode 0700, say).
     pub data_dir: PathBuf,
-    /// uid locks and the installed copy of moat-init.
+    /// Everything a sandbox mounts: leases' storage (`leases/<scope>`), the
+    /// installed copy of moat-init, the prepared /etc, the mask sources; and
+    /// the uid locks. Every directory above it must let any uid search it.
     pub runtime_dir: PathBuf,
     /// The moat-init binary to install into sandboxes.
     pub init_path: PathBuf,
@@ -122,14 +126,23 @@ fn mkdir_mode(p: &Path, mode: u32) -> Result<()> {
 impl Engine {
     pub fn new(config: EngineConfig, kind: BackendKind) -> Result<Engine> {
         // Sandboxes run as other uids and must traverse (not list) these.
+        // The data directory stays traversable for a CLI template installed
+        // under it (`moat agents install`'s default).
         mkdir_mode(&config.data_dir, 0o711)?;
-        mkdir_mode(&config.data_dir.join("leases"), 0o711)?;
+        check_runtime_dir(&config.runtime_dir)?;
         mkdir_mode(&config.runtime_dir, 0o711)?;
         mkdir_mode(&config.runtime_dir.join("bin"), 0o755)?;
         mkdir_mode(&config.runtime_dir.join("views"), 0o711)?;
         mkdir_mode(&config.runtime_dir.join("empty"), 0o755)?;
         let cgroup_scope = scope_of(&config.data_dir);
-        let swept = sweep(&config.data_dir.join("leases"), &cgroup_scope);
+        let leases = leases_dir_of(&config.runtime_dir, &cgroup_scope);
+        mkdir_mode(&config.runtime_dir.join("leases"), 0o711)?;
+        mkdir_mode(&leases, 0o711)?;
+        let mut swept = sweep(&leases, &cgroup_scope);
+        // Leases of a moat from before they moved to the runtime directory.
+        let legacy = sweep(&config.data_dir.join("leases"), &cgroup_scope);
+        swept.leases += legacy.leases;
+        swept.cgroups += legacy.cgroups;
         if swept.leases + swept.cgroups > 0 {
             tracing::info!(
                 leases = swept.leases,
@@ -174,8 +187,9 @@ impl Engine {
     pub(crate) fn etc_dir(&self) -> &Path {
         &self.etc_dir
     }
+    /// `<runtime_dir>/leases/<scope>`: this data directory's leases.
     pub fn leases_dir(&self) -> PathBuf {
-        self.config.data_dir.join("leases")
+        leases_dir_of(&self.config.runtime_dir, &self.cgroup_scope)
     }
 
     /// Opens a lease: a new one, or the named lease's kept files. The policy's
@@ -189,6 +203,47 @@ impl Engine {
             )));
         }
         lease::open_lease(self, policy, opts)
+    }
+}
+
+/// Where the leases of the data directory whose scope is `scope` live.
+fn leases_dir_of(runtime_dir: &Path, scope: &str) -> PathBuf {
+    runtime_dir.join("leases").join(scope)
+}
+
+/// The leases' directory `config` gives, without starting an engine (for
+/// tools and tests that look at leases from outside).
+pub fn leases_dir(config: &EngineConfig) -> PathBuf {
+    leases_dir_of(&config.runtime_dir, &scope_of(&config.data_dir))
+}
+
+/// Refuses a runtime directory the sandboxes could not reach, or one another
+/// user owns (who could then swap the moat-init or /etc sandboxes run).
+/// Without root, sandboxes run as moat's own uid and only ownership matters.
+fn check_runtime_dir(dir: &Path) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if !dir.is_absolute() {
+        return Err(SandboxError::Refused(format!(
+            "MOAT_RUNTIME_DIR={}: must be an absolute path",
+            dir.display()
+        )));
+    }
+    reach::require_for_sandboxes(
+            dir,
+            &format!(
+                "the runtime directory {} (MOAT_RUNTIME_DIR: what sandboxes mount, lease storage, moat-init, their /etc)",
+                dir.display()
+            ),
+            "set MOAT_RUNTIME_DIR to a directory under one they can traverse (the default is /run/moat)",
+        )?;
+    match std::fs::metadata(dir) {
+        Ok(m) if m.uid() != euid => Err(SandboxError::Refused(format!(
+            "the runtime directory {} is owned by uid {}, not by moat's uid {euid}; remove it or set MOAT_RUNTIME_DIR to a directory moat creates",
+            dir.display(),
+            m.uid()
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -113,7 +113,7 @@ per_backend! {
         let m = token("f1");
         let cfg = config();
         let code = PRELUDE.to_string() + r##"
-M = "@M@"; DATA = "@DATA@"; RUN = "@RUN@"
+M = "@M@"; DATA = "@DATA@"; RUN = "@RUN@"; LEASES = "@LEASES@"
 attempt("etc_new", lambda: write("/etc/" + M))
 attempt("etc_passwd", lambda: write("/etc/passwd"))
 attempt("etc_hosts_append", lambda: append("/etc/hosts"))
@@ -133,7 +133,7 @@ attempt("root_fs_rename_etc", lambda: os.rename("/etc", "/" + M))
 attempt("host_home_file", lambda: write("/root/" + M))
 attempt("host_home_mkdir", lambda: os.makedirs("/root/.ssh"))
 attempt("data_dir_file", lambda: write(DATA + "/" + M))
-attempt("data_dir_leases", lambda: write(DATA + "/leases/" + M))
+attempt("leases_dir", lambda: write(LEASES + "/" + M))
 attempt("runtime_dir_file", lambda: write(RUN + "/" + M))
 attempt("moat_init_overwrite", lambda: write("/run/moat/init"))
 attempt("run_new", lambda: write("/run/" + M))
@@ -158,7 +158,8 @@ print("urandom_reads_random", "yes" if len(set(open("/dev/urandom", "rb").read(6
         let code = code
             .replace("@M@", &m)
             .replace("@DATA@", &cfg.data_dir.to_string_lossy())
-            .replace("@RUN@", &cfg.runtime_dir.to_string_lossy());
+            .replace("@RUN@", &cfg.runtime_dir.to_string_lossy())
+            .replace("@LEASES@", &_e.leases_dir().to_string_lossy());
         let o = py(&mut l, &code);
         expect_for(kind, &o, &[
             ("etc_new", "EROFS"),
@@ -181,7 +182,7 @@ print("urandom_reads_random", "yes" if len(set(open("/dev/urandom", "rb").read(6
             ("host_home_mkdir", "EROFS"),
             // The host's data and runtime directories do not exist inside.
             ("data_dir_file", "ENOENT"),
-            ("data_dir_leases", "ENOENT"),
+            ("leases_dir", "ENOENT"),
             ("runtime_dir_file", "ENOENT"),
             ("moat_init_overwrite", "EROFS"),
             ("run_new", "EROFS"),
@@ -217,7 +218,7 @@ print("urandom_reads_random", "yes" if len(set(open("/dev/urandom", "rb").read(6
             PathBuf::from("/root").join(&m),
             PathBuf::from("/run").join(&m),
             cfg.data_dir.join(&m),
-            cfg.data_dir.join("leases").join(&m),
+            _e.leases_dir().join(&m),
             cfg.runtime_dir.join(&m),
         ] {
             assert!(!p.exists(), "{} appeared on the host", p.display());
@@ -273,7 +274,7 @@ for name, path in P["paths"].items():
 attempt("list_root_ssh", lambda: os.listdir("/root/.ssh"))
 print("root_ssh_keys", len(glob.glob("/root/.ssh/id_*")))
 attempt("list_data_dir", lambda: os.listdir(P["data"]))
-attempt("list_leases", lambda: os.listdir(P["data"] + "/leases"))
+attempt("list_leases", lambda: os.listdir(P["leases"]))
 attempt("list_other_storage", lambda: os.listdir(P["other_storage"]))
 visible = [n for n in P["host_only"] if os.path.lexists("/" + n)]
 print("host_only_visible", ",".join(visible) or "none")
@@ -320,6 +321,7 @@ print("found", ",".join(found) or "none")
         let arg = serde_json::json!({
             "paths": paths,
             "data": cfg.data_dir,
+            "leases": e.leases_dir(),
             "other_storage": other_storage,
             "host_only": host_only,
             "secrets": all_secrets,

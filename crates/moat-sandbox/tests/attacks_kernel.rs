@@ -1122,7 +1122,7 @@ exec sleep 600
         }
         let text = std::fs::read_to_string(&ids_file).unwrap();
         let (id, uid) = text.trim().split_once(' ').unwrap();
-        let ids = LeaseIds { id: id.to_string(), uid: uid.parse().unwrap(), dir: data.join("leases").join(id) };
+        let ids = LeaseIds { id: id.to_string(), uid: uid.parse().unwrap(), dir: moat_sandbox::leases_dir(&moat_sandbox::EngineConfig { data_dir: data.clone(), ..config() }).join(id) };
         if kind == BackendKind::Bwrap {
             assert!(wait_until(Duration::from_secs(5), || !procs_with(&marker).is_empty()));
         }

@@ -266,6 +266,137 @@ fn a_root_owned_workspace_is_refused() {
     assert!(stderr(&o).contains("owned by root"), "{}", stderr(&o));
 }
 
+/// A directory of the test's own whose parent only root may enter (mode
+/// 0700), as `/root` is: (the closed parent, a path below it).
+fn under_a_closed_parent(name: &str, below: &str) -> (PathBuf, PathBuf) {
+    let parent = scratch().join(name).join("closed");
+    std::fs::create_dir_all(&parent).unwrap();
+    std::fs::set_permissions(scratch().join(name), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o700)).unwrap();
+    (parent.clone(), parent.join(below))
+}
+
+#[test]
+fn a_data_dir_under_a_closed_parent_works() {
+    let (parent, data) = under_a_closed_parent("closed-data", "moat");
+    for backend in ["bwrap", "gvisor"] {
+        let o = moat()
+            .env("MOAT_DATA_DIR", &data)
+            .args(["sandbox", "run", "--backend", backend, "--", "sh", "-c"])
+            .arg("echo kept > /workspace/f && cat /workspace/f && id -u")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{backend}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "kept\n1000\n", "{backend}");
+    }
+    // moat changed nothing about the parent to get there.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&parent).unwrap().mode() & 0o7777, 0o700);
+    // The data directory is there; the lease's files were not in it.
+    assert!(data.is_dir());
+    assert!(!data.join("leases").exists());
+}
+
+#[test]
+fn a_workspace_its_owner_cannot_reach_is_refused_naming_the_directory_in_the_way() {
+    let (parent, ws) = under_a_closed_parent("closed-ws", "ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("in.txt"), "input").unwrap();
+    for p in [&ws, &ws.join("in.txt")] {
+        std::os::unix::fs::chown(p, Some(4243), Some(4243)).unwrap();
+    }
+    let args = [
+        "sandbox",
+        "run",
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "cat in.txt; echo out > out.txt",
+    ];
+    for backend in ["bwrap", "gvisor"] {
+        let o = moat()
+            .args(["sandbox", "run", "--backend", backend])
+            .args(&args[2..])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(125), "{backend}: {}", stderr(&o));
+        let err = stderr(&o);
+        let fix = format!("chmod o+x {}", parent.display());
+        assert!(
+            err.contains(&format!("--workspace {}", ws.display())) && err.contains(&fix),
+            "{backend}: {err}"
+        );
+        assert!(!err.contains("Can't find source path"), "{err}");
+    }
+    // Nothing ran: the workspace is as it was.
+    assert!(!ws.join("out.txt").exists());
+    // The fix the message names works.
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "input");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("out.txt")).unwrap(),
+        "out\n"
+    );
+}
+
+#[test]
+fn a_runtime_dir_the_sandboxes_cannot_reach_is_refused_naming_the_setting() {
+    let (parent, run_dir) = under_a_closed_parent("closed-run", "run");
+    let o = moat()
+        .env("MOAT_RUNTIME_DIR", &run_dir)
+        .args(["sandbox", "run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("MOAT_RUNTIME_DIR")
+            && err.contains(&format!("chmod o+x {}", parent.display())),
+        "{err}"
+    );
+    assert!(
+        !run_dir.exists(),
+        "nothing was created under the closed parent"
+    );
+}
+
+/// A dead lease where moat kept leases before they moved to the runtime
+/// directory (`<data>/leases`) is cleaned up like one in the new place.
+#[test]
+fn a_dead_lease_in_the_old_place_under_the_data_dir_is_swept() {
+    let s = scratch().join("legacy");
+    let lease = s.join("data").join("leases").join("tmp-00000000000000aa");
+    let g1 = lease.join("g1");
+    std::fs::create_dir_all(&g1).unwrap();
+    std::fs::write(lease.join("uid"), "1000000042").unwrap();
+    std::fs::write(lease.join("lock"), "").unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "moat-lease"])
+        .arg(&g1)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mounting the old lease's tmpfs");
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(g1.to_str().unwrap())
+    };
+    assert!(mounted());
+    let o = moat()
+        .env("MOAT_DATA_DIR", s.join("data"))
+        .args(["sandbox", "run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!mounted(), "the old lease's tmpfs is still mounted");
+    assert!(!lease.exists(), "the old lease's directory is still there");
+}
+
 #[test]
 fn no_network_and_no_host_environment_inside() {
     let o = moat()
@@ -356,7 +487,11 @@ fn a_killed_moat_leaves_nothing_after_the_next_start() {
         c.env("MOAT_DATA_DIR", s.join("data"));
         c
     };
-    let leases = s.join("data").join("leases");
+    let leases = moat_sandbox::leases_dir(&moat_sandbox::EngineConfig {
+        data_dir: s.join("data"),
+        runtime_dir: scratch().join("run"),
+        init_path: PathBuf::new(),
+    });
     let mut child = own()
         .args([
             "sandbox",

@@ -10,6 +10,7 @@ mod gwkit;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver};
@@ -242,9 +243,10 @@ fn sigterm_lets_the_running_turn_finish_and_leaves_nothing_running() {
     let cfg = plain_config(&dir);
     let m = random_hex(8);
     let sleeper = format!("sleep 2.{}", random_digits(6));
-    let data_text = data.to_str().unwrap().to_string();
 
     let mut up = Up::start(&data, &cfg);
+    // Sandboxes' command lines name their lease directories.
+    let data_text = leases_of(&data).to_str().unwrap().to_string();
     let c = up.client();
     // The warm pool is sandboxes on the host (so the final check can fail).
     assert!(
@@ -278,6 +280,39 @@ fn sigterm_lets_the_running_turn_finish_and_leaves_nothing_running() {
             .any(|r| r["kind"] == "turn" && r["state"] == "done"),
         "{recs:#?}"
     );
+}
+
+/// A data directory below a directory only root may enter (mode 0700, as
+/// `/root` is): moat up starts and answers, its sandboxes' files are under
+/// the runtime directory, and the closed parent is left as it was.
+#[test]
+fn a_data_dir_under_a_closed_parent_starts_and_answers() {
+    let dir = fresh_dir("closed");
+    let parent = dir.join("parent");
+    std::fs::create_dir_all(&parent).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let data = parent.join("moat");
+    let cfg = plain_config(&dir);
+    let mut up = Up::start(&data, &cfg);
+    let m = random_hex(8);
+    let c = up.client();
+    assert_eq!(c.post("t", &format!("echo closed-{m}; id -u")).status, 202);
+    let mut sse = c.events("t").expect("events");
+    let evs = sse.answers(1);
+    assert_eq!(
+        answers_of(&evs),
+        vec![(format!("closed-{m}\n1000\n"), true)],
+        "{evs:#?}; stderr:\n{}",
+        up.stderr.lock().unwrap()
+    );
+    drop(sse);
+    assert!(!data.join("leases").exists());
+    assert_eq!(
+        std::fs::metadata(&parent).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+    up.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(30)).success());
 }
 
 /// `moat chat` from a pipe: each line is a message and gets its answer, in

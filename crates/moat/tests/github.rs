@@ -983,6 +983,95 @@ t push_master git push origin HEAD:master
         .contains(&"refs/heads/release".to_string()));
 }
 
+/// Every git on this machine (Debian's, and the newer one under /usr/local
+/// that the sandboxes' PATH finds first): a missing one fails the test.
+const GITS: [&str; 2] = ["/usr/bin/git", "/usr/local/bin/git"];
+
+/// A refused push reads as git's own refusal in every git version: the
+/// `[remote rejected]` line and moat's `remote: moat:` reason, never an
+/// `RPC failed` with an HTTP status; and the fake GitHub's repository got
+/// nothing (its branches are as they were).
+fn git_push_refusal_reads_the_same_in_each_git(b: Backend) {
+    for g in GITS {
+        assert!(
+            Path::new(g).is_file(),
+            "{g} is not installed: this test runs both gits moat's machines have (Debian's, and a newer one under /usr/local/bin, which scripts/setup does not install)"
+        );
+    }
+    let fake = FakeGithub::start();
+    let sb = Sandbox::new(b, "gh-git-each");
+    let mut script = GIT_SETUP.to_string();
+    for (i, g) in GITS.iter().enumerate() {
+        script += &format!(
+            r#"
+echo "GIT{i}=$({g} --version)"
+t clone{i} {g} clone -q https://github.com/@O@/@R@.git /tmp/r{i}
+cd /tmp/r{i} || exit 3
+echo change{i} > f{i}.txt && {g} add f{i}.txt && {g} commit -q -m change{i}
+t push_main{i} {g} push origin HEAD:main
+t push_both{i} {g} push origin HEAD:feature-each{i} HEAD:refs/heads/master
+t push_delete{i} {g} push origin :main
+head -c 3000000 /dev/urandom > big{i} && {g} add big{i} && {g} commit -q -m big{i}
+t push_big{i} {g} push origin HEAD:main
+t clone_shallow{i} {g} clone -q --depth 1 https://github.com/@O@/@R@.git /tmp/s{i}
+cd /tmp/s{i} || exit 3
+echo shallow{i} > s{i}.txt && {g} add s{i}.txt && {g} commit -q -m shallow{i}
+t push_shallow{i} {g} push origin HEAD:main
+cd /
+"#
+        );
+    }
+    let out = run(&sb, &fake, &["--github", &repo_arg(REPO)], &script);
+    assert_ok(&out);
+    let p = out.probes();
+    let reason = "remote: moat: pushes to the protected branch";
+    for (i, g) in GITS.iter().enumerate() {
+        let version = line(&out.stdout, &format!("GIT{i}="));
+        p.succeeded(&format!("clone{i}"), "");
+        p.succeeded(&format!("clone_shallow{i}"), "");
+        for (name, refname, branch) in [
+            ("push_main", "main", "main"),
+            ("push_both", "master", "master"),
+            ("push_delete", "main", "main"),
+            // A pack over git's 1 MiB post buffer: sent chunked, after a probe.
+            ("push_big", "main", "main"),
+            // From a shallow clone: `shallow` lines come before the commands.
+            ("push_shallow", "main", "main"),
+        ] {
+            let name = format!("{name}{i}");
+            let o = p.out(&name);
+            p.failed(&name, None, "");
+            assert!(
+                o.contains(&format!("{reason} {branch} are refused")),
+                "{g} ({version}) {name}: no moat reason: {o}"
+            );
+            assert!(
+                o.contains("! [remote rejected]") && o.contains(&format!(" {refname} (")),
+                "{g} ({version}) {name}: no [remote rejected] line for {refname}: {o}"
+            );
+            assert!(
+                !o.contains("RPC failed") && !o.contains("HTTP 403"),
+                "{g} ({version}) {name}: {o}"
+            );
+        }
+    }
+    // Nothing reached the repository: its branches are as they were.
+    assert_eq!(
+        fake.branch(REPO, "main"),
+        Some(fake.main0.clone()),
+        "main moved"
+    );
+    assert_eq!(fake.branch(REPO, "master"), None, "master was created");
+    for i in 0..GITS.len() {
+        assert_eq!(fake.branch(REPO, &format!("feature-each{i}")), None);
+    }
+    assert!(
+        fake.pushed_refs().is_empty(),
+        "a refused push reached receive-pack: {:?}",
+        fake.pushed_refs()
+    );
+}
+
 const API_PY: &str = r#"
 import json, os, urllib.request
 req = urllib.request.Request("https://api.github.com/repos/%s" % os.environ["REPO"],
@@ -1905,6 +1994,7 @@ fn github_app_key_on_one_line_is_accepted() {
 
 net_tests! {
     github_git_clone_push_feature_and_protected_main => git_push_protection;
+    github_a_refused_push_reads_the_same_in_each_git => git_push_refusal_reads_the_same_in_each_git;
     github_api_through_curl_and_python => api_clients;
     github_api_writes_to_protected_branches_are_refused => api_push_protection;
     github_gh_cli_works_unchanged => gh_cli;

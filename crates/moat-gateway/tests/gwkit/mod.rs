@@ -61,6 +61,16 @@ pub fn scratch() -> &'static Path {
     })
 }
 
+/// Where the sandboxes of a gateway on data directory `data` keep their
+/// leases (under the tests' shared runtime directory).
+pub fn leases_of(data: &Path) -> PathBuf {
+    moat_sandbox::leases_dir(&EngineConfig {
+        data_dir: data.to_path_buf(),
+        runtime_dir: scratch().join("run"),
+        init_path: init_path(),
+    })
+}
+
 /// A fresh directory below `scratch()`, mode 0711.
 pub fn fresh_dir(name: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
