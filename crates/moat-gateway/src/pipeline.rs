@@ -331,7 +331,7 @@ impl Gateway {
         Ok(())
     }
 
-    fn audit(&self, kind: &str, fields: serde_json::Value) {
+    pub(crate) fn audit(&self, kind: &str, fields: serde_json::Value) {
         if let Err(e) = self.inner.audit.append(kind, fields) {
             tracing::error!(error = %e, "could not write an audit record");
         }

@@ -302,6 +302,10 @@ pub struct WebConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
     pub auth: WebAuth,
+    /// Names besides the listening address that moat's HTTP listeners answer
+    /// to (`web.allowed_hosts`: a reverse proxy's public name); every other
+    /// `Host` is refused (ATTACKS W1).
+    pub allowed_hosts: Vec<crate::hosts::HostPort>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -565,6 +569,7 @@ struct RawWeb {
     header: Option<String>,
     token_env: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    allowed_hosts: Option<Vec<String>>,
     // Present only to refuse them with a precise message: secrets never go here.
     token: Option<toml::Value>,
     tokens: Option<toml::Value>,
@@ -1232,10 +1237,21 @@ impl GatewayConfig {
                 format!("{web_listen} is reachable from other machines, but auth = \"loopback\" believes whoever connects; listen on 127.0.0.1, or set auth = \"token\" or \"header\""),
             ));
         }
+        let mut allowed_hosts = Vec::new();
+        for (i, h) in w.allowed_hosts.unwrap_or_default().iter().enumerate() {
+            let parsed = crate::hosts::parse_host_port(h).ok_or_else(|| {
+                err(
+                    format!("web.allowed_hosts[{i}]"),
+                    format!("{h:?} is not a host name or IP address with an optional port; write it as a browser's Host header would, e.g. \"chat.example.com\" or \"chat.example.com:8443\" (no scheme, no path, no wildcard)"),
+                )
+            })?;
+            allowed_hosts.push(parsed);
+        }
         let web = WebConfig {
             enabled,
             listen: web_listen,
             auth,
+            allowed_hosts,
         };
 
         // [admin]

@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod credentials;
 pub mod gateway;
+pub mod hosts;
 pub mod network;
 pub mod paths;
 pub mod sandbox;

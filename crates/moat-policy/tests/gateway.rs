@@ -197,6 +197,12 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         "admins = []",
     ),
     ("[defaults]\nsandbox = \"vm\"", "defaults.sandbox", "\"pool\" or \"per-thread\""),
+    (
+        "[web]\nallowed_hosts = [\"chat.example.com\", \"https://chat.example.com\"]",
+        "web.allowed_hosts[1]",
+        "no scheme",
+    ),
+    ("[web]\nallowed_hosts = [\"*.example.com\"]", "web.allowed_hosts[0]", "no wildcard"),
     ("[defaults]\nidle_delete = \"7d\"", "defaults.idle_delete", "ms, s, m or h"),
     ("[defaults]\nidle_delete = \"10s\"", "defaults.idle_delete", "1m to"),
     ("[defaults]\nagent = \"gpt\"", "defaults.agent", "use \"builtin\", \"claude\""),
