@@ -503,6 +503,60 @@ fn a_retried_post_with_the_same_client_id_runs_once() {
     gw.stop();
 }
 
+/// When the turn that carried message `id` started, in ms after the message
+/// was received (both stamped by the gateway: no sandbox time in it).
+fn wait_before_turn(gw: &Gw, id: i64) -> i64 {
+    let store = &gw.gw.inner.store;
+    let m = store.message(id).unwrap().expect("the stored message");
+    let turn = m.turn_id.expect("the message's turn");
+    let t = store.turn(turn).unwrap().expect("the turn");
+    t.started_ms - m.ts_ms
+}
+
+#[test]
+fn a_web_message_starts_at_once_and_a_burst_during_its_turn_is_one_follow_up() {
+    // Issue 17: the web chat's default debounce (none set here) made every
+    // message wait 1.5 s before its turn even began.
+    let gw = Gw::start("at-once", &web_config(1, "", OPEN));
+    let c = gw.client(None);
+    let m = random_hex(8);
+    let slow = format!("sleep 1; echo a-{m}");
+    let a = post_id(&c, "b", &slow);
+    let mut sse = c.events("b").expect("events");
+    let running = format!("running: {slow}");
+    sse.until(WAIT, |v| {
+        kind(v) == "status" && v["text"] == running.as_str()
+    });
+    // Typed while the first turn runs: they wait for it, then go together.
+    let b = post_id(&c, "b", &format!("echo b-{m}"));
+    let cc = post_id(&c, "b", &format!("echo c-{m}"));
+    let evs = sse.answers(2);
+    assert_eq!(
+        answers_of(&evs),
+        vec![
+            (format!("a-{m}\n"), true),
+            (format!("b-{m}\nc-{m}\n"), true)
+        ]
+    );
+    let recs = gw.wait_audit("two turns", |r| {
+        r.iter().filter(|x| x["kind"] == "turn").count() == 2
+    });
+    let turns: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "turn").collect();
+    assert_eq!(turns[0]["messages"], json!([a]));
+    assert_eq!(turns[1]["messages"], json!([b, cc]));
+    // The first message's turn began as soon as the actor had it. The bound
+    // is a regression guard only, far below the old 1500 ms and far above
+    // the few ms it takes (the gap measured excludes the sandbox: it ends
+    // where the turn's row is written, before a lease is taken).
+    let waited = wait_before_turn(&gw, a);
+    assert!(
+        waited < 500,
+        "the first message waited {waited} ms for its turn"
+    );
+    drop(sse);
+    gw.stop();
+}
+
 #[test]
 fn quick_messages_become_one_turn_and_follow_ups_the_next() {
     let gw = Gw::start(

@@ -129,6 +129,18 @@ impl Platform {
             )),
         }
     }
+    /// The debounce a channel of this platform gets when neither it nor
+    /// `[defaults]` sets one: Slack users often split one request over several
+    /// quick messages, which should be one turn; the web chat and `moat chat`
+    /// send one complete message per Enter, which should start at once (a
+    /// quick second one runs as a follow-up turn).
+    pub fn default_debounce(self) -> Duration {
+        match self {
+            Self::Slack => Duration::from_millis(1500),
+            Self::Web | Self::Cli => Duration::ZERO,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Slack => "slack",
@@ -908,7 +920,8 @@ struct Settings {
     sandbox_kind: SandboxKind,
     idle_delete: Duration,
     agent: AgentPolicy,
-    debounce: Duration,
+    /// `None`: the platform's default (`Platform::default_debounce`).
+    debounce: Option<Duration>,
     rate: Rates,
     policy: SandboxPolicy,
 }
@@ -928,7 +941,7 @@ impl Settings {
             sandbox_kind: SandboxKind::Pool,
             idle_delete: Duration::from_secs(24 * 3600),
             agent: AgentPolicy::default(),
-            debounce: Duration::from_millis(1500),
+            debounce: None,
             rate: Rates {
                 user: Rate::parse("20/min").expect("valid"),
                 channel: Rate::parse("100/min").expect("valid"),
@@ -992,12 +1005,12 @@ impl Settings {
             ctx.mcp,
         )?;
         if let Some(d) = raw.debounce {
-            self.debounce = duration_in(
+            self.debounce = Some(duration_in(
                 &d,
                 &key("debounce"),
                 Duration::ZERO,
                 Duration::from_secs(60),
-            )?;
+            )?);
         }
         if let Some(r) = raw.rate {
             if let Some(u) = r.user {
@@ -1445,7 +1458,7 @@ impl GatewayConfig {
                     },
                 },
                 agent: s.agent,
-                debounce: s.debounce,
+                debounce: s.debounce.unwrap_or_else(|| platform.default_debounce()),
                 rate: s.rate,
                 policy: s.policy,
             });
