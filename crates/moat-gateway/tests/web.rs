@@ -1520,3 +1520,62 @@ fn attack_w1_a_rebound_name_gets_nothing_in_chromium() {
     drop(browser);
     gw.stop();
 }
+
+#[test]
+fn attack_w1_names_in_allowed_hosts_are_served_and_look_alikes_are_not() {
+    // Behind a reverse proxy that keeps the public name in Host.
+    let gw = Gw::start(
+        "w1-allowed",
+        &web_config(
+            1,
+            "allowed_hosts = [\"chat.example.test\", \"alt.example.test:8443\"]",
+            &format!("{OPEN}\ndebounce = \"0ms\""),
+        ),
+    );
+    let port = gw.web.port();
+    let get = |host: &str| raw_request(gw.web, &head("GET", "/api/me", Some(host), &[]), "").status;
+    for ok in [
+        "chat.example.test",
+        "CHAT.example.test:443",
+        "chat.example.test.",
+        "alt.example.test:8443",
+    ] {
+        assert_eq!(get(ok), 200, "{ok}");
+    }
+    for bad in [
+        "chat.example.test.evil.test",
+        "evilchat.example.test",
+        "example.test",
+        "alt.example.test",
+        "alt.example.test:443",
+        "evil.test",
+    ] {
+        assert_eq!(get(bad), 421, "{bad}");
+    }
+    assert_eq!(
+        get(&format!("127.0.0.1:{port}")),
+        200,
+        "its own address still"
+    );
+    let post = |origin: &str| {
+        raw_request(
+            gw.web,
+            &head(
+                "POST",
+                "/api/conversations/p/messages",
+                Some("chat.example.test"),
+                &[("Content-Type", "application/json"), ("Origin", origin)],
+            ),
+            &json!({"text": "true"}).to_string(),
+        )
+        .status
+    };
+    assert_eq!(post("https://chat.example.test"), 202);
+    assert_eq!(
+        post("https://alt.example.test"),
+        403,
+        "port 443 is not 8443"
+    );
+    assert_eq!(post("https://chat.example.test.evil.test"), 403);
+    gw.stop();
+}
