@@ -11,6 +11,13 @@
 //! both runners are warm again (the "warm pool" case); a second series sends
 //! the next message as soon as the previous answer arrives.
 //!
+//! A third series runs the **embedded default** (`moat up` with no
+//! configuration: `EMBEDDED_DEFAULT_TOML` with its two listeners moved to
+//! free ports, nothing else changed: its debounce, its pool of 2, its rate
+//! limit of 20 messages a minute per user, which the series stays under by
+//! sending one message every 3.1 s). MOAT_BENCH_EMBEDDED_ONLY=1 runs that
+//! series alone; MOAT_BENCH_EMBEDDED_N sets its samples (default 50).
+//!
 //! Prints Markdown tables (docs/BENCHMARKS.md). MOAT_BENCH_QUICK=1: a smoke
 //! run; MOAT_BENCH_N sets the number of samples (default 300).
 
@@ -46,11 +53,16 @@ fn row(name: &str, mut v: Vec<Duration>) -> String {
 
 /// One message, timed.
 fn sample(gw: &Gw, conn: &mut Conn, sse: &mut Sse, n: usize) -> Sample {
+    sample_on(gw, conn, sse, n, "bench")
+}
+
+/// One message to conversation `thread`, timed.
+fn sample_on(gw: &Gw, conn: &mut Conn, sse: &mut Sse, n: usize, thread: &str) -> Sample {
     let body = json!({ "text": format!("echo {n}") }).to_string();
     let t0 = Instant::now();
     let r = conn.request(
         "POST",
-        "/api/conversations/bench/messages",
+        &format!("/api/conversations/{thread}/messages"),
         &[("Content-Type", "application/json")],
         Some(&body),
     );
@@ -123,7 +135,54 @@ fn table(title: &str, s: &[Sample]) {
     );
 }
 
+/// The embedded default, paced under its own rate limit: message to first
+/// byte of answer as a new user of `moat up` sees it.
+fn embedded(n: usize) {
+    let toml = moat_policy::gateway::EMBEDDED_DEFAULT_TOML
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
+    let gw = Gw::start("bench-embedded", &toml);
+    let mut conn = Conn::connect(gw.web);
+    let r = conn.request(
+        "POST",
+        "/api/conversations/embedded/messages",
+        &[("Content-Type", "application/json")],
+        Some(r#"{"text":"true"}"#),
+    );
+    assert_eq!(r.status, 202, "{r:?}");
+    let mut sse = gw
+        .client(None)
+        .events("embedded")
+        .expect("the event stream");
+    sse.answers(1);
+    let pace = Duration::from_millis(3100);
+    let mut last = Instant::now();
+    let mut samples = Vec::new();
+    for i in 0..n {
+        std::thread::sleep(pace.saturating_sub(last.elapsed()));
+        gw.wait_pool_idle(2);
+        last = Instant::now();
+        samples.push(sample_on(&gw, &mut conn, &mut sse, 20000 + i, "embedded"));
+    }
+    table(
+        &format!(
+            "Embedded default (`moat up` without a configuration): {n} messages, one every 3.1 s"
+        ),
+        &samples,
+    );
+    drop(sse);
+    gw.stop();
+}
+
 fn main() {
+    if std::env::var("MOAT_BENCH_EMBEDDED_ONLY").is_ok_and(|v| !v.is_empty()) {
+        let n = std::env::var("MOAT_BENCH_EMBEDDED_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
+        embedded(n);
+        return;
+    }
     let quick = std::env::var("MOAT_BENCH_QUICK").is_ok_and(|v| !v.is_empty());
     let n: usize = std::env::var("MOAT_BENCH_N")
         .ok()
@@ -176,4 +235,5 @@ fn main() {
     );
     drop(sse);
     gw.stop();
+    embedded(if quick { 5 } else { 50 });
 }

@@ -331,7 +331,7 @@ impl Gateway {
         Ok(())
     }
 
-    fn audit(&self, kind: &str, fields: serde_json::Value) {
+    pub(crate) fn audit(&self, kind: &str, fields: serde_json::Value) {
         if let Err(e) = self.inner.audit.append(kind, fields) {
             tracing::error!(error = %e, "could not write an audit record");
         }
@@ -559,7 +559,19 @@ impl Gateway {
                 }
             }
             if running.is_none() {
-                if let Some(batch) = ready.pop_front() {
+                if let Some(mut batch) = ready.pop_front() {
+                    // What the same user sent while this waited joins it: a
+                    // burst typed during a running turn is one follow-up
+                    // turn, also when the debounce is 0 (the web chat's).
+                    let user = batch.first().map(|p| p.user.clone());
+                    let mut i = 0;
+                    while i < ready.len() {
+                        if ready[i].first().map(|p| &p.user) == user.as_ref() {
+                            batch.extend(ready.remove(i).unwrap_or_default());
+                        } else {
+                            i += 1;
+                        }
+                    }
                     let cancel = CancelHandle::default();
                     let gw = self.clone();
                     let c = conv.clone();

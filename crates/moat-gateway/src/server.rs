@@ -209,25 +209,39 @@ pub async fn serve(
         ),
         _ => None,
     };
+    // The bound addresses (a port 0 resolved): the Host checks need them.
+    let local = |l: &tokio::net::TcpListener, addr: SocketAddr| {
+        l.local_addr()
+            .map_err(|source| ServeError::Listen { addr, source })
+    };
     let bound = Bound {
-        web: web.as_ref().and_then(|l| l.local_addr().ok()),
-        admin: admin.local_addr().unwrap_or(admin_addr),
-        slack: slack_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        web: web.as_ref().map(|l| local(l, web_cfg.listen)).transpose()?,
+        admin: local(&admin, admin_addr)?,
+        slack: match (&slack_listener, slack_cfg.listen) {
+            (Some(l), Some(addr)) => Some(local(l, addr)?),
+            _ => None,
+        },
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = Vec::new();
+    // Every listener answers only to its own address and the allowed names
+    // (ATTACKS W1).
+    let guard = |name: &'static str, at: SocketAddr| crate::web::guard::Guard::new(&gw, name, at);
     tasks.push(tokio::spawn(
-        axum::serve(admin, crate::web::admin_router(gw.clone()))
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
+        axum::serve(
+            admin,
+            guard("admin", bound.admin).wrap(crate::web::admin_router(gw.clone())),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
+        .into_future(),
     ));
     let mut events_beside_web = None;
-    if let (Some(r), Some(l)) = (events, slack_listener) {
+    if let (Some(r), Some(l), Some(at)) = (events, slack_listener, bound.slack) {
         tasks.push(tokio::spawn(
-            axum::serve(l, r)
+            axum::serve(l, guard("slack", at).wrap(r))
                 .with_graceful_shutdown(stopped(stop_rx.clone()))
                 .into_future(),
         ));
@@ -242,11 +256,12 @@ pub async fn serve(
             }));
         }
     }
-    if let Some(l) = web {
+    if let (Some(l), Some(at)) = (web, bound.web) {
         let mut router = crate::web::router(gw.clone(), tokens);
         if let Some(r) = events_beside_web {
             router = router.merge(r);
         }
+        let router = guard("web", at).wrap(router);
         let app = router.into_make_service_with_connect_info::<SocketAddr>();
         tasks.push(tokio::spawn(
             axum::serve(l, app)

@@ -11,6 +11,11 @@
 //! only, always as an attachment of type `application/octet-stream` with
 //! `nosniff` and a sandboxing CSP (an HTML artifact never runs on this origin).
 //!
+//! Every listener's routes sit behind `guard` (ATTACKS W1): a request whose
+//! `Host` is not the listener's own address (or a name in
+//! `web.allowed_hosts`), or that comes from another site's page, is refused
+//! before any route reads or queues anything.
+//!
 //! Must never: let one user read or write another user's conversation (or
 //! download its artifacts), or accept a request whose identity it could not
 //! establish.
@@ -29,6 +34,8 @@ use axum::{Json, Router};
 use moat_policy::gateway::{Platform, WebAuth};
 use serde::Deserialize;
 use serde_json::json;
+
+pub mod guard;
 
 use crate::hub::ConvEvent;
 use crate::pipeline::{Accepted, Gateway, Inbound};

@@ -10,6 +10,7 @@
 
 mod slack_kit;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -299,6 +300,97 @@ async fn forged_stale_and_unsigned_events_get_401_and_nothing_runs() {
     fake.wait_post(GENERAL, &ts, "forged-42").await;
     assert_eq!(events_total(gw.bound.admin, "accepted").await, 1);
     gw.stop().await;
+}
+
+/// A signed delivery sent with `host` in its Host header (and `origin`, if
+/// any), as raw HTTP/1.1.
+async fn post_as(addr: SocketAddr, host: &str, origin: Option<&str>, body: &str) -> Resp {
+    let mut h = signed_headers(body, now_secs());
+    if let Some(o) = origin {
+        h.push(("Origin".into(), o.into()));
+    }
+    let req = Conn::request_bytes(host, "/slack/events", &h, Some(body));
+    Conn::open(addr)
+        .await
+        .send_raw(&req)
+        .await
+        .expect("POST /slack/events")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_w1_slack_events_refuse_a_foreign_host_or_origin_and_slack_still_delivers() {
+    // On its own listener and beside the web chat: a page whose name was
+    // re-pointed at the gateway (DNS rebinding) reaches /slack/events with its
+    // own name in Host; a browser page elsewhere sends its Origin. Neither is
+    // served, even with a valid signature; Slack's own deliveries (no Origin)
+    // still are.
+    for mode in [Mode::Events, Mode::EventsBesideWeb] {
+        let (fake, gw) = start("w1-events", mode, OPEN).await;
+        let at = gw.events();
+        let port = at.port();
+        let ts = new_ts();
+        let body = fake.callback(
+            &new_event_id(),
+            mention(GENERAL, ALICE, &ts, None, "echo rebound-$((6*7))"),
+        );
+        for (host, origin, status) in [
+            (format!("evil.test:{port}"), None, 421),
+            (format!("127.0.0.1.evil.test:{port}"), None, 421),
+            (format!("127.0.0.1:{}", port ^ 1), None, 421),
+            (format!("[::1]:{port}"), None, 421),
+            (
+                format!("127.0.0.1:{port}"),
+                Some("http://evil.test".to_string()),
+                403,
+            ),
+            (format!("127.0.0.1:{port}"), Some("null".to_string()), 403),
+        ] {
+            let r = post_as(at, &host, origin.as_deref(), &body).await;
+            assert_eq!(r.status, status, "{mode:?} {host} {origin:?}: {r:?}");
+            assert!(!r.body.contains("rebound"), "the body is not echoed: {r:?}");
+        }
+        // /metrics on the admin address answers to its own address only.
+        let admin = gw.bound.admin;
+        let req = Conn::request_bytes(
+            &format!("evil.test:{}", admin.port()),
+            "/metrics",
+            &[],
+            None,
+        );
+        let m = Conn::open(admin)
+            .await
+            .send_raw(&req)
+            .await
+            .expect("GET /metrics");
+        assert_eq!(m.status, 421, "{m:?}");
+        assert!(!m.body.contains("moat_events_total"), "{m:?}");
+        assert_eq!(
+            gw.stored_count(),
+            0,
+            "{mode:?}: a refused delivery was stored"
+        );
+        assert!(
+            fake.calls().iter().all(|c| c.method == "auth.test"),
+            "Slack was called for a refused request:\n{}",
+            summary(&fake.calls())
+        );
+        let refused = gw
+            .audit()
+            .into_iter()
+            .filter(|r| r["kind"] == "http_refused")
+            .collect::<Vec<_>>();
+        assert!(
+            refused.iter().any(|r| r["reason"] == "foreign_host")
+                && refused.iter().any(|r| r["reason"] == "foreign_origin"),
+            "{refused:#?}"
+        );
+        // Slack's delivery: Host is the address it was sent to, no Origin.
+        let r = post_as(at, &at.to_string(), None, &body).await;
+        assert_eq!(r.status, 200, "{mode:?}: {r:?}");
+        fake.wait_post(GENERAL, &ts, "rebound-42").await;
+        assert_eq!(gw.stored_count(), 1);
+        gw.stop().await;
+    }
 }
 
 // ------------------------------------------------------------------ 3

@@ -129,6 +129,18 @@ impl Platform {
             )),
         }
     }
+    /// The debounce a channel of this platform gets when neither it nor
+    /// `[defaults]` sets one: Slack users often split one request over several
+    /// quick messages, which should be one turn; the web chat and `moat chat`
+    /// send one complete message per Enter, which should start at once (a
+    /// quick second one runs as a follow-up turn).
+    pub fn default_debounce(self) -> Duration {
+        match self {
+            Self::Slack => Duration::from_millis(1500),
+            Self::Web | Self::Cli => Duration::ZERO,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Slack => "slack",
@@ -302,6 +314,10 @@ pub struct WebConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
     pub auth: WebAuth,
+    /// Names besides the listening address that moat's HTTP listeners answer
+    /// to (`web.allowed_hosts`: a reverse proxy's public name); every other
+    /// `Host` is refused (ATTACKS W1).
+    pub allowed_hosts: Vec<crate::hosts::HostPort>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -565,6 +581,7 @@ struct RawWeb {
     header: Option<String>,
     token_env: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    allowed_hosts: Option<Vec<String>>,
     // Present only to refuse them with a precise message: secrets never go here.
     token: Option<toml::Value>,
     tokens: Option<toml::Value>,
@@ -903,7 +920,8 @@ struct Settings {
     sandbox_kind: SandboxKind,
     idle_delete: Duration,
     agent: AgentPolicy,
-    debounce: Duration,
+    /// `None`: the platform's default (`Platform::default_debounce`).
+    debounce: Option<Duration>,
     rate: Rates,
     policy: SandboxPolicy,
 }
@@ -923,7 +941,7 @@ impl Settings {
             sandbox_kind: SandboxKind::Pool,
             idle_delete: Duration::from_secs(24 * 3600),
             agent: AgentPolicy::default(),
-            debounce: Duration::from_millis(1500),
+            debounce: None,
             rate: Rates {
                 user: Rate::parse("20/min").expect("valid"),
                 channel: Rate::parse("100/min").expect("valid"),
@@ -987,12 +1005,12 @@ impl Settings {
             ctx.mcp,
         )?;
         if let Some(d) = raw.debounce {
-            self.debounce = duration_in(
+            self.debounce = Some(duration_in(
                 &d,
                 &key("debounce"),
                 Duration::ZERO,
                 Duration::from_secs(60),
-            )?;
+            )?);
         }
         if let Some(r) = raw.rate {
             if let Some(u) = r.user {
@@ -1232,10 +1250,21 @@ impl GatewayConfig {
                 format!("{web_listen} is reachable from other machines, but auth = \"loopback\" believes whoever connects; listen on 127.0.0.1, or set auth = \"token\" or \"header\""),
             ));
         }
+        let mut allowed_hosts = Vec::new();
+        for (i, h) in w.allowed_hosts.unwrap_or_default().iter().enumerate() {
+            let parsed = crate::hosts::parse_host_port(h).ok_or_else(|| {
+                err(
+                    format!("web.allowed_hosts[{i}]"),
+                    format!("{h:?} is not a host name or IP address with an optional port; write it as a browser's Host header would, e.g. \"chat.example.com\" or \"chat.example.com:8443\" (no scheme, no path, no wildcard)"),
+                )
+            })?;
+            allowed_hosts.push(parsed);
+        }
         let web = WebConfig {
             enabled,
             listen: web_listen,
             auth,
+            allowed_hosts,
         };
 
         // [admin]
@@ -1429,7 +1458,7 @@ impl GatewayConfig {
                     },
                 },
                 agent: s.agent,
-                debounce: s.debounce,
+                debounce: s.debounce.unwrap_or_else(|| platform.default_debounce()),
                 rate: s.rate,
                 policy: s.policy,
             });

@@ -5,6 +5,7 @@ pub mod agents;
 pub mod credentials;
 pub mod gateway;
 pub mod gitconfig;
+pub mod hosts;
 pub mod network;
 pub mod paths;
 pub mod sandbox;

@@ -197,6 +197,12 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         "admins = []",
     ),
     ("[defaults]\nsandbox = \"vm\"", "defaults.sandbox", "\"pool\" or \"per-thread\""),
+    (
+        "[web]\nallowed_hosts = [\"chat.example.com\", \"https://chat.example.com\"]",
+        "web.allowed_hosts[1]",
+        "no scheme",
+    ),
+    ("[web]\nallowed_hosts = [\"*.example.com\"]", "web.allowed_hosts[0]", "no wildcard"),
     ("[defaults]\nidle_delete = \"7d\"", "defaults.idle_delete", "ms, s, m or h"),
     ("[defaults]\nidle_delete = \"10s\"", "defaults.idle_delete", "1m to"),
     ("[defaults]\nagent = \"gpt\"", "defaults.agent", "use \"builtin\", \"claude\""),
@@ -672,11 +678,39 @@ fn unset_settings_take_the_documented_defaults() {
             idle_delete: Duration::from_secs(24 * 3600)
         }
     );
-    assert_eq!(ch.debounce, Duration::from_millis(1500));
+    // `moat chat` sends complete messages: no debounce unless one is set.
+    assert_eq!(ch.debounce, Duration::ZERO);
     assert_eq!(ch.rate.user.to_string(), "20/min");
     assert_eq!(ch.rate.channel.to_string(), "100/min");
     assert!(ch.admins.is_empty() && ch.users.is_empty());
     assert_eq!(ch.sandbox_policy(), moat_policy::SandboxPolicy::default());
+}
+
+#[test]
+fn debounce_defaults_per_platform_and_an_explicit_one_wins() {
+    // Slack bursts become one turn; a web or CLI message starts at once.
+    let c = parse(
+        "[[channel]]\nplatform = \"slack\"\nid = \"*\"\n\
+         [[channel]]\nplatform = \"web\"\nid = \"*\"\n\
+         [[channel]]\nplatform = \"web\"\nid = \"bob\"\ndebounce = \"300ms\"",
+    );
+    let d: Vec<Duration> = c.channels.iter().map(|c| c.debounce).collect();
+    assert_eq!(
+        d,
+        [
+            Duration::from_millis(1500),
+            Duration::ZERO,
+            Duration::from_millis(300)
+        ]
+    );
+    let e = moat_policy::gateway::GatewayConfig::embedded_default();
+    assert_eq!(
+        e.channels[0].debounce,
+        Duration::ZERO,
+        "the embedded web chat"
+    );
+    let c = parse("[defaults]\ndebounce = \"2s\"\n[[channel]]\nplatform = \"web\"\nid = \"*\"");
+    assert_eq!(c.channels[0].debounce, Duration::from_secs(2));
 }
 
 #[test]

@@ -47,12 +47,14 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .context("starting the gateway's runtime")?;
     let secret: moat_gateway::server::SecretFn = Arc::new(move |k: &str| secrets.get(k));
     rt.block_on(async move {
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("a SIGTERM handler");
+        // The handlers are in place before anything listens: a SIGTERM that
+        // comes right after "ready" stops moat cleanly instead of killing it.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("a SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("a SIGINT handler")?;
+        let shutdown = async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
         };
@@ -67,13 +69,17 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 if let Some(web) = bound.web {
                     println!("moat: web chat on http://{web}/");
                 }
+                if let Some(slack) = bound.slack {
+                    println!("moat: Slack events on http://{slack}/slack/events");
+                }
                 println!("moat: metrics on http://{}/metrics", bound.admin);
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
             },
             shutdown,
         )
-        .await
+        .await?;
+        Ok::<(), anyhow::Error>(())
     })?;
     println!("moat: stopped");
     Ok(())

@@ -472,6 +472,27 @@ impl Conn {
         body: Option<&str>,
     ) -> Resp {
         self.send_head(method, path, headers, body.unwrap_or("").as_bytes());
+        self.read_response()
+    }
+
+    /// Sends `head` exactly as written (request line and header lines, each
+    /// ending in CRLF, without the empty line; no Host is added) and `body`
+    /// with its Content-Length, and reads the whole response.
+    pub fn raw(&mut self, head: &str, body: &str) -> Resp {
+        let mut req = head.to_string();
+        if !body.is_empty() {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        self.stream
+            .write_all(req.as_bytes())
+            .expect("sending a request");
+        self.read_response()
+    }
+
+    /// Reads one whole response.
+    fn read_response(&mut self) -> Resp {
         let (status, headers) = self.read_head();
         let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let body = if let Some(len) = get("content-length") {
@@ -530,6 +551,11 @@ fn take_chunk(raw: &mut Vec<u8>) -> Option<Option<Vec<u8>>> {
     let data = raw[line_end + 2..line_end + 2 + size].to_vec();
     raw.drain(..line_end + 2 + size + 2);
     Some(Some(data))
+}
+
+/// One request written as-is (see `Conn::raw`) on a fresh connection.
+pub fn raw_request(addr: SocketAddr, head: &str, body: &str) -> Resp {
+    Conn::connect(addr).raw(&format!("{head}Connection: close\r\n"), body)
 }
 
 /// One request on a fresh connection.
