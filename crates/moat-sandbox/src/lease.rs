@@ -556,6 +556,7 @@ impl Lease {
         let base = self
             .runtime_dir
             .join("views")
+            .join(&self.cgroup_scope)
             .join(&self.id)
             .join(self.instances.to_string());
         let empty = self.runtime_dir.join("empty");

@@ -150,7 +150,7 @@ impl Engine {
                 "cleaned up after a moat process that died"
             );
         }
-        sweep_views(&config);
+        sweep_views(&config, &cgroup_scope, &leases);
         let installed_init = install_init(&config)?;
         let etc_dir = prepare_etc(&config.runtime_dir)?;
         let mask_sources = prepare_masks(&config.runtime_dir)?;
@@ -394,12 +394,12 @@ pub fn sweep(leases_dir: &Path, scope: &str) -> Swept {
 }
 
 /// Unmounts the socket-proof views of leases no live moat holds (a crash).
-fn sweep_views(config: &EngineConfig) {
-    let Ok(rd) = std::fs::read_dir(config.runtime_dir.join("views")) else {
+fn sweep_views(config: &EngineConfig, scope: &str, leases: &Path) {
+    let Ok(rd) = std::fs::read_dir(config.runtime_dir.join("views").join(scope)) else {
         return;
     };
     for e in rd.flatten() {
-        let lease_dir = config.data_dir.join("leases").join(e.file_name());
+        let lease_dir = leases.join(e.file_name());
         let stale =
             !lease_dir.exists() || matches!(storage::Storage::adopt_stale(&lease_dir), Ok(Some(_)));
         if stale {

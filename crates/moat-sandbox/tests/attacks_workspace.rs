@@ -193,18 +193,23 @@ per_backend! {
         // Files still read and write through to the host directory.
         let o = sh(&mut l, "echo written > /workspace/out.txt && cat /workspace/README");
         assert_eq!(o.stdout, "hello\n", "{o:?}");
+        let id = l.id().to_string();
         l.destroy().unwrap();
+        assert_eq!(mounts_with(&id), Vec::<String>::new(), "a view of the lease is still mounted");
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(hits.load(Ordering::SeqCst), 0, "a host socket accepted a connection from the sandbox");
         assert_eq!(std::fs::read_to_string(ws.join("out.txt")).unwrap(), "written\n");
         let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(ws.join("out.txt")).unwrap());
         assert_eq!(owner, 4546, "a written file must stay the owner's");
         // No overlay mount or work directory is left behind.
-        assert_eq!(mounts_with("moat-overlay"), Vec::<String>::new());
         assert_eq!(mounts_with(&ws.to_string_lossy()), Vec::<String>::new());
         let parent = ws.parent().unwrap();
         let left: Vec<_> = std::fs::read_dir(parent).unwrap().flatten()
-            .filter(|e| e.file_name().to_string_lossy().contains("moat-overlay")).collect();
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with(&format!(".{}.moat-overlay", ws.file_name().unwrap().to_string_lossy()))
+            })
+            .collect();
         assert!(left.is_empty(), "work directories left: {left:?}");
     };
 }
