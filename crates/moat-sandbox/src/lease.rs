@@ -630,6 +630,19 @@ impl Lease {
                 self.findings.push(f);
             }
         }
+        // A kept (named) lease's own files outlive the turn too, and an
+        // operator may look at them on the host (a per-thread workspace):
+        // hand them back the same way.
+        if self.named {
+            if let Some(st) = &self.storage {
+                for root in [st.workspace(), st.home()] {
+                    for f in crate::handback::hand_back(&root, self.host_uid, &[], false) {
+                        tracing::warn!(lease = %self.id, root = %root.display(), "hand-back: {f}");
+                        self.findings.push(f);
+                    }
+                }
+            }
+        }
         for g in &self.watched_git {
             // Through the view while one is mounted (see `HandBack::view`).
             let through = self

@@ -132,6 +132,25 @@ per_backend! {
         assert!(git(repo, &["status", "--porcelain"]).status.success());
     };
 
+    attack_f8_a_kept_per_thread_workspace_is_handed_back_too => |kind| {
+        // A named lease (the gateway's per-thread sandbox) keeps its files
+        // between turns; an operator may run git in them on the host.
+        let e = engine(kind);
+        let name = token("f8-kept");
+        let mut l = e
+            .lease(policy(kind), LeaseOptions { name: Some(name), ..Default::default() })
+            .unwrap();
+        let o = sh(&mut l, "mkdir -p repo && cd repo && git init -q && git config core.fsmonitor 'touch pwned-kept; false' && mkdir -p ~/h && cd ~/h && git init -q && git config core.pager 'touch pwned-home' && echo planted");
+        assert_eq!(o.stdout, "planted\n", "{o:?}");
+        let ws = l.workspace_dir();
+        let home = l.home_dir();
+        git(&ws.join("repo"), &["status", "--porcelain"]);
+        assert_eq!(markers(&ws), Vec::<String>::new(), "host git ran the kept workspace's program");
+        let cfg = std::fs::read_to_string(home.join("h/.git/config")).unwrap();
+        assert!(!cfg.contains("pager"), "{cfg}");
+        l.destroy().unwrap();
+    };
+
     attack_f8_setuid_and_device_nodes_do_not_survive_hand_back => |kind| {
         let dir = host_repo("f8-modes");
         let repo = dir.path();
