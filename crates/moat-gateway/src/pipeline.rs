@@ -759,7 +759,10 @@ impl Gateway {
                         held.lease().stop();
                     }
                     let collected = crate::artifacts::collect(held.lease(), &limits);
-                    (held, out, collected)
+                    // What the hand-back changed in host directories the
+                    // sandbox could write (docs/workspace.md), for the audit.
+                    let handed_back = held.lease().take_findings();
+                    (held, out, (collected, handed_back))
                 });
                 while let Some(ev) = rx.recv().await {
                     match ev {
@@ -811,8 +814,18 @@ impl Gateway {
                     }
                 }
                 match job.await {
-                    Ok((held, out, found)) => {
+                    Ok((held, out, (found, handed_back))) => {
                         self.give_back(&conv, held).await;
+                        for f in handed_back.iter().take(MAX_REFUSALS_AUDITED) {
+                            self.audit(
+                                "hand-back",
+                                json!({
+                                    "conversation_id": conv.id,
+                                    "turn_id": turn_id,
+                                    "change": clip(&f.to_string(), 300),
+                                }),
+                            );
+                        }
                         collected = found;
                         out
                     }

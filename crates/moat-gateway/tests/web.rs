@@ -1579,3 +1579,34 @@ fn attack_w1_names_in_allowed_hosts_are_served_and_look_alikes_are_not() {
     assert_eq!(post("https://chat.example.test.evil.test"), 403);
     gw.stop();
 }
+
+/// docs/threat-model.md F8 through the gateway: a per-thread conversation's
+/// sandbox plants a repository whose configuration would run a program at an
+/// operator's `git status` on the host; after the turn it is neutralised and the
+/// change is in the audit log.
+#[test]
+fn attack_f8_a_per_thread_workspace_is_handed_back_and_audited() {
+    let gw = Gw::start(
+        "f8-thread",
+        &web_config(
+            1,
+            "",
+            &format!("{OPEN}\ndebounce = \"0ms\"\nsandbox = \"per-thread\""),
+        ),
+    );
+    let c = gw.client(None);
+    let plant = "mkdir -p r && cd r && git init -q && git config core.fsmonitor 'touch pwned; false' && echo planted";
+    assert_eq!(c.post("f8", plant).status, 202);
+    let (a, ok) = answer(&c, "f8");
+    assert!(ok && a.contains("planted"), "{a}");
+    let recs = gw.audit_kind("hand-back");
+    assert!(
+        recs.iter().any(|r| r["change"]
+            .as_str()
+            .is_some_and(|c| c.contains("r/.git/config") && c.contains("core.fsmonitor"))),
+        "{recs:?}"
+    );
+    // The value (the command) is never in the audit record.
+    assert!(!recs.iter().any(|r| r.to_string().contains("touch pwned")));
+    gw.stop();
+}

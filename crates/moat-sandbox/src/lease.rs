@@ -594,6 +594,14 @@ impl Lease {
         Ok((env, views))
     }
 
+    /// Keeps a finding for [`Lease::take_findings`], at most 1,000 of them
+    /// (a caller that never takes them must not make the lease grow).
+    fn note_finding(&mut self, f: crate::handback::Finding) {
+        if self.findings.len() < 1000 {
+            self.findings.push(f);
+        }
+    }
+
     /// What the hand-back changed in host directories since the last call
     /// (each is also logged): for the caller to show the user and audit.
     pub fn take_findings(&mut self) -> Vec<crate::handback::Finding> {
@@ -623,24 +631,28 @@ impl Lease {
     /// config the sandbox wrote). Called after every command and at stop.
     fn clear_planted_git_files(&mut self) {
         let overlay = self.backend.needs_socket_proof_views();
+        let mut found = Vec::new();
         for hb in &self.hand_back {
             let through = hb.view.as_ref().unwrap_or(&hb.root);
             for f in crate::handback::hand_back(through, self.host_uid, &hb.protected, overlay) {
                 tracing::warn!(lease = %self.id, root = %hb.root.display(), "hand-back: {f}");
-                self.findings.push(f);
+                found.push(f);
             }
+        }
+        for f in found {
+            self.note_finding(f);
         }
         // A kept (named) lease's own files outlive the turn too, and an
         // operator may look at them on the host (a per-thread workspace):
         // hand them back the same way.
-        if self.named {
-            if let Some(st) = &self.storage {
-                for root in [st.workspace(), st.home()] {
-                    for f in crate::handback::hand_back(&root, self.host_uid, &[], false) {
-                        tracing::warn!(lease = %self.id, root = %root.display(), "hand-back: {f}");
-                        self.findings.push(f);
-                    }
-                }
+        let kept = match (&self.storage, self.named) {
+            (Some(st), true) => vec![st.workspace(), st.home()],
+            _ => Vec::new(),
+        };
+        for root in kept {
+            for f in crate::handback::hand_back(&root, self.host_uid, &[], false) {
+                tracing::warn!(lease = %self.id, root = %root.display(), "hand-back: {f}");
+                self.note_finding(f);
             }
         }
         for g in &self.watched_git {
