@@ -153,8 +153,8 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
         provider: Some(provider),
         host: pc.map(|c| c.upstream.host.clone()).unwrap_or_default(),
         port: pc.map(|c| c.upstream.port).unwrap_or(0),
-        // Only a path the door accepted is recorded as sent.
-        path: String::new(),
+        // As sent (hyper admits printable ASCII only), cut short.
+        path: rest.chars().take(512).collect(),
         model: None,
         stream: false,
         user: llm.cfg.user.clone(),
@@ -203,7 +203,6 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
     {
         return deny(&call, r, msg);
     }
-    call.path = rest.clone();
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
