@@ -188,7 +188,12 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
             })
             .unwrap_or("")
             .to_string();
-        echo_key(&mut s, &key, stream, &path);
+        if req.header("x-test-echo") == Some("gzip") {
+            // Labelled compressed: the door cannot look inside.
+            let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{key}", key.len());
+        } else {
+            echo_key(&mut s, &key, stream, &path);
+        }
         log.lock().unwrap().push(req);
         return;
     }
@@ -1217,6 +1222,8 @@ elif mode == "echo":
             continue
         res[name + "-plain"] = call("POST", path, dict(body, stream=False), {"x-test-echo": "1"})
         res[name + "-stream"] = call("POST", path, body, {"x-test-echo": "1"})
+    path, body = BODIES["anthropic"]
+    res["gzip"] = call("POST", path, dict(body, stream=False), {"x-test-echo": "gzip"})
 elif mode == "paths":
     for p in sys.argv[2:]:
         res[p] = call("POST", p, {"model": "claude-test", "max_tokens": 8, "messages": MSG})
@@ -1517,8 +1524,15 @@ fn attack_c5_echoed_key(b: Backend) {
             "{stream}"
         );
     }
+    // A compressed answer could hide a key from redaction: refused.
+    let gz = &v["gzip"];
+    assert_eq!(gz["status"], 502, "{gz}");
+    assert!(
+        gz["body"].as_str().unwrap().contains("compressed answer"),
+        "{gz}"
+    );
     let reqs = fake.requests();
-    assert_eq!(reqs.len(), 4, "{reqs:?}");
+    assert_eq!(reqs.len(), 5, "{reqs:?}");
     assert_swapped(&reqs, &keys);
 }
 

@@ -342,6 +342,34 @@ async fn forward(
     // The upstream's reason phrase would be passed on by hyper: not ours to pass.
     rparts.extensions.clear();
     llm.keys.headers(&mut rparts.headers);
+    // The door asked for `identity`: a compressed answer could hide a key
+    // from redaction and usage from the meter, so it is not passed on.
+    if rparts
+        .headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+    {
+        drop(rbody);
+        let (usage, _) = match rparts.status.is_success() {
+            true => est.charge(Usage::default(), false),
+            false => (Usage::default(), false),
+        };
+        llm.count(&st.cfg.lease, usage.total());
+        let msg = format!(
+            "moat: the upstream sent a compressed answer, which the door cannot inspect; charged {} tokens",
+            usage.total()
+        );
+        let (s, _, _) = Refusal::Upstream.shape(provider);
+        st.audit_llm(call.record(
+            "denied",
+            Some(msg.clone()),
+            Some(Refusal::Upstream),
+            s.as_u16(),
+            usage,
+        ));
+        return refusal_response(provider, Refusal::Upstream, &msg);
+    }
     let is_sse = rparts
         .headers
         .get(header::CONTENT_TYPE)
