@@ -287,6 +287,13 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
                     "choices":[{"index":0,"message":{"role":"assistant","content":"hello from fake openai"},"finish_reason":"stop"}],
                     "usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}),
             );
+        } else if !stream && doc["background"] == true {
+            // A background response: queued, its usage known only later.
+            reply(
+                &mut s,
+                "200 OK",
+                &json!({"id":"resp_fake","object":"response","status":"queued","model":doc["model"],"output":[],"usage":null}),
+            );
         } else if !stream {
             reply(
                 &mut s,
@@ -1372,7 +1379,8 @@ fn attack_c5_abandoned_streams(b: Backend) {
 /// A stream whose usage never comes is charged the request's output limit
 /// (or 32768 output tokens without one); a Chat Completions stream whose
 /// client did not ask for usage is asked for it upstream, counted, and the
-/// client does not see the extra chunk.
+/// client does not see the extra chunk; a background Responses call (no
+/// usage in its answer) is charged its limit.
 fn attack_c5_streams_without_usage(b: Backend) {
     let keys = Keys::new();
     let sb = Sandbox::new(b, "llm-c5-nousage");
@@ -1475,6 +1483,37 @@ echo "AFTER_O=$({o} -d '{{"model":"gpt-test","messages":[]}}')"
             .contains("did not come whole"),
         "{}",
         recs[2]
+    );
+
+    // A background Responses call answers at once without usage: charged
+    // its limit (max_output_tokens 500), so the next call is refused.
+    let r = r#"curl -sS -m 30 -w ' %{http_code}\n' "$OPENAI_BASE_URL/responses" -H "Authorization: Bearer $OPENAI_API_KEY" -H "content-type: application/json""#;
+    let script = format!(
+        r#"
+echo "BG=$({r} -d '{{"model":"gpt-test","input":"hi","background":true,"max_output_tokens":500}}')"
+echo "AFTER_BG=$({r} -d '{{"model":"gpt-test","input":"hi"}}')"
+"#
+    );
+    let out = run(&sb, &keys, &fake, &["--llm-budget", "40"], &script);
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert!(out.line("BG=").ends_with(" 200"), "{}", out.text());
+    let after = out.line("AFTER_BG=");
+    assert!(
+        after.ends_with(" 429") && after.contains("budget_exceeded"),
+        "{after}"
+    );
+    assert_eq!(wait_requests(&fake, 4).len(), 4);
+    let bg = llm_records(&sb)
+        .into_iter()
+        .rfind(|r| r["verdict"] == "allowed")
+        .unwrap();
+    assert_eq!(bg["output_tokens"].as_u64(), Some(500), "{bg}");
+    assert!(
+        bg["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the answer carried no usage; charged"),
+        "{bg}"
     );
     sb.audit().assert_well_formed();
 }

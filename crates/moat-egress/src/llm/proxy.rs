@@ -402,8 +402,18 @@ async fn forward(
             if let Ok(v) = serde_json::from_slice::<Value>(&b) {
                 usage.absorb(&v);
             }
+            // A generating call answered without usage (a background
+            // Responses call, say) still costs: charged its estimate.
+            let whole = !(est.generates && (200..300).contains(&status) && usage.total() == 0);
+            let (usage, estimated) = est.charge(usage, whole);
+            let reason = estimated.then(|| {
+                format!(
+                    "the answer carried no usage; charged {} tokens (output at the request's limit)",
+                    usage.total()
+                )
+            });
             llm.count(&st.cfg.lease, usage.total());
-            st.audit_llm(call.record("allowed", None, None, status, usage));
+            st.audit_llm(call.record("allowed", reason, None, status, usage));
             rparts.headers.remove(header::CONTENT_LENGTH);
             Response::from_parts(rparts, full(llm.keys.replace_all(&b)))
         }

@@ -73,17 +73,15 @@ impl Keys {
 }
 
 fn replace(data: &[u8], key: &[u8], with: &[u8]) -> Vec<u8> {
+    let finder = memchr::memmem::Finder::new(key);
     let mut out = Vec::with_capacity(data.len());
-    let mut i = 0;
-    while i < data.len() {
-        if data[i..].starts_with(key) {
-            out.extend_from_slice(with);
-            i += key.len();
-        } else {
-            out.push(data[i]);
-            i += 1;
-        }
+    let mut at = 0;
+    while let Some(i) = finder.find(&data[at..]) {
+        out.extend_from_slice(&data[at..at + i]);
+        out.extend_from_slice(with);
+        at += i + key.len();
     }
+    out.extend_from_slice(&data[at..]);
     out
 }
 

@@ -146,6 +146,8 @@ pub(crate) struct Estimate {
     pub input: u64,
     /// Output tokens: the request's limit, or [`FALLBACK_OUTPUT_TOKENS`].
     pub output: u64,
+    /// The endpoint generates output: a success without usage still cost.
+    pub generates: bool,
 }
 
 impl Estimate {
@@ -159,6 +161,7 @@ impl Estimate {
             } else {
                 0
             },
+            generates,
         }
     }
 
