@@ -1395,6 +1395,7 @@ echo "AFTER_A=$({a} -d '{{"model":"claude-test","max_tokens":8,"messages":[]}}')
     );
     let out = run(&sb, &keys, &fake, &["--llm-budget", "40"], &script);
     assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_no_real_key(&sb, &keys, &out);
     assert!(
         out.line("CUT_A=").contains("message_start"),
         "{}",
@@ -1417,6 +1418,7 @@ echo "AFTER_O=$({o} -d '{{"model":"gpt-test","messages":[]}}')"
     );
     let out = run(&sb, &keys, &fake, &["--llm-budget", "40"], &script);
     assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_no_real_key(&sb, &keys, &out);
     let chat = out.line("CHAT=");
     assert!(
         chat.contains("hello streamed")
@@ -1496,6 +1498,7 @@ echo "AFTER_BG=$({r} -d '{{"model":"gpt-test","input":"hi"}}')"
     );
     let out = run(&sb, &keys, &fake, &["--llm-budget", "40"], &script);
     assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_no_real_key(&sb, &keys, &out);
     assert!(out.line("BG=").ends_with(" 200"), "{}", out.text());
     let after = out.line("AFTER_BG=");
     assert!(
