@@ -337,6 +337,8 @@ pub(crate) struct LlmState {
     /// Tokens held for calls forwarded but not counted yet (in flight, or
     /// streams read on after their client left); see [`Pending`].
     reserved: AtomicU64,
+    /// Makes "judge the budget, then hold the call's estimate" one step.
+    admitting: std::sync::Mutex<()>,
 }
 
 /// A call the budget has not counted yet: until it is, the budget holds its
@@ -393,6 +395,7 @@ impl LlmState {
             tls,
             keys: redact::Keys::new(keys),
             reserved: AtomicU64::new(0),
+            admitting: std::sync::Mutex::new(()),
         })
     }
 
@@ -420,6 +423,16 @@ impl LlmState {
             self.cfg.channel.as_deref(),
             tokens,
         );
+    }
+
+    /// Lets a call go out if the budget allows, holding `tokens` for it
+    /// until it is counted; otherwise why not.
+    pub(crate) fn admit(&self, st: &Arc<crate::State>, tokens: u64) -> Result<Pending, String> {
+        let _one = self.admitting.lock().unwrap_or_else(|e| e.into_inner());
+        match self.spent() {
+            Some(msg) => Err(msg),
+            None => Ok(Pending::hold(st, tokens)),
+        }
     }
 
     /// Why a call may not go out now: the lease's or the user's budget is

@@ -225,9 +225,12 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
     };
     call.model = judged.model.clone();
     call.stream = judged.stream;
-    if let Some(msg) = llm.spent() {
-        return deny(&call, Refusal::BudgetSpent, msg);
-    }
+    let est = stream::Estimate::new(body_len, judged.max_output, judged.generates);
+    // Judged against the budget and held in it in one step, until counted.
+    let pending = match llm.admit(&st, est.tokens()) {
+        Ok(p) => p,
+        Err(msg) => return deny(&call, Refusal::BudgetSpent, msg),
+    };
     // The request upstream: same method, path under the base, no credential
     // or hop-by-hop header from the sandbox, the real key added.
     let up = &pc.upstream;
@@ -271,14 +274,11 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
     key_value.set_sensitive(true);
     headers.insert(key_header.0, key_value);
     let strip = judged.strip_usage_chunk;
-    let est = stream::Estimate::new(body_len, judged.max_output, judged.generates);
     let Ok(out) = out.body(Full::new(judged.body)) else {
         return deny(&call, Refusal::BadRequest, "moat: malformed request".into());
     };
     // The call runs in a task of its own: a client that hangs up does not
     // stop it from being counted.
-    // Held from before the budget's next check until this call is counted.
-    let pending = Pending::hold(&st, est.tokens());
     let task = tokio::spawn(forward(st.clone(), call, out, strip, est, pending));
     match task.await {
         Ok(r) => r,
