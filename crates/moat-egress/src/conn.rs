@@ -243,6 +243,10 @@ fn sni_matches(hello: &Hello, allowed: &Allowed) -> Result<(), String> {
         Hello::NotTls => {
             Err("the tunnel does not carry TLS; only TLS may pass through CONNECT".into())
         }
+        Hello::Ambiguous(why) => Err(format!(
+            "the TLS ClientHello names its server more than once ({why}); it must name {} once",
+            allowed.host
+        )),
         Hello::Tls { sni: None } if is_ip => Ok(()),
         Hello::Tls { sni: None } => Err(format!(
             "the TLS ClientHello names no server; it must name {}",

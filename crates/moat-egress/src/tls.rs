@@ -13,6 +13,10 @@ pub const MAX_HELLO: usize = 64 * 1024;
 pub enum Hello {
     /// A ClientHello; `sni` is the host_name entry of server_name, if any.
     Tls { sni: Option<String> },
+    /// A ClientHello that names its server more than one way (two entries in
+    /// server_name, or two server_name extensions): a server may route by a
+    /// name the door did not check (ATTACKS N7), so it is never forwarded.
+    Ambiguous(&'static str),
     /// The first bytes are not a TLS handshake record.
     NotTls,
 }
@@ -54,8 +58,10 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
                 ));
             }
             if handshake.len() >= body + 4 {
-                let sni = parse_sni(&handshake[4..body + 4]);
-                return Ok((Hello::Tls { sni }, raw));
+                return Ok(match parse_sni(&handshake[4..body + 4]) {
+                    Ok(sni) => (Hello::Tls { sni }, raw),
+                    Err(why) => (Hello::Ambiguous(why), raw),
+                });
             }
         }
     }
@@ -81,39 +87,79 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// The host_name of the server_name extension of a ClientHello body.
-pub fn parse_sni(body: &[u8]) -> Option<String> {
+/// The host_name of the server_name extension of a ClientHello body:
+/// `Ok(None)` when there is none or the body is malformed (the caller then
+/// refuses a hello that had to name a host), `Err` when the hello names its
+/// server more than once (two list entries, two extensions).
+pub fn parse_sni(body: &[u8]) -> Result<Option<String>, &'static str> {
+    Ok(walk_extensions(body)?.flatten())
+}
+
+/// `None`: malformed; `Some(None)`: no server_name; `Some(Some(name))`.
+fn walk_extensions(body: &[u8]) -> Result<Option<Option<String>>, &'static str> {
     let mut c = Cursor(body);
-    c.take(2 + 32)?; // legacy_version, random
-    let sid = c.u8()?;
-    c.take(sid)?;
-    let suites = c.u16()?;
-    c.take(suites)?;
-    let comp = c.u8()?;
-    c.take(comp)?;
-    let ext_len = c.u16()?;
-    let mut exts = Cursor(c.take(ext_len)?);
+    let parsed = (|| {
+        c.take(2 + 32)?; // legacy_version, random
+        let sid = c.u8()?;
+        c.take(sid)?;
+        let suites = c.u16()?;
+        c.take(suites)?;
+        let comp = c.u8()?;
+        c.take(comp)?;
+        let ext_len = c.u16()?;
+        c.take(ext_len)
+    })();
+    let Some(ext_block) = parsed else {
+        return Ok(None);
+    };
+    let mut exts = Cursor(ext_block);
+    let mut found: Option<Option<String>> = None;
     while !exts.0.is_empty() {
-        let kind = exts.u16()?;
-        let len = exts.u16()?;
-        let data = exts.take(len)?;
+        let (Some(kind), Some(len)) = (exts.u16(), exts.u16()) else {
+            return Ok(None);
+        };
+        let Some(data) = exts.take(len) else {
+            return Ok(None);
+        };
         if kind != 0 {
             continue;
         }
-        let mut list = Cursor(data);
-        let list_len = list.u16()?;
-        let mut names = Cursor(list.take(list_len)?);
-        while !names.0.is_empty() {
-            let name_type = names.u8()?;
-            let n = names.u16()?;
-            let name = names.take(n)?;
-            if name_type == 0 {
-                return std::str::from_utf8(name).ok().map(str::to_string);
-            }
+        if found.is_some() {
+            return Err("two server_name extensions");
         }
-        return None;
+        found = Some(server_name(data)?);
     }
-    None
+    Ok(Some(found.flatten()))
+}
+
+/// The one host_name entry of a server_name extension (`None`: malformed,
+/// or an entry of another name type).
+fn server_name(data: &[u8]) -> Result<Option<String>, &'static str> {
+    let mut list = Cursor(data);
+    let Some(list_len) = list.u16() else {
+        return Ok(None);
+    };
+    let Some(entries) = list.take(list_len).filter(|_| list.0.is_empty()) else {
+        return Ok(None);
+    };
+    let mut names = Cursor(entries);
+    let mut first: Option<(usize, &[u8])> = None;
+    while !names.0.is_empty() {
+        let (Some(name_type), Some(n)) = (names.u8(), names.u16()) else {
+            return Ok(None);
+        };
+        let Some(name) = names.take(n) else {
+            return Ok(None);
+        };
+        if first.is_some() {
+            return Err("more than one name in server_name");
+        }
+        first = Some((name_type, name));
+    }
+    Ok(match first {
+        Some((0, name)) => std::str::from_utf8(name).ok().map(str::to_string),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -122,22 +168,32 @@ pub(crate) mod tests {
 
     /// A minimal ClientHello record naming `sni` (or none).
     pub fn client_hello(sni: Option<&str>) -> Vec<u8> {
+        client_hello_with(sni.map(|n| vec![n]).unwrap_or_default().as_slice(), 1)
+    }
+
+    /// A ClientHello whose server_name lists `names`, in `copies` extensions.
+    pub fn client_hello_with(names: &[&str], copies: usize) -> Vec<u8> {
         let mut body = vec![0x03, 0x03];
         body.extend_from_slice(&[7u8; 32]);
         body.push(0); // session id
         body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one suite
         body.extend_from_slice(&[1, 0]); // null compression
         let mut exts = Vec::new();
-        if let Some(name) = sni {
-            let n = name.as_bytes();
-            let mut sn = Vec::new();
-            sn.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
-            sn.push(0);
-            sn.extend_from_slice(&(n.len() as u16).to_be_bytes());
-            sn.extend_from_slice(n);
-            exts.extend_from_slice(&[0, 0]);
-            exts.extend_from_slice(&(sn.len() as u16).to_be_bytes());
-            exts.extend_from_slice(&sn);
+        if !names.is_empty() {
+            let mut entries = Vec::new();
+            for name in names {
+                let n = name.as_bytes();
+                entries.push(0);
+                entries.extend_from_slice(&(n.len() as u16).to_be_bytes());
+                entries.extend_from_slice(n);
+            }
+            let mut sn = (entries.len() as u16).to_be_bytes().to_vec();
+            sn.extend_from_slice(&entries);
+            for _ in 0..copies {
+                exts.extend_from_slice(&[0, 0]);
+                exts.extend_from_slice(&(sn.len() as u16).to_be_bytes());
+                exts.extend_from_slice(&sn);
+            }
         }
         exts.extend_from_slice(&[0, 43, 0, 3, 2, 3, 4]); // supported_versions
         body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
@@ -203,12 +259,55 @@ pub(crate) mod tests {
     fn truncated_or_lying_lengths_give_none() {
         let rec = client_hello(Some("api.github.com"));
         let body = &rec[9..];
+        assert_eq!(parse_sni(body), Ok(Some("api.github.com".into())));
         for cut in 0..body.len() {
-            let _ = parse_sni(&body[..cut]); // must not panic
+            assert_eq!(parse_sni(&body[..cut]), Ok(None), "cut at {cut}");
+        }
+        // Any byte set to 0 or 0xff (lengths that lie): no panic, and a name
+        // found is never longer or shorter than the one sent.
+        for at in 0..body.len() {
+            for v in [0x00, 0xff] {
+                let mut bad = body.to_vec();
+                bad[at] = v;
+                if let Ok(Some(n)) = parse_sni(&bad) {
+                    assert!(
+                        n.len() == "api.github.com".len(),
+                        "byte {at} = {v:#x} gave {n:?}"
+                    );
+                }
+            }
         }
         let mut bad = body.to_vec();
         let n = bad.len();
-        bad[n - 10] = 0xff; // corrupt a length near the end
-        let _ = parse_sni(&bad);
+        bad[n - 10] = 0xff; // the extensions' lengths no longer add up
+        assert_eq!(parse_sni(&bad), Ok(None));
+    }
+
+    #[tokio::test]
+    async fn a_hello_naming_two_servers_is_ambiguous() {
+        for (names, copies, why) in [
+            (
+                &["front.test", "other.test"][..],
+                1,
+                "more than one name in server_name",
+            ),
+            (&["front.test", "front.test"][..], 1, "more than one name"),
+            (&["front.test"][..], 2, "two server_name extensions"),
+        ] {
+            let rec = client_hello_with(names, copies);
+            let (h, raw) = read_client_hello(&mut rec.as_slice()).await.unwrap();
+            assert_eq!(raw, rec);
+            match h {
+                Hello::Ambiguous(r) => assert!(r.contains(why), "{names:?}: {r}"),
+                other => panic!("{names:?} x{copies}: {other:?}"),
+            }
+        }
+        let one = client_hello_with(&["front.test"], 1);
+        assert_eq!(
+            read_client_hello(&mut one.as_slice()).await.unwrap().0,
+            Hello::Tls {
+                sni: Some("front.test".into())
+            }
+        );
     }
 }

@@ -1028,6 +1028,9 @@ attempt("split other", tunnel_bytes, FT, records(client_hello(["other.test"]), 6
 attempt("split front", tunnel_bytes, FT, records(client_hello(["front.test"]), 60))
 attempt("name type 1", tunnel_bytes, FT, records(client_hello(["front.test"], name_type=1)))
 attempt("two names other first", tunnel_bytes, FT, records(client_hello(["other.test", "front.test"])))
+attempt("two names front first", tunnel_bytes, FT, records(client_hello(["front.test", "other.test"])))
+attempt("two names both front", tunnel_bytes, FT, records(client_hello(["front.test", "front.test"])))
+attempt("two extensions", tunnel_bytes, FT, records(client_hello(["front.test"], copies=2)))
 attempt("not a hello", tunnel_bytes, FT, records(client_hello(["front.test"], hs_type=2)))
 attempt("huge hello", tunnel_bytes, FT, records(client_hello(["front.test"], pad=30000, suites=20000)))
 attempt("nul in name", tunnel_bytes, FT, records(client_hello(["front.test\x00.other.test"])))
@@ -1061,6 +1064,9 @@ attempt("nul in name", tunnel_bytes, FT, records(client_hello(["front.test\x00.o
         "split other",
         "name type 1",
         "two names other first",
+        "two names front first",
+        "two names both front",
+        "two extensions",
         "not a hello",
         "huge hello",
         "nul in name",
@@ -1102,6 +1108,16 @@ attempt("nul in name", tunnel_bytes, FT, records(client_hello(["front.test\x00.o
     audit.assert_denied("transparent-tls", "front.test", "names \"other.test\"");
     audit.assert_denied("transparent-tls", "front.test", "names no server");
     audit.assert_denied("connect", "front.test", "unreadable TLS ClientHello");
+    audit.assert_denied(
+        "connect",
+        "front.test",
+        "names its server more than once (more than one name in server_name)",
+    );
+    audit.assert_denied(
+        "connect",
+        "front.test",
+        "names its server more than once (two server_name extensions)",
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -60,7 +60,12 @@ impl Keys {
 
 /// A fake Anthropic Messages API and OpenAI Chat Completions / Responses API
 /// on one port. Checks the real key; a stream with `x-test-gate: NAME` stops
-/// after its first event until the client creates `/workspace/gate-NAME`.
+/// after its first event until the client creates `/workspace/gate-NAME`
+/// (then waits `x-test-pause-ms` more); `x-test-cut` ends a stream after its
+/// first event without its usage or its end; `x-test-echo` sends the key it
+/// received back in headers and body (a hostile or careless upstream). A Chat
+/// Completions stream carries its usage only when the request asks
+/// (`stream_options.include_usage`), as OpenAI's does.
 struct FakeLlm {
     port: u16,
     reqs: Arc<Mutex<Vec<Req>>>,
@@ -163,6 +168,35 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
     let gate = req
         .header("x-test-gate")
         .map(|g| ws.join(format!("gate-{g}")));
+    let pause = req
+        .header("x-test-pause-ms")
+        .and_then(|p| p.parse().ok())
+        .map(Duration::from_millis);
+    let gate_wait = |req: &mut Req| {
+        req.gated = gate.as_deref().map(wait_file);
+        if let Some(p) = pause {
+            std::thread::sleep(p);
+        }
+    };
+    let cut = req.header("x-test-cut").is_some();
+    if req.header("x-test-echo").is_some() {
+        let key = req
+            .header("x-api-key")
+            .or_else(|| {
+                req.header("authorization")
+                    .and_then(|a| a.strip_prefix("Bearer "))
+            })
+            .unwrap_or("")
+            .to_string();
+        if req.header("x-test-echo") == Some("gzip") {
+            // Labelled compressed: the door cannot look inside.
+            let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{key}", key.len());
+        } else {
+            echo_key(&mut s, &key, stream, &path);
+        }
+        log.lock().unwrap().push(req);
+        return;
+    }
     if path == "/v1/messages" {
         // https://docs.anthropic.com/en/api/messages, .../messages-streaming
         if req.header("x-api-key") != Some(ka) || req.header("authorization").is_some() {
@@ -200,6 +234,10 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
                     json!({"type":"message_start","message":{"id":"msg_fake","type":"message","role":"assistant","model":doc["model"],"content":[],"stop_reason":null,"usage":{"input_tokens":25,"cache_creation_input_tokens":3,"cache_read_input_tokens":7,"output_tokens":1}}}),
                 ),
             );
+            if cut {
+                log.lock().unwrap().push(req);
+                return;
+            }
             chunk(
                 &mut s,
                 &ev(
@@ -207,7 +245,7 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
                     json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}),
                 ),
             );
-            req.gated = gate.as_deref().map(wait_file);
+            gate_wait(&mut req);
             chunk(
                 &mut s,
                 &ev(
@@ -249,6 +287,13 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
                     "choices":[{"index":0,"message":{"role":"assistant","content":"hello from fake openai"},"finish_reason":"stop"}],
                     "usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}),
             );
+        } else if !stream && doc["background"] == true {
+            // A background response: queued, its usage known only later.
+            reply(
+                &mut s,
+                "200 OK",
+                &json!({"id":"resp_fake","object":"response","status":"queued","model":doc["model"],"output":[],"usage":null}),
+            );
         } else if !stream {
             reply(
                 &mut s,
@@ -266,17 +311,23 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
                     &mut s,
                     &d(c(json!({"role":"assistant","content":""}), Value::Null)),
                 );
-                req.gated = gate.as_deref().map(wait_file);
+                if cut {
+                    log.lock().unwrap().push(req);
+                    return;
+                }
+                gate_wait(&mut req);
                 chunk(
                     &mut s,
                     &d(c(json!({"content":"hello streamed"}), Value::Null)),
                 );
-                chunk(
-                    &mut s,
-                    &d(
-                        json!({"id":"chatcmpl-fake","object":"chat.completion.chunk","created":1,"model":doc["model"],"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}),
-                    ),
-                );
+                if doc["stream_options"]["include_usage"] == true {
+                    chunk(
+                        &mut s,
+                        &d(
+                            json!({"id":"chatcmpl-fake","object":"chat.completion.chunk","created":1,"model":doc["model"],"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}),
+                        ),
+                    );
+                }
                 chunk(&mut s, "data: [DONE]\n\n");
             } else {
                 let e = |t: &str, v: Value| format!("event: {t}\ndata: {v}\n\n");
@@ -287,7 +338,7 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
                         json!({"type":"response.created","response":{"id":"resp_fake","status":"in_progress"}}),
                     ),
                 );
-                req.gated = gate.as_deref().map(wait_file);
+                gate_wait(&mut req);
                 chunk(
                     &mut s,
                     &e(
@@ -309,6 +360,54 @@ fn serve(mut s: TcpStream, ws: &Path, ka: &str, ko: &str, log: &Mutex<Vec<Req>>)
         reply(&mut s, "404 Not Found", &json!({"error":"no such path"}));
     }
     log.lock().unwrap().push(req);
+}
+
+/// Sends `key` back: as a 401 with the key in headers and the error message,
+/// or as a 200 stream whose text holds the key split across two chunks.
+fn echo_key(s: &mut TcpStream, key: &str, stream: bool, path: &str) {
+    if !stream {
+        let b = json!({"type":"error","error":{"type":"authentication_error",
+            "message": format!("Incorrect API key provided: {key}")}})
+        .to_string();
+        let _ = write!(
+            s,
+            "HTTP/1.1 401 Bad key {key}\r\ncontent-type: application/json\r\nx-echo: key={key}\r\nwww-authenticate: Bearer error=\"invalid_token\", key=\"{key}\"\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+            b.len()
+        );
+        return;
+    }
+    let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-echo: {key}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+    let text = if path == "/v1/messages" {
+        let ev = |t: &str, d: Value| format!("event: {t}\ndata: {d}\n\n");
+        [
+            ev("message_start", json!({"type":"message_start","message":{"id":"msg_echo","usage":{"input_tokens":5,"output_tokens":1}}})),
+            ev("content_block_delta", json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":format!("echo={key} and again {key}")}})),
+            ev("message_delta", json!({"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":4}})),
+            ev("message_stop", json!({"type":"message_stop"})),
+        ]
+        .concat()
+    } else {
+        let d = |v: Value| format!("data: {v}\n\n");
+        [
+            d(json!({"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":format!("echo={key} and again {key}")}}]})),
+            d(json!({"object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":4}})),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat()
+    };
+    // Cut in the middle of each copy of the key, and one byte after its start.
+    let mut cuts: Vec<usize> = text
+        .match_indices(key)
+        .flat_map(|(i, _)| [i + 1, i + key.len() / 2])
+        .collect();
+    cuts.push(text.len());
+    let mut at = 0;
+    for c in cuts {
+        chunk(s, &text[at..c]);
+        std::thread::sleep(Duration::from_millis(20));
+        at = c;
+    }
+    chunk(s, "");
 }
 
 struct Run {
@@ -912,10 +1011,11 @@ echo "DOTS=$(curl -sS -m 10 -w ' %{{http_code}}' --path-as-is "$ANTHROPIC_BASE_U
         fake.requests()
     );
     let recs = llm_records(&sb);
-    assert_eq!(recs.len(), 7, "{recs:?}");
+    assert_eq!(recs.len(), 8, "{recs:?}");
     assert!(
-        recs.iter()
-            .all(|r| r["verdict"] == "denied" && r["status"] == 401),
+        recs.iter().all(|r| r["verdict"] == "denied"
+            && ((r["status"] == 401 && r["refusal"] == "bad_key")
+                || (r["status"] == 400 && r["refusal"] == "bad_path"))),
         "{recs:?}"
     );
     let audit = std::fs::read_to_string(audit_path(&sb)).unwrap();
@@ -1065,6 +1165,548 @@ fn llm_without_the_host_key_fails_naming_the_variable() {
     assert!(err.contains("MOAT_LLM_ALLOW_PLAIN_HTTP=1"), "{err}");
 }
 
+/// The hostile client of the C5 tests: raw HTTP to the door (`http.client`,
+/// so paths, bodies and headers go exactly as written).
+const C5_PY: &str = r#"
+import http.client, json, os, socket, sys
+KEYS = {"/anthropic": ("x-api-key", os.environ["ANTHROPIC_API_KEY"]),
+        "/openai": ("authorization", "Bearer " + os.environ["OPENAI_API_KEY"])}
+def conn():
+    return http.client.HTTPConnection("127.0.0.1", 8787, timeout=30)
+def headers(path, extra):
+    h = {"content-type": "application/json"}
+    for prefix, (k, v) in KEYS.items():
+        if path.startswith(prefix):
+            h[k] = v
+    h.update(extra or {})
+    return h
+def call(method, path, body=None, extra=None, raw=None):
+    c = conn()
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    c.putrequest(method, path, skip_accept_encoding=True)
+    for k, v in headers(path, extra).items():
+        c.putheader(k, v)
+    if data is not None:
+        c.putheader("content-length", str(len(data)))
+    c.endheaders(data)
+    r = c.getresponse()
+    body = r.read().decode("utf-8", "replace")
+    out = {"status": r.status, "reason": r.reason,
+           "headers": "\n".join("%s: %s" % kv for kv in r.getheaders()), "body": body}
+    c.close()
+    return out
+def abandon(path, body, gate):
+    """Opens a stream, reads its first event, hangs up with the rest unread."""
+    c = conn()
+    c.request("POST", path, body=json.dumps(body).encode(),
+              headers=headers(path, {"x-test-gate": gate, "x-test-pause-ms": "500"}))
+    r = c.getresponse()
+    if r.status != 200:
+        r.read(); c.close()
+        return r.status
+    while True:
+        line = r.fp.readline()
+        if not line or line.startswith(b"data:"):
+            break
+    open("/workspace/gate-" + gate, "w").close()
+    c.sock.shutdown(socket.SHUT_RDWR)
+    r.close(); c.close()
+    return r.status
+MSG = [{"role": "user", "content": "hi"}]
+BODIES = {
+    "anthropic": ("/anthropic/v1/messages", {"model": "claude-test", "max_tokens": 64, "stream": True, "messages": MSG}),
+    "chat": ("/openai/v1/chat/completions", {"model": "gpt-test", "stream": True, "messages": MSG}),
+    "responses": ("/openai/v1/responses", {"model": "gpt-test", "stream": True, "input": "hi"}),
+}
+mode = sys.argv[1]
+res = {}
+if mode == "abandon":
+    path, body = BODIES[sys.argv[2]]
+    res = [abandon(path, body, "%s-%d" % (sys.argv[2], i)) for i in range(6)]
+elif mode == "echo":
+    for name, (path, body) in BODIES.items():
+        if name == "responses":
+            continue
+        res[name + "-plain"] = call("POST", path, dict(body, stream=False), {"x-test-echo": "1"})
+        res[name + "-stream"] = call("POST", path, body, {"x-test-echo": "1"})
+    path, body = BODIES["anthropic"]
+    res["gzip"] = call("POST", path, dict(body, stream=False), {"x-test-echo": "gzip"})
+elif mode == "paths":
+    for p in sys.argv[2:]:
+        res[p] = call("POST", p, {"model": "claude-test", "max_tokens": 8, "messages": MSG})
+elif mode == "models":
+    A = "/anthropic/v1/messages"
+    ok = {"model": "claude-ok", "max_tokens": 8, "messages": MSG}
+    res["ok"] = call("POST", A, ok)
+    res["query"] = call("POST", A + "?model=claude-bad", ok)
+    res["query encoded"] = call("POST", A + "?beta=true&%6Dodel=claude-bad", ok)
+    res["azure path"] = call("POST", "/openai/deployments/gpt-bad/chat/completions?api-version=1", {"model": "gpt-ok", "messages": MSG})
+    res["duplicate bad last"] = call("POST", A, raw=b'{"model":"claude-ok","max_tokens":8,"messages":[],"model":"claude-bad"}')
+    res["duplicate bad first"] = call("POST", A, raw=b'{"model":"claude-bad","model":"claude-ok","max_tokens":8,"messages":[]}')
+    res["duplicate escaped"] = call("POST", A, raw=b'{"model":"claude-ok","mod\\u0065l":"claude-bad","messages":[]}')
+    res["nested params"] = call("POST", A, dict(ok, params={"model": "claude-bad"}))
+    res["batch"] = call("POST", A + "/batches", {"requests": [{"custom_id": "a", "params": dict(ok, model="claude-bad")}]})
+    res["get with body"] = call("GET", "/openai/v1/models", {"model": "gpt-bad"})
+    res["override"] = call("POST", A, dict(ok, model="claude-bad"), {"X-HTTP-Method-Override": "GET"})
+    res["override on get"] = call("GET", "/anthropic/v1/models", None, {"X-HTTP-Method-Override": "POST"})
+    res["model not a string"] = call("POST", A, dict(ok, model=["claude-ok", "claude-bad"]))
+    res["not json"] = call("POST", A, raw=b"model=claude-bad")
+print(json.dumps(res))
+"#;
+
+/// Runs `c5.py ARGS` in a sandbox through the door; its JSON output.
+fn c5(sb: &Sandbox, keys: &Keys, fake: &FakeLlm, flags: &[&str], args: &str) -> (Value, Run) {
+    std::fs::write(sb.ws.join("c5.py"), C5_PY).unwrap();
+    let out = run(
+        sb,
+        keys,
+        fake,
+        flags,
+        &format!("python3 /workspace/c5.py {args}"),
+    );
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}\n{}",
+        out.text(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = serde_json::from_str(out.text().lines().last().unwrap_or("")).unwrap();
+    (v, out)
+}
+
+/// Neither real key in what the sandbox's client got, moat's log or the audit log.
+fn assert_no_real_key(sb: &Sandbox, keys: &Keys, out: &Run) {
+    let audit = std::fs::read(audit_path(sb)).unwrap_or_default();
+    for key in [&keys.anthropic, &keys.openai] {
+        let k = key.as_bytes();
+        assert!(
+            find(&out.stdout, k).is_none(),
+            "the real key reached the sandbox: {}",
+            out.text()
+        );
+        assert!(
+            find(&out.stderr, k).is_none(),
+            "the real key is in moat's log"
+        );
+        assert!(
+            find(&audit, k).is_none(),
+            "the real key is in the audit log"
+        );
+    }
+}
+
+fn wait_requests(fake: &FakeLlm, n: usize) -> Vec<Req> {
+    let t0 = Instant::now();
+    while fake.requests().len() < n && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fake.requests()
+}
+
+/// A client that hangs up a stream before its usage event is still charged
+/// the call's whole usage (the door reads on after it left: Anthropic 50
+/// tokens a call, Chat Completions 21 though its client did not ask for
+/// usage, Responses 11), and while it is read the budget holds the call's
+/// estimate: under a budget of 40 tokens, one call of six goes upstream.
+fn attack_c5_abandoned_streams(b: Backend) {
+    let keys = Keys::new();
+    let sb = Sandbox::new(b, "llm-c5-abandon");
+    let fake = FakeLlm::start(&sb.ws, &keys);
+    for (i, (api, path)) in [
+        ("anthropic", "/v1/messages"),
+        ("chat", "/v1/chat/completions"),
+        ("responses", "/v1/responses"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // (The sleep lets the door finish reading the abandoned stream
+        // before the run ends.)
+        let (v, out) = c5(
+            &sb,
+            &keys,
+            &fake,
+            &["--llm-budget", "40"],
+            &format!("abandon {api}; sleep 1.5"),
+        );
+        assert_eq!(
+            v,
+            json!([200, 429, 429, 429, 429, 429]),
+            "{api}: the budget did not hold"
+        );
+        let reqs = wait_requests(&fake, i + 1);
+        assert_eq!(reqs.len(), i + 1, "{api}: {reqs:?}");
+        assert_eq!(reqs[i].path, path);
+        // The call was abandoned with the rest of the stream unread.
+        assert_eq!(reqs[i].gated, Some(true), "{api}");
+        assert_swapped(&reqs, &keys);
+        assert_no_real_key(&sb, &keys, &out);
+    }
+    let recs = llm_records(&sb);
+    let allowed: Vec<&Value> = recs.iter().filter(|r| r["verdict"] == "allowed").collect();
+    assert_eq!(allowed.len(), 3, "{recs:?}");
+    for r in &allowed {
+        let total: u64 = [
+            "input_tokens",
+            "output_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+        ]
+        .iter()
+        .map(|k| r[*k].as_u64().unwrap_or(0))
+        .sum();
+        let want = match r["path"].as_str() {
+            Some("/v1/messages") => 50,
+            Some("/v1/chat/completions") => 21,
+            _ => 11,
+        };
+        assert_eq!(total, want, "{r}");
+        let reason = r["reason"].as_str().unwrap_or("");
+        assert!(
+            reason.contains("closed the stream early; its usage was read from the upstream"),
+            "{r}"
+        );
+    }
+    let denied: Vec<&Value> = recs.iter().filter(|r| r["verdict"] == "denied").collect();
+    assert_eq!(denied.len(), 15, "{recs:?}");
+    assert!(denied
+        .iter()
+        .all(|r| r["refusal"] == "budget_spent" && r["status"] == 429));
+    sb.audit().assert_well_formed();
+}
+
+/// A stream whose usage never comes is charged the request's output limit
+/// (or 32768 output tokens without one); a Chat Completions stream whose
+/// client did not ask for usage is asked for it upstream, counted, and the
+/// client does not see the extra chunk; a background Responses call (no
+/// usage in its answer) is charged its limit.
+fn attack_c5_streams_without_usage(b: Backend) {
+    let keys = Keys::new();
+    let sb = Sandbox::new(b, "llm-c5-nousage");
+    let fake = FakeLlm::start(&sb.ws, &keys);
+    let a = r#"curl -sS -N -m 30 -w ' %{http_code}\n' "$ANTHROPIC_BASE_URL/v1/messages" -H "x-api-key: $ANTHROPIC_API_KEY" -H "content-type: application/json""#;
+    let o = r#"curl -sS -N -m 30 -w ' %{http_code}\n' "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY" -H "content-type: application/json""#;
+    let script = format!(
+        r#"
+echo "CUT_A=$({a} -H 'x-test-cut: 1' -d '{{"model":"claude-test","max_tokens":64,"stream":true,"messages":[]}}' | tr '\n' ' ')"
+echo "AFTER_A=$({a} -d '{{"model":"claude-test","max_tokens":8,"messages":[]}}')"
+"#
+    );
+    let out = run(&sb, &keys, &fake, &["--llm-budget", "40"], &script);
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_no_real_key(&sb, &keys, &out);
+    assert!(
+        out.line("CUT_A=").contains("message_start"),
+        "{}",
+        out.text()
+    );
+    // 25 + 3 + 7 input and cache tokens as sent, output at max_tokens 64: 99.
+    let after = out.line("AFTER_A=");
+    assert!(
+        after.ends_with(" 429") && after.contains("(99 of 40 tokens used)"),
+        "{after}"
+    );
+    assert_eq!(wait_requests(&fake, 1).len(), 1);
+
+    let script = format!(
+        r#"
+echo "CHAT=$({o} -d '{{"model":"gpt-test","stream":true,"messages":[]}}' | tr '\n' ' ')"
+echo "CUT_O=$({o} -H 'x-test-cut: 1' -d '{{"model":"gpt-test","stream":true,"messages":[]}}' | tr '\n' ' ')"
+echo "AFTER_O=$({o} -d '{{"model":"gpt-test","messages":[]}}')"
+"#
+    );
+    let out = run(&sb, &keys, &fake, &["--llm-budget", "40"], &script);
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_no_real_key(&sb, &keys, &out);
+    let chat = out.line("CHAT=");
+    assert!(
+        chat.contains("hello streamed")
+            && chat.contains("[DONE]")
+            && chat.trim_end().ends_with(" 200"),
+        "{chat}"
+    );
+    assert!(
+        !chat.contains("\"choices\":[]") && !chat.contains("prompt_tokens"),
+        "the usage chunk the door asked for reached a client that did not: {chat}"
+    );
+    let after = out.line("AFTER_O=");
+    assert!(
+        after.ends_with(" 429") && after.contains("budget_exceeded"),
+        "{after}"
+    );
+    let reqs = wait_requests(&fake, 3);
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
+    let asked: Value = serde_json::from_str(&reqs[1].body).unwrap();
+    assert_eq!(asked["stream_options"]["include_usage"], true, "{asked}");
+    assert_eq!(asked["model"], "gpt-test");
+    assert_swapped(&reqs, &keys);
+
+    let recs: Vec<Value> = llm_records(&sb)
+        .into_iter()
+        .filter(|r| r["verdict"] == "allowed")
+        .collect();
+    assert_eq!(recs.len(), 3, "{recs:?}");
+    assert_eq!(
+        (
+            recs[0]["output_tokens"].as_u64(),
+            recs[0]["input_tokens"].as_u64()
+        ),
+        (Some(64), Some(25))
+    );
+    assert!(
+        recs[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("charged 99 tokens"),
+        "{}",
+        recs[0]
+    );
+    assert_eq!(
+        (
+            recs[1]["input_tokens"].as_u64(),
+            recs[1]["output_tokens"].as_u64(),
+            &recs[1]["reason"]
+        ),
+        (Some(9), Some(12), &Value::Null),
+        "{}",
+        recs[1]
+    );
+    assert_eq!(
+        recs[2]["output_tokens"].as_u64(),
+        Some(32768),
+        "{}",
+        recs[2]
+    );
+    assert!(
+        recs[2]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not come whole"),
+        "{}",
+        recs[2]
+    );
+
+    // A background Responses call answers at once without usage: charged
+    // its limit (max_output_tokens 500), so the next call is refused.
+    let r = r#"curl -sS -m 30 -w ' %{http_code}\n' "$OPENAI_BASE_URL/responses" -H "Authorization: Bearer $OPENAI_API_KEY" -H "content-type: application/json""#;
+    let script = format!(
+        r#"
+echo "BG=$({r} -d '{{"model":"gpt-test","input":"hi","background":true,"max_output_tokens":500}}')"
+echo "AFTER_BG=$({r} -d '{{"model":"gpt-test","input":"hi"}}')"
+"#
+    );
+    let out = run(&sb, &keys, &fake, &["--llm-budget", "40"], &script);
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_no_real_key(&sb, &keys, &out);
+    assert!(out.line("BG=").ends_with(" 200"), "{}", out.text());
+    let after = out.line("AFTER_BG=");
+    assert!(
+        after.ends_with(" 429") && after.contains("budget_exceeded"),
+        "{after}"
+    );
+    assert_eq!(wait_requests(&fake, 4).len(), 4);
+    let bg = llm_records(&sb)
+        .into_iter()
+        .rfind(|r| r["verdict"] == "allowed")
+        .unwrap();
+    assert_eq!(bg["output_tokens"].as_u64(), Some(500), "{bg}");
+    assert!(
+        bg["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the answer carried no usage; charged"),
+        "{bg}"
+    );
+    sb.audit().assert_well_formed();
+}
+
+/// An upstream that sends the real key back (reason phrase, headers, an
+/// error body, a stream with the key split across chunks): the sandbox gets
+/// its own placeholder there, never the key.
+fn attack_c5_echoed_key(b: Backend) {
+    let keys = Keys::new();
+    let sb = Sandbox::new(b, "llm-c5-echo");
+    let fake = FakeLlm::start(&sb.ws, &keys);
+    let (v, out) = c5(&sb, &keys, &fake, &[], "echo");
+    assert_no_real_key(&sb, &keys, &out);
+    let ph_a = "sk-ant-moat-";
+    for (name, ph) in [("anthropic", ph_a), ("chat", "sk-moat-")] {
+        let plain = &v[format!("{name}-plain")];
+        assert_eq!(plain["status"], 401, "{plain}");
+        let h = plain["headers"].as_str().unwrap();
+        assert!(
+            h.contains(&format!("x-echo: key={ph}")),
+            "{name}: the echo did not come through: {h}"
+        );
+        assert!(h.contains(&format!("key=\"{ph}")), "{h}");
+        assert!(
+            plain["body"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("provided: {ph}")),
+            "{plain}"
+        );
+        assert!(
+            !plain["reason"].as_str().unwrap().contains("sk-"),
+            "{plain}"
+        );
+        let stream = &v[format!("{name}-stream")];
+        assert_eq!(stream["status"], 200, "{stream}");
+        let body = stream["body"].as_str().unwrap();
+        assert!(
+            body.contains(&format!("echo={ph}")) && body.contains(&format!("again {ph}")),
+            "{body}"
+        );
+        assert!(
+            stream["headers"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("x-echo: {ph}")),
+            "{stream}"
+        );
+    }
+    // A compressed answer could hide a key from redaction: refused.
+    let gz = &v["gzip"];
+    assert_eq!(gz["status"], 502, "{gz}");
+    assert!(
+        gz["body"].as_str().unwrap().contains("compressed answer"),
+        "{gz}"
+    );
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 5, "{reqs:?}");
+    assert_swapped(&reqs, &keys);
+}
+
+/// Encoded traversal and paths outside the API's documented ones never
+/// reach the upstream with the real key (ATTACKS C2, C5).
+fn attack_c2_encoded_traversal(b: Backend) {
+    let keys = Keys::new();
+    let sb = Sandbox::new(b, "llm-c2-paths");
+    let fake = FakeLlm::start(&sb.ws, &keys);
+    let paths = [
+        "/anthropic/v1/..%2f..%2fadmin",
+        "/anthropic/v1/%2f..%2fadmin",
+        "/anthropic/v1/..%5c..%5cadmin",
+        "/anthropic/v1/%252e%252e/%252e%252e/admin",
+        "/anthropic/v1/%2E%2e/admin",
+        "/anthropic/v1/messages/..%2F..%2Fadmin",
+        "/anthropic/v1/messages%2f..%2f..%2fadmin",
+        "/anthropic/v1/..\\..\\admin",
+        "/anthropic/v1/messages;/../../admin",
+        "/anthropic/v1//messages",
+        "/anthropic/admin",
+        "/anthropic/v1/messages/batches",
+        "/anthropic/v1/files",
+        "/openai/v1/chat/completions/..%2f..%2fadmin",
+        "/openai/v1/%2e%2e/%2e%2e/admin",
+        "/openai/v1/files",
+        "/openai/v1/batches",
+        "/openai/v1/organization/admin_api_keys",
+    ];
+    let (v, out) = c5(
+        &sb,
+        &keys,
+        &fake,
+        &[],
+        &format!(
+            "paths {}",
+            paths
+                .iter()
+                .map(|p| format!("'{p}'"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    );
+    assert_no_real_key(&sb, &keys, &out);
+    for p in paths {
+        let r = &v[p];
+        let s = r["status"].as_u64().unwrap_or(0);
+        assert!(s == 400 || s == 404, "{p} was not refused: {r}");
+        let body: Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+        let msg = body["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            msg.starts_with("moat: ")
+                && (msg.contains("not allowed in the path") || msg.contains("is not served")),
+            "{p}: {r}"
+        );
+    }
+    assert!(
+        fake.requests().is_empty(),
+        "a traversal reached the upstream: {:?}",
+        fake.requests()
+    );
+    let recs = llm_records(&sb);
+    assert_eq!(recs.len(), paths.len(), "{recs:?}");
+    for r in &recs {
+        assert_eq!(r["verdict"], "denied", "{r}");
+        assert!(
+            r["refusal"] == "bad_path" || r["refusal"] == "path_not_served",
+            "{r}"
+        );
+    }
+}
+
+/// The model allowlist judges every place a request could name a model, and
+/// refuses what it cannot judge: the query, Azure-style deployment paths,
+/// duplicate keys (a first-wins parser upstream would read the other),
+/// nested `params.model`, batches, a GET with a body, method overrides.
+fn attack_c5_model_allowlist(b: Backend) {
+    let keys = Keys::new();
+    let sb = Sandbox::new(b, "llm-c5-models");
+    let fake = FakeLlm::start(&sb.ws, &keys);
+    let (v, out) = c5(
+        &sb,
+        &keys,
+        &fake,
+        &["--llm-model", "claude-ok", "--llm-model", "gpt-ok"],
+        "models",
+    );
+    assert_no_real_key(&sb, &keys, &out);
+    assert_eq!(v["ok"]["status"], 200, "{}", v["ok"]);
+    let refused = [
+        ("query", 403, "model_not_judgeable"),
+        ("query encoded", 403, "model_not_judgeable"),
+        ("azure path", 404, "path_not_served"),
+        ("duplicate bad last", 400, "ambiguous_json"),
+        ("duplicate bad first", 400, "ambiguous_json"),
+        ("duplicate escaped", 400, "ambiguous_json"),
+        ("nested params", 403, "model_not_judgeable"),
+        ("batch", 404, "path_not_served"),
+        ("get with body", 400, "body_on_get"),
+        ("override", 400, "method_override"),
+        ("override on get", 400, "method_override"),
+        ("model not a string", 403, "model_not_judgeable"),
+        ("not json", 400, "ambiguous_json"),
+    ];
+    for (name, status, _) in refused {
+        let r = &v[name];
+        assert_eq!(r["status"], status, "{name}: {r}");
+        let body: Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+        let msg = body["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            msg.starts_with("moat: "),
+            "{name}: not the door's refusal: {body}"
+        );
+    }
+    // Only the allowed call reached the upstream.
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert!(!reqs[0].everything().contains("claude-bad"), "{reqs:?}");
+    assert_swapped(&reqs, &keys);
+    let recs = llm_records(&sb);
+    assert_eq!(recs.len(), 1 + refused.len(), "{recs:?}");
+    for (name, status, refusal) in refused {
+        assert!(
+            recs.iter().any(|r| r["verdict"] == "denied"
+                && r["status"] == status
+                && r["refusal"] == refusal),
+            "no {refusal} record for {name}: {recs:?}"
+        );
+    }
+    sb.audit().assert_well_formed();
+}
+
 net_tests! {
     llm_curl_and_python_complete_messages_and_chat_calls => clients_complete_calls;
     llm_length_framed_stream_is_recorded_whole => length_framed_stream_is_recorded_whole;
@@ -1072,4 +1714,9 @@ net_tests! {
     llm_user_budget_spans_runs_per_user_with_channel_in_audit => user_budget_spans_runs;
     attack_c1_real_llm_key_is_nowhere_in_the_sandbox => attack_c1;
     attack_c2_placeholder_sent_elsewhere_is_never_swapped => attack_c2;
+    attack_c5_abandoned_streams_are_charged_and_the_budget_holds => attack_c5_abandoned_streams;
+    attack_c5_streams_without_usage_are_charged => attack_c5_streams_without_usage;
+    attack_c5_echoed_real_key_never_reaches_the_sandbox => attack_c5_echoed_key;
+    attack_c2_encoded_traversal_never_carries_the_key_upstream => attack_c2_encoded_traversal;
+    attack_c5_model_allowlist_refuses_what_it_cannot_judge => attack_c5_model_allowlist;
 }

@@ -195,16 +195,16 @@ def env_without_proxy():
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 
-def client_hello(names=(), name_type=0, hs_type=1, pad=0, suites=1):
+def client_hello(names=(), name_type=0, hs_type=1, pad=0, suites=1, copies=1):
     """A hand-made TLS ClientHello handshake message (not a record) whose
-    server_name extension lists names (none: no extension)."""
+    server_name extension lists names (none: no extension), sent copies times."""
     body = b"\x03\x03" + os.urandom(32) + b"\x00"
     body += struct.pack(">H", 2 * suites) + b"\x13\x01" * suites + b"\x01\x00"
     exts = b""
     if names:
         entries = b"".join(bytes([name_type]) + struct.pack(">H", len(n)) + n.encode() for n in names)
         sn = struct.pack(">H", len(entries)) + entries
-        exts += b"\x00\x00" + struct.pack(">H", len(sn)) + sn
+        exts += (b"\x00\x00" + struct.pack(">H", len(sn)) + sn) * copies
     exts += b"\x00\x2b\x00\x03\x02\x03\x04"
     if pad:
         exts += b"\x00\x15" + struct.pack(">H", pad) + bytes(pad)
