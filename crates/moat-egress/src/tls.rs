@@ -15,7 +15,7 @@ pub enum Hello {
     Tls { sni: Option<String> },
     /// A ClientHello that names its server more than one way (two entries in
     /// server_name, or two server_name extensions): a server may route by a
-    /// name the door did not check (ATTACKS N7), so it is never forwarded.
+    /// name the door did not check (docs/threat-model.md N7), so it is never forwarded.
     Ambiguous(&'static str),
     /// The first bytes are not a TLS handshake record.
     NotTls,

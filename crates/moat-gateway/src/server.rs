@@ -228,7 +228,7 @@ pub async fn serve(
     };
     let mut tasks = Vec::new();
     // Every listener answers only to its own address and the allowed names
-    // (ATTACKS W1).
+    // (docs/threat-model.md W1).
     let guard = |name: &'static str, at: SocketAddr| crate::web::guard::Guard::new(&gw, name, at);
     tasks.push(tokio::spawn(
         axum::serve(

@@ -11,7 +11,7 @@
 //! only, always as an attachment of type `application/octet-stream` with
 //! `nosniff` and a sandboxing CSP (an HTML artifact never runs on this origin).
 //!
-//! Every listener's routes sit behind `guard` (ATTACKS W1): a request whose
+//! Every listener's routes sit behind `guard` (docs/threat-model.md W1): a request whose
 //! `Host` is not the listener's own address (or a name in
 //! `web.allowed_hosts`), or that comes from another site's page, is refused
 //! before any route reads or queues anything.

@@ -10,7 +10,7 @@
 //! conversation, no message text in the audit log); rate limits (told once,
 //! then quiet); duplicates run once; debounce and follow-ups; `stop` and
 //! `status`; `/metrics` and `/healthz`; the page itself in headless Chromium;
-//! ATTACKS W1 (DNS rebinding: foreign `Host` and `Origin` values refused with
+//! docs/threat-model.md W1 (DNS rebinding: foreign `Host` and `Origin` values refused with
 //! nothing queued or read, in raw requests and in Chromium).
 
 mod gwkit;
@@ -1099,7 +1099,7 @@ fn the_web_page_answers_in_headless_chromium() {
     gw.stop();
 }
 
-// ---- ATTACKS W1: DNS rebinding and cross-site requests ----
+// ---- docs/threat-model.md W1: DNS rebinding and cross-site requests ----
 
 /// A request head for `raw_request`: the request line, `Host` (when given)
 /// and `extra` header lines.

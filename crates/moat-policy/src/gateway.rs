@@ -316,7 +316,7 @@ pub struct WebConfig {
     pub auth: WebAuth,
     /// Names besides the listening address that moat's HTTP listeners answer
     /// to (`web.allowed_hosts`: a reverse proxy's public name); every other
-    /// `Host` is refused (ATTACKS W1).
+    /// `Host` is refused (docs/threat-model.md W1).
     pub allowed_hosts: Vec<crate::hosts::HostPort>,
 }
 

@@ -1,4 +1,4 @@
-//! Which host names moat's HTTP listeners answer to (ATTACKS W1, DNS
+//! Which host names moat's HTTP listeners answer to (docs/threat-model.md W1, DNS
 //! rebinding): the pure verdicts behind the gateway's Host and Origin checks.
 //!
 //! A listener serves a request only when every host it names (the `Host`

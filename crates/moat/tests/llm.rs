@@ -1579,7 +1579,7 @@ fn attack_c5_echoed_key(b: Backend) {
 }
 
 /// Encoded traversal and paths outside the API's documented ones never
-/// reach the upstream with the real key (ATTACKS C2, C5).
+/// reach the upstream with the real key (docs/threat-model.md C2, C5).
 fn attack_c2_encoded_traversal(b: Backend) {
     let keys = Keys::new();
     let sb = Sandbox::new(b, "llm-c2-paths");

@@ -7,7 +7,7 @@
 //! Must never: let a request through that two parsers could read two ways
 //! (encoded path segments, duplicate JSON keys, method overrides, a body on
 //! GET, a compressed body), or let a model through that is named anywhere the
-//! allowlist did not look (ATTACKS C5).
+//! allowlist did not look (docs/threat-model.md C5).
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};

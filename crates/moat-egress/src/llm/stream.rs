@@ -3,7 +3,7 @@
 //! redacted from it, and the usage-only chunk the door asked for is taken out.
 //! A client that hangs up does not end the count: the door keeps reading the
 //! upstream (bounded in time and bytes) for the usage, and charges the
-//! request's own output limit when the usage never comes (ATTACKS C5).
+//! request's own output limit when the usage never comes (docs/threat-model.md C5).
 //!
 //! Must never: buffer a stream whole, hold back bytes that cannot be part of
 //! a key or of the chunk being removed, or leave a call uncounted.

@@ -1,6 +1,6 @@
 //! The Host and Origin checks in front of every HTTP listener of the gateway
 //! (the web chat, `/slack/events` on its own address, the admin address):
-//! ATTACKS W1, DNS rebinding and cross-site requests.
+//! docs/threat-model.md W1, DNS rebinding and cross-site requests.
 //!
 //! A request is served only when every host it names (its `Host` header and,
 //! in absolute form, its request line's authority) names the listening address
@@ -191,7 +191,7 @@ impl Guard {
             value = %value,
             method = %method,
             path = %path,
-            "request refused (ATTACKS W1: Host/Origin)"
+            "request refused (docs/threat-model.md W1: Host/Origin)"
         );
         let suppressed = {
             let mut a = self.audited.lock().unwrap_or_else(|p| p.into_inner());
