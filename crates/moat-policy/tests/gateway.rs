@@ -878,7 +878,7 @@ fn the_example_file_parses() {
 fn the_configuration_page_examples_parse() {
     let mut blocks = 0;
     let mut rest = CONFIG_DOC;
-    while let Some(start) = rest.find("```toml\n") {
+    while let Some(start) = rest.find("\n```toml\n").map(|i| i + 1) {
         let body = &rest[start + 8..];
         let end = body.find("```").expect("an unclosed ```toml block");
         let block = &body[..end];

@@ -314,14 +314,27 @@ fn utc_stamp(secs: u64) -> String {
     )
 }
 
-/// A version's directory name: the UTC time of the install and a random
-/// suffix, so names sort by age.
-fn new_version_id() -> String {
-    let secs = SystemTime::now()
+/// A version's directory name: the UTC second of the install and its
+/// nanoseconds in hex, so names sort by age even for two installs in one
+/// second. It always sorts after `newest` (the newest existing version), so a
+/// clock that stepped back cannot make `prune` take the new version for the
+/// oldest.
+fn new_version_id(newest: Option<&str>) -> String {
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!("{}-{}", utc_stamp(secs), &random_hex()[..8])
+        .unwrap_or_default();
+    let id = format!("{}-{:08x}", utc_stamp(now.as_secs()), now.subsec_nanos());
+    match newest {
+        Some(n) if is_version_id(n) && n >= id.as_str() => {
+            // Same stamp as the newest, one past its suffix.
+            let (stamp, suffix) = n.split_at(17);
+            let next = u32::from_str_radix(suffix, 16)
+                .unwrap_or(u32::MAX - 1)
+                .saturating_add(1);
+            format!("{stamp}{next:08x}")
+        }
+        _ => id,
+    }
 }
 
 /// Whether `name` is a version directory's name (`new_version_id`'s shape).
@@ -721,7 +734,7 @@ fn install(args: InstallArgs) -> anyhow::Result<()> {
     let bytes = seal(&staging.prefix())?;
     let installed = check(&engine, backend, &template, &staging, &packages)?;
 
-    let id = new_version_id();
+    let id = new_version_id(template.versions().last().map(String::as_str));
     let manifest = json!({
         "version_id": id,
         "installed_at_ms": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -1257,8 +1270,13 @@ mod tests {
         assert_eq!(utc_stamp(0), "19700101T000000Z");
         assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
         assert_eq!(utc_stamp(1_767_225_599), "20251231T235959Z");
-        let id = new_version_id();
+        let id = new_version_id(None);
         assert!(is_version_id(&id), "{id}");
+        let later = new_version_id(Some(&id));
+        assert!(is_version_id(&later) && later > id, "{later} after {id}");
+        let from_the_future = "29990101T000000Z-0000000f";
+        let next = new_version_id(Some(from_the_future));
+        assert_eq!(next, "29990101T000000Z-00000010");
         assert!(!is_version_id("current"));
         assert!(!is_version_id(".new-0123456789abcdef"));
     }

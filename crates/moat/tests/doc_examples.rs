@@ -9,7 +9,8 @@
 //! What the test changes in a configuration, and only that: every `listen`
 //! becomes `127.0.0.1:0` (free loopback ports), the data directory is a
 //! scratch one (`MOAT_DATA_DIR` wins over `gateway.data_dir`), and
-//! `[slack] api_url` points at a fake Slack on 127.0.0.1 (slack_kit).
+//! `[slack] api_url` points at a fake Slack on 127.0.0.1 (slack_kit), and a
+//! `persona` file becomes a made-up one in the scratch directory.
 //! Secrets come from a test secrets file of made-up values. Real bwrap (or
 //! gVisor) sandboxes fill the pools.
 //!
@@ -67,7 +68,7 @@ fn examples() -> Vec<(String, String)> {
         let whole_page = rel == "configuration.md";
         let mut rest = text.as_str();
         let mut n = 0;
-        while let Some(start) = rest.find("```toml\n") {
+        while let Some(start) = rest.find("\n```toml\n").map(|i| i + 1) {
             let body = &rest[start + 8..];
             let end = body.find("```").expect("an unclosed ```toml block");
             let block = &body[..end];
@@ -88,12 +89,20 @@ fn examples() -> Vec<(String, String)> {
 }
 
 /// The configuration as the test runs it (see the module comment).
-fn localised(toml: &str, slack_api: &str) -> String {
+fn localised(toml: &str, slack_api: &str, persona: &Path) -> String {
     let mut out = String::new();
+    let is_key = |t: &str, key: &str| {
+        t.strip_prefix(key)
+            .is_some_and(|r| r.trim_start().starts_with('='))
+    };
     for line in toml.lines() {
         let t = line.trim_start();
-        if t.starts_with("listen") && t[6..].trim_start().starts_with('=') {
+        if is_key(t, "listen") {
             out.push_str("listen = \"127.0.0.1:0\"\n");
+            continue;
+        }
+        if is_key(t, "persona") {
+            out.push_str(&format!("persona = \"{}\"\n", persona.display()));
             continue;
         }
         out.push_str(line);
@@ -132,7 +141,9 @@ fn check_one(
 ) {
     let dir = gwkit::fresh_dir("example");
     let cfg_path = dir.join("moat.toml");
-    let text = localised(toml, &fake.api_url());
+    let persona = dir.join("persona.md");
+    std::fs::write(&persona, "You are a made-up persona for the docs test.\n").unwrap();
+    let text = localised(toml, &fake.api_url(), &persona);
     std::fs::write(&cfg_path, &text).unwrap();
     let cfg = GatewayConfig::from_toml(&text)
         .unwrap_or_else(|e| panic!("{name}: the localised configuration is refused: {e}"));
@@ -296,7 +307,9 @@ fn every_example_configuration_in_the_docs_starts_and_stops_cleanly() {
         &secrets,
         format!(
             "SLACK_BOT_TOKEN={}\nSLACK_SIGNING_SECRET={}\nSLACK_APP_TOKEN={}\n\
-             MOAT_WEB_TOKENS=alice:0123456789abcdef0123\n",
+             MOAT_WEB_TOKENS=alice:0123456789abcdef0123\n\
+             ANTHROPIC_API_KEY=sk-ant-made-up-for-the-docs-test\n\
+             OPENAI_API_KEY=sk-made-up-for-the-docs-test\n",
             slack_kit::BOT_TOKEN,
             slack_kit::SIGNING_SECRET,
             slack_kit::APP_TOKEN
