@@ -12,6 +12,10 @@
 //! anything but the LLM base URL it is given (the door), or hold a real key
 //! (it only ever sees the door's placeholder).
 
+#![forbid(unsafe_code)]
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod http;
 pub mod mcp;
 pub mod model;

@@ -236,10 +236,10 @@ impl Drop for McpClient {
     fn drop(&mut self) {
         let pgid = self.child.id() as i32;
         if pgid > 1 {
-            // SAFETY: kill(2) on the server's own process group; no memory is involved.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let _ = self.child.wait();
     }

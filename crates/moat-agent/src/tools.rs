@@ -494,10 +494,10 @@ pub fn run_command(mut cmd: Command, timeout: Duration) -> std::io::Result<Comma
 
 fn kill_group(pgid: i32) {
     if pgid > 1 {
-        // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 

@@ -25,11 +25,14 @@
 //! does not check out, or hold a secret (callers put no secret in `fields`;
 //! this crate cannot tell).
 
+#![forbid(unsafe_code)]
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -109,21 +112,23 @@ struct Inner {
     head: Option<File>,
 }
 
-/// Holds `flock` on the log's file description until dropped. The file
-/// must outlive the lock (it is held only while the mutex or `File` is).
-struct FileLock(std::os::fd::RawFd);
+/// Holds `flock` on the log's open file description until dropped (through
+/// a duplicate descriptor of it, so the lock does not borrow the file).
+struct FileLock(File);
 
 impl FileLock {
     fn take(file: &File, shared: bool) -> std::io::Result<FileLock> {
-        let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
+        let dup = file.try_clone()?;
         loop {
-            // SAFETY: flock on a file descriptor we own for the lock's lifetime.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(FileLock(file.as_raw_fd()));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
+            let r = if shared {
+                dup.lock_shared()
+            } else {
+                dup.lock()
+            };
+            match r {
+                Ok(()) => return Ok(FileLock(dup)),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -131,9 +136,9 @@ impl FileLock {
 
 impl Drop for FileLock {
     fn drop(&mut self) {
-        // SAFETY: the descriptor is still open (see the type); unlocking
-        // cannot harm anything.
-        unsafe { libc::flock(self.0, libc::LOCK_UN) };
+        // Closing the duplicate would not release a lock other descriptors
+        // of the description still hold: unlock explicitly.
+        let _ = self.0.unlock();
     }
 }
 

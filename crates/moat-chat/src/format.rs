@@ -111,7 +111,7 @@ pub fn to_mrkdwn(markdown: &str) -> String {
                     if f.starts_with(open.as_str())
                         && line
                             .trim_start()
-                            .trim_start_matches(f.chars().next().unwrap())
+                            .trim_start_matches(|c: char| f.starts_with(c))
                             .trim()
                             .is_empty() =>
                 {
@@ -325,7 +325,9 @@ fn inline(s: &str, mode: Mode) -> String {
     let mut i = 0;
     while i < s.len() {
         let rest = &s[i..];
-        let c = rest.chars().next().expect("i is on a char boundary");
+        let Some(c) = rest.chars().next() else {
+            break;
+        };
         match c {
             '\\' => {
                 let next = rest[1..].chars().next();

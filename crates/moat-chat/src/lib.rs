@@ -8,5 +8,9 @@
 //! Mode acknowledges only after the gateway says it has), and never puts a
 //! token, signing secret or message body into an error or a log line.
 
+#![forbid(unsafe_code)]
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod format;
 pub mod slack;

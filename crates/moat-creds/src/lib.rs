@@ -7,6 +7,10 @@
 //! `Debug` and `Display` never show them; errors and audit records never
 //! carry a token, the JWT or the private key.
 
+#![forbid(unsafe_code)]
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 /// The secrets file and the environment-then-file [`secrets::Lookup`].
 pub mod secrets;
 

@@ -141,8 +141,7 @@ impl SecretsFile {
         if mode & 0o077 != 0 {
             return Err(SecretsError::Permissions { path: p(), mode });
         }
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
+        let euid = nix::unistd::geteuid().as_raw();
         if meta.uid() != 0 && meta.uid() != euid {
             return Err(SecretsError::Owner {
                 path: p(),
@@ -431,9 +430,7 @@ mod tests {
         );
 
         let fifo = d.path().join("fifo");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let e = SecretsFile::load(&fifo).unwrap_err();
         assert!(
             matches!(
@@ -453,8 +450,7 @@ mod tests {
 
     #[test]
     fn a_file_owned_by_another_user_is_refused() {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
+        let euid = nix::unistd::geteuid().as_raw();
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), "s", &format!("K={KEY}\n"), 0o600);
         if euid != 0 {

@@ -913,6 +913,7 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
     let mut out = Request::builder()
         .method(parts.method.clone())
         .uri(uri.as_str());
+    #[allow(clippy::expect_used, reason = "a fresh builder has headers")]
     let headers = out.headers_mut().expect("a fresh builder");
     for (k, v) in &parts.headers {
         if !strip_request_header(k) {

@@ -11,6 +11,9 @@
 //! address other than the one checked, forward an ambiguous HTTP request, let a
 //! tunnel's TLS name differ from its target, or put a body or secret in a record.
 
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod conn;
 pub mod dns;
 pub mod github;

@@ -651,6 +651,7 @@ mod tests {
 
     fn dir_fd(p: &Path) -> OwnedFd {
         let fd = nix::fcntl::open(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+        // SAFETY: fd is fresh from open and owned by nothing else.
         unsafe { OwnedFd::from_raw_fd(fd) }
     }
 

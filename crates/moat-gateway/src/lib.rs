@@ -6,6 +6,9 @@
 //! lease at once, let one conversation see another's files, or drop a stored
 //! message without an answer or a failure report.
 
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod agent;
 pub mod agents_setup;
 pub mod artifacts;

@@ -180,6 +180,7 @@ struct Limiters {
     channels: DefaultKeyedRateLimiter<String>,
 }
 
+#[allow(clippy::expect_used, reason = "the period is at least 1 ns")]
 fn quota(r: moat_policy::gateway::Rate) -> Quota {
     Quota::with_period(r.interval().max(Duration::from_nanos(1)))
         .expect("a positive period")
@@ -514,15 +515,16 @@ impl Gateway {
     /// Hands a command to the conversation's actor, starting it if needed.
     fn send(&self, conv: &ConvRef, chan_idx: usize, cmd: ConvCmd) {
         let mut convs = self.inner.convs.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cmd = Some(cmd);
-        if let Some(tx) = convs.get(&conv.id) {
-            match tx.send(cmd.take().expect("set above")) {
+        // A live actor takes it; a finished one hands it back for a new one.
+        let cmd = match convs.get(&conv.id) {
+            Some(tx) => match tx.send(cmd) {
                 Ok(()) => return,
-                Err(mpsc::error::SendError(c)) => cmd = Some(c),
-            }
-        }
+                Err(mpsc::error::SendError(c)) => c,
+            },
+            None => cmd,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(cmd.take().expect("not sent yet"));
+        let _ = tx.send(cmd);
         convs.insert(conv.id, tx);
         let gw = self.clone();
         let conv = conv.clone();

@@ -177,6 +177,7 @@ pub struct Lent {
 }
 
 impl Lent {
+    #[allow(clippy::expect_used, reason = "the runner is taken only in drop")]
     pub fn runner(&mut self) -> &mut Runner {
         self.runner
             .as_mut()

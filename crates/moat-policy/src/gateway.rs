@@ -201,7 +201,8 @@ impl Rate {
             }
         };
         Ok(Rate {
-            count: NonZeroU32::new(count).expect("checked above"),
+            count: NonZeroU32::new(count)
+                .ok_or_else(|| format!("{text:?}: the count must be at least 1"))?,
             per,
         })
     }
@@ -407,6 +408,7 @@ impl Authorization<'_> {
 impl GatewayConfig {
     /// The configuration `moat up` runs without `--config`: see
     /// [`EMBEDDED_DEFAULT_TOML`].
+    #[allow(clippy::expect_used, reason = "a constant, tested")]
     pub fn embedded_default() -> Self {
         Self::from_toml(EMBEDDED_DEFAULT_TOML).expect("the embedded default configuration is valid")
     }
@@ -933,6 +935,7 @@ enum SandboxKind {
 }
 
 impl Settings {
+    #[allow(clippy::expect_used, reason = "constant rates, tested")]
     fn initial() -> Self {
         Settings {
             trust: Trust::Member,

@@ -1,6 +1,10 @@
 //! moat-policy: the configuration model and its validation. Pure: no I/O, no
 //! environment, no clock. Everything here defaults to "deny".
 
+#![forbid(unsafe_code)]
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod agents;
 pub mod credentials;
 pub mod gateway;

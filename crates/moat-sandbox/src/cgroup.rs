@@ -200,6 +200,10 @@ impl Cgroup {
             }
             dirs.push((dir, *v2));
         }
+        #[allow(
+            clippy::expect_used,
+            reason = "the layout was checked to have every needed controller"
+        )]
         let find = |c: &str| -> (PathBuf, bool) {
             let (_, mount, v2) = layout
                 .controllers

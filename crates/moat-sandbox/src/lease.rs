@@ -337,6 +337,7 @@ impl Lease {
         self.host_uid
     }
 
+    #[allow(clippy::expect_used, reason = "storage is taken only in drop")]
     fn storage(&self) -> &Storage {
         self.storage
             .as_ref()
@@ -749,6 +750,7 @@ impl Lease {
             .and_then(|r| r.cgroup.as_ref())
             .map(|c| c.oom_kills())
             .unwrap_or(0);
+        #[allow(clippy::expect_used, reason = "started above")]
         let running = self.running.as_mut().expect("started above");
         let early = match running.instance.start_command(
             &cmd,
@@ -911,6 +913,7 @@ impl Lease {
     /// Returns the lease to a clean state: every process killed, a fresh empty
     /// storage generation (or the template again). O(1) in the size of the
     /// old files, which the kernel frees in the background.
+    #[allow(clippy::expect_used, reason = "storage is taken only in drop")]
     pub fn reset(&mut self) -> Result<()> {
         self.stop();
         self.storage

@@ -7,6 +7,9 @@
 //! `fsguard`, `storage`, `proto`. Nothing here reads moat's own configuration
 //! or secrets, and nothing from moat's environment is passed into a sandbox.
 
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod backend;
 pub mod bwrap;
 pub mod cgroup;
@@ -80,9 +83,8 @@ impl EngineConfig {
                 } else {
                     std::env::var_os("XDG_RUNTIME_DIR")
                         .map(|d| PathBuf::from(d).join("moat"))
-                        // SAFETY: getuid has no preconditions.
                         .unwrap_or_else(|| {
-                            PathBuf::from(format!("/tmp/moat-{}", unsafe { libc::getuid() }))
+                            PathBuf::from(format!("/tmp/moat-{}", nix::unistd::getuid()))
                         })
                 }
             });

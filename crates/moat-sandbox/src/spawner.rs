@@ -16,6 +16,10 @@ use std::sync::OnceLock;
 type Job = Box<dyn FnOnce() + Send>;
 
 /// `cmd.spawn()`, run on the spawner thread.
+#[allow(
+    clippy::expect_used,
+    reason = "without a spawner thread no sandbox can start; moat stops with the reason"
+)]
 pub(crate) fn spawn(mut cmd: Command) -> io::Result<Child> {
     static JOBS: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
     let jobs = JOBS.get_or_init(|| {

@@ -14,6 +14,10 @@
 //! the caller, in Unix milliseconds), put a message's text into an error, or
 //! share its database with a second live process (see [`Store::open`]).
 
+#![forbid(unsafe_code)]
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod error;
 mod model;
 mod recovery;
@@ -21,7 +25,6 @@ mod schema;
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -200,13 +203,14 @@ impl Store {
         lock_path.push(".lock");
         let lock_path = PathBuf::from(lock_path);
         let lock = private_file(&lock_path, "create the lock file")?;
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if let Err(e) = lock.try_lock() {
+            if matches!(e, std::fs::TryLockError::WouldBlock) {
                 return Err(StoreError::Locked { path });
             }
+            let err = match e {
+                std::fs::TryLockError::Error(err) => err,
+                std::fs::TryLockError::WouldBlock => std::io::ErrorKind::WouldBlock.into(),
+            };
             return Err(StoreError::io("lock", &lock_path, err));
         }
 

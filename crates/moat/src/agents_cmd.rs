@@ -367,8 +367,7 @@ impl TemplateDir {
         let real = std::fs::canonicalize(dir)
             .with_context(|| format!("resolving the template directory {}", dir.display()))?;
         let meta = std::fs::metadata(&real)?;
-        // SAFETY: geteuid has no preconditions.
-        if meta.uid() != unsafe { libc::geteuid() } {
+        if meta.uid() != nix::unistd::geteuid().as_raw() {
             bail!(
                 "the template directory {} is not owned by the user running moat; sandboxes must never be able to change it",
                 real.display()
@@ -383,14 +382,7 @@ impl TemplateDir {
             .write(true)
             .open(real.join(".lock"))
             .with_context(|| format!("opening {}/.lock", real.display()))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&lock),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        } != 0
-        {
+        if lock.try_lock().is_err() {
             bail!(
                 "another moat agents install is running on {}; wait for it to finish",
                 real.display()
@@ -691,8 +683,7 @@ fn install(args: InstallArgs) -> anyhow::Result<()> {
         bail!("--keep 0: at least the new version is kept; use 1 or more");
     }
     check_host_tools()?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("moat agents install runs as root: it hands the install to a sandbox uid and the result back to root");
     }
 

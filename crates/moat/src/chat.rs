@@ -175,8 +175,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         args.url
     );
     let mut following = false;
-    // SAFETY: isatty has no preconditions.
-    let interactive = unsafe { libc::isatty(0) } == 1;
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     print!("> ");
     let _ = std::io::stdout().flush();
     for line in std::io::stdin().lock().lines() {

@@ -1,8 +1,11 @@
 //! The `moat` command: argument parsing and wiring only. Logic lives in the
 //! library crates.
 
+#![forbid(unsafe_code)]
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -266,8 +269,7 @@ fn load_policy(args: &RunArgs) -> anyhow::Result<SandboxPolicy> {
 /// terminal is never handed in (it would let the sandbox act on the host's
 /// terminal), its bytes are copied through a pipe instead.
 fn sandbox_stdin() -> anyhow::Result<StdinSource> {
-    // SAFETY: isatty and dup on fd 0.
-    if unsafe { libc::isatty(0) } == 1 {
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         std::thread::spawn(move || {
             let mut w = std::fs::File::from(w);
@@ -275,13 +277,11 @@ fn sandbox_stdin() -> anyhow::Result<StdinSource> {
         });
         return Ok(StdinSource::Fd(r));
     }
-    // SAFETY: dup of our own stdin; the new descriptor is owned below.
-    let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
-    if fd < 0 {
-        return Ok(StdinSource::Null);
+    // A duplicate (close-on-exec, above 2) of our own standard input.
+    match std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned() {
+        Ok(fd) => Ok(StdinSource::Fd(fd)),
+        Err(_) => Ok(StdinSource::Null),
     }
-    // SAFETY: fd is fresh from fcntl.
-    Ok(StdinSource::Fd(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// The policy file's `[llm]` and `[github]` settings under the flags: lists

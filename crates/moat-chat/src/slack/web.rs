@@ -67,6 +67,7 @@ impl fmt::Debug for ApiConfig {
 }
 
 impl Default for ApiConfig {
+    #[allow(clippy::expect_used, reason = "a constant, tested")]
     fn default() -> ApiConfig {
         ApiConfig::new(DEFAULT_API_URL, false).expect("the default API URL is valid")
     }

@@ -131,6 +131,10 @@ fn refusal_response(p: Option<Provider>, r: Refusal, msg: &str) -> Response<Prox
 
 async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<ProxyBody> {
     let t0 = Instant::now();
+    #[allow(
+        clippy::expect_used,
+        reason = "the LLM listener is started only with a configuration"
+    )]
     let llm = st
         .llm
         .as_ref()
@@ -242,6 +246,7 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
     let mut out = Request::builder()
         .method(parts.method.clone())
         .uri(target.as_str());
+    #[allow(clippy::expect_used, reason = "a fresh builder has headers")]
     let headers = out.headers_mut().expect("a fresh builder");
     for (k, v) in &parts.headers {
         if !strip_request_header(k) {

@@ -12,6 +12,9 @@
 //! has it); ptrace, process_vm_* and pidfd_getfd are refused by the filter, and
 //! as its namespace's init it ignores every signal it has no handler for.
 
+// Outside input never reaches an `unwrap`/`expect` (house style); tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::ffi::{CString, OsStr};
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
