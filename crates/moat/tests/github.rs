@@ -1576,6 +1576,8 @@ env
 for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline /proc/self/environ; do cat "$f" 2>/dev/null; echo; done
 find /workspace /home/agent /tmp /etc /run /run/moat -xdev -type f -size -4M -exec cat {} + 2>/dev/null
 wait
+# The scan's last file may end without a newline (a binary, say).
+echo
 echo "SLOW=$(cat /tmp/slow.json)"
 cp /run/moat/ca-bundle.pem /workspace/bundle.pem
 echo SCAN-DONE
