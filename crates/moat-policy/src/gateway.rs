@@ -271,6 +271,8 @@ pub struct ChannelPolicy {
     /// Messages from one user in one thread closer together than this are one turn.
     pub debounce: Duration,
     pub rate: Rates,
+    /// What the channel's turns may do on GitHub (`github = { ... }`).
+    pub github: Option<crate::github::ChannelGithub>,
     policy: SandboxPolicy,
 }
 
@@ -386,6 +388,8 @@ pub struct GatewayConfig {
     pub llm: GatewayLlm,
     /// `[agents]`: where the agent CLIs come from.
     pub agents: AgentsConfig,
+    /// `[github]`: where the App's API and git hosts are.
+    pub github: crate::github::GithubSection,
 }
 
 /// The verdict on one message.
@@ -489,6 +493,21 @@ impl GatewayConfig {
             w.push("no [[channel]] entries: nobody can talk to the gateway".to_string());
         }
         for c in &self.channels {
+            if let Some(g) = &c.github {
+                if c.trust == Trust::Untrusted && g.can_write() {
+                    w.push(format!(
+                        "channel[{}] ({}) is untrusted but its github.permissions grant write ({}): anyone there can have the agent push and open pull requests",
+                        c.index,
+                        c.describe(),
+                        g.permissions
+                            .iter()
+                            .filter(|(_, v)| *v == "write")
+                            .map(|(k, _)| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
             if c.users.is_empty() && c.admins.is_empty() {
                 w.push(format!(
                     "channel[{}] ({}) lets nobody talk: its users list is empty",
@@ -566,6 +585,8 @@ struct RawFile {
     llm: RawGatewayLlm,
     #[serde(default)]
     agents: RawAgents,
+    #[serde(default)]
+    github: crate::github::RawGithubSection,
 }
 
 #[derive(Deserialize, Default)]
@@ -660,6 +681,7 @@ struct RawSettings {
     persona: Option<String>,
     budget: Option<i64>,
     artifacts: Option<RawArtifacts>,
+    github: Option<crate::github::RawChannelGithub>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
@@ -689,6 +711,7 @@ struct RawChannel {
     persona: Option<String>,
     budget: Option<i64>,
     artifacts: Option<RawArtifacts>,
+    github: Option<crate::github::RawChannelGithub>,
 }
 
 impl RawChannel {
@@ -714,6 +737,7 @@ impl RawChannel {
             persona: self.persona,
             budget: self.budget,
             artifacts: self.artifacts,
+            github: self.github,
         };
         (self.platform, self.id, s)
     }
@@ -925,6 +949,7 @@ struct Settings {
     /// `None`: the platform's default (`Platform::default_debounce`).
     debounce: Option<Duration>,
     rate: Rates,
+    github: Option<crate::github::RawChannelGithub>,
     policy: SandboxPolicy,
 }
 
@@ -949,6 +974,7 @@ impl Settings {
                 user: Rate::parse("20/min").expect("valid"),
                 channel: Rate::parse("100/min").expect("valid"),
             },
+            github: None,
             policy: SandboxPolicy::default(),
         }
     }
@@ -1007,6 +1033,9 @@ impl Settings {
             at,
             ctx.mcp,
         )?;
+        if let Some(g) = raw.github {
+            self.github = Some(g);
+        }
         if let Some(d) = raw.debounce {
             self.debounce = Some(duration_in(
                 &d,
@@ -1463,6 +1492,11 @@ impl GatewayConfig {
                 agent: s.agent,
                 debounce: s.debounce.unwrap_or_else(|| platform.default_debounce()),
                 rate: s.rate,
+                github: s
+                    .github
+                    .as_ref()
+                    .map(|g| crate::github::channel(g, &at, s.trust == Trust::Untrusted))
+                    .transpose()?,
                 policy: s.policy,
             });
         }
@@ -1477,6 +1511,7 @@ impl GatewayConfig {
             channels,
             llm: crate::agents::gateway_llm(raw.llm)?,
             agents: crate::agents::agents_config(raw.agents)?,
+            github: crate::github::section(raw.github)?,
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod agents;
 pub mod credentials;
 pub mod gateway;
 pub mod gitconfig;
+pub mod github;
 pub mod hosts;
 pub mod network;
 pub mod paths;
