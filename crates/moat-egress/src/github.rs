@@ -102,8 +102,13 @@ pub struct GithubAccess {
     pub broker: Arc<GithubBroker>,
     pub scope: Scope,
     pub hosts: Vec<InterceptedHost>,
-    /// Branch names (without `refs/heads/`) no push may update.
+    /// Branch names or patterns (`release/*`, without `refs/heads/`) no
+    /// push may update.
     pub protected_branches: Vec<String>,
+    /// Whether API calls may add or change `.github/workflows/` (without it
+    /// the token has no `workflows` permission either, so GitHub itself
+    /// refuses git pushes that touch them).
+    pub workflows_write: bool,
     /// A host directory, traversable by sandbox users, where the door writes
     /// this lease's CA bundle.
     pub state_dir: PathBuf,
@@ -254,6 +259,76 @@ pub(crate) struct GithubState {
     bundle: PathBuf,
     /// Every token this lease used, for revocation when it ends.
     used: Mutex<Vec<InstallationToken>>,
+    /// What reached GitHub since the last `take_activity` (bounded).
+    activity: Mutex<Vec<GithubActivity>>,
+}
+
+/// Activities kept between two `take_activity` calls; later ones are dropped.
+const MAX_ACTIVITY: usize = 100;
+/// Largest pull-request answer read for its number and link.
+const MAX_PR_ANSWER: usize = 1024 * 1024;
+
+/// Something the door saw reach GitHub, told in the turn's answer: the
+/// door's own record, never the agent's account of it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum GithubActivity {
+    /// A push went upstream (GitHub answered `status`): these ref updates.
+    Pushed {
+        repo: String,
+        refs: Vec<String>,
+        status: u16,
+    },
+    /// A pull request was opened.
+    PullRequest {
+        repo: String,
+        number: u64,
+        url: String,
+    },
+}
+
+impl std::fmt::Display for GithubActivity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GithubActivity::Pushed { repo, refs, status } => {
+                let names: Vec<&str> = refs
+                    .iter()
+                    .map(|r| r.strip_prefix("refs/heads/").unwrap_or(r))
+                    .collect();
+                if (200..300).contains(status) {
+                    write!(f, "pushed {} to {repo}", names.join(", "))
+                } else {
+                    write!(
+                        f,
+                        "a push of {} to {repo} failed (GitHub answered {status})",
+                        names.join(", ")
+                    )
+                }
+            }
+            GithubActivity::PullRequest { repo, number, url } => {
+                write!(f, "opened pull request #{number} in {repo}: {url}")
+            }
+        }
+    }
+}
+
+/// `owner/name` from a git path (`/owner/name.git/...`) or an API path
+/// (`/repos/owner/name/...`); sandbox-supplied, so bounded and plain.
+fn repo_of(path: &str, api: bool) -> Option<String> {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (o, n) = if api {
+        (*segs.get(1)?, *segs.get(2)?)
+    } else {
+        (*segs.first()?, *segs.get(1)?)
+    };
+    let n = n.strip_suffix(".git").unwrap_or(n);
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 100
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    (plain(o) && plain(n)).then(|| format!("{o}/{n}"))
 }
 
 /// A CA for one lease, limited by name constraints to the intercepted hosts,
@@ -343,7 +418,24 @@ impl GithubState {
             client_tls,
             bundle,
             used: Mutex::new(Vec::new()),
+            activity: Mutex::new(Vec::new()),
         })
+    }
+
+    fn note(&self, a: GithubActivity) {
+        if let Ok(mut v) = self.activity.lock() {
+            if v.len() < MAX_ACTIVITY {
+                v.push(a);
+            }
+        }
+    }
+
+    /// What reached GitHub since the last call, oldest first.
+    pub(crate) fn take_activity(&self) -> Vec<GithubActivity> {
+        self.activity
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
     }
 
     /// The intercepted host named `name` (already normalized), if any.
@@ -634,7 +726,7 @@ fn protected_branch<'a>(protected: &'a [String], refname: &str) -> Option<&'a st
     let branch = refname.strip_prefix("refs/heads/").unwrap_or(refname);
     protected
         .iter()
-        .find(|p| p.as_str() == branch)
+        .find(|p| moat_policy::github::branch_matches(p, branch))
         .map(String::as_str)
 }
 
@@ -674,6 +766,26 @@ fn branch_field(field: &'static str) -> fn(&Value, &[String]) -> Result<(), Stri
     }
 }
 
+const WORKFLOWS_REFUSAL: &str = "moat: changes to .github/workflows/ are refused for this channel (workflows run with the repository's secrets); an operator can grant github.permissions.workflows = \"write\"";
+
+/// A `POST git/trees` body: refused when an entry could be, or be inside,
+/// `.github/workflows` (trees are built bottom-up, so a `workflows` entry
+/// of any tree counts).
+fn no_workflow_tree(v: &Value, _: &[String]) -> Result<(), String> {
+    let Some(entries) = v.get("tree").and_then(Value::as_array) else {
+        return Err("moat: a tree must be {\"tree\": [...]}".into());
+    };
+    for e in entries {
+        let path = e.get("path").and_then(Value::as_str).unwrap_or("");
+        let lower = path.to_ascii_lowercase();
+        let parts: Vec<&str> = lower.split('/').collect();
+        if parts.contains(&"workflows") {
+            return Err(WORKFLOWS_REFUSAL.into());
+        }
+    }
+    Ok(())
+}
+
 /// A GraphQL body: one `{"query": ...}` object or a batch of them. Anything
 /// else cannot be judged and is refused.
 fn graphql_mutation(v: &Value, _: &[String]) -> Result<(), String> {
@@ -696,7 +808,12 @@ fn graphql_mutation(v: &Value, _: &[String]) -> Result<(), String> {
 }
 
 /// Judges a REST or GraphQL call by method and (decoded) path.
-fn judge_api(method: &Method, path: &str, protected: &[String]) -> ApiJudgement {
+fn judge_api(
+    method: &Method,
+    path: &str,
+    protected: &[String],
+    workflows_write: bool,
+) -> ApiJudgement {
     let mut segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     // `/repositories/ID/...` is GitHub's alias of `/repos/OWNER/REPO/...`.
     if segs.len() >= 2 && segs[0].eq_ignore_ascii_case("repositories") {
@@ -723,8 +840,14 @@ fn judge_api(method: &Method, path: &str, protected: &[String]) -> ApiJudgement 
                 None => ApiJudgement::Pass,
             }
         }
-        ["repos", _, _, "contents", ..] if m == "PUT" || m == "DELETE" => {
+        ["repos", _, _, "contents", rest @ ..] if m == "PUT" || m == "DELETE" => {
+            if !workflows_write && rest.len() >= 2 && rest[0] == ".github" && rest[1] == "workflows" {
+                return ApiJudgement::Refuse(WORKFLOWS_REFUSAL.into());
+            }
             ApiJudgement::Body(branch_field("branch"))
+        }
+        ["repos", _, _, "git", "trees"] if m == "POST" && !workflows_write => {
+            ApiJudgement::Body(no_workflow_tree)
         }
         ["repos", _, _, "merges"] => ApiJudgement::Body(branch_field("base")),
         ["repos", _, _, "merge-upstream"] => ApiJudgement::Body(branch_field("branch")),
@@ -795,6 +918,11 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
     let protected = &gh.access.protected_branches;
     let (role, path) = effective_role(target.role, path);
     let (parts, mut body) = req.into_parts();
+    let mut pushed: Option<Vec<String>> = None;
+    let opens_pr = role == HostRole::Api && parts.method == Method::POST && {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        segs.len() == 4 && segs[0] == "repos" && segs[3] == "pulls"
+    };
     // Decide what body goes upstream, refusing writes to protected branches.
     let out_body: GhBody = match role {
         HostRole::Git
@@ -843,6 +971,7 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
                 let resp = push_refusal(&cmds, &b);
                 return deny(resp.status(), refusal_text(&b), resp);
             }
+            pushed = Some(cmds.refs.iter().take(50).cloned().collect());
             Prefixed {
                 first: Some(first.freeze()),
                 rest: (!ended).then_some(body),
@@ -850,7 +979,7 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
             .boxed()
         }
         HostRole::Api => {
-            match judge_api(&parts.method, &path, protected) {
+            match judge_api(&parts.method, &path, protected, gh.access.workflows_write) {
                 ApiJudgement::Pass => body.boxed(),
                 ApiJudgement::Refuse(msg) => {
                     return deny(
@@ -964,6 +1093,41 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
                 rparts.headers.remove(h);
             }
             call.audit(&st, rparts.status.as_u16(), None);
+            if let (Some(refs), Some(repo)) = (pushed, repo_of(&path, false)) {
+                gh.note(GithubActivity::Pushed {
+                    repo,
+                    refs,
+                    status: rparts.status.as_u16(),
+                });
+            }
+            if opens_pr && rparts.status == StatusCode::CREATED {
+                // Read the answer for the pull request's number and link,
+                // then hand the same bytes on.
+                let bytes = match Limited::new(rbody, MAX_PR_ANSWER).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => {
+                        let msg = "moat: GitHub's answer to opening a pull request was unreadable or too large".to_string();
+                        return api_error(StatusCode::BAD_GATEWAY, &msg);
+                    }
+                };
+                if let (Ok(v), Some(repo)) = (
+                    serde_json::from_slice::<Value>(&bytes),
+                    repo_of(&path, true),
+                ) {
+                    let number = v.get("number").and_then(Value::as_u64);
+                    let url = v.get("html_url").and_then(Value::as_str).filter(|u| {
+                        u.len() <= 500 && u.starts_with("http") && !u.chars().any(char::is_control)
+                    });
+                    if let (Some(number), Some(url)) = (number, url) {
+                        gh.note(GithubActivity::PullRequest {
+                            repo,
+                            number,
+                            url: url.to_string(),
+                        });
+                    }
+                }
+                return Response::from_parts(rparts, full(bytes));
+            }
             Response::from_parts(rparts, rbody.boxed())
         }
         Err(e) => {
@@ -1045,11 +1209,62 @@ mod tests {
     }
 
     #[test]
+    fn workflow_changes_need_the_grant_and_patterns_protect() {
+        let p = vec!["main".to_string(), "release/*".to_string()];
+        let judge = |m: &str, path: &str, w: bool| {
+            judge_api(&Method::from_bytes(m.as_bytes()).unwrap(), path, &p, w)
+        };
+        assert!(matches!(
+            judge("PUT", "/repos/o/r/contents/.github/workflows/ci.yml", false),
+            ApiJudgement::Refuse(_)
+        ));
+        assert!(matches!(
+            judge(
+                "DELETE",
+                "/repos/o/r/contents/.github/workflows/ci.yml",
+                false
+            ),
+            ApiJudgement::Refuse(_)
+        ));
+        assert!(matches!(
+            judge("PUT", "/repos/o/r/contents/.github/workflows/ci.yml", true),
+            ApiJudgement::Body(_)
+        ));
+        assert!(matches!(
+            judge("PUT", "/repos/o/r/contents/docs/workflows.md", false),
+            ApiJudgement::Body(_)
+        ));
+        let ApiJudgement::Body(f) = judge("POST", "/repos/o/r/git/trees", false) else {
+            panic!("trees are read without the grant");
+        };
+        assert!(f(&json!({"tree": [{"path": ".github/workflows/x.yml"}]}), &p).is_err());
+        assert!(f(
+            &json!({"tree": [{"path": "workflows", "type": "tree"}]}),
+            &p
+        )
+        .is_err());
+        assert!(f(&json!({"tree": [{"path": "src/main.rs"}]}), &p).is_ok());
+        assert!(f(&json!({"nottree": 1}), &p).is_err());
+        assert!(matches!(
+            judge("POST", "/repos/o/r/git/trees", true),
+            ApiJudgement::Pass
+        ));
+        assert!(matches!(
+            judge("PATCH", "/repos/o/r/git/refs/heads/release/2.0", false),
+            ApiJudgement::Refuse(_)
+        ));
+        assert!(matches!(
+            judge("PATCH", "/repos/o/r/git/refs/heads/releases", false),
+            ApiJudgement::Pass
+        ));
+    }
+
+    #[test]
     fn api_writes_to_protected_branches_are_judged() {
         let p = prot();
         let refuse = |m: &str, path: &str| {
             matches!(
-                judge_api(&Method::from_bytes(m.as_bytes()).unwrap(), path, &p),
+                judge_api(&Method::from_bytes(m.as_bytes()).unwrap(), path, &p, false),
                 ApiJudgement::Refuse(_)
             )
         };
@@ -1061,13 +1276,14 @@ mod tests {
         assert!(refuse("PUT", "/repos/o/r/pulls/3/merge"));
         assert!(refuse("POST", "/repos/o/r/branches/main/rename"));
         assert!(matches!(
-            judge_api(&Method::GET, "/repos/o/r/git/refs/heads/main", &p),
+            judge_api(&Method::GET, "/repos/o/r/git/refs/heads/main", &p, false),
             ApiJudgement::Pass
         ));
         let body = |m: &str, path: &str, v: Value| match judge_api(
             &Method::from_bytes(m.as_bytes()).unwrap(),
             path,
             &p,
+            false,
         ) {
             ApiJudgement::Body(f) => f(&v, &p),
             _ => panic!("{m} {path} should read its body"),

@@ -337,6 +337,7 @@ pub struct Door {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     llm_env: Vec<(String, String)>,
     state: Arc<State>,
+    rt: tokio::runtime::Handle,
 }
 
 impl Door {
@@ -408,6 +409,7 @@ impl Door {
             tasks,
             llm_env,
             state,
+            rt: rt.clone(),
         })
     }
 
@@ -462,6 +464,35 @@ impl Door {
             Some(g) => g.revoke_all().await,
             None => 0,
         }
+    }
+
+    /// What this door saw reach GitHub since the last call (pushes, pull
+    /// requests opened), oldest first.
+    pub fn take_github_activity(&self) -> Vec<github::GithubActivity> {
+        self.state
+            .github
+            .as_ref()
+            .map(|g| g.take_activity())
+            .unwrap_or_default()
+    }
+
+    /// [`revoke_github`](Self::revoke_github) from a thread that is not
+    /// the runtime's own (a blocking thread): waits for GitHub's answers.
+    pub fn revoke_github_blocking(&self) -> usize {
+        let Some(_) = self.state.github.as_ref() else {
+            return 0;
+        };
+        let state = self.state.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            let failed = match state.github.as_ref() {
+                Some(g) => g.revoke_all().await,
+                None => 0,
+            };
+            let _ = tx.send(failed);
+        });
+        // A runtime that is shutting down drops the task: count it failed.
+        rx.recv().unwrap_or(1)
     }
 
     /// Variables that point proxy-aware clients at the door.

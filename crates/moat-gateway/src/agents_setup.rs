@@ -67,6 +67,7 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
     let cli_dir = cli_template(cfg);
     let mut moat_copy: Option<PathBuf> = None;
     let mut out = HashMap::new();
+    let mut github = crate::github_setup::templates(cfg, inputs.secret, inputs.runtime_dir)?;
     for c in &cfg.channels {
         let at = format!("channel[{}]", c.index);
         let kind = c.agent.kind_or_default(key_here);
@@ -165,6 +166,9 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
                 artifacts: artifact_limits(c),
             },
         );
+    }
+    for (idx, setup) in out.iter_mut() {
+        setup.extras.github = github.remove(idx);
     }
     Ok(out)
 }

@@ -764,7 +764,12 @@ impl Gateway {
                     // What the hand-back changed in host directories the
                     // sandbox could write (docs/workspace.md), for the audit.
                     let handed_back = held.lease().take_findings();
-                    (held, out, (collected, handed_back))
+                    // What reached GitHub, from the door's own record.
+                    let github = held
+                        .door()
+                        .map(|d| d.take_github_activity())
+                        .unwrap_or_default();
+                    (held, out, (collected, handed_back, github))
                 });
                 while let Some(ev) = rx.recv().await {
                     match ev {
@@ -816,8 +821,25 @@ impl Gateway {
                     }
                 }
                 match job.await {
-                    Ok((held, out, (found, handed_back))) => {
+                    Ok((held, mut out, (found, handed_back, github))) => {
                         self.give_back(&conv, held).await;
+                        if !github.is_empty() {
+                            if !out.answer.is_empty() && !out.answer.ends_with('\n') {
+                                out.answer.push('\n');
+                            }
+                            out.answer.push_str("\nOn GitHub (moat's record):\n");
+                            for a in &github {
+                                out.answer.push_str(&format!("- {a}\n"));
+                                self.audit(
+                                    "github-activity",
+                                    json!({
+                                        "conversation_id": conv.id,
+                                        "turn_id": turn_id,
+                                        "activity": a,
+                                    }),
+                                );
+                            }
+                        }
                         for f in handed_back.iter().take(MAX_REFUSALS_AUDITED) {
                             self.audit(
                                 "hand-back",
@@ -1092,6 +1114,9 @@ impl Gateway {
             }
             Held::Own { lease, _door } => {
                 let r = tokio::task::spawn_blocking(move || {
+                    if let Some(d) = &_door {
+                        crate::pool::end_turn_tokens(d);
+                    }
                     let r = lease.release();
                     drop(_door);
                     r
@@ -1294,6 +1319,13 @@ enum Held {
 }
 
 impl Held {
+    fn door(&mut self) -> Option<&moat_egress::Door> {
+        match self {
+            Held::Pooled(l) => l.runner().door.as_ref(),
+            Held::Own { _door, .. } => _door.as_ref(),
+        }
+    }
+
     fn lease(&mut self) -> &mut Lease {
         match self {
             Held::Pooled(l) => &mut l.runner().lease,

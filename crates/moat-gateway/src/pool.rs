@@ -94,6 +94,8 @@ impl RunnerFactory for LeaseFactory {
 pub struct DoorExtras {
     pub llm: Option<moat_egress::llm::LlmConfig>,
     pub files: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// GitHub interception with a token of the channel's scope.
+    pub github: Option<crate::github_setup::GithubTemplate>,
 }
 
 /// The lease's side of a door: its namespace, client settings and files.
@@ -121,9 +123,17 @@ pub fn start_door(
     audit: Arc<dyn moat_egress::Audit>,
     extras: &DoorExtras,
 ) -> Result<Option<moat_egress::Door>, String> {
-    if !policy.network.is_enabled() && extras.llm.is_none() && extras.files.is_empty() {
+    if !policy.network.is_enabled()
+        && extras.llm.is_none()
+        && extras.files.is_empty()
+        && extras.github.is_none()
+    {
         return Ok(None);
     }
+    let github = match &extras.github {
+        Some(t) => Some(t.access(name, audit.clone())?),
+        None => None,
+    };
     moat_egress::Door::start(
         runtime,
         moat_egress::DoorConfig {
@@ -132,7 +142,7 @@ pub fn start_door(
             resolver: moat_egress::Resolver::System,
             audit,
             llm: extras.llm.clone(),
-            github: None,
+            github,
         },
     )
     .map(Some)
@@ -202,6 +212,10 @@ fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, State> {
 
 /// Resets `r` and hands it on; on failure builds a replacement.
 fn give_back(inner: &Arc<Inner>, mut r: Runner) {
+    // The turn's GitHub token ends with the turn.
+    if let Some(d) = &r.door {
+        end_turn_tokens(d);
+    }
     let runner = match r.lease.reset().and_then(|_| r.lease.start()) {
         Ok(()) => {
             // The token budget is per turn: the next holder starts at zero.
@@ -223,6 +237,18 @@ fn give_back(inner: &Arc<Inner>, mut r: Runner) {
         }
     };
     deliver(inner, runner);
+}
+
+/// Revokes the GitHub tokens a turn's door minted (a blocking thread's
+/// call: it waits for GitHub's answer, at most the door's step timeout).
+pub fn end_turn_tokens(door: &moat_egress::Door) {
+    let failed = door.revoke_github_blocking();
+    if failed > 0 {
+        tracing::warn!(
+            failed,
+            "GitHub tokens of a finished turn could not be revoked; they expire within the hour"
+        );
+    }
 }
 
 /// Gives a ready runner to the first live waiter, else puts it idle. `None`

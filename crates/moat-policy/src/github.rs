@@ -241,7 +241,10 @@ pub(crate) fn channel(
                 if !PERMISSION_NAMES.contains(&name.as_str()) {
                     return Err(err(
                         k,
-                        format!("unknown permission; use one of {}", PERMISSION_NAMES.join(", ")),
+                        format!(
+                            "unknown permission; use one of {}",
+                            PERMISSION_NAMES.join(", ")
+                        ),
                     ));
                 }
                 if level != "read" && level != "write" {
@@ -288,7 +291,10 @@ pub(crate) fn channel(
             if !o.eq_ignore_ascii_case(&owner) || !repos.contains(&n) {
                 return Err(err(
                     key("clone"),
-                    format!("{c:?} is not in github.repos; add it there or clone one of {}", raw.repos.join(", ")),
+                    format!(
+                        "{c:?} is not in github.repos; add it there or clone one of {}",
+                        raw.repos.join(", ")
+                    ),
                 ));
             }
             Some(format!("{owner}/{n}"))
@@ -305,7 +311,10 @@ pub(crate) fn channel(
         }
     };
     if raw.depth.is_some() && clone.is_none() {
-        return Err(err(key("depth"), "is only used with clone; set clone or remove depth"));
+        return Err(err(
+            key("depth"),
+            "is only used with clone; set clone or remove depth",
+        ));
     }
     let branch_prefix = raw
         .branch_prefix
@@ -384,13 +393,23 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let e = channel(&raw(&["acme/app", "other/x"]), "channel[1]", false).unwrap_err();
-        assert!(e.to_string().starts_with("channel[1].github.repos[1]:"), "{e}");
+        assert!(
+            e.to_string().starts_with("channel[1].github.repos[1]:"),
+            "{e}"
+        );
         let e = channel(&raw(&["app"]), "channel[0]", false).unwrap_err();
-        assert!(e.to_string().starts_with("channel[0].github.repos[0]:"), "{e}");
+        assert!(
+            e.to_string().starts_with("channel[0].github.repos[0]:"),
+            "{e}"
+        );
         let mut r = raw(&["acme/app"]);
         r.permissions = Some([("contents".to_string(), "admin".to_string())].into());
         let e = channel(&r, "channel[0]", false).unwrap_err();
-        assert!(e.to_string().starts_with("channel[0].github.permissions.contents:"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("channel[0].github.permissions.contents:"),
+            "{e}"
+        );
         let mut r = raw(&["acme/app"]);
         r.clone = Some("acme/other".into());
         let e = channel(&r, "channel[0]", false).unwrap_err();
@@ -422,11 +441,17 @@ mod tests {
             private_key: Some(toml::Value::String("x".into())),
             ..Default::default()
         };
-        assert!(section(s).unwrap_err().to_string().starts_with("github.private_key:"));
+        assert!(section(s)
+            .unwrap_err()
+            .to_string()
+            .starts_with("github.private_key:"));
         let s = RawGithubSection {
             api_url: Some("http://127.0.0.1:1".into()),
             ..Default::default()
         };
-        assert!(section(s).unwrap_err().to_string().starts_with("github.api_url:"));
+        assert!(section(s)
+            .unwrap_err()
+            .to_string()
+            .starts_with("github.api_url:"));
     }
 }

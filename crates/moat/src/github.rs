@@ -108,8 +108,10 @@ pub fn access(
             audit,
         }),
     )?;
+    let workflows_write = scope.permissions().get("workflows").map(String::as_str) == Some("write");
     Ok(GithubAccess {
         broker: Arc::new(broker),
+        workflows_write,
         scope,
         hosts,
         protected_branches,

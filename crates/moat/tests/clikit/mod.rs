@@ -570,6 +570,7 @@ impl CliBox {
                 ..Default::default()
             }),
             files: Vec::new(),
+            github: None,
         };
         let policy = moat_policy::SandboxPolicy {
             backend: backend.kind(),

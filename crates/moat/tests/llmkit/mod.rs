@@ -341,6 +341,7 @@ impl AgentBox {
                 ..Default::default()
             }),
             files: vec![(bin, moat_gateway::agent::builtin::MOAT_INSIDE.into())],
+            github: None,
         };
         let policy = moat_policy::SandboxPolicy {
             backend,

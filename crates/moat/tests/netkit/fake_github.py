@@ -54,6 +54,8 @@ LEVELS = {"read": 1, "write": 2, "admin": 3}
 _lock = threading.Lock()
 # token -> {"repositories": [...], "permissions": {...}, "expires": unix, "revoked": bool}
 TOKENS = {}
+# repo -> the last pull request number
+PULLS = {}
 
 
 def log(record):
@@ -323,6 +325,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 "id": 1000 + REPOS.index(repo), "name": repo, "full_name": owner + "/" + repo,
                 "private": True, "owner": {"login": owner, "type": "Organization"},
                 "default_branch": "main", "visibility": "private",
+            })
+        if rest == "/pulls" and method == "POST":
+            # Opening a pull request needs pull_requests:write; head must be
+            # a branch that exists (GitHub's 422 otherwise).
+            if not self.allowed(token, repo, "pull_requests", "write"):
+                return self.fail(403, "Resource not accessible by integration", "pull_requests:write missing")
+            if doc is None:
+                return self.fail(400, "Problems parsing JSON")
+            head = str(doc.get("head", "")).split(":")[-1]
+            base = str(doc.get("base", "main"))
+            if git("--git-dir", d, "rev-parse", "--verify", "-q", "refs/heads/" + head).returncode != 0:
+                return self.fail(422, "Validation Failed", "head %r does not exist" % head)
+            with _lock:
+                PULLS.setdefault(repo, 0)
+                PULLS[repo] += 1
+                number = PULLS[repo]
+            url = "https://github.com/%s/%s/pull/%d" % (owner, repo, number)
+            log({"kind": "pull", "repo": repo, "number": number, "head": head, "base": base,
+                 "title": str(doc.get("title", ""))})
+            return self.send(201, {
+                "number": number, "html_url": url, "state": "open",
+                "title": doc.get("title", ""), "head": {"ref": head}, "base": {"ref": base},
             })
         write = method in ("POST", "PUT", "PATCH", "DELETE")
         if write and not self.allowed(token, repo, "contents", "write"):

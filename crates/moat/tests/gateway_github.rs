@@ -1,0 +1,185 @@
+//! GitHub from chat, end to end: a web-chat conversation in a channel with
+//! `github = { ... }` gets, for each turn, a door that intercepts GitHub with
+//! a token minted for exactly the channel's repositories and permissions and
+//! revoked when the turn ends. The agent (the shell agent: each message is a
+//! shell script) clones, commits, pushes a branch and opens a pull request
+//! with real git and curl; the answer says what reached GitHub from the
+//! door's own record; a push to a protected branch and a workflow change are
+//! refused and the thread is told. The fake GitHub (`netkit/fake_github.py`)
+//! on 127.0.0.1 holds the only real tokens, and logs what reached it.
+//!
+//! Must never: contact a real GitHub, or put the App key or a token
+//! anywhere but moat's secrets and the fake.
+
+mod githubkit;
+#[path = "../../moat-gateway/tests/gwkit/mod.rs"]
+mod gwkit;
+mod netkit;
+
+use githubkit::{app_key, FakeGithub, APP_ID, INSTALLATION, OWNER, REPO};
+use serde_json::Value;
+
+fn config(fake: &FakeGithub, github: &str) -> String {
+    let mut t = gwkit::web_config(
+        1,
+        "",
+        &format!("users = [\"*\"]\ndebounce = \"0ms\"\nagent = \"shell\"\ngithub = {github}"),
+    );
+    t.push_str(&format!(
+        "\n[github]\napi_url = \"{}\"\nweb_url = \"{}\"\nallow_plain_http = true\n",
+        fake.api_url(),
+        fake.web_url()
+    ));
+    t
+}
+
+fn secrets() -> Vec<(String, String)> {
+    vec![
+        ("GITHUB_APP_ID".into(), APP_ID.into()),
+        (
+            "GITHUB_APP_PRIVATE_KEY".into(),
+            app_key().private_pem.clone(),
+        ),
+        ("GITHUB_APP_INSTALLATION_ID".into(), INSTALLATION.into()),
+    ]
+}
+
+/// Sends `script` to conversation `thread` as its `n`th message and
+/// returns the `n`th answer's text (the event stream replays the earlier ones).
+fn turn(gw: &gwkit::Gw, thread: &str, script: &str, n: usize) -> String {
+    let client = gw.client(None);
+    let r = client.post(thread, script);
+    assert_eq!(r.status, 202, "{r:?}");
+    let mut sse = client.events(thread).expect("events");
+    let evs = sse.answers(n);
+    let answers = gwkit::answers_of(&evs);
+    assert_eq!(answers.len(), n, "{evs:#?}");
+    answers[n - 1].0.clone()
+}
+
+const WORK: &str = r#"set -u
+cd /tmp && rm -rf r && git clone -q https://github.com/@O@/@R@.git r && cd r || exit 1
+git checkout -q -b moat/web-change
+echo change > CHANGE && git add CHANGE
+git -c user.name=agent -c user.email=agent@moat.invalid commit -qm change
+git push -q origin HEAD 2>&1; echo "branch-push=$?"
+curl -sS -o /tmp/pr.json -w 'pr-status=%{http_code}\n' -X POST \
+  -H "Authorization: Bearer $GH_TOKEN" -H 'Content-Type: application/json' \
+  -d '{"title":"change","head":"moat/web-change","base":"main"}' \
+  https://api.github.com/repos/@O@/@R@/pulls
+git push origin HEAD:main 2>&1; echo "main-push=$?"
+git push origin HEAD:release/2.0 2>&1; echo "release-push=$?"
+"#;
+
+const WORKFLOW: &str = r#"curl -sS -o /dev/null -w 'workflow-status=%{http_code}\n' -X PUT \
+  -H "Authorization: Bearer $GH_TOKEN" -H 'Content-Type: application/json' \
+  -d '{"message":"ci","content":"b246IHB1c2g=","branch":"moat/web-change"}' \
+  https://api.github.com/repos/@O@/@R@/contents/.github/workflows/ci.yml
+"#;
+
+fn fill(s: &str) -> String {
+    s.replace("@O@", OWNER).replace("@R@", REPO)
+}
+
+#[test]
+fn a_turn_pushes_a_branch_opens_a_pull_request_and_is_told_what_reached_github() {
+    let fake = FakeGithub::start();
+    let toml = config(
+        &fake,
+        &format!("{{ repos = [\"{OWNER}/{REPO}\"], protect = [\"main\", \"release/*\"] }}"),
+    );
+    let gw = gwkit::Gw::start_with("gh-e2e", &toml, secrets());
+
+    let answer = turn(&gw, "t1", &fill(WORK), 1);
+    // What the agent's own commands saw.
+    assert!(answer.contains("branch-push=0"), "{answer}");
+    assert!(answer.contains("pr-status=201"), "{answer}");
+    assert!(answer.contains("main-push=1"), "{answer}");
+    assert!(
+        answer.contains("pushes to the protected branch main are refused"),
+        "git shows the door's reason: {answer}"
+    );
+    assert!(
+        answer.contains("release-push=1"),
+        "a pattern protects: {answer}"
+    );
+    // What moat adds, from the door's record.
+    assert!(answer.contains("On GitHub (moat's record):"), "{answer}");
+    assert!(
+        answer.contains(&format!("- pushed moat/web-change to {OWNER}/{REPO}")),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(&format!(
+            "- opened pull request #1 in {OWNER}/{REPO}: https://github.com/{OWNER}/{REPO}/pull/1"
+        )),
+        "{answer}"
+    );
+    assert!(!answer.contains("pushed main"), "{answer}");
+
+    // GitHub: the branch is there, main and release/* are not moved.
+    assert!(fake.branch(REPO, "moat/web-change").is_some());
+    assert_eq!(
+        fake.branch(REPO, "main").as_deref(),
+        Some(fake.main0.as_str())
+    );
+    assert!(fake.branch(REPO, "release/2.0").is_none());
+    let pulls = fake.kind("pull");
+    assert_eq!(pulls.len(), 1, "{pulls:?}");
+    assert_eq!(pulls[0]["head"], "moat/web-change");
+    // One token for the turn, with exactly the channel's scope, revoked
+    // when the turn ended; every request carried it, never a placeholder.
+    let minted = fake.kind("minted");
+    assert_eq!(minted.len(), 1, "{minted:?}");
+    assert_eq!(minted[0]["repositories"], serde_json::json!([REPO]));
+    assert_eq!(
+        minted[0]["permissions"],
+        serde_json::json!({"contents": "write", "pull_requests": "write"})
+    );
+    let t1 = minted[0]["token"].as_str().unwrap().to_string();
+    fake.wait_for("revoked", |r| r["token"] == t1.as_str());
+    fake.assert_swapped(&[]);
+
+    // The next turn gets a token of its own; a workflow change is refused
+    // without the grant, and never reaches GitHub.
+    let answer = turn(&gw, "t1", &fill(WORKFLOW), 2);
+    assert!(answer.contains("workflow-status=403"), "{answer}");
+    assert!(
+        !fake.records().iter().any(|r| r["path"]
+            .as_str()
+            .is_some_and(|p| p.contains(".github/workflows"))),
+        "a workflow change reached GitHub"
+    );
+
+    // No token, JWT or key line in the answers, the audit log or the store.
+    let audit = std::fs::read_to_string(gw.audit_path()).unwrap();
+    for t in fake.tokens() {
+        assert!(!audit.contains(&t), "a token in the audit log");
+        assert!(!answer.contains(&t), "a token in an answer");
+    }
+    assert!(
+        !audit.contains(&app_key().line),
+        "the App key in the audit log"
+    );
+    // The activity is audited, from the door.
+    let acts: Vec<Value> = gw.audit_kind("github-activity");
+    assert_eq!(acts.len(), 2, "{acts:#?}");
+    assert_eq!(acts[0]["activity"]["event"], "pushed");
+    assert_eq!(acts[1]["activity"]["event"], "pull-request");
+    gw.stop();
+}
+
+#[test]
+fn without_the_app_settings_the_gateway_refuses_to_start_naming_the_variable() {
+    let fake = FakeGithub::start();
+    let toml = config(&fake, &format!("{{ repos = [\"{OWNER}/{REPO}\"] }}"));
+    let cfg = moat_policy::gateway::GatewayConfig::from_toml(&toml).unwrap();
+    let secret = |_: &str| -> Option<String> { None };
+    let err =
+        moat_gateway::github_setup::templates(&cfg, &secret, std::path::Path::new("/nonexistent"))
+            .unwrap_err();
+    assert!(
+        err.starts_with("channel[0].github:") && err.contains("GITHUB_APP_ID"),
+        "{err}"
+    );
+}
