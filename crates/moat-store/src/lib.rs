@@ -344,7 +344,14 @@ impl Store {
         ))
         .map_err(sql)?;
         schema::migrate(conn, &path, busy_ms())?;
-        sealed::check_key(conn, &path, &self.sealer)
+        sealed::check_key(conn, &path, &self.sealer)?;
+        if self.sealer.encryption() != Encryption::Off {
+            // A row that grows when it is sealed may move; the old cell is
+            // then zeroed, not left as free space holding plaintext.
+            conn.execute_batch("PRAGMA secure_delete = ON")
+                .map_err(sql)?;
+        }
+        Ok(())
     }
 
     /// The database file's path (`:memory:` for [`Store::open_in_memory`]).

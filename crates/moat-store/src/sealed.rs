@@ -298,6 +298,9 @@ impl Store {
                 .conn
                 .get_mut()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Freed cells (a row that grew and moved) are zeroed.
+            conn.execute_batch("PRAGMA secure_delete = ON")
+                .map_err(err)?;
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(err)?;
@@ -359,9 +362,100 @@ impl Store {
                 })?;
             }
             tx.commit().map_err(err)?;
+            self.sealer = new;
+            // The old values may still sit in the write-ahead log and in
+            // pages freed before: copy the WAL in and empty it, rewrite the
+            // file, and empty the WAL again. The new key already holds; a
+            // failure here leaves old bytes on disk, so it is reported.
+            if self.path != Path::new(":memory:") {
+                conn.execute_batch(
+                    "PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
+                )
+                .map_err(|e| StoreError::Sqlite {
+                    path: path.clone(),
+                    reason: format!(
+                        "the store is re-keyed, but clearing the old values from the file failed ({e}); run `moat store rekey` again"
+                    ),
+                })?;
+            }
         }
-        self.sealer = new;
         self.committed();
         Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{IncomingMessage, Inserted};
+
+    #[test]
+    fn legacy_text_that_looks_sealed_stays_plaintext_after_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("moat.db");
+        {
+            // A schema-1 database, as a moat before encryption wrote it.
+            let c = Connection::open(&db).unwrap();
+            c.execute_batch(crate::schema::MIGRATIONS[0]).unwrap();
+            c.execute_batch(&format!(
+                "PRAGMA application_id = {}; PRAGMA user_version = 1;
+                 INSERT INTO conversations (id, platform, channel, thread, created_ms,
+                                            last_active_ms, agent_session)
+                 VALUES (1, 'web', 'c', 't', 0, 0, 'moat:p:odd');
+                 INSERT INTO messages (id, platform, event_id, conversation_id, user, text, ts_ms)
+                 VALUES (1, 'web', 'e', 1, 'u', 'moat:v1:0011aabb:AAAA', 0),
+                        (2, 'web', 'f', 1, 'u', 'Moat:v1: is not reserved', 0);",
+                crate::APPLICATION_ID
+            ))
+            .unwrap();
+        }
+        // Neither refused for lack of a key nor read as sealed.
+        let s = Store::open(&db).unwrap();
+        assert_eq!(s.message(1).unwrap().unwrap().text, "moat:v1:0011aabb:AAAA");
+        assert_eq!(
+            s.message(2).unwrap().unwrap().text,
+            "Moat:v1: is not reserved"
+        );
+        assert_eq!(
+            s.conversation(1).unwrap().unwrap().agent_session.as_deref(),
+            Some("moat:p:odd")
+        );
+        // And new plaintext in the reserved space round-trips too.
+        let m = IncomingMessage {
+            platform: "web".into(),
+            event_id: "g".into(),
+            channel: "c".into(),
+            thread: "t".into(),
+            user: "u".into(),
+            text: "moat:p:x".into(),
+            ts_ms: 1,
+        };
+        let Inserted::New { message_id, .. } = s.insert_message(&m).unwrap() else {
+            panic!("a new message");
+        };
+        assert_eq!(s.message(message_id).unwrap().unwrap().text, "moat:p:x");
+    }
+
+    #[test]
+    fn an_unknown_marker_is_an_error_not_text() {
+        let s = Sealer::new(None);
+        let e = s
+            .open(
+                Path::new("x.db"),
+                MESSAGE_TEXT,
+                1,
+                "moat:v9:whatever".into(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::Unreadable {
+                    reason: CryptError::UnknownVersion,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 }
