@@ -83,10 +83,33 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let cfg = opts.cfg;
     let db = opts.data_dir.join("moat.db");
-    let store = Store::open(&db).map_err(|source| ServeError::Store {
-        path: db.clone(),
-        source,
-    })?;
+    // Encryption at rest: the key is a secret like any other. A bad key is
+    // named without its text; no key is allowed, with one warning, unless the
+    // store is already encrypted (then the store refuses to open).
+    let key = match (opts.secret)(moat_store::KEY_VAR) {
+        Some(text) => Some(
+            moat_store::StoreKey::parse(moat_store::KEY_VAR, &text)
+                .map_err(|e| ServeError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let store =
+        Store::open_with_key(&db, moat_store::Durability::default(), key).map_err(|source| {
+            ServeError::Store {
+                path: db.clone(),
+                source,
+            }
+        })?;
+    match store.encryption() {
+        moat_store::Encryption::Off => tracing::warn!(
+            "the message store {} is not encrypted at rest: set {} (generate one with `openssl rand -base64 32`) in moat's environment or secrets file",
+            db.display(),
+            moat_store::KEY_VAR
+        ),
+        moat_store::Encryption::On { key_id } => {
+            tracing::info!(key_id = %key_id, "the message store is encrypted at rest")
+        }
+    }
     let audit_path = opts.data_dir.join("audit").join("audit.jsonl");
     let audit = AuditLog::open(&audit_path).map_err(|source| ServeError::Audit {
         path: audit_path.clone(),

@@ -108,6 +108,31 @@ pub enum StoreError {
         field: &'static str,
         reason: &'static str,
     },
+    /// The database holds sealed values (or a key check) and no key is
+    /// configured.
+    #[error(
+        "the database at {path} is encrypted and no key is configured: set MOAT_STORE_KEY (in moat's environment or its secrets file) to the key it was written with"
+    )]
+    KeyMissing { path: PathBuf },
+    /// The configured key is not the one the database was sealed with.
+    #[error(
+        "MOAT_STORE_KEY (key id {configured}) is not the key the database at {path} is encrypted with (key id {stored}); set MOAT_STORE_KEY to that key (`moat store rekey` changes keys)"
+    )]
+    WrongKey {
+        path: PathBuf,
+        stored: String,
+        configured: String,
+    },
+    /// A sealed value that does not open (changed, moved, damaged).
+    #[error(
+        "{field} of row {row} in the database at {path} cannot be read: {reason}; restore the database from a backup"
+    )]
+    Unreadable {
+        path: PathBuf,
+        field: &'static str,
+        row: i64,
+        reason: crate::crypt::CryptError,
+    },
     /// Any other SQLite failure.
     #[error("database at {path}: {reason}")]
     Sqlite { path: PathBuf, reason: String },

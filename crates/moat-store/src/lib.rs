@@ -18,10 +18,12 @@
 // Outside input never reaches an `unwrap`/`expect` (house style); tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod crypt;
 mod error;
 mod model;
 mod recovery;
 mod schema;
+mod sealed;
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -36,12 +38,16 @@ use std::time::Duration;
 use rusqlite::types::Type;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
+pub use crypt::{CryptError, KeyError, StoreKey, KEY_VAR};
 pub use error::StoreError;
 pub use model::{
     Conversation, ConversationId, IncomingMessage, Inserted, MessageId, MessageState, SandboxMode,
     StoredMessage, Turn, TurnId, TurnState, UnknownName,
 };
 pub use schema::{current_version as schema_version, APPLICATION_ID};
+pub use sealed::{Encryption, Field, RekeyCount, SEALED_FIELDS};
+
+use sealed::{Sealer, AGENT_SESSION, MESSAGE_DETAIL, MESSAGE_TEXT, TURN_ERROR};
 
 /// How long a statement waits for a lock held by another connection before
 /// failing with [`StoreError::Busy`]. moat holds the only connection, so this
@@ -81,6 +87,8 @@ pub struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
     durability: Durability,
+    /// Seals the sensitive fields with the store key, if there is one.
+    sealer: Sealer,
     /// Write transactions committed, to wake the checkpointer.
     commits: AtomicU64,
     /// On-disk stores only: the thread that copies the WAL into the
@@ -186,6 +194,19 @@ impl Store {
     ///   is, and an SQLite file of another program with
     ///   [`StoreError::NotMoat`].
     pub fn open_with(path: impl AsRef<Path>, durability: Durability) -> Result<Store, StoreError> {
+        Store::open_with_key(path, durability, None)
+    }
+
+    /// [`Store::open_with`] with the store key (encryption at rest, see
+    /// `docs/store.md`): with `Some`, new values of the sealed fields are
+    /// sealed under it and a store sealed under another key is refused
+    /// ([`StoreError::WrongKey`]); with `None`, a store holding sealed values
+    /// is refused ([`StoreError::KeyMissing`]).
+    pub fn open_with_key(
+        path: impl AsRef<Path>,
+        durability: Durability,
+        key: Option<StoreKey>,
+    ) -> Result<Store, StoreError> {
         let path = path.as_ref().to_path_buf();
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -233,6 +254,7 @@ impl Store {
             conn: Mutex::new(conn),
             path,
             durability,
+            sealer: Sealer::new(key),
             commits: AtomicU64::new(0),
             checkpointer: None,
             _lock: Some(lock),
@@ -255,6 +277,11 @@ impl Store {
     /// A private database in memory, for tests: same schema and rules, no
     /// file, no lock, no WAL; gone when dropped.
     pub fn open_in_memory() -> Result<Store, StoreError> {
+        Store::open_in_memory_with_key(None)
+    }
+
+    /// [`Store::open_in_memory`] with a store key.
+    pub fn open_in_memory_with_key(key: Option<StoreKey>) -> Result<Store, StoreError> {
         let path = PathBuf::from(":memory:");
         let conn =
             Connection::open_in_memory().map_err(|e| StoreError::sqlite(&path, busy_ms(), e))?;
@@ -262,6 +289,7 @@ impl Store {
             conn: Mutex::new(conn),
             path,
             durability: Durability::default(),
+            sealer: Sealer::new(key),
             commits: AtomicU64::new(0),
             checkpointer: None,
             _lock: None,
@@ -319,7 +347,15 @@ impl Store {
              PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES};"
         ))
         .map_err(sql)?;
-        schema::migrate(conn, &path, busy_ms())
+        schema::migrate(conn, &path, busy_ms())?;
+        sealed::check_key(conn, &path, &self.sealer)?;
+        if self.sealer.encryption() != Encryption::Off {
+            // A row that grows when it is sealed may move; the old cell is
+            // then zeroed, not left as free space holding plaintext.
+            conn.execute_batch("PRAGMA secure_delete = ON")
+                .map_err(sql)?;
+        }
+        Ok(())
     }
 
     /// The database file's path (`:memory:` for [`Store::open_in_memory`]).
@@ -410,9 +446,18 @@ impl Store {
                 })
             })
             .map_err(&err)?;
+        // The id is chosen here (what SQLite would choose: we hold the write
+        // lock) because a sealed text is bound to its row id.
+        let message_id: MessageId = tx
+            .prepare_cached("SELECT coalesce(max(id), 0) + 1 FROM messages")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(&err)?;
+        let text = self
+            .sealer
+            .seal(&self.path, MESSAGE_TEXT, message_id, &m.text)?;
         tx.prepare_cached(
-            "INSERT INTO messages (platform, event_id, conversation_id, user, text, ts_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO messages (id, platform, event_id, conversation_id, user, text, ts_ms)
+             VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6)",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -420,12 +465,12 @@ impl Store {
                 m.event_id,
                 conversation_id,
                 m.user,
-                m.text,
-                m.ts_ms
+                text,
+                m.ts_ms,
+                message_id
             ])
         })
         .map_err(&err)?;
-        let message_id = tx.last_insert_rowid();
         tx.commit().map_err(&err)?;
         self.committed();
         Ok(Inserted::New {
@@ -477,6 +522,9 @@ impl Store {
             });
         }
         let unlink = matches!(state, MessageState::Received | MessageState::Queued);
+        let detail = self
+            .sealer
+            .seal_opt(&self.path, MESSAGE_DETAIL, message_id, detail)?;
         tx.prepare_cached(
             "UPDATE messages
              SET state = ?2, detail = ?3, turn_id = CASE WHEN ?4 THEN NULL ELSE turn_id END
@@ -496,7 +544,9 @@ impl Store {
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"
         ))
         .and_then(|mut s| s.query_row([message_id], message_row).optional())
-        .map_err(self.err())
+        .map_err(self.err())?
+        .map(|m| self.open_message(m))
+        .transpose()
     }
 
     /// Messages received, queued or running, oldest (first stored) first:
@@ -547,8 +597,45 @@ impl Store {
         conn.prepare_cached(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE {clause}"
         ))
-        .and_then(|mut s| s.query_map(args, message_row)?.collect())
-        .map_err(self.err())
+        .and_then(|mut s| {
+            s.query_map(args, message_row)?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(self.err())?
+        .into_iter()
+        .map(|m| self.open_message(m))
+        .collect()
+    }
+
+    /// A message row as read, with its sealed fields opened.
+    fn open_message(&self, mut m: StoredMessage) -> Result<StoredMessage, StoreError> {
+        m.text = self
+            .sealer
+            .open(&self.path, MESSAGE_TEXT, m.id, std::mem::take(&mut m.text))?;
+        m.detail = self
+            .sealer
+            .open_opt(&self.path, MESSAGE_DETAIL, m.id, m.detail.take())?;
+        Ok(m)
+    }
+
+    /// A conversation row as read, with its sealed fields opened.
+    fn open_conversation(&self, mut c: Conversation) -> Result<Conversation, StoreError> {
+        c.agent_session =
+            self.sealer
+                .open_opt(&self.path, AGENT_SESSION, c.id, c.agent_session.take())?;
+        Ok(c)
+    }
+
+    fn open_conversations(&self, cs: Vec<Conversation>) -> Result<Vec<Conversation>, StoreError> {
+        cs.into_iter().map(|c| self.open_conversation(c)).collect()
+    }
+
+    /// A turn row as read, with its sealed fields opened.
+    fn open_turn(&self, mut t: Turn) -> Result<Turn, StoreError> {
+        t.error = self
+            .sealer
+            .open_opt(&self.path, TURN_ERROR, t.id, t.error.take())?;
+        Ok(t)
     }
 
     // ---- conversations -------------------------------------------------
@@ -563,7 +650,9 @@ impl Store {
             "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?1"
         ))
         .and_then(|mut s| s.query_row([conversation_id], conversation_row).optional())
-        .map_err(self.err())
+        .map_err(self.err())?
+        .map(|c| self.open_conversation(c))
+        .transpose()
     }
 
     /// The conversation of `(platform, channel, thread)`, or `None` if no
@@ -583,7 +672,9 @@ impl Store {
             s.query_row(params![platform, channel, thread], conversation_row)
                 .optional()
         })
-        .map_err(self.err())
+        .map_err(self.err())?
+        .map(|c| self.open_conversation(c))
+        .transpose()
     }
 
     /// Records the lease (pool mode, for the length of a turn) or the
@@ -623,6 +714,9 @@ impl Store {
         conversation_id: ConversationId,
         session: Option<&str>,
     ) -> Result<(), StoreError> {
+        let session = self
+            .sealer
+            .seal_opt(&self.path, AGENT_SESSION, conversation_id, session)?;
         self.update_conversation(
             "UPDATE conversations SET agent_session = ?2 WHERE id = ?1",
             conversation_id,
@@ -700,6 +794,7 @@ impl Store {
         ))
         .and_then(|mut s| s.query_map([older_than_ms], conversation_row)?.collect())
         .map_err(self.err())
+        .and_then(|cs| self.open_conversations(cs))
     }
 
     // ---- turns ---------------------------------------------------------
@@ -863,6 +958,9 @@ impl Store {
             });
         }
         let answer_chars = i64::try_from(answer_chars).unwrap_or(i64::MAX);
+        let sealed_error = self
+            .sealer
+            .seal_opt(&self.path, TURN_ERROR, turn_id, error)?;
         tx.prepare_cached(
             "UPDATE turns SET state = ?2, ended_ms = ?3, answer_chars = ?4, error = ?5
              WHERE id = ?1",
@@ -873,7 +971,7 @@ impl Store {
                 state.as_str(),
                 now_ms,
                 answer_chars,
-                error
+                sealed_error
             ])
         })
         .map_err(&err)?;
@@ -882,11 +980,19 @@ impl Store {
             TurnState::Failed => (MessageState::Failed, error),
             _ => (MessageState::Failed, Some(error.unwrap_or("cancelled"))),
         };
-        tx.prepare_cached(
-            "UPDATE messages SET state = ?2, detail = ?3 WHERE turn_id = ?1 AND state = 'running'",
-        )
-        .and_then(|mut s| s.execute(params![turn_id, message_state.as_str(), detail]))
-        .map_err(&err)?;
+        // Each message's detail is sealed for its own row.
+        let settle: Vec<MessageId> = tx
+            .prepare_cached("SELECT id FROM messages WHERE turn_id = ?1 AND state = 'running'")
+            .and_then(|mut s| s.query_map([turn_id], |r| r.get(0))?.collect())
+            .map_err(&err)?;
+        for id in settle {
+            let detail = self
+                .sealer
+                .seal_opt(&self.path, MESSAGE_DETAIL, id, detail)?;
+            tx.prepare_cached("UPDATE messages SET state = ?2, detail = ?3 WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![id, message_state.as_str(), detail]))
+                .map_err(&err)?;
+        }
         tx.prepare_cached(
             "UPDATE conversations SET last_active_ms = max(last_active_ms, ?2) WHERE id = ?1",
         )
@@ -902,7 +1008,9 @@ impl Store {
         let conn = self.conn();
         conn.prepare_cached(&format!("SELECT {TURN_COLUMNS} FROM turns WHERE id = ?1"))
             .and_then(|mut s| s.query_row([turn_id], turn_row).optional())
-            .map_err(self.err())
+            .map_err(self.err())?
+            .map(|t| self.open_turn(t))
+            .transpose()
     }
 
     /// The messages linked to `turn_id` (those it answers or answered),
@@ -920,8 +1028,11 @@ impl Store {
         conn.prepare_cached(&format!(
             "SELECT {TURN_COLUMNS} FROM turns WHERE state = 'running' ORDER BY id"
         ))
-        .and_then(|mut s| s.query_map([], turn_row)?.collect())
-        .map_err(self.err())
+        .and_then(|mut s| s.query_map([], turn_row)?.collect::<Result<Vec<_>, _>>())
+        .map_err(self.err())?
+        .into_iter()
+        .map(|t| self.open_turn(t))
+        .collect()
     }
 
     // ---- maintenance ---------------------------------------------------

@@ -6,6 +6,7 @@ use rusqlite::{params, TransactionBehavior};
 
 use crate::error::StoreError;
 use crate::model::{Conversation, StoredMessage};
+use crate::sealed::TURN_ERROR;
 use crate::{conversation_row, Store, CONVERSATION_COLUMNS, MESSAGE_COLUMNS};
 
 impl Store {
@@ -29,13 +30,24 @@ impl Store {
             [],
         )
         .map_err(&err)?;
-        tx.execute(
-            "UPDATE turns SET state = 'failed', ended_ms = max(?1, started_ms),
-                              error = 'interrupted by a restart of moat'
-             WHERE state = 'running'",
-            params![now_ms],
-        )
-        .map_err(&err)?;
+        let cut: Vec<i64> = tx
+            .prepare("SELECT id FROM turns WHERE state = 'running'")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(&err)?;
+        for id in cut {
+            let error = self.sealer.seal(
+                &self.path,
+                TURN_ERROR,
+                id,
+                "interrupted by a restart of moat",
+            )?;
+            tx.execute(
+                "UPDATE turns SET state = 'failed', ended_ms = max(?1, started_ms), error = ?2
+                 WHERE id = ?3",
+                params![now_ms, error, id],
+            )
+            .map_err(&err)?;
+        }
         let queued = {
             let mut s = tx
                 .prepare(&format!(
@@ -50,7 +62,7 @@ impl Store {
             rows
         };
         tx.commit().map_err(&err)?;
-        Ok(queued)
+        queued.into_iter().map(|m| self.open_message(m)).collect()
     }
 
     /// The conversations of one platform channel (a web user's own list),
@@ -71,6 +83,7 @@ impl Store {
                 .collect()
         })
         .map_err(self.err())
+        .and_then(|cs| self.open_conversations(cs))
     }
 }
 

@@ -80,6 +80,21 @@ CREATE INDEX messages_by_state ON messages (state, id);
 CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
 CREATE INDEX messages_by_turn ON messages (turn_id) WHERE turn_id IS NOT NULL;
 "#,
+    // 2: encryption at rest. The store's own settings (the key check), and
+    // the "moat:" prefix reserved for sealed values: a plaintext that
+    // already starts with it is marked as plaintext (GLOB is case-sensitive).
+    r#"
+CREATE TABLE store_meta (
+    name            TEXT PRIMARY KEY,
+    value           TEXT NOT NULL
+) STRICT;
+
+UPDATE messages SET text = 'moat:p:' || text WHERE text GLOB 'moat:*';
+UPDATE messages SET detail = 'moat:p:' || detail WHERE detail GLOB 'moat:*';
+UPDATE turns SET error = 'moat:p:' || error WHERE error GLOB 'moat:*';
+UPDATE conversations SET agent_session = 'moat:p:' || agent_session
+    WHERE agent_session GLOB 'moat:*';
+"#,
 ];
 
 /// The schema this build writes.
@@ -243,7 +258,10 @@ mod tests {
         conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
         migrate(&mut conn, Path::new(":memory:"), 0).unwrap();
         assert_eq!(version(&conn), current_version());
-        assert_eq!(tables(&conn), ["conversations", "messages", "turns"]);
+        assert_eq!(
+            tables(&conn),
+            ["conversations", "messages", "store_meta", "turns"]
+        );
         conn.execute_batch(
             "INSERT INTO conversations (id, platform, channel, thread, created_ms, last_active_ms)
              VALUES (1, 'web', 'c', 't', 0, 0);",

@@ -14,6 +14,7 @@ mod agents_cmd;
 mod audit_cmd;
 mod chat;
 mod github;
+mod store_cmd;
 mod up;
 
 use anyhow::Context;
@@ -53,6 +54,11 @@ enum Top {
     Up(up::UpArgs),
     /// Talk to a running gateway from the terminal (its web chat API).
     Chat(chat::ChatArgs),
+    /// The message store: `moat store rekey` (encryption at rest).
+    Store {
+        #[command(subcommand)]
+        command: store_cmd::StoreCmd,
+    },
     /// Agent CLIs for the sandboxes (Claude Code, Codex, Amp).
     Agents {
         #[command(subcommand)]
@@ -181,6 +187,13 @@ fn main() -> ExitCode {
             }
         },
         Top::AgentRun(args) => agent_run::run(args),
+        Top::Store { command } => match store_cmd::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Top::Up(args) => match up::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -214,6 +227,7 @@ fn doctor() -> ExitCode {
         fix: Some("run moat as root; sandboxes with --allow-domain need it".into()),
         required: false,
     });
+    checks.push(store_cmd::doctor_check());
     let mut failed = false;
     for c in &checks {
         let mark = if c.ok {

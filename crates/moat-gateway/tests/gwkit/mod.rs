@@ -131,6 +131,18 @@ impl Gw {
     /// Starts a gateway on `toml`; `secrets` answer the gateway's secret
     /// look-ups (nothing is read from this process's environment).
     pub fn start_with(name: &str, toml: &str, secrets: Vec<(String, String)>) -> Gw {
+        Gw::try_start_with(name, toml, secrets)
+            .unwrap_or_else(|e| panic!("the gateway stopped before it was ready: {e}"))
+    }
+
+    /// [`Gw::start_with`], returning what `serve` failed with when it stops
+    /// before it is ready.
+    #[allow(dead_code)]
+    pub fn try_start_with(
+        name: &str,
+        toml: &str,
+        secrets: Vec<(String, String)>,
+    ) -> Result<Gw, String> {
         let cfg = GatewayConfig::from_toml(toml)
             .unwrap_or_else(|e| panic!("test configuration refused: {e}\n{toml}"));
         let dir = fresh_dir(name);
@@ -176,14 +188,18 @@ impl Gw {
                 break r;
             }
             if let Ok(r) = done_rx.try_recv() {
-                panic!("the gateway stopped before it was ready: {r:?}");
+                rt.shutdown_timeout(Duration::from_secs(5));
+                return Err(match r {
+                    Err(e) => e,
+                    Ok(()) => "serve returned Ok before it was ready".into(),
+                });
             }
             assert!(
                 Instant::now() < deadline,
                 "the gateway was not ready in 60 s"
             );
         };
-        Gw {
+        Ok(Gw {
             web: bound.web.expect("the web chat is enabled"),
             admin: bound.admin,
             data,
@@ -191,7 +207,7 @@ impl Gw {
             rt: Some(rt),
             stop: Some(stop_tx),
             done: Some(done_rx),
-        }
+        })
     }
 
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
