@@ -10,6 +10,7 @@ pub mod agent;
 pub mod agents_setup;
 pub mod artifacts;
 pub mod hub;
+pub mod incident;
 pub mod metrics;
 pub mod pipeline;
 pub mod pool;
