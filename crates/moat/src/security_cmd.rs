@@ -75,11 +75,7 @@ fn mode_findings(data_dir: &Path, secrets: Option<&Path>, out: &mut Vec<Finding>
                 let p = data_dir.join(name);
                 if let Ok(m) = std::fs::symlink_metadata(&p) {
                     let mode = m.mode() & 0o7777;
-                    let bad = if m.is_dir() {
-                        mode & 0o066
-                    } else {
-                        mode & 0o066
-                    };
+                    let bad = mode & 0o066;
                     if bad != 0 {
                         out.push(finding(
                             Severity::High,
@@ -280,7 +276,7 @@ pub fn run(config: Option<&Path>, secrets: Option<&Path>) -> anyhow::Result<Exit
     channel_findings(&cfg, &mut found);
     gvisor_findings(&cfg, &mut found);
     tuning_findings(&mut found);
-    found.sort_by(|a, b| b.severity.cmp(&a.severity));
+    found.sort_by_key(|f| std::cmp::Reverse(f.severity));
     println!(
         "moat: security check of {} ({} finding(s))",
         engine.data_dir.display(),
