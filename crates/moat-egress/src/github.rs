@@ -468,19 +468,25 @@ impl GithubState {
 
     /// Revokes every token this lease used; returns how many failed.
     pub(crate) async fn revoke_all(&self) -> usize {
+        self.revoke_all_counted().await.1
+    }
+
+    /// Revokes every token this lease used; returns (how many, how many failed).
+    pub(crate) async fn revoke_all_counted(&self) -> (usize, usize) {
         let tokens: Vec<InstallationToken> = self
             .used
             .lock()
             .map(|mut u| std::mem::take(&mut *u))
             .unwrap_or_default();
         let mut failed = 0;
+        let used = tokens.len();
         for t in tokens {
             if let Err(e) = self.access.broker.revoke(&t).await {
                 tracing::warn!(error = %e, "could not revoke a GitHub installation token");
                 failed += 1;
             }
         }
-        failed
+        (used, failed)
     }
 
     async fn token(&self) -> Result<InstallationToken, moat_creds::CredsError> {

@@ -495,6 +495,15 @@ impl Door {
         rx.recv().unwrap_or(1)
     }
 
+    /// As [`Door::revoke_github`], returning (tokens revoked or tried,
+    /// how many failed): `moat incident` reports both.
+    pub async fn revoke_github_counted(&self) -> (usize, usize) {
+        match self.state.github.as_ref() {
+            Some(g) => g.revoke_all_counted().await,
+            None => (0, 0),
+        }
+    }
+
     /// Variables that point proxy-aware clients at the door.
     pub fn client_env() -> Vec<(String, String)> {
         let proxy = format!("http://127.0.0.1:{PROXY_PORT}");

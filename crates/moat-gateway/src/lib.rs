@@ -14,6 +14,7 @@ pub mod agents_setup;
 pub mod artifacts;
 pub mod github_setup;
 pub mod hub;
+pub mod incident;
 pub mod metrics;
 pub mod pipeline;
 pub mod pool;

@@ -147,6 +147,9 @@ pub enum Accepted {
     Limited,
     /// `stop`, `abort` or `status`.
     Command { conversation_id: i64 },
+    /// moat is in incident mode (`moat incident`): stored as dropped,
+    /// audited, and the conversation told once that moat is paused.
+    Paused,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +164,7 @@ pub enum GatewayError {
 
 /// A message waiting for its turn.
 #[derive(Debug, Clone)]
-struct Pending {
+pub(crate) struct Pending {
     message_id: i64,
     user: String,
     text: String,
@@ -169,7 +172,7 @@ struct Pending {
     arrived: Instant,
 }
 
-enum ConvCmd {
+pub(crate) enum ConvCmd {
     Message(Pending),
     Stop,
     Status,
@@ -231,13 +234,18 @@ pub struct Inner {
     setups: HashMap<usize, ChannelSetup>,
     runtime: tokio::runtime::Handle,
     repliers: HashMap<Platform, Arc<dyn Replier>>,
-    pools: tokio::sync::Mutex<HashMap<usize, Pool>>,
-    convs: Mutex<HashMap<i64, mpsc::UnboundedSender<ConvCmd>>>,
+    pub(crate) pools: tokio::sync::Mutex<HashMap<usize, Pool>>,
+    pub(crate) convs: Mutex<HashMap<i64, mpsc::UnboundedSender<ConvCmd>>>,
     limiters: Vec<Limiters>,
     told: Mutex<HashSet<(usize, String)>>,
     running: AtomicU64,
     /// Conversations whose actor holds a per-thread lease right now.
     leases_in_use: Mutex<HashSet<i64>>,
+    /// Incident mode (`moat incident`): no message is taken, no sandbox
+    /// is leased.
+    pub(crate) paused: std::sync::atomic::AtomicBool,
+    /// What incident mode must do at its lift (crate::incident).
+    pub(crate) incident: crate::incident::IncidentState,
 }
 
 /// The gateway: clone it freely.
@@ -318,6 +326,8 @@ impl Gateway {
                 told: Mutex::new(HashSet::new()),
                 running: AtomicU64::new(0),
                 leases_in_use: Mutex::new(HashSet::new()),
+                paused: std::sync::atomic::AtomicBool::new(false),
+                incident: Default::default(),
             }),
         }
     }
@@ -338,7 +348,7 @@ impl Gateway {
         }
     }
 
-    fn replier(&self, p: Platform) -> Arc<dyn Replier> {
+    pub(crate) fn replier(&self, p: Platform) -> Arc<dyn Replier> {
         self.inner
             .repliers
             .get(&p)
@@ -416,6 +426,9 @@ impl Gateway {
             channel: m.channel.clone(),
             thread: m.thread.clone(),
         };
+        if self.paused() {
+            return self.refuse_paused(&conv, message_id, with(json!({"verdict": "paused", "message_id": message_id, "conversation_id": conversation_id})));
+        }
         // Rate limits: the user's, then the channel's.
         let lim = &self.inner.limiters[chan_idx];
         let limited = if lim.users.check_key(&m.user).is_err() {
@@ -990,6 +1003,10 @@ impl Gateway {
     /// The conversation's lease for one turn: a pooled runner, or the
     /// conversation's own named lease. `Err` is the answer to give instead.
     async fn hold_lease(&self, conv: &ConvRef, channel: &ChannelPolicy) -> Result<Held, String> {
+        // Incident mode: no sandbox starts, whatever was already queued.
+        if self.paused() {
+            return Err(crate::incident::PAUSED_TEXT.to_string());
+        }
         match channel.sandbox {
             SandboxMode::Pool => {
                 let pool = self

@@ -409,12 +409,17 @@ impl Pool {
     /// Stops handing out runners; idle ones are destroyed, lent ones when
     /// they come back; waiters get `Closed`.
     pub fn close(&self) {
+        drop(self.drain());
+    }
+
+    /// As [`Pool::close`], but the idle runners are handed to the caller
+    /// (to revoke their doors' credentials before they are destroyed).
+    pub fn drain(&self) -> Vec<Runner> {
         let mut st = lock(&self.inner);
         st.closed = true;
         st.waiters.clear();
         let idle: Vec<Runner> = st.idle.drain(..).collect();
         st.total -= idle.len();
-        drop(st);
-        drop(idle);
+        idle
     }
 }

@@ -191,19 +191,33 @@ pub async fn serve(
         repliers,
         setups,
     });
-    let requeued = gw
-        .recover()
-        .await
-        .map_err(|e| ServeError::Recover(e.to_string()))?;
-    if requeued > 0 {
-        tracing::info!(
-            messages = requeued,
-            "queued again the messages a restart left unanswered"
+    // Incident mode survives a restart: a paused gateway starts no sandbox
+    // and runs nothing until the lift (docs/incident.md).
+    let paused = crate::incident::read_flag(&opts.data_dir)
+        .map(|f| f.is_some())
+        .unwrap_or(true);
+    if paused {
+        tracing::warn!(
+            "starting paused: moat is in incident mode (lift with `moat incident --lift`)"
         );
+        gw.start_paused();
+    } else {
+        let requeued = gw
+            .recover()
+            .await
+            .map_err(|e| ServeError::Recover(e.to_string()))?;
+        if requeued > 0 {
+            tracing::info!(
+                messages = requeued,
+                "queued again the messages a restart left unanswered"
+            );
+        }
+        if let Err(e) = gw.warm().await {
+            return Err(ServeError::Engine(format!("warming the sandbox pool: {e}")));
+        }
     }
-    if let Err(e) = gw.warm().await {
-        return Err(ServeError::Engine(format!("warming the sandbox pool: {e}")));
-    }
+    let control = crate::incident::bind_control(&opts.data_dir)
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
         .map_err(|source| ServeError::Listen {
@@ -292,6 +306,18 @@ pub async fn serve(
                 .into_future(),
         ));
     }
+    tasks.push(tokio::spawn({
+        let gw = gw.clone();
+        let stop = stopped(stop_rx.clone());
+        async move {
+            crate::incident::serve_control(gw, control, stop).await;
+            Ok(())
+        }
+    }));
+    let watcher = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.watch_flag().await })
+    };
     let sweeper = {
         let gw = gw.clone();
         tokio::spawn(async move {
@@ -309,6 +335,8 @@ pub async fn serve(
     tracing::info!("shutting down: no new messages; running turns may finish");
     let _ = stop_tx.send(true);
     sweeper.abort();
+    watcher.abort();
+    let _ = std::fs::remove_file(opts.data_dir.join(crate::incident::SOCKET_FILE));
     // Running turns get a moment to finish; whatever is cut off is queued
     // again at the next start (the store still says it is unanswered).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -257,6 +257,11 @@ async fn post_message(
             Json(json!({"status": "rate_limited", "error": "too many messages; wait a moment"})),
         )
             .into_response(),
+        Ok(Accepted::Paused) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "paused", "error": crate::incident::PAUSED_TEXT})),
+        )
+            .into_response(),
         // Unauthorised senders learn nothing beyond "not accepted".
         Ok(Accepted::Dropped { .. }) => {
             (StatusCode::FORBIDDEN, Json(json!({"status": "not_accepted"}))).into_response()

@@ -26,6 +26,7 @@ pub mod seccomp;
 mod spawner;
 pub mod storage;
 pub mod view;
+pub mod wipe;
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -209,7 +210,7 @@ impl Engine {
 }
 
 /// Where the leases of the data directory whose scope is `scope` live.
-fn leases_dir_of(runtime_dir: &Path, scope: &str) -> PathBuf {
+pub(crate) fn leases_dir_of(runtime_dir: &Path, scope: &str) -> PathBuf {
     runtime_dir.join("leases").join(scope)
 }
 
@@ -396,7 +397,7 @@ pub fn sweep(leases_dir: &Path, scope: &str) -> Swept {
 }
 
 /// Unmounts the socket-proof views of leases no live moat holds (a crash).
-fn sweep_views(config: &EngineConfig, scope: &str, leases: &Path) {
+pub(crate) fn sweep_views(config: &EngineConfig, scope: &str, leases: &Path) {
     let Ok(rd) = std::fs::read_dir(config.runtime_dir.join("views").join(scope)) else {
         return;
     };
@@ -417,7 +418,7 @@ pub(crate) fn cgroup_name(scope: &str, n: u64, lease: &str) -> String {
 
 /// A short, stable tag for a data directory, so two moat installations on one
 /// host never touch each other's cgroups.
-fn scope_of(data_dir: &Path) -> String {
+pub(crate) fn scope_of(data_dir: &Path) -> String {
     use std::hash::{Hash, Hasher};
     let real = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let mut h = std::collections::hash_map::DefaultHasher::new();

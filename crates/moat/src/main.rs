@@ -15,6 +15,8 @@ mod audit_cmd;
 mod chat;
 mod github;
 mod store_cmd;
+mod incident_cmd;
+mod security_cmd;
 mod up;
 
 use anyhow::Context;
@@ -44,7 +46,10 @@ enum Top {
         command: SandboxCmd,
     },
     /// Check this host for what the sandbox backends need.
-    Doctor,
+    Doctor(DoctorArgs),
+    /// Incident response: revoke moat's GitHub tokens, destroy every sandbox,
+    /// and take no message until `moat incident --lift` (docs/incident.md).
+    Incident(incident_cmd::IncidentArgs),
     /// Read and check the audit log.
     Audit {
         #[command(subcommand)]
@@ -68,6 +73,20 @@ enum Top {
     /// turn (JSON) on standard input, writes events (JSON lines) to standard output.
     #[command(name = "agent-run", hide = true)]
     AgentRun(agent_run::AgentRunArgs),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Audit a deployment's security instead (read-only): file modes,
+    /// listeners, open channels, gVisor release, tuning. Exits 1 on a high finding.
+    #[arg(long)]
+    security: bool,
+    /// Gateway configuration (TOML), as given to `moat up` (with --security).
+    #[arg(long, value_name = "FILE", requires = "security")]
+    config: Option<PathBuf>,
+    /// Secrets file whose mode to check (default: $MOAT_SECRETS_FILE; with --security).
+    #[arg(long, value_name = "FILE", requires = "security")]
+    secrets: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -170,7 +189,23 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Top::Doctor => doctor(),
+        Top::Doctor(args) if args.security => {
+            match security_cmd::run(args.config.as_deref(), args.secrets.as_deref()) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("moat: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Top::Doctor(_) => doctor(),
+        Top::Incident(args) => match incident_cmd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Top::Audit { command } => audit_cmd::run(command),
         Top::Chat(args) => match chat::run(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -345,7 +380,13 @@ fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
     let t0 = std::time::Instant::now();
     let policy = load_policy(&args)?;
     merge_credentials(&mut args, &policy);
-    let engine = Engine::new(EngineConfig::from_env(), policy.backend)?;
+    let engine_cfg = EngineConfig::from_env();
+    if moat_gateway::incident::read_flag(&engine_cfg.data_dir)?.is_some() {
+        anyhow::bail!(
+            "moat is paused by its operator (incident mode); `moat incident --lift` ends it"
+        );
+    }
+    let engine = Engine::new(engine_cfg, policy.backend)?;
     let t_engine = t0.elapsed();
     let workspace = match &args.workspace {
         Some(dir) => WorkspaceSource::Host(dir.clone()),

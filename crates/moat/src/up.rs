@@ -19,8 +19,9 @@ pub struct UpArgs {
     pub secrets: Option<PathBuf>,
 }
 
-pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let cfg = match &args.config {
+/// The gateway configuration `--config` names, or the embedded default.
+pub fn load_config(config: Option<&std::path::Path>) -> anyhow::Result<GatewayConfig> {
+    Ok(match config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the configuration {}", path.display()))?;
@@ -28,19 +29,27 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("configuration {}", path.display()))?
         }
         None => GatewayConfig::embedded_default(),
-    };
+    })
+}
+
+/// The engine settings of a gateway with `cfg`: MOAT_DATA_DIR (as for
+/// `moat sandbox run`) wins over gateway.data_dir.
+pub fn engine_config(cfg: &GatewayConfig) -> moat_sandbox::EngineConfig {
+    let mut engine = moat_sandbox::EngineConfig::from_env();
+    if std::env::var_os("MOAT_DATA_DIR").is_none() {
+        engine.data_dir = cfg.data_dir.clone();
+    }
+    engine
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let cfg = load_config(args.config.as_deref())?;
     for w in cfg.warnings() {
         eprintln!("moat: warning: {w}");
     }
     let secrets = moat_creds::secrets::Lookup::from_flag_or_env(args.secrets.as_deref())?;
-    let mut engine = moat_sandbox::EngineConfig::from_env();
-    // MOAT_DATA_DIR (as for `moat sandbox run`) wins over gateway.data_dir.
-    let data_dir = if std::env::var_os("MOAT_DATA_DIR").is_some() {
-        engine.data_dir.clone()
-    } else {
-        cfg.data_dir.clone()
-    };
-    engine.data_dir = data_dir.clone();
+    let engine = engine_config(&cfg);
+    let data_dir = engine.data_dir.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
