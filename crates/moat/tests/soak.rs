@@ -391,6 +391,20 @@ fn soak_under_chaos_loses_nothing_and_leaves_nothing() {
         ));
     }
 
+    if !failures.is_empty() {
+        // A post-mortem copy of the store and the audit log (the filesystem
+        // goes away with the image).
+        let keep = dir.join("post-mortem");
+        let _ = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&data)
+            .arg(&keep)
+            .status();
+        failures.push(format!(
+            "the data directory is copied to {}",
+            keep.display()
+        ));
+    }
     let unmounted = fs.unmount();
     if let Err(e) = unmounted {
         failures.push(format!("the data filesystem did not unmount: {e}"));
@@ -485,7 +499,11 @@ fn drive_web(
         seq += 1;
         let marker = format!("{conv}-{seq}-{}", gwkit::random_hex(3));
         // The command's text never contains its output (`$((6*7))`).
-        let pause = if seq.is_multiple_of(3) { "sleep 1.5; " } else { "" };
+        let pause = if seq.is_multiple_of(3) {
+            "sleep 1.5; "
+        } else {
+            ""
+        };
         let text = format!("{pause}echo ok-{marker}-$((6*7))");
         let client_id = gwkit::random_hex(8);
         let body = json!({"text": text, "client_id": client_id}).to_string();

@@ -539,8 +539,10 @@ pub fn leftovers(
             .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
             .unwrap_or_default();
         let uid = uid_of(p).unwrap_or(0);
+        let base = moat_sandbox::storage::UID_BASE;
+        let sandbox_uid = (base..base + moat_sandbox::storage::UID_RANGE).contains(&uid);
         if in_scope(p, scope)
-            || seen_uids.contains(&uid)
+            || (sandbox_uid && seen_uids.contains(&uid))
             || cmd.contains(&leases_s)
             || cmd.contains(&data_s)
         {
@@ -557,7 +559,7 @@ pub fn leftovers(
         if Path::new(m) == own_mount {
             continue;
         }
-        if m.starts_with(&leases_s) || m.starts_with(&data_s) || m.contains("moat-gw-web-") {
+        if m.starts_with(&leases_s) || m.starts_with(&data_s) {
             out.push(format!("mount left behind: {m}"));
         }
     }
