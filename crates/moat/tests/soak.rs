@@ -333,7 +333,20 @@ fn soak_under_chaos_loses_nothing_and_leaves_nothing() {
     for (channel, ts) in acked.iter() {
         let n = finals(ts);
         if n != 1 {
-            failures.push(format!("Slack message {channel}/{ts}: {n} final answers"));
+            // What the fake saw of this message: its thread's calls and the
+            // reactions on it.
+            let seen: Vec<_> = calls
+                .iter()
+                .filter(|c| {
+                    c.arg("timestamp") == Some(ts.as_str())
+                        || c.arg("thread_ts") == Some(ts.as_str())
+                })
+                .cloned()
+                .collect();
+            failures.push(format!(
+                "Slack message {channel}/{ts}: {n} final answers; the fake saw:\n{}",
+                slack_kit::summary(&seen)
+            ));
         }
     }
     for (channel, ts) in slack_unacked.lock().unwrap().iter() {
