@@ -33,6 +33,9 @@ pub enum Reply {
     Tools(Vec<(String, Value)>),
     /// A final text answer.
     Text(String),
+    /// An upstream failure: this HTTP status with the provider's error body
+    /// (500 and 529 as an overloaded API answers them, 429 rate limited).
+    Fail(u16),
 }
 
 impl Reply {
@@ -182,6 +185,12 @@ fn answer(req: &Req, keys: &(String, String), script: &Script) -> (u16, String, 
                 );
             }
             let reply = script(req, step_of(&req.body));
+            if let Reply::Fail(status) = reply {
+                return json_response(
+                    status,
+                    &json!({"type":"error","error":{"type":"overloaded_error","message":"the fake upstream fails on purpose"}}),
+                );
+            }
             anthropic(&req.body, &reply)
         }
         "/v1/responses" => {
@@ -198,6 +207,12 @@ fn answer(req: &Req, keys: &(String, String), script: &Script) -> (u16, String, 
                 );
             }
             let reply = script(req, step_of(&req.body));
+            if let Reply::Fail(status) = reply {
+                return json_response(
+                    status,
+                    &json!({"error":{"message":"the fake upstream fails on purpose","type":"server_error"}}),
+                );
+            }
             openai(&req.body, &reply)
         }
         _ => json_response(404, &json!({"error": "the fake has no such endpoint"})),
@@ -208,6 +223,8 @@ fn answer(req: &Req, keys: &(String, String), script: &Script) -> (u16, String, 
 fn anthropic(doc: &Value, reply: &Reply) -> (u16, String, Vec<String>) {
     let (content, stop) = match reply {
         Reply::Text(t) => (json!([{"type": "text", "text": t}]), "end_turn"),
+        // Answered as an error before this is reached.
+        Reply::Fail(_) => (json!([]), "end_turn"),
         Reply::Tools(calls) => (
             calls
                 .iter()
@@ -255,6 +272,8 @@ fn openai(doc: &Value, reply: &Reply) -> (u16, String, Vec<String>) {
             json!({"type": "message", "id": next_id("msg_"), "status": "completed",
             "role": "assistant", "content": [{"type": "output_text", "text": t, "annotations": []}]}),
         ],
+        // Answered as an error before this is reached.
+        Reply::Fail(_) => Vec::new(),
         Reply::Tools(calls) => calls
             .iter()
             .map(|(n, i)| {
