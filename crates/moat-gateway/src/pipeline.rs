@@ -368,6 +368,7 @@ impl Gateway {
             user: m.user.clone(),
             text: m.text.clone(),
             ts_ms: m.ts_ms,
+            message_ref: m.message_ref.clone(),
         };
         let inserted = tokio::task::spawn_blocking(move || store.insert_message(&incoming))
             .await
@@ -1274,7 +1275,9 @@ impl Gateway {
                     message_id: m.id,
                     user: m.user,
                     text: m.text,
-                    message_ref: None,
+                    // Stored with the message: the recovered message still
+                    // gets its reactions.
+                    message_ref: m.message_ref,
                     arrived: Instant::now(),
                 }),
             );

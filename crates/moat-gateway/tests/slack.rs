@@ -612,6 +612,39 @@ async fn a_retried_event_is_answered_once() {
     gw.stop().await;
 }
 
+/// A Slack message a crash left unanswered (stored, never run) is answered
+/// after the restart and still gets its final reaction: the platform's id
+/// of the message is stored with it (the soak run found recovered messages
+/// left with only 👀).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_recovered_after_a_crash_still_gets_its_final_reaction() {
+    let fake = FakeSlack::start().await;
+    let data = data_dir("recover-reaction");
+    let ts = new_ts();
+    // What a gateway killed right after storing the message leaves.
+    {
+        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        let ins = store
+            .insert_message(&moat_store::IncomingMessage {
+                platform: "slack".into(),
+                event_id: new_event_id(),
+                channel: GENERAL.into(),
+                thread: ts.clone(),
+                user: BOB.into(),
+                text: "echo recovered-$((6*7))".into(),
+                ts_ms: 1,
+                message_ref: Some(ts.clone()),
+            })
+            .unwrap();
+        assert!(matches!(ins, moat_store::Inserted::New { .. }), "{ins:?}");
+    }
+    let gw = Running::start(&config(&fake, &data, Mode::Events, OPEN), &data).await;
+    fake.wait_post(GENERAL, &ts, "recovered-42").await;
+    wait_reaction(&fake, &ts, "white_check_mark").await;
+    assert_eq!(gw.audit_messages("recovered").len(), 1);
+    gw.stop().await;
+}
+
 // ------------------------------------------------------------------ 6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

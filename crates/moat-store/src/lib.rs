@@ -161,7 +161,7 @@ impl std::fmt::Debug for Store {
 }
 
 const MESSAGE_COLUMNS: &str =
-    "id, platform, event_id, conversation_id, user, text, ts_ms, state, turn_id, detail";
+    "id, platform, event_id, conversation_id, user, text, ts_ms, state, turn_id, detail, message_ref";
 const CONVERSATION_COLUMNS: &str = "id, platform, channel, thread, created_ms, last_active_ms, \
      sandbox_mode, lease_name, agent_session";
 const TURN_COLUMNS: &str = "id, conversation_id, state, started_ms, ended_ms, answer_chars, error";
@@ -456,8 +456,8 @@ impl Store {
             .sealer
             .seal(&self.path, MESSAGE_TEXT, message_id, &m.text)?;
         tx.prepare_cached(
-            "INSERT INTO messages (id, platform, event_id, conversation_id, user, text, ts_ms)
-             VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO messages (id, platform, event_id, conversation_id, user, text, ts_ms, message_ref)
+             VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6, ?8)",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -467,7 +467,8 @@ impl Store {
                 m.user,
                 text,
                 m.ts_ms,
-                message_id
+                message_id,
+                m.message_ref
             ])
         })
         .map_err(&err)?;
@@ -1127,6 +1128,7 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<StoredMessage> {
         state: parse_name(&r.get::<_, String>(7)?, 7)?,
         turn_id: r.get(8)?,
         detail: r.get(9)?,
+        message_ref: r.get(10)?,
     })
 }
 

@@ -28,6 +28,9 @@ pub struct IncomingMessage {
     pub user: String,
     pub text: String,
     pub ts_ms: i64,
+    /// The platform's own id of the message (Slack: its `ts`), kept so
+    /// that a message recovered after a crash can still be reacted to.
+    pub message_ref: Option<String>,
 }
 
 /// What [`crate::Store::insert_message`] did.
@@ -222,6 +225,8 @@ pub struct StoredMessage {
     pub turn_id: Option<TurnId>,
     /// Why it was dropped or failed, if said.
     pub detail: Option<String>,
+    /// The platform's own id of the message, if it has one.
+    pub message_ref: Option<String>,
 }
 
 /// A row of `turns`: one run of the agent answering one or more messages.

@@ -100,6 +100,7 @@ mod tests {
             user: "alice".into(),
             text: format!("echo {event}"),
             ts_ms: 1,
+            message_ref: None,
         }
     }
 

@@ -95,6 +95,11 @@ UPDATE turns SET error = 'moat:p:' || error WHERE error GLOB 'moat:*';
 UPDATE conversations SET agent_session = 'moat:p:' || agent_session
     WHERE agent_session GLOB 'moat:*';
 "#,
+    // 3: the platform's own id of a message (Slack: its ts), so that a
+    // message recovered after a crash still gets its reactions.
+    r#"
+ALTER TABLE messages ADD COLUMN message_ref TEXT;
+"#,
 ];
 
 /// The schema this build writes.

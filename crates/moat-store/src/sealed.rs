@@ -429,6 +429,7 @@ mod tests {
             user: "u".into(),
             text: "moat:p:x".into(),
             ts_ms: 1,
+            message_ref: None,
         };
         let Inserted::New { message_id, .. } = s.insert_message(&m).unwrap() else {
             panic!("a new message");

@@ -52,6 +52,7 @@ fn msg(event_id: &str, text: &str) -> IncomingMessage {
         user: "alice".into(),
         text: text.into(),
         ts_ms: 1,
+        message_ref: None,
     }
 }
 

@@ -25,6 +25,7 @@ fn msg(event_id: &str, thread: &str, ts_ms: i64) -> IncomingMessage {
         user: "U1".into(),
         text: format!("text of {event_id}"),
         ts_ms,
+        message_ref: None,
     }
 }
 

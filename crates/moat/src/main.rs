@@ -14,9 +14,9 @@ mod agents_cmd;
 mod audit_cmd;
 mod chat;
 mod github;
-mod store_cmd;
 mod incident_cmd;
 mod security_cmd;
+mod store_cmd;
 mod up;
 
 use anyhow::Context;
