@@ -762,11 +762,31 @@ impl Gateway {
                 let (tx, mut rx) = mpsc::unbounded_channel::<AgentEvent>();
                 let agent = agent.clone();
                 let c2 = cancel.clone();
+                // The channel's repository, cloned before the agent starts.
+                let clone_plan = channel.github.as_ref().and_then(|g| {
+                    let first = input.messages.first().map(String::as_str).unwrap_or("");
+                    crate::github_clone::plan(g, conv.id, first)
+                });
                 let job = tokio::task::spawn_blocking(move || {
                     let mut held = held;
-                    let out = agent.run_turn(held.lease(), &input, &c2, &mut |e| {
-                        let _ = tx.send(e);
-                    });
+                    let cloned = match &clone_plan {
+                        None => Ok(()),
+                        Some(p) => {
+                            let _ = tx.send(AgentEvent::Status(format!("cloning {}", p.repo)));
+                            crate::github_clone::prepare(held.lease(), p).map(|_| ())
+                        }
+                    };
+                    let out = match cloned {
+                        Err(answer) => TurnOutcome {
+                            preformatted: false,
+                            answer,
+                            ok: false,
+                            cancelled: false,
+                        },
+                        Ok(()) => agent.run_turn(held.lease(), &input, &c2, &mut |e| {
+                            let _ = tx.send(e);
+                        }),
+                    };
                     // Before the lease is given back (a pooled one is reset):
                     // what the agent left in ~/artifacts, read without
                     // following any link (crate::artifacts), with the

@@ -183,3 +183,109 @@ fn without_the_app_settings_the_gateway_refuses_to_start_naming_the_variable() {
         "{err}"
     );
 }
+
+/// The last line of an answer that starts with `prefix`, without it.
+fn after<'a>(answer: &'a str, prefix: &str) -> &'a str {
+    answer
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} line in:\n{answer}"))
+}
+
+#[test]
+fn a_pooled_turn_starts_with_the_repository_on_a_branch_of_its_own() {
+    let fake = FakeGithub::start();
+    let toml = config(
+        &fake,
+        &format!("{{ repos = [\"{OWNER}/{REPO}\"], clone = \"{OWNER}/{REPO}\" }}"),
+    );
+    let gw = gwkit::Gw::start_with("gh-clone", &toml, secrets());
+    let script = format!(
+        "echo branch=$(git -C {REPO} branch --show-current); echo head=$(git -C {REPO} rev-parse HEAD); echo depth=$(git -C {REPO} rev-list --count HEAD); ls -a /workspace | tr '\\n' ' ' | sed 's/^/files=/'; echo"
+    );
+    let answer = turn(&gw, "c1", &script, 1);
+    let branch = after(&answer, "branch=");
+    assert!(
+        branch.starts_with("moat/") && branch.contains("-echo-branch-git-c"),
+        "{answer}"
+    );
+    assert_eq!(after(&answer, "head="), fake.main0, "{answer}");
+    assert_eq!(after(&answer, "depth="), "1", "a shallow clone: {answer}");
+    assert!(
+        !after(&answer, "files=").contains(".moat-clone"),
+        "{answer}"
+    );
+    // Through the door with the turn's token, revoked afterwards.
+    fake.assert_swapped(&[]);
+    let t = fake.tokens();
+    assert_eq!(t.len(), 1);
+    fake.wait_for("revoked", |r| r["token"] == t[0].as_str());
+
+    // The next pooled turn starts from the default branch again, on a new
+    // branch named after its own message.
+    let answer = turn(
+        &gw,
+        "c1",
+        "git -C private-repo branch --show-current | sed 's/^/second=/'",
+        2,
+    );
+    let second = after(&answer, "second=");
+    assert!(second.contains("-git-c-private-repo"), "{answer}");
+    assert_ne!(second, branch);
+    gw.stop();
+}
+
+#[test]
+fn a_per_thread_conversation_keeps_its_clone_and_branch() {
+    let fake = FakeGithub::start();
+    let mut toml = config(
+        &fake,
+        &format!("{{ repos = [\"{OWNER}/{REPO}\"], clone = \"{OWNER}/{REPO}\", depth = 0 }}"),
+    );
+    toml = toml.replace(
+        "agent = \"shell\"",
+        "agent = \"shell\"\nsandbox = \"per-thread\"",
+    );
+    let gw = gwkit::Gw::start_with("gh-clone-kept", &toml, secrets());
+    let first = turn(
+        &gw,
+        "k1",
+        &format!("echo mine > {REPO}/MINE; echo b=$(git -C {REPO} branch --show-current)"),
+        1,
+    );
+    let branch = after(&first, "b=").to_string();
+    let second = turn(
+        &gw,
+        "k1",
+        &format!("cat {REPO}/MINE; echo b=$(git -C {REPO} branch --show-current)"),
+        2,
+    );
+    assert!(second.contains("mine"), "the clone was kept: {second}");
+    assert_eq!(after(&second, "b="), branch, "{second}");
+    gw.stop();
+}
+
+#[test]
+fn a_failed_clone_answers_with_the_reason_and_the_agent_does_not_run() {
+    let fake = FakeGithub::start();
+    let toml = config(
+        &fake,
+        &format!("{{ repos = [\"{OWNER}/missing-repo\"], clone = \"{OWNER}/missing-repo\" }}"),
+    );
+    let gw = gwkit::Gw::start_with("gh-clone-fail", &toml, secrets());
+    let client = gw.client(None);
+    assert_eq!(client.post("f1", "echo agent-ran").status, 202);
+    let mut sse = client.events("f1").expect("events");
+    let evs = sse.answers(1);
+    let answers = gwkit::answers_of(&evs);
+    let (text, ok) = &answers[0];
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("could not clone moat-test-org/missing-repo")
+            && text.contains("the agent did not run"),
+        "{text}"
+    );
+    assert!(!text.contains("agent-ran"), "{text}");
+    gw.stop();
+}
