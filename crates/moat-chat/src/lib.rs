@@ -13,4 +13,5 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod format;
+pub mod github;
 pub mod slack;

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod agents_setup;
 pub mod artifacts;
 pub mod github_clone;
+pub mod github_hooks;
 pub mod github_setup;
 pub mod hub;
 pub mod incident;

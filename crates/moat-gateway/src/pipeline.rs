@@ -861,6 +861,7 @@ impl Gateway {
                             if !out.answer.is_empty() && !out.answer.ends_with('\n') {
                                 out.answer.push('\n');
                             }
+                            crate::github_hooks::link(&self, conv.id, &github);
                             out.answer.push_str("\nOn GitHub (moat's record):\n");
                             for a in &github {
                                 out.answer.push_str(&format!("- {a}\n"));

@@ -127,6 +127,26 @@ pub async fn serve(
         }
         _ => HashMap::new(),
     };
+    // GitHub's webhook deliveries, beside the web chat.
+    let hooks_verifier = if cfg.github.webhook {
+        if !cfg.web.enabled {
+            return Err(ServeError::Config(
+                "github.webhook: POST /github/webhook is served beside the web chat, which is disabled; set web.enabled = true".into(),
+            ));
+        }
+        let secret = (opts.secret)("GITHUB_WEBHOOK_SECRET")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                ServeError::Config(
+                    "github.webhook needs GITHUB_WEBHOOK_SECRET (the App's webhook secret) in moat's environment or secrets file".into(),
+                )
+            })?;
+        Some(Arc::new(moat_chat::github::WebhookVerifier::new(
+            &moat_creds::Secret::new(secret),
+        )))
+    } else {
+        None
+    };
     let kinds: std::collections::BTreeSet<&'static str> = cfg
         .channels
         .iter()
@@ -297,6 +317,12 @@ pub async fn serve(
         let mut router = crate::web::router(gw.clone(), tokens);
         if let Some(r) = events_beside_web {
             router = router.merge(r);
+        }
+        if let Some(v) = hooks_verifier.clone() {
+            router = router.merge(crate::github_hooks::router(crate::github_hooks::Hooks {
+                gw: gw.clone(),
+                verifier: v,
+            }));
         }
         let router = guard("web", at).wrap(router);
         let app = router.into_make_service_with_connect_info::<SocketAddr>();

@@ -53,6 +53,7 @@ pub(crate) struct RawGithubSection {
     api_url: Option<String>,
     web_url: Option<String>,
     allow_plain_http: Option<bool>,
+    webhook: Option<bool>,
     // Present only to refuse them: the App's secrets never go in this file.
     private_key: Option<toml::Value>,
     webhook_secret: Option<toml::Value>,
@@ -79,6 +80,8 @@ pub struct GithubSection {
     pub web_url: String,
     /// `http://` upstreams (tests against a local fake only).
     pub allow_plain_http: bool,
+    /// Serve `POST /github/webhook` (needs `GITHUB_WEBHOOK_SECRET`).
+    pub webhook: bool,
 }
 
 impl Default for GithubSection {
@@ -87,6 +90,7 @@ impl Default for GithubSection {
             api_url: "https://api.github.com".into(),
             web_url: "https://github.com".into(),
             allow_plain_http: false,
+            webhook: false,
         }
     }
 }
@@ -198,6 +202,7 @@ pub(crate) fn section(raw: RawGithubSection) -> Result<GithubSection, PolicyErro
         api_url: url(raw.api_url, d.api_url, "github.api_url")?,
         web_url: url(raw.web_url, d.web_url, "github.web_url")?,
         allow_plain_http: plain,
+        webhook: raw.webhook.unwrap_or(false),
     })
 }
 

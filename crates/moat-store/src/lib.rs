@@ -20,6 +20,7 @@
 
 mod crypt;
 mod error;
+mod github;
 mod model;
 mod recovery;
 mod schema;
@@ -40,6 +41,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 
 pub use crypt::{CryptError, KeyError, StoreKey, KEY_VAR};
 pub use error::StoreError;
+pub use github::GithubLink;
 pub use model::{
     Conversation, ConversationId, IncomingMessage, Inserted, MessageId, MessageState, SandboxMode,
     StoredMessage, Turn, TurnId, TurnState, UnknownName,

@@ -100,6 +100,24 @@ UPDATE conversations SET agent_session = 'moat:p:' || agent_session
     r#"
 ALTER TABLE messages ADD COLUMN message_ref TEXT;
 "#,
+    // 4: GitHub from chat. Which conversation pushed a branch or opened a
+    // pull request (from the door's record), so that the repository's
+    // webhook events reach it; and the deliveries already taken.
+    r#"
+CREATE TABLE github_links (
+    repo            TEXT NOT NULL,
+    kind            TEXT NOT NULL CHECK (kind IN ('branch', 'pr')),
+    name            TEXT NOT NULL,
+    conversation_id INTEGER NOT NULL REFERENCES conversations (id),
+    created_ms      INTEGER NOT NULL,
+    PRIMARY KEY (repo, kind, name)
+) STRICT;
+
+CREATE TABLE github_deliveries (
+    id              TEXT PRIMARY KEY,
+    ts_ms           INTEGER NOT NULL
+) STRICT;
+"#,
 ];
 
 /// The schema this build writes.

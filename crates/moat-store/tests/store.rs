@@ -1065,3 +1065,66 @@ fn insert_rate() {
         );
     }
 }
+
+#[test]
+fn github_links_find_the_conversation_and_deliveries_are_taken_once() {
+    let store = Store::open_in_memory().unwrap();
+    let (_, conversation_id) = new_id(store.insert_message(&msg("ev-gh", "T1", 1)).unwrap());
+    assert_eq!(
+        store
+            .github_conversation("acme/app", Some(3), None)
+            .unwrap(),
+        None
+    );
+    store
+        .link_github(
+            "Acme/App",
+            moat_store::GithubLink::Branch("moat/1-x"),
+            conversation_id,
+            5,
+        )
+        .unwrap();
+    store
+        .link_github(
+            "acme/app",
+            moat_store::GithubLink::PullRequest(3),
+            conversation_id,
+            6,
+        )
+        .unwrap();
+    assert_eq!(
+        store
+            .github_conversation("ACME/app", Some(3), None)
+            .unwrap(),
+        Some(conversation_id)
+    );
+    assert_eq!(
+        store
+            .github_conversation("acme/app", None, Some("moat/1-x"))
+            .unwrap(),
+        Some(conversation_id),
+        "a check suite names only the branch"
+    );
+    assert_eq!(
+        store
+            .github_conversation("acme/app", Some(4), Some("moat/1-x"))
+            .unwrap(),
+        None,
+        "a pull request moat did not open finds nobody, whatever its branch"
+    );
+    assert_eq!(
+        store
+            .github_conversation("acme/other", Some(3), Some("moat/1-x"))
+            .unwrap(),
+        None
+    );
+    assert!(store.take_github_delivery("d-1", 1_000).unwrap());
+    assert!(
+        !store.take_github_delivery("d-1", 2_000).unwrap(),
+        "a replay"
+    );
+    // Forgotten after a week.
+    assert!(store
+        .take_github_delivery("d-1", 1_000 + 8 * 24 * 3600 * 1000)
+        .unwrap());
+}

@@ -289,3 +289,146 @@ fn a_failed_clone_answers_with_the_reason_and_the_agent_does_not_run() {
     assert!(!text.contains("agent-ran"), "{text}");
     gw.stop();
 }
+
+const HOOK_SECRET: &str = "made-up-webhook-secret-for-the-test";
+
+/// Posts one webhook delivery; `sig`: the signature header to send, if any.
+fn deliver(gw: &gwkit::Gw, event: &str, id: &str, body: &str, sig: Option<String>) -> u16 {
+    let mut h: Vec<(&str, &str)> = vec![
+        ("Content-Type", "application/json"),
+        ("X-GitHub-Event", event),
+        ("X-GitHub-Delivery", id),
+    ];
+    let sig = sig.unwrap_or_default();
+    if !sig.is_empty() {
+        h.push(("X-Hub-Signature-256", sig.as_str()));
+    }
+    gwkit::request(gw.web, "POST", "/github/webhook", &h, Some(body)).status
+}
+
+fn signed(body: &str) -> Option<String> {
+    Some(moat_chat::github::sign(HOOK_SECRET, body.as_bytes()))
+}
+
+fn pr_event(repo: &str, number: u64, action: &str, merged: bool) -> String {
+    serde_json::json!({
+        "action": action,
+        "repository": {"full_name": repo},
+        "pull_request": {"number": number, "title": "change", "merged": merged,
+                          "head": {"ref": "moat/web-change"}},
+    })
+    .to_string()
+}
+
+/// The notices conversation `thread` got so far (its event stream replays them).
+fn notices(gw: &gwkit::Gw, thread: &str) -> Vec<String> {
+    let mut sse = gw.client(None).events(thread).expect("events");
+    sse.during(std::time::Duration::from_millis(300))
+        .iter()
+        .filter(|v| gwkit::kind(v) == "notice")
+        .filter_map(|v| v["text"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn attack_g3_forged_replayed_foreign_and_unknown_webhooks_reach_no_thread() {
+    let fake = FakeGithub::start();
+    let toml = config(&fake, &format!("{{ repos = [\"{OWNER}/{REPO}\"] }}")).replace(
+        "allow_plain_http = true\n",
+        "allow_plain_http = true\nwebhook = true\n",
+    );
+    let mut s = secrets();
+    s.push(("GITHUB_WEBHOOK_SECRET".into(), HOOK_SECRET.into()));
+    let gw = gwkit::Gw::start_with("gh-hooks", &toml, s);
+    // A turn pushes a branch and opens pull request #1: the door's record
+    // links both to this conversation.
+    let answer = turn(&gw, "w1", &fill(WORK), 1);
+    assert!(answer.contains("opened pull request #1"), "{answer}");
+    let repo = format!("{OWNER}/{REPO}");
+
+    // Signed and new: told once in the thread that opened it.
+    let merged = pr_event(&repo, 1, "closed", true);
+    assert_eq!(
+        deliver(&gw, "pull_request", "d-1", &merged, signed(&merged)),
+        200
+    );
+    // The same delivery again (a replay, or GitHub's redelivery): once.
+    assert_eq!(
+        deliver(&gw, "pull_request", "d-1", &merged, signed(&merged)),
+        200
+    );
+    // A check suite names only the branch.
+    let checks = serde_json::json!({"action": "completed", "repository": {"full_name": repo},
+        "check_suite": {"conclusion": "success", "head_branch": "moat/web-change", "pull_requests": []}})
+    .to_string();
+    assert_eq!(
+        deliver(&gw, "check_suite", "d-2", &checks, signed(&checks)),
+        200
+    );
+
+    // Forged: a wrong secret, a body changed after signing, no signature.
+    let reopened = pr_event(&repo, 1, "reopened", false);
+    let forged = Some(moat_chat::github::sign(
+        "not-the-secret",
+        reopened.as_bytes(),
+    ));
+    assert_eq!(deliver(&gw, "pull_request", "d-3", &reopened, forged), 401);
+    assert_eq!(
+        deliver(&gw, "pull_request", "d-4", &reopened, signed(&merged)),
+        401
+    );
+    assert_eq!(deliver(&gw, "pull_request", "d-5", &reopened, None), 401);
+    // A pull request no conversation opened, a repository no channel has.
+    let unknown = pr_event(&repo, 99, "opened", false);
+    assert_eq!(
+        deliver(&gw, "pull_request", "d-6", &unknown, signed(&unknown)),
+        200
+    );
+    let foreign = pr_event("someone/else", 1, "reopened", false);
+    assert_eq!(
+        deliver(&gw, "pull_request", "d-7", &foreign, signed(&foreign)),
+        200
+    );
+    // Over GitHub's 25 MB: refused before anything is read.
+    let huge = "x".repeat(25 * 1024 * 1024 + 1);
+    assert_eq!(
+        deliver(&gw, "pull_request", "d-8", &huge, signed("{}")),
+        413
+    );
+
+    let told = notices(&gw, "w1");
+    assert_eq!(
+        told,
+        vec![
+            "GitHub: pull request #1 (change) was merged".to_string(),
+            "GitHub: checks on moat/web-change finished: success".to_string(),
+        ],
+        "exactly the two genuine events, once each"
+    );
+    let verdicts: Vec<String> = gw
+        .audit_kind("github-webhook")
+        .iter()
+        .map(|r| r["verdict"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            "delivered",
+            "duplicate",
+            "delivered",
+            "forged",
+            "forged",
+            "forged",
+            "ignored",
+            "ignored"
+        ],
+        "{:#?}",
+        gw.audit_kind("github-webhook")
+    );
+    let audit = std::fs::read_to_string(gw.audit_path()).unwrap();
+    assert!(
+        !audit.contains(HOOK_SECRET),
+        "the webhook secret in the audit log"
+    );
+    gw.stop();
+}

@@ -1,0 +1,191 @@
+//! Pull-request events back to the thread: `POST /github/webhook` (beside
+//! the web chat), and the links that find a conversation: when a turn's door
+//! saw a branch pushed or a pull request opened, the conversation is stored
+//! against the repository and that branch or number.
+//!
+//! A delivery is checked in this order, each step refusing before the next
+//! reads anything: size (413 over 25 MB), signature on the raw body
+//! (`X-Hub-Signature-256`, constant time; 401), delivery id taken once
+//! (a replay: 200, nothing twice), event parsed, repository configured for
+//! some channel, conversation found from the stored links only. Whatever is
+//! not told is answered 200 and audited with the reason.
+//!
+//! Must never: parse an unsigned body, find a conversation from text in the
+//! event, or post anything for a repository no channel has.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use moat_chat::github::{parse, WebhookVerifier, MAX_BODY};
+use moat_egress::github::GithubActivity;
+use moat_policy::gateway::Platform;
+use moat_store::GithubLink;
+use serde_json::json;
+
+use crate::hub::ConvEvent;
+use crate::pipeline::{ConvRef, Gateway};
+
+/// What the webhook endpoint needs.
+#[derive(Clone)]
+pub struct Hooks {
+    pub gw: Gateway,
+    pub verifier: Arc<WebhookVerifier>,
+}
+
+/// The `POST /github/webhook` route.
+pub fn router(h: Hooks) -> Router {
+    Router::new()
+        .route("/github/webhook", post(webhook))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(h)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A header value when it is short and printable.
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 100 && v.bytes().all(|b| b.is_ascii_graphic()))
+}
+
+async fn webhook(State(h): State<Hooks>, headers: HeaderMap, body: Bytes) -> Response {
+    let audit = |verdict: &str, extra: serde_json::Value| {
+        let mut rec = json!({"verdict": verdict});
+        if let (Some(o), Some(e)) = (rec.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        h.gw.audit("github-webhook", rec);
+    };
+    if body.len() > MAX_BODY {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "body too large").into_response();
+    }
+    let sig = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
+    if let Err(e) = h.verifier.verify(sig, &body) {
+        audit("forged", json!({"reason": e.to_string()}));
+        return (StatusCode::UNAUTHORIZED, "invalid signature").into_response();
+    }
+    let Some(delivery) = header(&headers, "x-github-delivery") else {
+        audit("invalid", json!({"reason": "no X-GitHub-Delivery header"}));
+        return (StatusCode::BAD_REQUEST, "no X-GitHub-Delivery header").into_response();
+    };
+    let event = header(&headers, "x-github-event").unwrap_or("").to_string();
+    let store = h.gw.inner.store.clone();
+    let id = delivery.to_string();
+    let first =
+        tokio::task::spawn_blocking(move || store.take_github_delivery(&id, now_ms())).await;
+    match first {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            audit("duplicate", json!({"delivery": delivery, "event": event}));
+            return StatusCode::OK.into_response();
+        }
+        _ => {
+            // Not taken: GitHub may deliver it again.
+            return (StatusCode::SERVICE_UNAVAILABLE, "not stored; retry").into_response();
+        }
+    }
+    let ev = match parse(&event, &body) {
+        Ok(Some(ev)) => ev,
+        Ok(None) => {
+            audit(
+                "ignored",
+                json!({"delivery": delivery, "event": event, "reason": "an event moat does not tell"}),
+            );
+            return StatusCode::OK.into_response();
+        }
+        Err(e) => {
+            audit(
+                "invalid",
+                json!({"delivery": delivery, "event": event, "reason": e.to_string()}),
+            );
+            return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
+        }
+    };
+    let configured = h.gw.inner.cfg.channels.iter().any(|c| {
+        c.github.as_ref().is_some_and(|g| {
+            g.full_names()
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(&ev.repo))
+        })
+    });
+    if !configured {
+        audit(
+            "ignored",
+            json!({"delivery": delivery, "event": event, "repo": ev.repo, "reason": "no channel has this repository"}),
+        );
+        return StatusCode::OK.into_response();
+    }
+    let conv =
+        h.gw.inner
+            .store
+            .github_conversation(&ev.repo, ev.number, ev.branch.as_deref())
+            .ok()
+            .flatten()
+            .and_then(|id| h.gw.inner.store.conversation(id).ok().flatten());
+    let Some(conv) = conv else {
+        audit(
+            "ignored",
+            json!({"delivery": delivery, "event": event, "repo": ev.repo, "pull_request": ev.number, "reason": "no conversation pushed this branch or opened this pull request"}),
+        );
+        return StatusCode::OK.into_response();
+    };
+    let Ok(platform) = Platform::parse(&conv.platform) else {
+        return StatusCode::OK.into_response();
+    };
+    let cref = ConvRef {
+        id: conv.id,
+        platform,
+        channel: conv.channel.clone(),
+        thread: conv.thread.clone(),
+    };
+    h.gw.inner.hub.publish(
+        conv.id,
+        ConvEvent::Notice {
+            text: ev.line.clone(),
+        },
+    );
+    h.gw.replier(platform).notice(&cref, &ev.line).await;
+    audit(
+        "delivered",
+        json!({"delivery": delivery, "event": event, "repo": ev.repo, "pull_request": ev.number, "conversation_id": conv.id}),
+    );
+    StatusCode::OK.into_response()
+}
+
+/// Stores what a turn's door saw reach GitHub as links to `conversation`
+/// (branches pushed with a 2xx answer, pull requests opened).
+pub fn link(gw: &Gateway, conversation: i64, activity: &[GithubActivity]) {
+    for a in activity {
+        let r = match a {
+            GithubActivity::Pushed { repo, refs, status } if (200..300).contains(status) => refs
+                .iter()
+                .filter_map(|r| r.strip_prefix("refs/heads/"))
+                .try_for_each(|b| {
+                    gw.inner
+                        .store
+                        .link_github(repo, GithubLink::Branch(b), conversation, now_ms())
+                }),
+            GithubActivity::PullRequest { repo, number, .. } => gw.inner.store.link_github(
+                repo,
+                GithubLink::PullRequest(*number),
+                conversation,
+                now_ms(),
+            ),
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not store a GitHub link; its webhook events will not reach the conversation");
+        }
+    }
+}
