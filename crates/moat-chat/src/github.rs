@@ -88,6 +88,9 @@ pub struct PrEvent {
     pub branch: Option<String>,
     /// One line for the conversation.
     pub line: String,
+    /// A comment on the pull request: who wrote it (GitHub login) and its
+    /// whole text, for a turn when it mentions the bot.
+    pub comment: Option<(String, String)>,
 }
 
 fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -116,6 +119,32 @@ fn clean(t: &str, max: usize) -> String {
     one.trim().to_string()
 }
 
+/// A comment on pull request `number_at`: one line, and the whole text.
+fn comment_on(v: &Value, repo: &str, number_at: &[&str]) -> Option<PrEvent> {
+    let who = clean(s(v, &["comment", "user", "login"]).unwrap_or("someone"), 40);
+    let raw = s(v, &["comment", "body"]).unwrap_or("");
+    let body = clean(raw, 200);
+    n(v, number_at).map(|number| PrEvent {
+        repo: repo.to_string(),
+        number: Some(number),
+        branch: None,
+        line: format!("GitHub: {who} commented on pull request #{number}: {body}"),
+        comment: Some((who, raw.chars().take(20_000).collect())),
+    })
+}
+
+/// Whether `text` mentions `login` (`@login`, not part of a longer name).
+pub fn mentions(text: &str, login: &str) -> bool {
+    let needle = format!("@{}", login.to_ascii_lowercase());
+    let lower = text.to_ascii_lowercase();
+    lower.match_indices(&needle).any(|(i, _)| {
+        let before_ok = i == 0 || !lower.as_bytes()[i - 1].is_ascii_alphanumeric();
+        let after = lower.as_bytes().get(i + needle.len()).copied();
+        let after_ok = after.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        before_ok && after_ok
+    })
+}
+
 /// The event (`X-GitHub-Event`) and its verified body, reduced; `Ok(None)`:
 /// an event or action moat does not tell anyone about.
 pub fn parse(event: &str, body: &[u8]) -> Result<Option<PrEvent>, WebhookError> {
@@ -136,6 +165,7 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Option<PrEvent>, WebhookError> 
             number: Some(number),
             branch: s(&v, &["pull_request", "head", "ref"]).map(|b| clean(b, 200)),
             line: format!("GitHub: pull request #{number} ({title}) {what}"),
+            comment: None,
         })
     };
     let ev = match (event, action) {
@@ -160,6 +190,9 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Option<PrEvent>, WebhookError> 
                 number: Some(number),
                 branch: s(&v, &["pull_request", "head", "ref"]).map(|b| clean(b, 200)),
                 line: format!("GitHub: {who} {state} pull request #{number}"),
+                comment: s(&v, &["review", "body"])
+                    .filter(|b| !b.is_empty())
+                    .map(|b| (who.clone(), b.chars().take(20_000).collect())),
             })
         }
         ("check_suite", "completed") | ("check_run", "completed") => {
@@ -189,20 +222,14 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Option<PrEvent>, WebhookError> 
                     "GitHub: {name} on {} finished: {conclusion}",
                     branch.as_deref().unwrap_or("the pull request")
                 ),
+                comment: None,
             })
         }
         ("issue_comment", "created") if v["issue"].get("pull_request").is_some() => {
-            let who = clean(
-                s(&v, &["comment", "user", "login"]).unwrap_or("someone"),
-                40,
-            );
-            let body = clean(s(&v, &["comment", "body"]).unwrap_or(""), 200);
-            n(&v, &["issue", "number"]).map(|number| PrEvent {
-                repo: repo.clone(),
-                number: Some(number),
-                branch: None,
-                line: format!("GitHub: {who} commented on pull request #{number}: {body}"),
-            })
+            comment_on(&v, &repo, &["issue", "number"])
+        }
+        ("pull_request_review_comment", "created") => {
+            comment_on(&v, &repo, &["pull_request", "number"])
         }
         _ => None,
     };
@@ -256,5 +283,24 @@ mod tests {
         assert_eq!(e.line, "GitHub: checks on moat/1-fix finished: failure");
         assert_eq!(parse("push", b.as_bytes()).unwrap(), None);
         assert_eq!(parse("pull_request", b"[1]"), Err(WebhookError::NotJson));
+        let b = json!({"action": "created", "repository": {"full_name": "acme/app"},
+            "issue": {"number": 7, "pull_request": {}},
+            "comment": {"user": {"login": "octocat"}, "body": "@moat-bot please fix the test"}})
+        .to_string();
+        let e = parse("issue_comment", b.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            e.comment,
+            Some(("octocat".into(), "@moat-bot please fix the test".into()))
+        );
+        assert_eq!(e.number, Some(7));
+    }
+
+    #[test]
+    fn mentions_are_whole_logins() {
+        assert!(mentions("@moat-bot fix it", "moat-bot"));
+        assert!(mentions("hey @Moat-Bot, fix it", "moat-bot"));
+        assert!(!mentions("@moat-bot2 fix it", "moat-bot"));
+        assert!(!mentions("mail@moat-bot.dev", "moat-bot"));
+        assert!(!mentions("moat-bot fix it", "moat-bot"));
     }
 }

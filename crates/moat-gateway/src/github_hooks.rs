@@ -160,7 +160,52 @@ async fn webhook(State(h): State<Hooks>, headers: HeaderMap, body: Bytes) -> Res
         "delivered",
         json!({"delivery": delivery, "event": event, "repo": ev.repo, "pull_request": ev.number, "conversation_id": conv.id}),
     );
+    if let Some((login, text)) = &ev.comment {
+        comment_turn(&h.gw, &cref, delivery, login, text).await;
+    }
     StatusCode::OK.into_response()
+}
+
+/// A pull-request comment that mentions the bot becomes a message of the
+/// conversation, from the chat user the channel maps the login to; an
+/// unmapped login is ignored and audited. The message then goes through the
+/// same authorisation and limits as one typed in the chat.
+async fn comment_turn(gw: &Gateway, conv: &ConvRef, delivery: &str, login: &str, text: &str) {
+    let Some(bot) = gw.inner.cfg.github.bot.as_deref() else {
+        return;
+    };
+    if !moat_chat::github::mentions(text, bot) {
+        return;
+    }
+    let mapped = gw
+        .inner
+        .cfg
+        .channel(conv.platform, &conv.channel)
+        .and_then(|c| c.github.as_ref())
+        .and_then(|g| g.users.get(&login.to_ascii_lowercase()).cloned());
+    let Some(user) = mapped else {
+        gw.audit(
+            "github-webhook",
+            json!({"verdict": "ignored", "delivery": delivery, "login": login, "conversation_id": conv.id,
+                   "reason": "a comment mentions the bot, but github.users does not map its author"}),
+        );
+        return;
+    };
+    let r = gw
+        .accept(crate::pipeline::Inbound {
+            platform: conv.platform,
+            event_id: format!("github:{delivery}"),
+            channel: conv.channel.clone(),
+            thread: conv.thread.clone(),
+            user,
+            text: text.to_string(),
+            ts_ms: now_ms(),
+            message_ref: None,
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "a pull-request comment could not be stored as a message");
+    }
 }
 
 /// Stores what a turn's door saw reach GitHub as links to `conversation`

@@ -54,6 +54,7 @@ pub(crate) struct RawGithubSection {
     web_url: Option<String>,
     allow_plain_http: Option<bool>,
     webhook: Option<bool>,
+    bot: Option<String>,
     // Present only to refuse them: the App's secrets never go in this file.
     private_key: Option<toml::Value>,
     webhook_secret: Option<toml::Value>,
@@ -69,6 +70,7 @@ pub(crate) struct RawChannelGithub {
     clone: Option<String>,
     depth: Option<i64>,
     branch_prefix: Option<String>,
+    users: Option<BTreeMap<String, String>>,
 }
 
 /// `[github]`, validated: where the door sends intercepted requests.
@@ -82,6 +84,8 @@ pub struct GithubSection {
     pub allow_plain_http: bool,
     /// Serve `POST /github/webhook` (needs `GITHUB_WEBHOOK_SECRET`).
     pub webhook: bool,
+    /// The login a pull-request comment mentions (`@login`) to start a turn.
+    pub bot: Option<String>,
 }
 
 impl Default for GithubSection {
@@ -91,6 +95,7 @@ impl Default for GithubSection {
             web_url: "https://github.com".into(),
             allow_plain_http: false,
             webhook: false,
+            bot: None,
         }
     }
 }
@@ -114,6 +119,9 @@ pub struct ChannelGithub {
     pub depth: u32,
     /// Prefix of the branch made for a conversation.
     pub branch_prefix: String,
+    /// GitHub login (lower case) → the chat user a comment of theirs that
+    /// mentions the bot runs a turn as.
+    pub users: BTreeMap<String, String>,
 }
 
 impl ChannelGithub {
@@ -203,6 +211,19 @@ pub(crate) fn section(raw: RawGithubSection) -> Result<GithubSection, PolicyErro
         web_url: url(raw.web_url, d.web_url, "github.web_url")?,
         allow_plain_http: plain,
         webhook: raw.webhook.unwrap_or(false),
+        bot: match raw.bot {
+            None => None,
+            Some(b) => {
+                let login = b.trim_start_matches('@').to_string();
+                if !name_ok(&login) || login.contains('.') {
+                    return Err(err(
+                        "github.bot",
+                        format!("{b:?} is not a GitHub login; write the login comments mention, e.g. \"moat-bot\""),
+                    ));
+                }
+                Some(login)
+            }
+        },
     })
 }
 
@@ -335,7 +356,22 @@ pub(crate) fn channel(
             format!("{branch_prefix:?} cannot start a branch name; use letters, digits, '-', '_', '.' and '/', e.g. \"moat/\""),
         ));
     }
+    let mut users = BTreeMap::new();
+    for (login, user) in raw.users.iter().flatten() {
+        let k = key(&format!("users.{login}"));
+        if !name_ok(login) || login.contains('.') {
+            return Err(err(k, "is not a GitHub login"));
+        }
+        if user.is_empty() || user == "*" || user.starts_with('@') {
+            return Err(err(
+                k,
+                format!("{user:?}: map the login to one chat user id, e.g. \"U01ALICE\""),
+            ));
+        }
+        users.insert(login.to_ascii_lowercase(), user.clone());
+    }
     Ok(ChannelGithub {
+        users,
         owner,
         repos,
         permissions,
@@ -380,6 +416,7 @@ mod tests {
             clone: None,
             depth: None,
             branch_prefix: None,
+            users: None,
         }
     }
 

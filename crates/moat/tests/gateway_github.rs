@@ -432,3 +432,57 @@ fn attack_g3_forged_replayed_foreign_and_unknown_webhooks_reach_no_thread() {
     );
     gw.stop();
 }
+
+#[test]
+fn a_pull_request_comment_mentioning_the_bot_runs_a_turn_as_the_mapped_user() {
+    let fake = FakeGithub::start();
+    let toml = config(
+        &fake,
+        &format!("{{ repos = [\"{OWNER}/{REPO}\"], users = {{ octocat = \"alice\" }} }}"),
+    )
+    .replace(
+        "allow_plain_http = true\n",
+        "allow_plain_http = true\nwebhook = true\nbot = \"moat-bot\"\n",
+    );
+    let mut s = secrets();
+    s.push(("GITHUB_WEBHOOK_SECRET".into(), HOOK_SECRET.into()));
+    let gw = gwkit::Gw::start_with("gh-comment", &toml, s);
+    let answer = turn(&gw, "r1", &fill(WORK), 1);
+    assert!(answer.contains("opened pull request #1"), "{answer}");
+    let comment = |login: &str, body: &str| {
+        serde_json::json!({"action": "created", "repository": {"full_name": format!("{OWNER}/{REPO}")},
+            "issue": {"number": 1, "pull_request": {}},
+            "comment": {"user": {"login": login}, "body": body}})
+        .to_string()
+    };
+    // An unmapped login: told as a line, no turn.
+    let c = comment("mallory", "echo from-mallory-$((6*7)) # @moat-bot");
+    assert_eq!(deliver(&gw, "issue_comment", "c-1", &c, signed(&c)), 200);
+    // A comment without the mention: told, no turn.
+    let c = comment("octocat", "echo not-for-the-bot-$((6*7))");
+    assert_eq!(deliver(&gw, "issue_comment", "c-2", &c, signed(&c)), 200);
+    // The mapped login mentioning the bot: a turn, as the mapped user.
+    let c = comment("octocat", "echo from-review-$((6*7)) # @moat-bot");
+    assert_eq!(deliver(&gw, "issue_comment", "c-3", &c, signed(&c)), 200);
+    let mut sse = gw.client(None).events("r1").expect("events");
+    let evs = sse.answers(2);
+    let answers = gwkit::answers_of(&evs);
+    assert!(answers[1].0.contains("from-review-42"), "{answers:?}");
+    let all: String = answers.iter().map(|a| a.0.clone()).collect();
+    assert!(
+        !all.contains("from-mallory-42") && !all.contains("not-for-the-bot-42"),
+        "{all}"
+    );
+    let msgs: Vec<Value> = gw
+        .audit_kind("message")
+        .into_iter()
+        .filter(|r| r["verdict"] == "accepted")
+        .collect();
+    assert_eq!(msgs.len(), 2, "{msgs:#?}");
+    assert_eq!(msgs[1]["user"], "alice");
+    assert!(gw
+        .audit_kind("github-webhook")
+        .iter()
+        .any(|r| r["login"] == "mallory" && r["verdict"] == "ignored"));
+    gw.stop();
+}
