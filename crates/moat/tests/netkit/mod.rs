@@ -167,6 +167,18 @@ pub fn host_addrs() -> Vec<IpAddr> {
     addrs
 }
 
+/// `host_addrs()`, for the legs that test reaching them: at least one IPv4
+/// one must exist, or those legs would test nothing.
+pub fn require_host_addrs() -> Vec<IpAddr> {
+    let a = host_addrs();
+    assert!(
+        a.iter().any(|a| a.is_ipv4()),
+        "this machine has no global IPv4 address (`ip -o addr show scope global`: {a:?}); \
+         the host-address legs of N1, N4 and N10 need one to try to reach"
+    );
+    a
+}
+
 pub fn loopbacks() -> Vec<IpAddr> {
     vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()]
 }
