@@ -257,24 +257,47 @@ pub(crate) mod tests {
 
     #[test]
     fn truncated_or_lying_lengths_give_none() {
-        let rec = client_hello(Some("api.github.com"));
+        const NAME: &str = "api.github.com";
+        let rec = client_hello(Some(NAME));
         let body = &rec[9..];
-        assert_eq!(parse_sni(body), Ok(Some("api.github.com".into())));
+        assert_eq!(parse_sni(body), Ok(Some(NAME.into())));
         for cut in 0..body.len() {
             assert_eq!(parse_sni(&body[..cut]), Ok(None), "cut at {cut}");
         }
-        // Any byte set to 0 or 0xff (lengths that lie): no panic, and a name
-        // found is never longer or shorter than the one sent.
+        // Every byte set to 0 and to 0xff, each result predicted from the
+        // layout client_hello_with writes (offsets into the body):
+        // 0..34 version+random, 34 session id length, 35..37 suites length,
+        // 37..39 the suite, 39 compression length, 40 compression, 41..43
+        // extensions length, 43..45 server_name type, 45..47 its length,
+        // 47..49 list length, 49 name type, 50..52 name length, 52..66 the
+        // name, 66..68 supported_versions type, 68..70 its length, 70..73 data.
+        assert_eq!(body.len(), 73, "the layout below no longer matches");
+        let same = || Ok(Some(NAME.to_string()));
+        let none = || Ok(None);
+        let expected = |at: usize, v: u8| -> Result<Option<String>, &'static str> {
+            match (at, v) {
+                (52..=65, 0x00) => {
+                    let mut n = NAME.as_bytes().to_vec();
+                    n[at - 52] = 0;
+                    Ok(Some(String::from_utf8(n).expect("NUL is UTF-8")))
+                }
+                (52..=65, _) => none(), // 0xff is not UTF-8
+                // Bytes the parser does not read, or writes of the value already there.
+                (0..=33 | 37 | 38 | 40 | 70..=72, _) => same(),
+                (34 | 35 | 41 | 43 | 44 | 45 | 47 | 49 | 50 | 66 | 68, 0x00) => same(),
+                // Another extension type where neither is server_name.
+                (66 | 67, 0xff) => same(),
+                // supported_versions turned into a second server_name.
+                (67, 0x00) => Err("two server_name extensions"),
+                // Everything else is a length or type that now lies.
+                _ => none(),
+            }
+        };
         for at in 0..body.len() {
-            for v in [0x00, 0xff] {
+            for v in [0x00u8, 0xff] {
                 let mut bad = body.to_vec();
                 bad[at] = v;
-                if let Ok(Some(n)) = parse_sni(&bad) {
-                    assert!(
-                        n.len() == "api.github.com".len(),
-                        "byte {at} = {v:#x} gave {n:?}"
-                    );
-                }
+                assert_eq!(parse_sni(&bad), expected(at, v), "byte {at} = {v:#x}");
             }
         }
         let mut bad = body.to_vec();

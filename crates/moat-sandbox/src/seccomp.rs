@@ -474,6 +474,148 @@ mod tests {
         assert_eq!(libc::WEXITSTATUS(status), 0b11_1111, "status {status:#x}");
     }
 
+    /// Each call of `DENIED` with arguments the kernel refuses without doing
+    /// anything (a bad descriptor, pointer, flag or magic number, a missing
+    /// path), so that without the filter even root gets another answer than
+    /// EPERM. (system call number, arguments)
+    #[cfg(target_arch = "x86_64")]
+    fn harmless(name: &str) -> Option<(i64, [libc::c_long; 6])> {
+        let none = c"/moat-k4-no-such-path".as_ptr() as libc::c_long;
+        let empty = c"".as_ptr() as libc::c_long;
+        let module = c"moat_k4_no_such_module".as_ptr() as libc::c_long;
+        let fs = c"moat_k4_no_such_fs".as_ptr() as libc::c_long;
+        let (bad, flags, no_pid) = (1, 0xdead_0000, 0x3fff_fff0);
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() } as libc::c_long;
+        let a = match name {
+            "ptrace" => [2, no_pid, 0, 0, 0, 0], // PEEKDATA of no process: ESRCH
+            "process_vm_readv" | "process_vm_writev" => [me, 0, 0, 0, 0, 1], // flags: EINVAL
+            "io_uring_setup" => [0, bad, 0, 0, 0, 0],
+            "io_uring_enter" | "io_uring_register" | "pidfd_getfd" | "process_madvise" => {
+                [-1, 0, 0, 0, 0, 0]
+            }
+            "bpf" => [1, bad, 32, 0, 0, 0], // MAP_LOOKUP_ELEM, attr unreadable: EFAULT
+            "perf_event_open" => [bad, 0, -1, -1, flags, 0],
+            "keyctl" => [9999, 0, 0, 0, 0, 0],
+            "add_key" | "request_key" => [bad, 0, 0, 0, -2, 0],
+            "mount" => [none, none, 0, 0, 0, 0],
+            "umount2" => [none, flags, 0, 0, 0, 0],
+            "unshare" => [1, 0, 0, 0, 0, 0], // not a namespace flag: EINVAL
+            "setns" => [-1, 0, 0, 0, 0, 0],
+            "pivot_root" => [none, none, 0, 0, 0, 0],
+            "chroot" | "swapoff" | "acct" => [none, 0, 0, 0, 0, 0],
+            "swapon" => [none, flags, 0, 0, 0, 0],
+            "kexec_load" => [0, 0, 0, flags, 0, 0],
+            "kexec_file_load" => [-1, -1, 0, 0, flags, 0],
+            "init_module" => [bad, 64, bad, 0, 0, 0],
+            "finit_module" => [-1, empty, 0, 0, 0, 0],
+            "delete_module" => [module, libc::O_NONBLOCK as libc::c_long, 0, 0, 0, 0],
+            "fsopen" => [fs, flags, 0, 0, 0, 0], // before any file system is looked up
+            "fsconfig" | "fsmount" => [-1, 0, 0, 0, 0, 0],
+            "fspick" | "open_tree" => [-100, none, 0, 0, 0, 0],
+            "move_mount" => [-1, empty, -100, none, flags, 0],
+            "mount_setattr" => [-100, none, 0, 0, 0, 0],
+            "reboot" => [0, 0, 0, 0, 0, 0], // wrong magic numbers: EINVAL
+            "quotactl" => [0xdead, 0, 0, 0, 0, 0],
+            "userfaultfd" => [flags, 0, 0, 0, 0, 0],
+            "open_by_handle_at" => [-1, bad, 0, 0, 0, 0],
+            "name_to_handle_at" => [-100, none, bad, bad, 0, 0],
+            "syslog" => [9999, 0, 0, 0, 0, 0],
+            "settimeofday" | "adjtimex" => [bad, 0, 0, 0, 0, 0],
+            "clock_settime" | "clock_adjtime" => [9999, bad, 0, 0, 0, 0],
+            "vhangup" => [0; 6], // the child has no controlling terminal
+            "kcmp" => [me, me, 99, 0, 0, 0],
+            "iopl" => [4, 0, 0, 0, 0, 0],
+            "ioperm" => [0x10000, 1, 1, 0, 0, 0],
+            _ => return None,
+        };
+        Some((syscall_number(name)?, a))
+    }
+
+    /// The errno of every harmless call (0 for success), made by a forked
+    /// child that first applies `prog` (if any).
+    #[cfg(target_arch = "x86_64")]
+    fn errnos_in_child(prog: Option<&BpfProgram>) -> Vec<i32> {
+        let calls: Vec<(i64, [libc::c_long; 6])> = DENIED
+            .iter()
+            .map(|n| harmless(n).unwrap_or_else(|| panic!("no harmless call for {n}: add one")))
+            .collect();
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills the two descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child makes system calls only and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: raw system calls on prepared memory, in the child.
+            unsafe {
+                libc::setsid();
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if let Some(p) = prog {
+                    if seccompiler::apply_filter(p).is_err() {
+                        libc::_exit(2);
+                    }
+                }
+                for (nr, a) in &calls {
+                    let r = libc::syscall(*nr, a[0], a[1], a[2], a[3], a[4], a[5]);
+                    let e: i32 = if r < 0 { *libc::__errno_location() } else { 0 };
+                    libc::write(fds[1], (&e as *const i32).cast(), 4);
+                }
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: closing our copy of the write end.
+        unsafe { libc::close(fds[1]) };
+        // SAFETY: the read end is ours alone from here.
+        let mut out = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut out, &mut bytes).unwrap();
+        let mut status = 0;
+        // SAFETY: waiting for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(status, 0, "the probing child failed");
+        let errnos: Vec<i32> = bytes
+            .chunks(4)
+            .map(|c| i32::from_ne_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(errnos.len(), calls.len());
+        errnos
+    }
+
+    /// Many denied calls are also refused to an unprivileged sandbox by the
+    /// kernel's capability checks, with the same EPERM: inside a sandbox a
+    /// name missing from the filter would go unnoticed. Here, as root (every
+    /// capability present), each is made without the filter (never EPERM)
+    /// and under it (always EPERM), so every name of `DENIED` is shown to be
+    /// in the compiled program.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_denied_call_is_refused_by_the_filter_itself() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("MOAT_TEST_REQUIRE_ALL").is_none(),
+                "this test needs root (every capability), MOAT_TEST_REQUIRE_ALL is set"
+            );
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let prog = deny_filter(&[]).unwrap();
+        let open = errnos_in_child(None);
+        let shut = errnos_in_child(Some(&prog));
+        for ((name, o), s) in DENIED.iter().zip(&open).zip(&shut) {
+            assert_ne!(
+                *o,
+                libc::EPERM,
+                "{name}: EPERM without the filter, the probe proves nothing"
+            );
+            assert_eq!(
+                *s,
+                libc::EPERM,
+                "{name}: not refused by the filter (errno {s}; {o} without it)"
+            );
+        }
+    }
+
     #[test]
     fn unknown_extra_names_are_refused_by_name() {
         let e = deny_filter(&["frobnicate".into()]).unwrap_err().to_string();

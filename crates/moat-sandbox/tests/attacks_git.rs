@@ -20,32 +20,39 @@ fn git(dir: &Path, args: &[&str]) -> std::process::Output {
 }
 
 // The agent points commondir at a directory of its own whose config makes
-// `git status` run a command (core.fsmonitor).
+// `git status` run a command (core.fsmonitor). It writes the host's paths
+// (`$1`: the repository as the host sees it), so that the host's git would
+// follow them if the plant stayed.
 const PLANT: &str = r#"
 mkdir -p evil
-printf '[core]\n\trepositoryformatversion = 0\n\tfsmonitor = "touch /workspace/pwned-by-host-git; false"\n' > evil/config
+printf '[core]\n\trepositoryformatversion = 0\n\tfsmonitor = "touch %s/pwned-by-host-git; false"\n' "$1" > evil/config
 mkdir -p evil/refs evil/objects
-echo "$PWD/evil" > .git/commondir && echo planted
+echo "$1/evil" > .git/commondir && echo planted
 "#;
 
 per_backend! {
     attack_f5_a_planted_git_commondir_is_removed => |kind| {
         let dir = tempfile::tempdir_in(scratch()).unwrap();
-        let repo = dir.path();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+        let repo = dir.path().join("repo");
+        let repo = repo.as_path();
+        std::fs::create_dir(repo).unwrap();
         assert!(git(repo, &["init", "-q"]).status.success());
         std::fs::write(repo.join("f"), "x").unwrap();
         Command::new("chown").args(["-R", "4545:4545"]).arg(repo).status().unwrap();
         let config_before = fingerprint(&repo.join(".git/config"));
+        let host_path = repo.to_str().unwrap();
+        let pwned = repo.join("pwned-by-host-git");
         let e = engine(kind);
         let mut l = e
             .lease(policy(kind), LeaseOptions { workspace: WorkspaceSource::Host(repo.to_path_buf()), ..Default::default() })
             .unwrap();
-        let o = run(&mut l, RunSpec::new(["/bin/sh", "-c", PLANT]));
+        let o = run(&mut l, RunSpec::new(["/bin/sh", "-c", PLANT, "plant", host_path]));
         assert_eq!(o.stdout, "planted\n", "the plant itself must work inside: {}", o.stderr);
         // Right after the command, the host repository has no commondir again.
         assert!(std::fs::symlink_metadata(repo.join(".git/commondir")).is_err(), "commondir survived the command");
         // A symlink planted the same way is removed too (not followed).
-        let o = sh(&mut l, "ln -s /workspace/evil .git/commondir && echo planted");
+        let o = sh(&mut l, &format!("ln -s {host_path}/evil .git/commondir && echo planted"));
         assert_eq!(o.stdout, "planted\n");
         assert!(std::fs::symlink_metadata(repo.join(".git/commondir")).is_err(), "commondir symlink survived");
         assert!(repo.join("evil/config").exists(), "the target was not touched");
@@ -53,7 +60,15 @@ per_backend! {
         // Host git in the repository obeys only the repository's own config.
         let st = git(repo, &["status", "--porcelain"]);
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-        assert!(!repo.join("pwned-by-host-git").exists(), "host git ran the sandbox's command");
+        assert!(!pwned.exists(), "host git ran the sandbox's command");
         assert_eq!(config_before, fingerprint(&repo.join(".git/config")));
+        // Control: the same commondir, left in a repository, does make the
+        // host's git run the command (so the check above can fail).
+        let control = dir.path().join("control");
+        std::fs::create_dir(&control).unwrap();
+        assert!(git(&control, &["init", "-q"]).status.success());
+        std::fs::write(control.join(".git/commondir"), format!("{host_path}/evil\n")).unwrap();
+        let _ = git(&control, &["status", "--porcelain"]);
+        assert!(pwned.exists(), "the planted config is not obeyed even when left in place: the check proves nothing");
     };
 }

