@@ -119,12 +119,23 @@ fn main() {
         .env("MOAT_GITHUB_API_URL", fake.api_url())
         .env("MOAT_GITHUB_URL", fake.web_url())
         .env("MOAT_GITHUB_ALLOW_PLAIN_HTTP", "1")
-        .args(["--github", &format!("{OWNER}/{REPO}"), "--memory", "2g", "--timeout", "10m"])
+        .args([
+            "--github",
+            &format!("{OWNER}/{REPO}"),
+            "--memory",
+            "2g",
+            "--timeout",
+            "10m",
+        ])
         .args(["--", "/bin/sh", "-c", &script])
         .output()
         .expect("moat sandbox run");
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let door: Vec<f64> = out
         .lines()
         .filter_map(|l| l.strip_prefix("took="))
@@ -137,10 +148,22 @@ fn main() {
     let (dmin, dmed, dmax) = secs_stats(&direct);
     let (gmin, gmed, gmax) = secs_stats(&door);
     let mbps = |s: f64| SIZE_MB as f64 / s;
-    println!("\n### Clone of a {SIZE_MB} MB repository ({} clones each after a warm-up)\n", n - 1);
+    println!(
+        "\n### Clone of a {SIZE_MB} MB repository ({} clones each after a warm-up)\n",
+        n - 1
+    );
     println!("| path | min s | median s | max s | median MB/s |");
     println!("|---|---|---|---|---|");
-    println!("| direct (host git → fake GitHub) | {dmin:.2} | {dmed:.2} | {dmax:.2} | {:.1} |", mbps(dmed));
-    println!("| through the door (bwrap sandbox) | {gmin:.2} | {gmed:.2} | {gmax:.2} | {:.1} |", mbps(gmed));
-    println!("\nthroughput ratio door / direct (medians): **{:.2}** (goal ≥ 0.8)", dmed / gmed);
+    println!(
+        "| direct (host git → fake GitHub) | {dmin:.2} | {dmed:.2} | {dmax:.2} | {:.1} |",
+        mbps(dmed)
+    );
+    println!(
+        "| through the door (bwrap sandbox) | {gmin:.2} | {gmed:.2} | {gmax:.2} | {:.1} |",
+        mbps(gmed)
+    );
+    println!(
+        "\nthroughput ratio door / direct (medians): **{:.2}** (goal ≥ 0.8)",
+        dmed / gmed
+    );
 }

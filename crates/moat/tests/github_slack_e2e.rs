@@ -106,7 +106,7 @@ async fn a_slack_mention_ends_in_a_pull_request_link_in_the_thread() {
         assert!(text.contains("I fixed the thing"), "{text}");
         assert!(text.contains(&link), "the link in the thread: {text}");
         assert!(
-            text.contains(&format!("pushed moat/")) && text.contains(&format!("to {OWNER}/{REPO}")),
+            text.contains("pushed moat/") && text.contains(&format!("to {OWNER}/{REPO}")),
             "{text}"
         );
         eprintln!(
