@@ -83,10 +83,13 @@ impl Url {
     }
 }
 
-/// A response: status and the whole (de-chunked) body.
+/// A response: status, the one header the agent acts on, and the whole
+/// (de-chunked) body.
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
+    /// The `retry-after` header as sent (seconds or an HTTP date), if any.
+    pub retry_after: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -195,6 +198,7 @@ pub fn read_response(mut r: impl BufRead, addr: &str) -> Result<Response, HttpEr
         .ok_or_else(|| proto("no status code"))?;
     let mut chunked = false;
     let mut length: Option<usize> = None;
+    let mut retry_after = None;
     for _ in 0..256 {
         let line = read_line(&mut r, addr)?;
         if line.is_empty() {
@@ -208,6 +212,8 @@ pub fn read_response(mut r: impl BufRead, addr: &str) -> Result<Response, HttpEr
             chunked = true;
         } else if k == "content-length" {
             length = Some(v.parse().map_err(|_| proto("a bad content-length"))?);
+        } else if k == "retry-after" {
+            retry_after = Some(v.chars().take(100).collect());
         }
     }
     let mut body = Vec::new();
@@ -248,7 +254,11 @@ pub fn read_response(mut r: impl BufRead, addr: &str) -> Result<Response, HttpEr
             });
         }
     }
-    Ok(Response { status, body })
+    Ok(Response {
+        status,
+        retry_after,
+        body,
+    })
 }
 
 #[cfg(test)]
@@ -284,9 +294,12 @@ mod tests {
         let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
         let r = read_response(&chunked[..], "t").unwrap();
         assert_eq!((r.status, r.body.as_slice()), (200, &b"abcde"[..]));
-        let sized = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope+extra";
+        assert_eq!(r.retry_after, None);
+        let sized =
+            b"HTTP/1.1 429 Too Many\r\nContent-Length: 4\r\nRetry-After:  7 \r\n\r\nnope+extra";
         let r = read_response(&sized[..], "t").unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (401, &b"nope"[..]));
+        assert_eq!((r.status, r.body.as_slice()), (429, &b"nope"[..]));
+        assert_eq!(r.retry_after.as_deref(), Some("7"));
         let eof = b"HTTP/1.0 200 OK\r\n\r\nall of it";
         assert_eq!(read_response(&eof[..], "t").unwrap().body, b"all of it");
         for bad in [

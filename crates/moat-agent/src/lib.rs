@@ -6,8 +6,9 @@
 //! Owns: the wire protocol between gateway and agent, the names of the
 //! built-in tools, and (inside the sandbox) the tool-use loop: `turn` (the
 //! loop, the allowlist check, the saved session), `model` (Anthropic
-//! Messages and OpenAI Responses), `tools` (the built-in tools), `mcp` (a
-//! stdio MCP client), `http` (a plain-HTTP client for the door).
+//! Messages and OpenAI Responses), `retry` (which failed calls are tried
+//! again), `tools` (the built-in tools), `mcp` (a stdio MCP client), `http`
+//! (a plain-HTTP client for the door).
 //! Must never: run a tool that the turn's allowlist does not name, talk to
 //! anything but the LLM base URL it is given (the door), or hold a real key
 //! (it only ever sees the door's placeholder).
@@ -20,6 +21,7 @@ pub mod http;
 pub mod mcp;
 pub mod model;
 pub mod protocol;
+pub mod retry;
 pub mod tools;
 pub mod turn;
 

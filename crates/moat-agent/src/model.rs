@@ -29,7 +29,15 @@ pub enum ModelError {
     #[error("the model API could not be reached: {0}")]
     Http(#[from] http::HttpError),
     #[error("the model API answered HTTP {status}: {message}")]
-    Status { status: u16, message: String },
+    Status {
+        status: u16,
+        message: String,
+        /// The error's type in the provider's body (`overloaded_error`,
+        /// `rate_limit_error`, …), if it has one.
+        kind: Option<String>,
+        /// The `retry-after` header as sent, if any.
+        retry_after: Option<String>,
+    },
     #[error("the model API's answer could not be read: {0}")]
     Parse(String),
     #[error("the model API says the response failed: {0}")]
@@ -336,9 +344,16 @@ pub fn call(
             Some(d) if d.get("message").is_some() => error_message(d),
             _ => shorten(String::from_utf8_lossy(&resp.body).trim(), 200),
         };
+        let kind = doc
+            .as_ref()
+            .and_then(|d| d["error"]["type"].as_str().or_else(|| d["type"].as_str()))
+            .filter(|k| *k != "error")
+            .map(|k| shorten(k, 100));
         return Err(ModelError::Status {
             status: resp.status,
             message,
+            kind,
+            retry_after: resp.retry_after,
         });
     }
     doc.ok_or_else(|| ModelError::Parse("the body is not JSON".into()))

@@ -101,6 +101,9 @@ pub enum Event {
         name: String,
         reason: String,
     },
+    /// What the agent is doing, for the status line (e.g. waiting to retry
+    /// a model call that failed).
+    Status { text: String },
     /// Tokens of one model call.
     Usage {
         input_tokens: u64,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::mcp::{self, McpClient};
 use crate::model::{self, CallResult, Conversation, Endpoint};
 use crate::protocol::{is_forbidden_tool, Event, Provider, TurnSpec, BUILTIN_TOOLS};
+use crate::retry::{self, RetryPolicy, Verdict};
 use crate::tools::{self, shorten, ToolDef, Tools};
 
 /// The system prompt when the channel gives no persona.
@@ -39,6 +40,8 @@ pub struct Setup {
     pub openai: Option<Endpoint>,
     /// Longest wait for one model answer.
     pub model_timeout: Duration,
+    /// Which failed model calls are tried again, and after how long.
+    pub retry: RetryPolicy,
 }
 
 impl Setup {
@@ -70,6 +73,7 @@ impl Setup {
             anthropic: endpoint("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")?,
             openai: endpoint("OPENAI_BASE_URL", "OPENAI_API_KEY")?,
             model_timeout: Duration::from_secs(600),
+            retry: RetryPolicy::default(),
         })
     }
 
@@ -154,6 +158,34 @@ fn save_session(path: &Path, c: &Conversation) {
             "moat-agent: could not save the session at {}: {e}",
             path.display()
         );
+    }
+}
+
+/// One model call, tried again as [`retry::judge`] says (each wait is a
+/// `status` event); the last error, with why it was not retried again.
+fn call_with_retries(
+    provider: Provider,
+    endpoint: &Endpoint,
+    body: &serde_json::Value,
+    setup: &Setup,
+    emit: &mut dyn FnMut(Event),
+) -> Result<serde_json::Value, String> {
+    let mut retried = 0;
+    loop {
+        let err = match model::call(provider, endpoint, body, setup.model_timeout) {
+            Ok(doc) => return Ok(doc),
+            Err(e) => e,
+        };
+        match retry::judge(&err, retried, &setup.retry, std::time::SystemTime::now()) {
+            Verdict::Retry { wait, status } => {
+                eprintln!("moat-agent: {err}; {status}");
+                emit(Event::Status { text: status });
+                std::thread::sleep(wait);
+                retried += 1;
+            }
+            Verdict::Stop { note: None } => return Err(err.to_string()),
+            Verdict::Stop { note: Some(n) } => return Err(format!("{err} ({n})")),
+        }
     }
 }
 
@@ -243,14 +275,14 @@ fn run_inner(
     loop {
         steps += 1;
         let body = conv.request(&spec.model, system, spec.max_tokens, &defs);
-        let reply = model::call(spec.provider, endpoint, &body, setup.model_timeout)
-            .and_then(|doc| conv.take_reply(&doc));
+        let reply = call_with_retries(spec.provider, endpoint, &body, setup, emit)
+            .and_then(|doc| conv.take_reply(&doc).map_err(|e| e.to_string()));
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
                 // The saved session stays as the last good turn left it: a
                 // prompt the model refused (e.g. too long) is not kept.
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         emit(Event::Usage {

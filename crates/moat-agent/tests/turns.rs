@@ -11,6 +11,7 @@ use std::time::Duration;
 use moat_agent::http::Url;
 use moat_agent::model::Endpoint;
 use moat_agent::protocol::{Event, McpServer, Provider, TurnSpec};
+use moat_agent::retry::RetryPolicy;
 use moat_agent::Setup;
 use serde_json::{json, Value};
 
@@ -38,6 +39,11 @@ struct Fake {
 
 /// Serves `answers` in order, (status, body), one per request; then 500.
 fn fake(answers: Vec<(u16, Value)>) -> Fake {
+    fake_with_headers(answers.into_iter().map(|(s, b)| (s, "", b)).collect())
+}
+
+/// As [`fake`], with extra header lines (`"retry-after: 1\r\n"`) per answer.
+fn fake_with_headers(answers: Vec<(u16, &'static str, Value)>) -> Fake {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     let reqs = Arc::new(Mutex::new(Vec::new()));
@@ -73,15 +79,16 @@ fn fake(answers: Vec<(u16, Value)>) -> Fake {
                 headers,
                 body: serde_json::from_slice(&body).unwrap_or(Value::Null),
             });
-            let (status, answer) = answers
-                .next()
-                .unwrap_or((500, json!({"error": {"message": "script over"}})));
+            let (status, extra, answer) =
+                answers
+                    .next()
+                    .unwrap_or((500, "", json!({"error": {"message": "script over"}})));
             let b = answer.to_string();
             // Chunked, as the door's proxy may send it.
             let mut w = s;
             let _ = write!(
                 w,
-                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{extra}transfer-encoding: chunked\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
                 b.len()
             );
         }
@@ -110,6 +117,11 @@ fn setup(dir: &std::path::Path, provider: Provider, url: &str) -> Setup {
             .then(|| e(format!("{url}/openai/v1")))
             .flatten(),
         model_timeout: Duration::from_secs(10),
+        // Short waits: the tests count calls and read the status lines.
+        retry: RetryPolicy {
+            delays: vec![Duration::from_millis(10), Duration::from_millis(40)],
+            max_retry_after: Duration::from_secs(30),
+        },
     }
 }
 
@@ -440,6 +452,7 @@ fn api_errors_end_the_turn_with_an_error_event() {
     let (ok, events) = run(&spec(Provider::Anthropic, &[]), &s);
     assert!(!ok);
     assert_eq!(events.len(), 1);
+    assert_eq!(f.reqs.lock().unwrap().len(), 1, "a 401 is not retried");
     match &events[0] {
         Event::Error { message } => {
             assert!(
@@ -503,4 +516,128 @@ for line in sys.stdin:
     assert!(events
         .iter()
         .any(|e| matches!(e, Event::Refused { name, .. } if name == "mcp__other__x")));
+}
+
+fn statuses(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Status { text } => Some(text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn error_text(events: &[Event]) -> String {
+    match events.last() {
+        Some(Event::Error { message }) => message.clone(),
+        other => panic!("the last event is not an error: {other:?} in {events:?}"),
+    }
+}
+
+#[test]
+fn an_overloaded_model_is_retried_and_the_status_line_says_so() {
+    let d = tempfile::tempdir().unwrap();
+    let overloaded =
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+    let f = fake(vec![(529, overloaded), (200, a_text("Done after a wait."))]);
+    let s = setup(d.path(), Provider::Anthropic, &f.url);
+    let (ok, events) = run(&spec(Provider::Anthropic, &[]), &s);
+    assert!(ok, "{events:?}");
+    assert_eq!(final_text(&events), "Done after a wait.");
+    assert_eq!(
+        f.reqs.lock().unwrap().len(),
+        2,
+        "one failed call, one retry"
+    );
+    assert_eq!(
+        statuses(&events),
+        ["the model is overloaded (HTTP 529); retrying in 10 ms (1 of 2)"]
+    );
+    // The retry is the same request.
+    let reqs = f.reqs.lock().unwrap();
+    assert_eq!(reqs[0].body, reqs[1].body);
+}
+
+#[test]
+fn retry_after_is_honoured() {
+    let d = tempfile::tempdir().unwrap();
+    let limited =
+        json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}});
+    let f = fake_with_headers(vec![
+        (429, "retry-after: 1\r\n", limited),
+        (200, "", a_text("ok")),
+    ]);
+    let s = setup(d.path(), Provider::Anthropic, &f.url);
+    let t0 = std::time::Instant::now();
+    let (ok, events) = run(&spec(Provider::Anthropic, &[]), &s);
+    assert!(ok, "{events:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "waited {:?}, not the 1 s the API asked for",
+        t0.elapsed()
+    );
+    assert_eq!(f.reqs.lock().unwrap().len(), 2);
+    assert_eq!(
+        statuses(&events),
+        ["the model API is rate limiting (HTTP 429); retrying in 1 s (1 of 2)"]
+    );
+}
+
+#[test]
+fn a_retry_after_over_the_cap_is_not_waited_for() {
+    let d = tempfile::tempdir().unwrap();
+    let limited = json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}});
+    let f = fake_with_headers(vec![(429, "retry-after: 600\r\n", limited)]);
+    let s = setup(d.path(), Provider::Openai, &f.url);
+    let (ok, events) = run(&spec(Provider::Openai, &[]), &s);
+    assert!(!ok);
+    assert_eq!(f.reqs.lock().unwrap().len(), 1);
+    assert!(statuses(&events).is_empty());
+    let e = error_text(&events);
+    assert!(
+        e.contains("HTTP 429")
+            && e.contains(
+                "not retried: the API asked to wait 600 s, longer than moat waits (30 s)"
+            ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_failing_model_gives_up_after_three_attempts() {
+    let d = tempfile::tempdir().unwrap();
+    let boom = json!({"error": {"message": "The server had an error", "type": "server_error"}});
+    let f = fake(vec![(500, boom.clone()), (500, boom.clone()), (500, boom)]);
+    let s = setup(d.path(), Provider::Openai, &f.url);
+    let (ok, events) = run(&spec(Provider::Openai, &[]), &s);
+    assert!(!ok);
+    assert_eq!(f.reqs.lock().unwrap().len(), 3, "one call and two retries");
+    assert_eq!(
+        statuses(&events),
+        [
+            "the model API failed (HTTP 500); retrying in 10 ms (1 of 2)",
+            "the model API failed (HTTP 500); retrying in 40 ms (2 of 2)"
+        ]
+    );
+    let e = error_text(&events);
+    assert!(
+        e.contains("HTTP 500: The server had an error (gave up after 3 attempts)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_doors_budget_refusal_is_not_retried() {
+    let d = tempfile::tempdir().unwrap();
+    // As the door's LLM proxy answers when the turn's budget is spent.
+    let spent = json!({"type": "error", "error": {"type": "rate_limit_error",
+        "message": "moat: this sandbox's token budget is spent (5000 of 5000 tokens used)"}});
+    let f = fake(vec![(429, spent), (200, a_text("must not be reached"))]);
+    let s = setup(d.path(), Provider::Anthropic, &f.url);
+    let (ok, events) = run(&spec(Provider::Anthropic, &[]), &s);
+    assert!(!ok);
+    assert_eq!(f.reqs.lock().unwrap().len(), 1);
+    assert!(statuses(&events).is_empty());
+    assert!(error_text(&events).contains("token budget is spent"));
 }

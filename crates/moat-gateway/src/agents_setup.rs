@@ -55,6 +55,7 @@ pub fn default_tools(kind: AgentKind) -> Vec<String> {
         AgentKind::ClaudeCode => &["Bash", "Read", "Write", "Edit", "Glob", "Grep", "LS"],
         AgentKind::Codex => &["shell"],
         AgentKind::Amp => &["Bash", "Read", "create_file", "edit_file", "glob", "Grep"],
+        AgentKind::Pi => &["read", "bash", "edit", "write", "grep", "find", "ls"],
     };
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -100,7 +101,9 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
             // The channel's model is enforced at the door for the agents that
             // use only that model (Claude Code also calls a small background
             // model, so for it `model` is what it asks for, not a limit).
-            if let (Some(m), AgentKind::Builtin | AgentKind::Codex) = (&c.agent.model, kind) {
+            if let (Some(m), AgentKind::Builtin | AgentKind::Codex | AgentKind::Pi) =
+                (&c.agent.model, kind)
+            {
                 llm.models = vec![m.clone()];
             }
             extras.llm = Some(llm);
@@ -190,6 +193,7 @@ fn make_agent(kind: AgentKind, settings: AgentSettings) -> Arc<dyn Agent> {
         AgentKind::ClaudeCode => Arc::new(crate::agent::claude::ClaudeCodeAgent::new(settings)),
         AgentKind::Codex => Arc::new(crate::agent::codex::CodexAgent::new(settings)),
         AgentKind::Amp => Arc::new(crate::agent::amp::AmpAgent::new(settings)),
+        AgentKind::Pi => Arc::new(crate::agent::pi::PiAgent::new(settings)),
     }
 }
 
@@ -217,11 +221,13 @@ fn provider_for(
         AgentKind::Amp => return Ok(None),
         AgentKind::ClaudeCode => LlmProvider::Anthropic,
         AgentKind::Codex => LlmProvider::Openai,
-        AgentKind::Builtin => c.agent.provider.unwrap_or(if has(LlmProvider::Anthropic) {
-            LlmProvider::Anthropic
-        } else {
-            LlmProvider::Openai
-        }),
+        AgentKind::Builtin | AgentKind::Pi => {
+            c.agent.provider.unwrap_or(if has(LlmProvider::Anthropic) {
+                LlmProvider::Anthropic
+            } else {
+                LlmProvider::Openai
+            })
+        }
     };
     if !has(p) {
         return Err(format!(
@@ -423,6 +429,7 @@ mod tests {
             AgentKind::ClaudeCode,
             AgentKind::Codex,
             AgentKind::Amp,
+            AgentKind::Pi,
         ] {
             let t = default_tools(k);
             assert!(!t.is_empty(), "{k:?}");

@@ -65,6 +65,8 @@ pub enum AgentKind {
     Codex,
     /// The Amp CLI (`amp -x`), run inside the sandbox.
     Amp,
+    /// Pi (`pi --mode json`, `@mariozechner/pi-coding-agent`), run inside the sandbox.
+    Pi,
 }
 
 impl AgentKind {
@@ -75,8 +77,9 @@ impl AgentKind {
             "claude" | "claude-code" => Ok(Self::ClaudeCode),
             "codex" => Ok(Self::Codex),
             "amp" => Ok(Self::Amp),
+            "pi" => Ok(Self::Pi),
             other => Err(format!(
-                "unknown agent {other:?}; use \"builtin\", \"claude\", \"codex\", \"amp\" or \"shell\""
+                "unknown agent {other:?}; use \"builtin\", \"claude\", \"codex\", \"amp\", \"pi\" or \"shell\""
             )),
         }
     }
@@ -88,6 +91,7 @@ impl AgentKind {
             Self::ClaudeCode => "claude",
             Self::Codex => "codex",
             Self::Amp => "amp",
+            Self::Pi => "pi",
         }
     }
 

@@ -39,9 +39,12 @@ pub const CLAUDE_CODE_VERSION: &str = "2.1.330";
 pub const CODEX_VERSION: &str = "0.169.0";
 /// Amp's pinned version (`npm view @sourcegraph/amp version`).
 pub const AMP_VERSION: &str = "0.0.1790142911-g7618fb";
+/// Pi's pinned version (`npm view @mariozechner/pi-coding-agent version`);
+/// the same as `PI_VERSION` in scripts/setup.
+pub const PI_VERSION: &str = "0.73.1";
 
 /// Where the template is seen inside sandboxes (npm's `--prefix`): the CLIs
-/// are at `/opt/moat-agents/bin/{claude,codex,amp}`.
+/// are at `/opt/moat-agents/bin/{claude,codex,amp,pi}`.
 pub const SANDBOX_PREFIX: &str = "/opt/moat-agents";
 /// Where the check also mounts a new version: the template must work
 /// wherever it is mounted (the gateway shows it at its own path).
@@ -135,12 +138,13 @@ impl Package {
     }
 }
 
-/// Claude Code, Codex and Amp at the pinned versions.
+/// Claude Code, Codex, Amp and Pi at the pinned versions.
 pub fn default_packages() -> Vec<Package> {
     [
         ("@anthropic-ai/claude-code", CLAUDE_CODE_VERSION, "claude"),
         ("@openai/codex", CODEX_VERSION, "codex"),
         ("@sourcegraph/amp", AMP_VERSION, "amp"),
+        ("@mariozechner/pi-coding-agent", PI_VERSION, "pi"),
     ]
     .into_iter()
     .map(|(n, v, c)| Package {
@@ -1047,7 +1051,9 @@ fn check(
     Ok(installed)
 }
 
-/// Runs `<at>/bin/<command> --version`; its first line, or why it failed.
+/// Runs `<at>/bin/<command> --version`; its first line (of standard error
+/// when standard output is empty: Pi prints its version there), or why it
+/// failed.
 fn run_version(lease: &mut Lease, at: &str, command: &str) -> anyhow::Result<String> {
     let path = format!("{at}/bin/{command}");
     let mut spec = RunSpec::new([path.clone(), "--version".into()]);
@@ -1059,7 +1065,7 @@ fn run_version(lease: &mut Lease, at: &str, command: &str) -> anyhow::Result<Str
             one_line(if err.trim().is_empty() { &out } else { &err })
         );
     }
-    Ok(one_line(&out))
+    Ok(one_line(if out.trim().is_empty() { &err } else { &out }))
 }
 
 /// Reads what npm installed (inside: the host never reads the sandbox's files).
@@ -1200,6 +1206,7 @@ mod tests {
         };
         assert_eq!(value("CLAUDE_CODE_VERSION"), CLAUDE_CODE_VERSION);
         assert_eq!(value("CODEX_VERSION"), CODEX_VERSION);
+        assert_eq!(value("PI_VERSION"), PI_VERSION);
         let defaults = default_packages();
         assert_eq!(
             defaults[0].spec(),

@@ -23,6 +23,7 @@ use clikit::*;
 use moat_gateway::agent::amp::AmpAgent;
 use moat_gateway::agent::claude::ClaudeCodeAgent;
 use moat_gateway::agent::codex::CodexAgent;
+use moat_gateway::agent::pi::PiAgent;
 use moat_gateway::agent::{Agent, AgentEvent, AgentSettings, CancelHandle, TurnInput, TurnOutcome};
 use serde_json::json;
 
@@ -801,6 +802,178 @@ fn amp_refuses(backend: Backend) {
     assert!(fake.calls().is_empty());
 }
 
+// ---------------------------------------------------------------------------
+// Pi
+// ---------------------------------------------------------------------------
+
+/// A scripted Pi turn (Anthropic, streamed): bash writes a marker, then an
+/// answer. The real key stays in the door: inside there is the placeholder,
+/// and Pi's configuration holds only the variable's name.
+fn pi_turn(backend: Backend) {
+    let keys = Keys::new();
+    let marker = format!("PI-{}", hex(6));
+    let m = marker.clone();
+    let fake = FakeLlm::start(
+        &keys,
+        Arc::new(move |_req: &Req, step: usize| match step {
+            0 => Reply::tool(
+                "bash",
+                json!({"command": format!("echo {m} > /workspace/pi-out.txt && cat /workspace/pi-out.txt")}),
+            ),
+            _ => Reply::text(format!("Pi wrote {m}.")),
+        }),
+    );
+    let mut b = CliBox::start(backend, None, &fake.url(), &keys);
+    let mut s = settings(pi_dir(), &["bash", "read_file"]);
+    s.persona = Some("PERSONA-MARK: answer briefly.".into());
+    s.model = Some("claude-sonnet-4-5".into());
+    let (out, events) = turn(&PiAgent::new(s), &mut b, &input("Write the marker.", false));
+    let ctx = format!("{out:#?}\n{events:#?}");
+    assert!(out.ok && !out.cancelled, "{ctx}");
+    assert_eq!(out.answer, format!("Pi wrote {marker}."), "{ctx}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, AgentEvent::ToolCall { name, summary }
+            if name == "bash" && summary.contains("pi-out.txt"))),
+        "{ctx}"
+    );
+    assert!(
+        events.iter().any(
+            |e| matches!(e, AgentEvent::ToolResult { name, ok: true, summary }
+            if name == "bash" && summary.contains(&marker))
+        ),
+        "{ctx}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, AgentEvent::Usage { .. })),
+        "{ctx}"
+    );
+    assert_eq!(b.sh("cat /workspace/pi-out.txt").1.trim(), marker);
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    assert_eq!(calls[0].path, "/v1/messages");
+    assert_eq!(calls[0].body["model"], "claude-sonnet-4-5");
+    assert!(
+        calls[0].raw.contains("PERSONA-MARK"),
+        "the persona did not reach the model"
+    );
+    let mut offered = calls[0].tool_names();
+    offered.sort();
+    assert_eq!(offered, ["bash", "read"], "only the channel's tools");
+    assert!(calls[1].tool_results().iter().any(|r| r.contains(&marker)));
+    // Inside: the placeholder, and no real key in the environment or in
+    // anything Pi keeps in the home directory.
+    let (_, key) = b.sh("printf %s \"$ANTHROPIC_API_KEY\"");
+    assert!(key.starts_with("sk-ant-moat-"), "{key}");
+    let (code, home) = b.sh(
+        "cat ~/.moat/pi/models.json; env; find ~/.moat/pi-sessions -name '*.jsonl' -exec cat {} +",
+    );
+    assert_eq!(code, 0, "{home}");
+    assert!(home.contains("\"apiKey\":\"ANTHROPIC_API_KEY\""), "{home}");
+    assert!(home.contains(&marker), "the session was not kept: {home}");
+    for k in [&keys.anthropic, &keys.openai] {
+        assert!(
+            !home.contains(k.as_str()),
+            "a real key is inside the sandbox"
+        );
+    }
+    assert_sealed(&b, &fake, &keys, &out, &events);
+}
+
+/// `bash` is not allowed: the model calls it anyway; Pi has no such tool,
+/// nothing runs, and the answer says so.
+fn pi_refuses_a_tool(backend: Backend) {
+    let keys = Keys::new();
+    let marker = format!("/workspace/refused-{}", hex(6));
+    let m = marker.clone();
+    let fake = FakeLlm::start(
+        &keys,
+        Arc::new(move |_req: &Req, step: usize| match step {
+            0 => Reply::tool("bash", json!({"command": format!("touch {m}")})),
+            _ => Reply::text("I could not run that."),
+        }),
+    );
+    let mut b = CliBox::start(backend, None, &fake.url(), &keys);
+    let agent = PiAgent::new(settings(pi_dir(), &["read", "ls"]));
+    let (out, events) = turn(&agent, &mut b, &input("Touch the file.", false));
+    let ctx = format!("{out:#?}\n{events:#?}");
+    assert!(
+        events.contains(&AgentEvent::Refused {
+            tool: "bash".into(),
+            reason: "not allowed in this channel".into()
+        }),
+        "{ctx}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, AgentEvent::ToolResult { name, .. } if name == "bash")),
+        "{ctx}"
+    );
+    assert_eq!(
+        out.answer,
+        "I could not run that.\n\nmoat refused tool `bash`: not allowed in this channel",
+        "{ctx}"
+    );
+    let (code, _) = b.sh(&format!("test -e {marker}"));
+    assert_eq!(code, 1, "the refused command ran: {ctx}");
+    let calls = fake.calls();
+    assert!(!calls[0].tool_names().contains(&"bash".to_string()));
+    assert_sealed(&b, &fake, &keys, &out, &events);
+}
+
+/// The sandbox plants Pi extensions (TypeScript that would run inside Pi at
+/// start, whatever the tool list) in the project and in the configuration
+/// directory, and a settings file naming them: none runs.
+fn pi_ignores_planted_extensions(backend: Backend) {
+    let keys = Keys::new();
+    let fake = FakeLlm::start(&keys, Arc::new(|_: &Req, _| Reply::text("ok")));
+    let mut b = CliBox::start(backend, None, &fake.url(), &keys);
+    let ext = "import { writeFileSync } from 'node:fs';\n\
+               export default function () { writeFileSync('/workspace/PLANTED-RAN', 'x'); }\n";
+    b.write("/workspace/.pi/extensions/evil.ts", ext);
+    b.write("/home/agent/.moat/pi/extensions/evil.ts", ext);
+    b.write(
+        "/workspace/.pi/settings.json",
+        r#"{"extensions": ["/workspace/.pi/extensions/evil.ts"], "packages": ["npm:left-pad"]}"#,
+    );
+    let agent = PiAgent::new(settings(pi_dir(), &["read"]));
+    let (out, events) = turn(&agent, &mut b, &input("Hello.", false));
+    let ctx = format!("{out:#?}\n{events:#?}");
+    assert!(out.ok, "{ctx}");
+    assert_eq!(out.answer, "ok");
+    let (code, _) = b.sh("test -e /workspace/PLANTED-RAN");
+    assert_eq!(code, 1, "a planted extension ran: {ctx}");
+    assert_sealed(&b, &fake, &keys, &out, &events);
+}
+
+/// Per-thread resume: the second turn continues the first session.
+fn pi_resumes(backend: Backend) {
+    let keys = Keys::new();
+    let fake = FakeLlm::start(
+        &keys,
+        Arc::new(|req: &Req, _| {
+            if req.raw.contains("second question") {
+                Reply::text("second answer")
+            } else {
+                Reply::text("first answer")
+            }
+        }),
+    );
+    let mut b = CliBox::start(backend, Some("pi-thread"), &fake.url(), &keys);
+    let agent = PiAgent::new(settings(pi_dir(), &["read"]));
+    let (out, _) = turn(&agent, &mut b, &input("first question", true));
+    assert_eq!(out.answer, "first answer", "{out:?}");
+    let (out, _) = turn(&agent, &mut b, &input("second question", true));
+    assert_eq!(out.answer, "second answer", "{out:?}");
+    let calls = fake.calls();
+    let last = calls.last().unwrap();
+    for want in ["first question", "first answer", "second question"] {
+        assert!(last.raw.contains(want), "{want} missing: {}", last.raw);
+    }
+}
+
 cli_tests! {
     claude_code_completes_a_scripted_turn_through_the_adapter => claude_code_turn;
     claude_code_refuses_a_tool_the_channel_does_not_allow => claude_code_refuses_a_tool;
@@ -815,4 +988,8 @@ cli_tests! {
     codex_cancel_while_waiting_on_the_model => codex_cancel;
     a_missing_cli_still_answers => missing_cli_answers;
     amp_refuses_to_start_and_runs_nothing => amp_refuses;
+    pi_completes_a_scripted_turn_through_the_door => pi_turn;
+    pi_refuses_a_tool_the_channel_does_not_allow => pi_refuses_a_tool;
+    pi_loads_no_extension_the_sandbox_planted => pi_ignores_planted_extensions;
+    pi_resume_continues_the_previous_session => pi_resumes;
 }

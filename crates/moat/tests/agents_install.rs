@@ -252,6 +252,11 @@ fn pins_agree_with_scripts_setup() {
         setup_value("CODEX_VERSION"),
         "Codex: agents_cmd.rs and scripts/setup pin different versions"
     );
+    assert_eq!(
+        pinned("PI_VERSION"),
+        setup_value("PI_VERSION"),
+        "Pi: agents_cmd.rs and scripts/setup pin different versions"
+    );
     assert!(!pinned("AMP_VERSION").is_empty());
 }
 
@@ -695,33 +700,36 @@ fn bad_flags_are_refused_up_front() {
     );
 }
 
-/// SLOWER (three packages): without --package, moat installs Claude Code,
-/// Codex and Amp at its pinned versions. Stand-ins under those names and
+/// SLOWER (four packages): without --package, moat installs Claude Code,
+/// Codex, Amp and Pi at its pinned versions. Stand-ins under those names and
 /// versions come from the local fake registry (never the public one); the
 /// commands land where the gateway expects them:
-/// /opt/moat-agents/bin/{claude,codex,amp}.
+/// /opt/moat-agents/bin/{claude,codex,amp,pi}.
 #[test]
 fn slow_default_packages_from_a_local_registry() {
     let world = World::new("defaults", Backend::Bwrap);
     let claude = setup_value("CLAUDE_CODE_VERSION");
     let codex = setup_value("CODEX_VERSION");
     let amp = pinned("AMP_VERSION");
+    let pi = pinned("PI_VERSION");
     let reg = registry_with(
         &world,
         &[
             ("@anthropic-ai/claude-code", &claude, "claude"),
             ("@openai/codex", &codex, "codex"),
             ("@sourcegraph/amp", &amp, "amp"),
+            ("@mariozechner/pi-coding-agent", &pi, "pi"),
         ],
     );
     let t = Instant::now();
     let out = world.install(&reg.url(), &[], &[]);
     assert_ok(&out, "the default install");
-    eprintln!("install of the three default stand-ins: {:?}", t.elapsed());
+    eprintln!("install of the four default stand-ins: {:?}", t.elapsed());
     for (name, version, command) in [
         ("@anthropic-ai/claude-code", &claude, "claude"),
         ("@openai/codex", &codex, "codex"),
         ("@sourcegraph/amp", &amp, "amp"),
+        ("@mariozechner/pi-coding-agent", &pi, "pi"),
     ] {
         assert!(out.stdout.contains(&format!("{name} {version}")), "{out:?}");
         let bin = world.template.join("current/bin").join(command);
@@ -732,6 +740,7 @@ fn slow_default_packages_from_a_local_registry() {
         "GET /@anthropic-ai%2fclaude-code",
         "GET /@openai%2fcodex",
         "GET /@sourcegraph%2famp",
+        "GET /@mariozechner%2fpi-coding-agent",
     ] {
         assert!(
             reqs.iter().any(|r| r.eq_ignore_ascii_case(path)),
@@ -744,7 +753,7 @@ fn slow_default_packages_from_a_local_registry() {
         &[
             "/bin/sh",
             "-c",
-            "for c in claude codex amp; do /opt/moat-agents/bin/$c --version; done",
+            "for c in claude codex amp pi; do /opt/moat-agents/bin/$c --version; done",
         ],
     );
     assert_eq!(o.code, Some(0), "{o:?}");
@@ -754,6 +763,7 @@ fn slow_default_packages_from_a_local_registry() {
             format!("@anthropic-ai/claude-code {claude}"),
             format!("@openai/codex {codex}"),
             format!("@sourcegraph/amp {amp}"),
+            format!("@mariozechner/pi-coding-agent {pi}"),
         ]
     );
 }

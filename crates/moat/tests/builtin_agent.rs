@@ -11,7 +11,9 @@
 //! cancel stops the turn and every process of the sandbox; a second turn
 //! with `resume` continues the first one's conversation; the step limit
 //! ends the turn with an answer that says so; a missing agent binary still
-//! gives an answer.
+//! gives an answer; overloaded and rate-limited calls are retried (the
+//! status line says so) and a call that keeps failing ends the turn after
+//! three attempts.
 
 mod llmkit;
 
@@ -588,6 +590,70 @@ fn tampered_agent_turn(b: BackendKind) {
     }
 }
 
+/// Failed model calls through the door: an overloaded answer (529), then a
+/// rate limit with `retry-after`, then success, in one turn; then a turn whose
+/// every call fails (500) gives up after three attempts. The status line
+/// says what is happening; the fake counts the calls.
+fn retried_turns(b: BackendKind) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let keys = Keys::new();
+    let n = Arc::new(AtomicUsize::new(0));
+    let calls = n.clone();
+    let fake = FakeLlm::start(
+        &keys.anthropic,
+        &keys.openai,
+        script(move |_, _| match calls.fetch_add(1, Ordering::SeqCst) {
+            0 => Reply::Fail(529),
+            1 => Reply::FailAfter(429, "1".into()),
+            2 => Reply::text("answered after two retries"),
+            _ => Reply::Fail(500),
+        }),
+    );
+    let mut bx = AgentBox::start(b, Path::new(MOAT), None, &fake.url(), &keys);
+    let agent = BuiltinAgent::new(settings(Provider::Anthropic, &[]), MOAT_INSIDE);
+    let t0 = Instant::now();
+    let (out, events) = turn(&mut bx, &agent, "Hello?", false, &CancelHandle::default());
+    let ctx = format!("{out:?}\n{events:#?}");
+    assert!(out.ok, "{ctx}");
+    assert_eq!(out.answer, "answered after two retries", "{ctx}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "1 s backoff + 1 s retry-after: {ctx}"
+    );
+    let statuses: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::Status(s) if s.contains("retrying") => Some(s.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "the model is overloaded (HTTP 529); retrying in 1 s (1 of 2)",
+            "the model API is rate limiting (HTTP 429); retrying in 1 s (2 of 2)"
+        ],
+        "{ctx}"
+    );
+    let seen: Vec<u16> = fake.requests().iter().map(|r| r.status).collect();
+    assert_eq!(seen, [529, 429, 200], "{ctx}");
+    // The door passed each answer on and audited each call.
+    let llm = bx.audit.llm_records.lock().unwrap().clone();
+    let audited: Vec<u16> = llm.iter().map(|r| r.status).collect();
+    assert_eq!(audited, [529, 429, 200]);
+
+    // Every call fails: three attempts, then an answer that says so.
+    fake.reset_stats();
+    let (out, events) = turn(&mut bx, &agent, "Again?", false, &CancelHandle::default());
+    let ctx = format!("{out:?}\n{events:#?}");
+    assert!(!out.ok && !out.cancelled, "{ctx}");
+    assert!(
+        out.answer.contains("HTTP 500") && out.answer.contains("gave up after 3 attempts"),
+        "{ctx}"
+    );
+    assert_eq!(fake.requests().len(), 3, "one call and two retries: {ctx}");
+}
+
 /// `moat agent-run` itself: a bad spec is one `error` line and exit status 1.
 #[test]
 fn agent_run_reports_a_bad_spec_and_exits_1() {
@@ -630,4 +696,5 @@ backend_tests! {
     the_step_limit_gives_an_answer_that_says_so => step_limit_turn;
     a_missing_agent_binary_still_answers => missing_binary_turn;
     a_tampered_agent_running_a_disallowed_tool_is_stopped => tampered_agent_turn;
+    failed_model_calls_are_retried_then_given_up => retried_turns;
 }

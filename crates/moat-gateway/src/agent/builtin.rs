@@ -349,6 +349,9 @@ impl BuiltinAgent {
                 input_tokens,
                 output_tokens,
             }),
+            // What the agent is waiting for (a model call to retry): the
+            // status line only, bounded (it comes from the sandbox).
+            Event::Status { text } => events(AgentEvent::Status(text.chars().take(200).collect())),
             Event::Final { text, .. } => c.final_text = Some(text),
             Event::Error { message } => {
                 events(AgentEvent::Error(message.clone()));

@@ -1,7 +1,7 @@
 //! Agents: what runs a turn inside the conversation's sandbox, behind one
 //! trait. The shell agent (each message is a shell command), the built-in
 //! LLM agent (`moat agent-run` inside the sandbox) and the adapters for the
-//! coding-agent CLIs (Claude Code, Codex, Amp) all report the same events.
+//! coding-agent CLIs (Claude Code, Codex, Amp, Pi) all report the same events.
 //!
 //! Must never: run anything outside the lease it is given, let a turn use a
 //! tool or MCP server its channel does not allow, or lose the outcome of a
@@ -11,6 +11,7 @@ pub mod amp;
 pub mod builtin;
 pub mod claude;
 pub mod codex;
+pub mod pi;
 pub mod shell;
 
 pub use shell::ShellAgent;

@@ -133,9 +133,10 @@ pub fn cli_dir(bin: &str, var: &str) -> PathBuf {
     let want = setup_value(var);
     let path = dir.join("bin").join(bin);
     match Command::new(&path).arg("--version").output() {
+        // Pi prints its version on standard error.
         Ok(o)
             if o.status.success()
-                && String::from_utf8_lossy(&o.stdout)
+                && String::from_utf8_lossy(&[o.stdout.as_slice(), &o.stderr].concat())
                     .split_whitespace()
                     .any(|w| w == want) =>
         {
@@ -159,6 +160,10 @@ pub fn claude_dir() -> PathBuf {
 
 pub fn codex_dir() -> PathBuf {
     cli_dir("codex", "CODEX_VERSION")
+}
+
+pub fn pi_dir() -> PathBuf {
+    cli_dir("pi", "PI_VERSION")
 }
 
 // ---------------------------------------------------------------------------

@@ -36,6 +36,8 @@ pub enum Reply {
     /// An upstream failure: this HTTP status with the provider's error body
     /// (500 and 529 as an overloaded API answers them, 429 rate limited).
     Fail(u16),
+    /// As `Fail`, with a `retry-after` header of this value.
+    FailAfter(u16, String),
 }
 
 impl Reply {
@@ -44,6 +46,14 @@ impl Reply {
     }
     pub fn text(t: impl Into<String>) -> Reply {
         Reply::Text(t.into())
+    }
+    /// The status and `retry-after` of a failure.
+    fn failure(&self) -> Option<(u16, Option<&str>)> {
+        match self {
+            Reply::Fail(s) => Some((*s, None)),
+            Reply::FailAfter(s, after) => Some((*s, Some(after.as_str()))),
+            _ => None,
+        }
     }
 }
 
@@ -150,6 +160,19 @@ fn json_response(status: u16, body: &Value) -> (u16, String, Vec<String>) {
     )
 }
 
+fn fail_response(
+    status: u16,
+    retry_after: Option<&str>,
+    body: &Value,
+) -> (u16, String, Vec<String>) {
+    let (status, head, rest) = json_response(status, body);
+    let head = match retry_after {
+        Some(a) => head.replacen("\r\n", &format!("\r\nretry-after: {a}\r\n"), 1),
+        None => head,
+    };
+    (status, head, rest)
+}
+
 fn sse_response(events: &[Value]) -> (u16, String, Vec<String>) {
     let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n".to_string();
     let mut chunks: Vec<String> = events
@@ -185,10 +208,16 @@ fn answer(req: &Req, keys: &(String, String), script: &Script) -> (u16, String, 
                 );
             }
             let reply = script(req, step_of(&req.body));
-            if let Reply::Fail(status) = reply {
-                return json_response(
+            if let Some((status, after)) = reply.failure() {
+                let kind = match status {
+                    429 => "rate_limit_error",
+                    500 => "api_error",
+                    _ => "overloaded_error",
+                };
+                return fail_response(
                     status,
-                    &json!({"type":"error","error":{"type":"overloaded_error","message":"the fake upstream fails on purpose"}}),
+                    after,
+                    &json!({"type":"error","error":{"type":kind,"message":"the fake upstream fails on purpose"}}),
                 );
             }
             anthropic(&req.body, &reply)
@@ -207,9 +236,10 @@ fn answer(req: &Req, keys: &(String, String), script: &Script) -> (u16, String, 
                 );
             }
             let reply = script(req, step_of(&req.body));
-            if let Reply::Fail(status) = reply {
-                return json_response(
+            if let Some((status, after)) = reply.failure() {
+                return fail_response(
                     status,
+                    after,
                     &json!({"error":{"message":"the fake upstream fails on purpose","type":"server_error"}}),
                 );
             }
@@ -224,7 +254,7 @@ fn anthropic(doc: &Value, reply: &Reply) -> (u16, String, Vec<String>) {
     let (content, stop) = match reply {
         Reply::Text(t) => (json!([{"type": "text", "text": t}]), "end_turn"),
         // Answered as an error before this is reached.
-        Reply::Fail(_) => (json!([]), "end_turn"),
+        Reply::Fail(_) | Reply::FailAfter(..) => (json!([]), "end_turn"),
         Reply::Tools(calls) => (
             calls
                 .iter()
@@ -273,7 +303,7 @@ fn openai(doc: &Value, reply: &Reply) -> (u16, String, Vec<String>) {
             "role": "assistant", "content": [{"type": "output_text", "text": t, "annotations": []}]}),
         ],
         // Answered as an error before this is reached.
-        Reply::Fail(_) => Vec::new(),
+        Reply::Fail(_) | Reply::FailAfter(..) => Vec::new(),
         Reply::Tools(calls) => calls
             .iter()
             .map(|(n, i)| {
