@@ -119,14 +119,7 @@ fn main() {
         .env("MOAT_GITHUB_API_URL", fake.api_url())
         .env("MOAT_GITHUB_URL", fake.web_url())
         .env("MOAT_GITHUB_ALLOW_PLAIN_HTTP", "1")
-        .args([
-            "--github",
-            &format!("{OWNER}/{REPO}"),
-            "--memory",
-            "2g",
-            "--timeout",
-            "10m",
-        ])
+        .args(["--github", &format!("{OWNER}/{REPO}"), "--memory", "2g"])
         .args(["--", "/bin/sh", "-c", &script])
         .output()
         .expect("moat sandbox run");
