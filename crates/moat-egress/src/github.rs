@@ -63,7 +63,7 @@ const CA_VARS: [&str; 5] = [
     "CURL_CA_BUNDLE",
 ];
 /// GraphQL mutations that move, make or delete a branch or merge into one.
-const BRANCH_MUTATIONS: [&str; 8] = [
+const BRANCH_MUTATIONS: [&str; 9] = [
     "createcommitonbranch",
     "mergepullrequest",
     "mergebranch",
@@ -72,6 +72,7 @@ const BRANCH_MUTATIONS: [&str; 8] = [
     "createref",
     "enablepullrequestautomerge",
     "branchprotectionrule",
+    "updatepullrequestbranch",
 ];
 
 /// What a GitHub host is for, which decides how the token is presented.
@@ -274,6 +275,8 @@ const MAX_PR_ANSWER: usize = 1024 * 1024;
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum GithubActivity {
     /// A push went upstream (GitHub answered `status`): these ref updates.
+    /// An HTTP 200 means GitHub took the push request; whether it accepted
+    /// each ref is in git's own output (its report-status is not read here).
     Pushed {
         repo: String,
         refs: Vec<String>,
@@ -310,6 +313,20 @@ impl std::fmt::Display for GithubActivity {
             }
         }
     }
+}
+
+/// A ref name as `git check-ref-format` would accept it, and printable:
+/// what may be shown in moat's record and stored as a link.
+fn plain_ref(r: &str) -> bool {
+    r.len() <= 255
+        && r.starts_with("refs/")
+        && !r.contains("..")
+        && !r.contains("@{")
+        && !r.ends_with('/')
+        && !r.ends_with(".lock")
+        && !r.ends_with('.')
+        && r.bytes()
+            .all(|b| b.is_ascii_graphic() && !b"~^:?*[\\".contains(&b))
 }
 
 /// `owner/name` from a git path (`/owner/name.git/...`) or an API path
@@ -857,6 +874,9 @@ fn judge_api(
         }
         ["repos", _, _, "merges"] => ApiJudgement::Body(branch_field("base")),
         ["repos", _, _, "merge-upstream"] => ApiJudgement::Body(branch_field("branch")),
+        ["repos", _, _, "pulls", _, "update-branch"] => ApiJudgement::Refuse(
+            "moat: updating a pull request's branch through the API is refused (it merges the base into the head, which may be protected); merge locally and push".into(),
+        ),
         ["repos", _, _, "pulls", _, "merge"] => ApiJudgement::Refuse(
             "moat: merging pull requests is refused (the branch it would update is not checked here); a person merges".into(),
         ),
@@ -925,9 +945,11 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
     let (role, path) = effective_role(target.role, path);
     let (parts, mut body) = req.into_parts();
     let mut pushed: Option<Vec<String>> = None;
-    let opens_pr = role == HostRole::Api && parts.method == Method::POST && {
+    let opens_pr = role == HostRole::Api && parts.method.as_str().eq_ignore_ascii_case("POST") && {
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        segs.len() == 4 && segs[0] == "repos" && segs[3] == "pulls"
+        segs.len() == 4
+            && segs[0].eq_ignore_ascii_case("repos")
+            && segs[3].eq_ignore_ascii_case("pulls")
     };
     // Decide what body goes upstream, refusing writes to protected branches.
     let out_body: GhBody = match role {
@@ -977,7 +999,16 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
                 let resp = push_refusal(&cmds, &b);
                 return deny(resp.status(), refusal_text(&b), resp);
             }
-            pushed = Some(cmds.refs.iter().take(50).cloned().collect());
+            // Only names git itself would accept go into moat's record (a
+            // name with a newline could forge lines of it).
+            pushed = Some(
+                cmds.refs
+                    .iter()
+                    .filter(|r| plain_ref(r))
+                    .take(50)
+                    .cloned()
+                    .collect(),
+            );
             Prefixed {
                 first: Some(first.freeze()),
                 rest: (!ended).then_some(body),
@@ -1051,7 +1082,10 @@ async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> 
     #[allow(clippy::expect_used, reason = "a fresh builder has headers")]
     let headers = out.headers_mut().expect("a fresh builder");
     for (k, v) in &parts.headers {
-        if !strip_request_header(k) {
+        // The answer to opening a pull request is read for moat's record:
+        // asked for uncompressed.
+        let encoding = opens_pr && k == header::ACCEPT_ENCODING;
+        if !strip_request_header(k) && !encoding {
             headers.append(k.clone(), v.clone());
         }
     }
@@ -1212,6 +1246,29 @@ mod tests {
             HeaderValue::from_static("token ghs_mootabc"),
         );
         assert_eq!(presented(&h, ph), Presented::Other);
+    }
+
+    #[test]
+    fn only_plain_ref_names_reach_the_record() {
+        assert!(plain_ref("refs/heads/moat/1-fix"));
+        assert!(!plain_ref("refs/heads/x\n- opened pull request #12"));
+        assert!(!plain_ref("refs/heads/a b"));
+        assert!(!plain_ref("refs/heads/a..b"));
+        assert!(!plain_ref("refs/heads/x.lock"));
+        assert!(!plain_ref("heads/x"));
+        let p = vec!["main".to_string()];
+        assert!(matches!(
+            judge_api(&Method::PUT, "/repos/o/r/pulls/3/update-branch", &p, true),
+            ApiJudgement::Refuse(_)
+        ));
+        let ApiJudgement::Body(f) = judge_api(&Method::POST, "/graphql", &p, true) else {
+            panic!("graphql is read")
+        };
+        assert!(f(
+            &json!({"query": "mutation { updatePullRequestBranch(input: {}) { x } }"}),
+            &p
+        )
+        .is_err());
     }
 
     #[test]

@@ -524,6 +524,17 @@ impl Drop for Door {
         for t in &self.tasks {
             t.abort();
         }
+        // The last resort: tokens a caller did not revoke (a turn that
+        // panicked, a mint after the caller's revoke) are revoked now, in
+        // the background, rather than left valid until they expire.
+        if self.state.github.is_some() {
+            let state = self.state.clone();
+            self.rt.spawn(async move {
+                if let Some(g) = state.github.as_ref() {
+                    g.revoke_all().await;
+                }
+            });
+        }
     }
 }
 

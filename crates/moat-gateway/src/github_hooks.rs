@@ -35,7 +35,24 @@ use crate::pipeline::{ConvRef, Gateway};
 pub struct Hooks {
     pub gw: Gateway,
     pub verifier: Arc<WebhookVerifier>,
+    /// Refused deliveries audited at most once per [`FORGED_EVERY`]: when
+    /// the last record was written, and how many were left out since.
+    pub forged: Arc<std::sync::Mutex<(Option<std::time::Instant>, u64)>>,
 }
+
+impl Hooks {
+    pub fn new(gw: Gateway, verifier: Arc<WebhookVerifier>) -> Hooks {
+        Hooks {
+            gw,
+            verifier,
+            forged: Arc::default(),
+        }
+    }
+}
+
+/// At most one `forged` audit record this often (unauthenticated requests
+/// must not fill the disk); the next one says how many were left out.
+const FORGED_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The `POST /github/webhook` route.
 pub fn router(h: Hooks) -> Router {
@@ -72,7 +89,20 @@ async fn webhook(State(h): State<Hooks>, headers: HeaderMap, body: Bytes) -> Res
     }
     let sig = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
     if let Err(e) = h.verifier.verify(sig, &body) {
-        audit("forged", json!({"reason": e.to_string()}));
+        let left_out = h.forged.lock().ok().and_then(|mut f| {
+            let due = f.0.is_none_or(|t| t.elapsed() >= FORGED_EVERY);
+            if due {
+                let n = f.1;
+                *f = (Some(std::time::Instant::now()), 0);
+                Some(n)
+            } else {
+                f.1 += 1;
+                None
+            }
+        });
+        if let Some(n) = left_out {
+            audit("forged", json!({"reason": e.to_string(), "left_out": n}));
+        }
         return (StatusCode::UNAUTHORIZED, "invalid signature").into_response();
     }
     let Some(delivery) = header(&headers, "x-github-delivery") else {
@@ -80,10 +110,21 @@ async fn webhook(State(h): State<Hooks>, headers: HeaderMap, body: Bytes) -> Res
         return (StatusCode::BAD_REQUEST, "no X-GitHub-Delivery header").into_response();
     };
     let event = header(&headers, "x-github-event").unwrap_or("").to_string();
+    // Taken once by its id and once by its body: the id is not signed, so
+    // a captured delivery resent under a new id is still a replay.
     let store = h.gw.inner.store.clone();
     let id = delivery.to_string();
-    let first =
-        tokio::task::spawn_blocking(move || store.take_github_delivery(&id, now_ms())).await;
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, &body)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let first = tokio::task::spawn_blocking(move || {
+        let by_id = store.take_github_delivery(&id, now_ms())?;
+        let by_body = store.take_github_delivery(&format!("sha256:{digest}"), now_ms())?;
+        Ok::<_, moat_store::StoreError>(by_id && by_body)
+    })
+    .await;
     match first {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => {

@@ -208,10 +208,15 @@ fn clip(s: &str, max: usize) -> String {
 /// Cuts an answer longer than [`MAX_ANSWER_BYTES`] at a character boundary
 /// and says so.
 fn cap_answer(answer: &mut String) {
-    if answer.len() <= MAX_ANSWER_BYTES {
+    cap_answer_at(answer, MAX_ANSWER_BYTES);
+}
+
+/// [`cap_answer`] at `max` bytes.
+fn cap_answer_at(answer: &mut String, max: usize) {
+    if answer.len() <= max {
         return;
     }
-    let mut end = MAX_ANSWER_BYTES;
+    let mut end = max;
     while !answer.is_char_boundary(end) {
         end -= 1;
     }
@@ -858,6 +863,9 @@ impl Gateway {
                     Ok((held, mut out, (found, handed_back, github))) => {
                         self.give_back(&conv, held).await;
                         if !github.is_empty() {
+                            // The agent's text is cut first, so that moat's
+                            // record is never what the cap cuts off.
+                            cap_answer_at(&mut out.answer, MAX_ANSWER_BYTES - 32 * 1024);
                             if !out.answer.is_empty() && !out.answer.ends_with('\n') {
                                 out.answer.push('\n');
                             }
@@ -1153,10 +1161,12 @@ impl Gateway {
             }
             Held::Own { lease, _door } => {
                 let r = tokio::task::spawn_blocking(move || {
+                    // Stopped first: nothing of the turn can mint a token
+                    // after the revocation.
+                    let r = lease.release();
                     if let Some(d) = &_door {
                         crate::pool::end_turn_tokens(d);
                     }
-                    let r = lease.release();
                     drop(_door);
                     r
                 })

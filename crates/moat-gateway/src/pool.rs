@@ -212,11 +212,15 @@ fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, State> {
 
 /// Resets `r` and hands it on; on failure builds a replacement.
 fn give_back(inner: &Arc<Inner>, mut r: Runner) {
-    // The turn's GitHub token ends with the turn.
+    let reset = r.lease.reset();
+    // The turn's GitHub token ends with the turn, once nothing of the turn
+    // runs any more (a process left behind could otherwise mint another);
+    // what such a process did after the turn's record was taken is nobody's.
     if let Some(d) = &r.door {
         end_turn_tokens(d);
+        let _ = d.take_github_activity();
     }
-    let runner = match r.lease.reset().and_then(|_| r.lease.start()) {
+    let runner = match reset.and_then(|_| r.lease.start()) {
         Ok(()) => {
             // The token budget is per turn: the next holder starts at zero.
             if let Some(d) = &r.door {

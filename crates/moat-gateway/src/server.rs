@@ -319,10 +319,9 @@ pub async fn serve(
             router = router.merge(r);
         }
         if let Some(v) = hooks_verifier.clone() {
-            router = router.merge(crate::github_hooks::router(crate::github_hooks::Hooks {
-                gw: gw.clone(),
-                verifier: v,
-            }));
+            router = router.merge(crate::github_hooks::router(
+                crate::github_hooks::Hooks::new(gw.clone(), v),
+            ));
         }
         let router = guard("web", at).wrap(router);
         let app = router.into_make_service_with_connect_info::<SocketAddr>();

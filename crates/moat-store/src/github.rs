@@ -21,8 +21,9 @@ pub enum GithubLink<'a> {
 
 impl Store {
     /// Records that `conversation` pushed a branch or opened a pull request
-    /// in `repo` (`owner/name`, compared without case). A later link of the
-    /// same branch or number moves it to the newer conversation.
+    /// in `repo` (`owner/name`, compared without case). The first
+    /// conversation to link a branch or number keeps it: another one pushing
+    /// to the same branch cannot take over its events.
     pub fn link_github(
         &self,
         repo: &str,
@@ -39,8 +40,7 @@ impl Store {
             .prepare_cached(
                 "INSERT INTO github_links (repo, kind, name, conversation_id, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (repo, kind, name) DO UPDATE
-                 SET conversation_id = excluded.conversation_id, created_ms = excluded.created_ms",
+                 ON CONFLICT (repo, kind, name) DO NOTHING",
             )
             .and_then(|mut s| {
                 s.execute(params![

@@ -1128,3 +1128,19 @@ fn github_links_find_the_conversation_and_deliveries_are_taken_once() {
         .take_github_delivery("d-1", 1_000 + 8 * 24 * 3600 * 1000)
         .unwrap());
 }
+
+#[test]
+fn a_github_link_stays_with_the_conversation_that_made_it() {
+    let store = Store::open_in_memory().unwrap();
+    let (_, first) = new_id(store.insert_message(&msg("ev-a", "TA", 1)).unwrap());
+    let (_, other) = new_id(store.insert_message(&msg("ev-b", "TB", 2)).unwrap());
+    let b = moat_store::GithubLink::Branch("moat/1-x");
+    store.link_github("acme/app", b, first, 5).unwrap();
+    store.link_github("acme/app", b, other, 6).unwrap();
+    assert_eq!(
+        store
+            .github_conversation("acme/app", None, Some("moat/1-x"))
+            .unwrap(),
+        Some(first)
+    );
+}

@@ -357,6 +357,11 @@ fn attack_g3_forged_replayed_foreign_and_unknown_webhooks_reach_no_thread() {
         deliver(&gw, "pull_request", "d-1", &merged, signed(&merged)),
         200
     );
+    // The same signed body under a new delivery id (the id is not signed).
+    assert_eq!(
+        deliver(&gw, "pull_request", "d-1-again", &merged, signed(&merged)),
+        200
+    );
     // A check suite names only the branch.
     let checks = serde_json::json!({"action": "completed", "repository": {"full_name": repo},
         "check_suite": {"conclusion": "success", "head_branch": "moat/web-change", "pull_requests": []}})
@@ -415,12 +420,12 @@ fn attack_g3_forged_replayed_foreign_and_unknown_webhooks_reach_no_thread() {
         [
             "delivered",
             "duplicate",
+            "duplicate",
             "delivered",
-            "forged",
-            "forged",
+            // Forged deliveries are audited at most once every 10 seconds.
             "forged",
             "ignored",
-            "ignored"
+            "ignored",
         ],
         "{:#?}",
         gw.audit_kind("github-webhook")
