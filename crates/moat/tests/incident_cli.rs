@@ -144,6 +144,12 @@ fn incident_pauses_destroys_every_sandbox_survives_a_restart_and_lifts() {
     assert_eq!(c.post("t1", &format!("echo before-{m}")).status, 202);
     let evs = c.events("t1").unwrap().answers(1);
     assert_eq!(answers_of(&evs), vec![(format!("before-{m}\n"), true)]);
+    // (The pool resets and restarts the runner after the answer, in the
+    // background: wait for it.)
+    let t0 = std::time::Instant::now();
+    while host_procs(&leases_text).is_empty() && t0.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert!(!host_procs(&leases_text).is_empty(), "no warm sandbox");
     // A turn running, and a kept (named) lease on disk.
     let sleeper = format!("sleep 40.{}", random_digits(6));
