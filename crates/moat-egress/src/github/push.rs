@@ -30,17 +30,17 @@ const MAX_DRAINED: usize = 2 << 30;
 
 /// The ref updates at the start of a receive-pack request body.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct PushCommands {
-    pub(super) refs: Vec<String>,
+pub(crate) struct PushCommands {
+    pub(crate) refs: Vec<String>,
     /// The capabilities the client asked for (on its first command).
-    pub(super) caps: Vec<String>,
+    pub(crate) caps: Vec<String>,
     /// Bytes of the body the commands took (through the flush packet).
-    pub(super) len: usize,
+    pub(crate) len: usize,
 }
 
 /// Parses the command list of a push (pkt-lines up to the first flush).
 /// `Ok(None)`: more bytes are needed. Errors refuse the push.
-pub(super) fn parse_push(buf: &[u8]) -> Result<Option<PushCommands>, String> {
+pub(crate) fn parse_push(buf: &[u8]) -> Result<Option<PushCommands>, String> {
     let mut out = PushCommands::default();
     let mut i = 0;
     let mut first_command = true;
