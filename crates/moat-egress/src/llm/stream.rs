@@ -175,8 +175,9 @@ impl Estimate {
         if whole {
             return (usage, false);
         }
-        if usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
-            == 0
+        if usage.input_tokens == 0
+            && usage.cache_creation_input_tokens == 0
+            && usage.cache_read_input_tokens == 0
         {
             usage.input_tokens = self.input;
         }
