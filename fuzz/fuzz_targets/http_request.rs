@@ -92,7 +92,17 @@ fn check(raw: &[u8]) {
 
     // What goes upstream is the same request, and only it.
     let up = http::upstream_head(&head, &path);
-    let again = http::parse_head(&up).expect("the door's upstream head parses");
+    let again = match http::parse_head(&up) {
+        Ok(h) => h,
+        // A head of exactly the most fields the door takes, none of them
+        // hop-by-hop, goes up with one more (`Connection: close`): more
+        // than the door itself would accept, not more than upstreams do.
+        Err(r) if r.status == 431 => {
+            assert_eq!(head.headers.len(), http::MAX_HEADERS);
+            return;
+        }
+        Err(r) => panic!("the door's upstream head does not parse: {r:?}"),
+    };
     assert_eq!(again.method, head.method);
     assert_eq!(again.target, path);
     assert_eq!(again.body, head.body, "upstream framing differs: {up:?}");
