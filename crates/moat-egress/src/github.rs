@@ -40,7 +40,7 @@ use tokio_rustls::rustls;
 use crate::llm::{constant_time_eq, random_hex, send_upstream, upstream_tls, UpstreamUrl};
 use crate::STEP_TIMEOUT;
 
-mod push;
+pub(crate) mod push;
 use push::{drain, push_refusal, read_push_commands, Prefixed};
 
 /// Where the sandbox finds the system roots plus its lease CA.

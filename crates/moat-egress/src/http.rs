@@ -126,6 +126,18 @@ pub fn parse_head(raw: &[u8]) -> Result<Head, Reject> {
     {
         return Err(reject(400, "more than one Host header"));
     }
+    // Connection names fields the door removes before forwarding; naming one
+    // the upstream needs would make it read the body as a second request
+    // (Content-Length, Transfer-Encoding) or route by its own default (Host).
+    if let Some(n) = connection_named(&headers)
+        .into_iter()
+        .find(|n| ["content-length", "transfer-encoding", "host"].contains(&n.as_str()))
+    {
+        return Err(reject(
+            400,
+            format!("the Connection header names {n}, which the upstream needs; remove {n} from Connection"),
+        ));
+    }
     let te: Vec<&[u8]> = headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
@@ -264,11 +276,10 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// The head sent upstream: origin-form target, no hop-by-hop or `Proxy-*`
-/// headers (nor those that `Connection` names), and `Connection: close`.
-pub fn upstream_head(head: &Head, path: &str) -> Vec<u8> {
-    let named: Vec<String> = head
-        .headers
+/// The field names (lower case) the `Connection` fields list: removed
+/// before forwarding, as hop-by-hop.
+fn connection_named(headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
         .flat_map(|(_, v)| {
@@ -277,7 +288,13 @@ pub fn upstream_head(head: &Head, path: &str) -> Vec<u8> {
                 .map(|t| t.trim().to_ascii_lowercase())
                 .collect::<Vec<_>>()
         })
-        .collect();
+        .collect()
+}
+
+/// The head sent upstream: origin-form target, no hop-by-hop or `Proxy-*`
+/// headers (nor those that `Connection` names), and `Connection: close`.
+pub fn upstream_head(head: &Head, path: &str) -> Vec<u8> {
+    let named = connection_named(&head.headers);
     let mut out = format!("{} {} HTTP/1.1\r\n", head.method, path).into_bytes();
     for (n, v) in &head.headers {
         let lower = n.to_ascii_lowercase();
@@ -459,6 +476,27 @@ mod tests {
         assert!(parse(folded).is_err());
         let crlf_target = "CONNECT a.test:443\r\nx HTTP/1.1\r\n\r\n";
         assert!(parse(crlf_target).is_err());
+    }
+
+    /// Found by the http_request fuzz target: `Connection` naming Host made
+    /// the door drop Host after checking it; naming Content-Length (or
+    /// Transfer-Encoding) would make the upstream read the body the door
+    /// forwards as a second, unchecked request.
+    #[test]
+    fn connection_cannot_name_what_frames_or_routes_the_request() {
+        let smuggle = "POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 35\r\n\r\n";
+        let r = parse(smuggle).unwrap_err();
+        assert_eq!(r.status, 400);
+        assert!(r.reason.contains("content-length"), "{}", r.reason);
+        for named in ["transfer-encoding", "Host", "HOST\u{a0}"] {
+            let req = format!("POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: {named}\r\nTransfer-Encoding: chunked\r\n\r\n");
+            assert!(parse(&req).is_err(), "{named}");
+        }
+        // Other fields may still be named, and are removed.
+        let ok = parse("GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: x-trace\r\nX-Trace: 1\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let up = String::from_utf8(upstream_head(&ok, "/")).unwrap();
+        assert!(up.contains("Host: a.test\r\n") && up.contains("Content-Length: 0\r\n"));
+        assert!(!up.contains("X-Trace"));
     }
 
     #[test]

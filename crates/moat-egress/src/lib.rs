@@ -16,6 +16,9 @@
 
 mod conn;
 pub mod dns;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod github;
 pub mod http;
 pub mod llm;

@@ -250,11 +250,13 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The sum, saturating: counts come from the upstream's JSON (any u64),
+    /// and a sum that wrapped would charge a call almost nothing.
     pub fn total(&self) -> u64 {
         self.input_tokens
-            + self.output_tokens
-            + self.cache_creation_input_tokens
-            + self.cache_read_input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_creation_input_tokens)
+            .saturating_add(self.cache_read_input_tokens)
     }
 
     fn take(&mut self, u: &Value) {
@@ -416,7 +418,12 @@ impl LlmState {
 
     /// Counts one call's tokens for this lease and in the ledger.
     fn count(&self, lease: &str, tokens: u64) {
-        self.used.fetch_add(tokens, Ordering::SeqCst);
+        // Saturating: a wrapped counter would give the budget back.
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_add(tokens))
+            });
         self.cfg.ledger.add(
             lease,
             self.cfg.user.as_deref(),
@@ -485,6 +492,25 @@ mod tests {
     fn secrets_never_print() {
         let s = Secret::new("sk-real-123");
         assert!(!format!("{s:?} {s}").contains("sk-real"));
+    }
+
+    /// Found while writing the sse_stream fuzz target (which now checks it):
+    /// usage counts an upstream sends are any u64, and their sum overflowed
+    /// (a panic in debug builds, a wrapped, tiny charge in release).
+    #[test]
+    fn usage_totals_saturate_instead_of_wrapping() {
+        let u = Usage {
+            input_tokens: u64::MAX,
+            output_tokens: 1,
+            cache_creation_input_tokens: u64::MAX,
+            cache_read_input_tokens: 2,
+        };
+        assert_eq!(u.total(), u64::MAX);
+        let mut m = stream::SseMeter::default();
+        m.feed(b"data: {\"usage\":{\"input_tokens\":18446744073709551615,\"output_tokens\":1}}\n");
+        assert_eq!(m.usage.total(), u64::MAX);
+        let (charged, _) = stream::Estimate::new(4, Some(8), true).charge(u, false);
+        assert_eq!(charged.total(), u64::MAX);
     }
 
     #[test]

@@ -527,7 +527,7 @@ fn open_beneath_with(
     flags: OFlag,
     force_fallback: bool,
 ) -> nix::Result<OwnedFd> {
-    if name.is_empty() || name.as_bytes().contains(&b'/') || name == "." || name == ".." {
+    if !single_entry(name) {
         return Err(Errno::EINVAL);
     }
     let flags = flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
@@ -549,6 +549,19 @@ fn open_beneath_with(
     let fd = nix::fcntl::openat(Some(dfd), name, flags, Mode::empty())?;
     // SAFETY: as above.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A name of one entry of a directory: not empty, no `/`, not `.` or `..`.
+fn single_entry(name: &OsStr) -> bool {
+    !(name.is_empty() || name.as_bytes().contains(&b'/') || name == "." || name == "..")
+}
+
+/// Whether an entry named `name` passes both name checks (the fuzz target in
+/// `fuzz/`, docs/fuzzing.md).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn name_accepted_for_fuzzing(name: &OsStr) -> bool {
+    safe_name(name) && single_entry(name)
 }
 
 /// Up to [`MAX_ENTRIES`] names of the directory, sorted, and how many more there were.

@@ -373,6 +373,13 @@ async fn artifact(
         .into_response()
 }
 
+/// [`attachment`], for the fuzz target in `fuzz/` (docs/fuzzing.md).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn attachment_for_fuzzing(name: &str) -> String {
+    attachment(name)
+}
+
 /// `Content-Disposition: attachment` with the name in RFC 6266/5987 form
 /// (percent-encoded UTF-8) and a plain ASCII fallback.
 fn attachment(name: &str) -> String {

@@ -750,6 +750,27 @@ fn err(key: impl Into<String>, message: impl Into<String>) -> PolicyError {
     }
 }
 
+/// A serde path as a configuration key (`channel[0].users`), with a key
+/// whose name is empty written `""` (the library's own form leaves it
+/// blank, and an error must name its key).
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for (i, seg) in path.iter().enumerate() {
+        if i > 0 && !matches!(seg, Segment::Seq { .. }) {
+            out.push('.');
+        }
+        match seg {
+            Segment::Map { key } if key.is_empty() => out.push_str("\"\""),
+            seg => out.push_str(&seg.to_string()),
+        }
+    }
+    if out.is_empty() {
+        out.push_str("(top level)");
+    }
+    out
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())]
         .bytes()
@@ -1156,14 +1177,10 @@ impl GatewayConfig {
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
         let de = toml::Deserializer::new(text);
         let raw: RawFile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
+            let key = key_path(e.path());
             let inner = e.into_inner();
             PolicyError::Syntax {
-                key: if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
+                key,
                 message: inner.message().to_string(),
                 line: inner.span().map(|s| line_of(text, s.start)),
             }

@@ -901,3 +901,15 @@ fn the_embedded_default_is_the_defaults_plus_one_open_web_channel() {
     let c = parse(WEB_ALL);
     assert_eq!(c, GatewayConfig::embedded_default());
 }
+
+/// Found by the gateway_config fuzz target: a table or key with an empty
+/// name (`[""]`) gave an error whose key was empty (`: unknown field ...`).
+#[test]
+fn an_empty_key_is_named_in_the_error() {
+    for text in ["[\"\"]\n", "\"\" = 1\n", "[gateway]\n\"\" = 1\n"] {
+        let e = GatewayConfig::from_toml(text).expect_err(text);
+        let shown = e.to_string();
+        assert!(!key_of(&e).is_empty(), "{text:?} => {shown}");
+        assert!(shown.contains("\"\""), "{text:?} => {shown}");
+    }
+}

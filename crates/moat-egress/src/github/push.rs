@@ -30,17 +30,17 @@ const MAX_DRAINED: usize = 2 << 30;
 
 /// The ref updates at the start of a receive-pack request body.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct PushCommands {
-    pub(super) refs: Vec<String>,
+pub(crate) struct PushCommands {
+    pub(crate) refs: Vec<String>,
     /// The capabilities the client asked for (on its first command).
-    pub(super) caps: Vec<String>,
+    pub(crate) caps: Vec<String>,
     /// Bytes of the body the commands took (through the flush packet).
-    pub(super) len: usize,
+    pub(crate) len: usize,
 }
 
 /// Parses the command list of a push (pkt-lines up to the first flush).
 /// `Ok(None)`: more bytes are needed. Errors refuse the push.
-pub(super) fn parse_push(buf: &[u8]) -> Result<Option<PushCommands>, String> {
+pub(crate) fn parse_push(buf: &[u8]) -> Result<Option<PushCommands>, String> {
     let mut out = PushCommands::default();
     let mut i = 0;
     let mut first_command = true;
@@ -48,8 +48,11 @@ pub(super) fn parse_push(buf: &[u8]) -> Result<Option<PushCommands>, String> {
         let Some(len_hex) = buf.get(i..i + 4) else {
             return Ok(None);
         };
+        // Four hex digits, as git reads them (`from_str_radix` alone would
+        // also take a sign: `+0b2`, which git refuses).
         let len = std::str::from_utf8(len_hex)
             .ok()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_hexdigit()))
             .and_then(|s| usize::from_str_radix(s, 16).ok())
             .ok_or("moat: the push does not start with git's packet lines")?;
         if len == 0 {
@@ -274,6 +277,21 @@ mod tests {
         assert!(parse_push(b"0002").is_err());
         assert!(parse_push(&pkt(b"push-cert\0caps\n")).is_err());
         assert!(parse_push(&pkt(b"nothex xx refs/heads/a\n")).is_err());
+    }
+
+    /// Found by the git_push fuzz target: a length written `+0b2` was read
+    /// as 0x0b2 while git refuses the line, so the door and git read
+    /// different commands from the same bytes.
+    #[test]
+    fn a_packet_length_is_four_hex_digits_as_git_reads_it() {
+        let new = "a".repeat(40);
+        let good = push_body(&[(&new, "refs/heads/main")], "report-status");
+        assert!(parse_push(&good).unwrap().is_some());
+        for sign in [b'+', b'-', b' '] {
+            let mut bad = good.clone();
+            bad[0] = sign;
+            assert!(parse_push(&bad).is_err(), "{:?}", &bad[..4]);
+        }
     }
 
     #[test]

@@ -117,7 +117,7 @@ impl UsageChunkFilter {
     }
 
     /// Whole lines pass (all but the usage chunk's); a line waits for its end.
-    fn push(&mut self, mut chunk: &[u8]) -> Vec<u8> {
+    pub(crate) fn push(&mut self, mut chunk: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(chunk.len());
         while let Some(i) = chunk.iter().position(|b| *b == b'\n') {
             self.line.extend_from_slice(&chunk[..=i]);
@@ -134,7 +134,7 @@ impl UsageChunkFilter {
         out
     }
 
-    fn finish(&mut self) -> Vec<u8> {
+    pub(crate) fn finish(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.line)
     }
 }
@@ -175,8 +175,9 @@ impl Estimate {
         if whole {
             return (usage, false);
         }
-        if usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
-            == 0
+        if usage.input_tokens == 0
+            && usage.cache_creation_input_tokens == 0
+            && usage.cache_read_input_tokens == 0
         {
             usage.input_tokens = self.input;
         }
