@@ -343,6 +343,9 @@ pub(crate) struct LlmState {
     admitting: std::sync::Mutex<()>,
 }
 
+/// The largest estimate one call holds (see [`Pending::hold`]).
+const MAX_HOLD: u64 = 1 << 40;
+
 /// A call the budget has not counted yet: until it is, the budget holds its
 /// estimate (input as sent, output at the request's limit), so a client
 /// cannot start more calls than the budget covers while earlier ones, or
@@ -351,6 +354,10 @@ pub(crate) struct Pending(Arc<crate::State>, u64);
 
 impl Pending {
     pub(crate) fn hold(st: &Arc<crate::State>, tokens: u64) -> Pending {
+        // A sandbox names the estimate (`max_tokens`): bounded, so that no
+        // number of holds at once can wrap the sum (2^40 is far above any
+        // budget, and 2^24 calls would have to be held to reach u64::MAX).
+        let tokens = tokens.min(MAX_HOLD);
         if let Some(l) = st.llm.as_ref() {
             l.reserved.fetch_add(tokens, Ordering::SeqCst);
         }
