@@ -140,7 +140,8 @@ pub(crate) async fn serve_tcp(state: Arc<State>, listener: TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DoorConfig, MemoryAudit, NameTable, Resolver};
+    use crate::state::NameTable;
+    use crate::{DoorConfig, MemoryAudit, Resolver};
     use std::sync::Mutex;
 
     fn state() -> Arc<State> {
