@@ -157,10 +157,13 @@ mod tests {
                 audit: Arc::new(MemoryAudit::default()),
                 llm: None,
                 github: None,
+                amp: None,
             },
             names: Mutex::new(NameTable::default()),
             llm: None,
             github: None,
+            amp: None,
+            intercept: None,
         })
     }
 

@@ -1,5 +1,5 @@
 //! [`Door`]: starts one sandbox's door (its namespace, the listeners inside
-//! it, the LLM and GitHub state) and hands the sandbox what it needs (the
+//! it, the LLM, GitHub and Amp state, the lease CA) and hands the sandbox what it needs (the
 //! namespace, variables, files); dropping it stops everything.
 //!
 //! Must never: bind a listener outside the sandbox's namespace, hand the
@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use moat_policy::network::{HostPattern, NetworkPolicy};
 
+use crate::intercept::{Intercept, Service, CA_BUNDLE_PATH};
 use crate::state::{NameTable, State};
-use crate::{conn, dns, github, llm, netns, DoorConfig};
+use crate::{amp, conn, dns, github, llm, netns, DoorConfig};
 
 /// The proxy's port on the sandbox's 127.0.0.1.
 pub const PROXY_PORT: u16 = 3128;
@@ -88,14 +89,41 @@ impl Door {
             .map(|l| l.client_env())
             .unwrap_or_default();
         let github = match cfg.github.clone() {
-            Some(g) => Some(github::GithubState::new(&cfg.lease, g)?),
+            Some(g) => Some(github::GithubState::new(g)?),
             None => None,
+        };
+        let amp = match cfg.amp.clone() {
+            Some(a) => Some(amp::AmpState::new(a)?),
+            None => None,
+        };
+        // One lease CA for every intercepted host, whichever service's.
+        let mut hosts: Vec<(String, Service)> = Vec::new();
+        let mut dir = None;
+        if let Some(g) = &cfg.github {
+            hosts.extend(g.hosts.iter().map(|h| (h.name.clone(), Service::Github)));
+            dir = Some(g.state_dir.clone());
+        }
+        if let Some(a) = &cfg.amp {
+            if hosts.iter().any(|(n, _)| *n == a.host) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{} cannot be both a GitHub host and Amp's", a.host),
+                ));
+            }
+            hosts.push((a.host.clone(), Service::Amp));
+            dir.get_or_insert_with(|| a.state_dir.clone());
+        }
+        let intercept = match dir {
+            Some(d) if !hosts.is_empty() => Some(Intercept::new(&cfg.lease, hosts, &d)?),
+            _ => None,
         };
         let state = Arc::new(State {
             cfg,
             names: Mutex::new(NameTable::default()),
             llm: llm_state,
             github,
+            amp,
+            intercept,
         });
         let _enter = rt.enter();
         let mut tasks = Vec::new();
@@ -144,26 +172,34 @@ impl Door {
         self.llm_env.clone()
     }
 
-    /// Variables for GitHub: the placeholder `GH_TOKEN`/`GITHUB_TOKEN` and
-    /// the CA bundle variables (never a real token). Empty without GitHub.
-    pub fn github_env(&self) -> Vec<(String, String)> {
-        self.state
-            .github
-            .as_ref()
-            .map(|g| g.client_env())
-            .unwrap_or_default()
+    /// Variables for the intercepted services: the CA bundle variables, and
+    /// the placeholders `GH_TOKEN`/`GITHUB_TOKEN` (GitHub) and
+    /// `AMP_API_KEY` with `AMP_URL` (Amp); never a real token or key. Empty
+    /// when nothing is intercepted.
+    pub fn intercept_env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(i) = &self.state.intercept {
+            env.extend(i.client_env());
+        }
+        if let Some(g) = &self.state.github {
+            env.extend(g.client_env());
+        }
+        if let Some(a) = &self.state.amp {
+            env.extend(a.client_env());
+        }
+        env
     }
 
     /// Files the sandbox must see read-only: (host path, sandbox path). Today
-    /// the CA bundle with the lease CA, when GitHub is set.
+    /// the CA bundle with the lease CA, when a host is intercepted.
     pub fn files(&self) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
         self.state
-            .github
+            .intercept
             .as_ref()
-            .map(|g| {
+            .map(|i| {
                 vec![(
-                    g.bundle_path().to_path_buf(),
-                    std::path::PathBuf::from(github::CA_BUNDLE_PATH),
+                    i.bundle_path().to_path_buf(),
+                    std::path::PathBuf::from(CA_BUNDLE_PATH),
                 )]
             })
             .unwrap_or_default()

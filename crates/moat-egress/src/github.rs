@@ -1,8 +1,8 @@
 //! GitHub credential injection for one sandbox.
 //!
 //! For the GitHub hosts only (github.com and api.github.com by default), the
-//! door ends the sandbox's TLS itself, with a certificate from a CA made for
-//! this lease alone and trusted only through the CA bundle bound into this
+//! door ends the sandbox's TLS itself (`crate::intercept`), with a certificate
+//! from a CA made for this lease alone and trusted only through the CA bundle bound into this
 //! sandbox. Each request then gets the lease's GitHub App installation token
 //! (minted on the host by `moat_creds::GithubBroker`, down-scoped to the
 //! lease's repositories) and goes to the configured upstream over verified
@@ -21,10 +21,12 @@ mod protect;
 mod proxy;
 mod push;
 
+/// The lease CA's bundle, shared by every intercepted service.
+pub use crate::intercept::{CA_BUNDLE_PATH, SYSTEM_BUNDLE};
 pub(crate) use access::GithubState;
 pub use access::{
-    GithubAccess, HostRole, InterceptedHost, TokenAudit, TokenRecord, CA_BUNDLE_PATH,
-    DEFAULT_PERMISSIONS, DEFAULT_PROTECTED, SYSTEM_BUNDLE,
+    GithubAccess, HostRole, InterceptedHost, TokenAudit, TokenRecord, DEFAULT_PERMISSIONS,
+    DEFAULT_PROTECTED,
 };
-pub(crate) use proxy::serve_tls;
+pub(crate) use proxy::handle;
 pub use proxy::{GithubActivity, GithubRecord};

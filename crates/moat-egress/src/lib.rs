@@ -14,12 +14,14 @@
 // Outside input never reaches an `unwrap`/`expect` (house style); tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod amp;
 mod audit;
 mod conn;
 pub mod dns;
 mod door;
 pub mod github;
 pub mod http;
+mod intercept;
 pub mod llm;
 pub mod netns;
 mod state;

@@ -12,7 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use moat_policy::network::{Allowed, Denied, NetworkPolicy};
 
-use crate::{github, llm, now_ms, Audit, EgressRecord, STEP_TIMEOUT};
+use crate::intercept::{Intercept, Service};
+use crate::{amp, github, llm, now_ms, Audit, EgressRecord, STEP_TIMEOUT};
 
 /// How the door turns names into addresses (on the host, never in the sandbox).
 #[derive(Debug, Clone)]
@@ -48,6 +49,8 @@ pub struct DoorConfig {
     pub llm: Option<llm::LlmConfig>,
     /// GitHub credential injection for the GitHub hosts, when set.
     pub github: Option<github::GithubAccess>,
+    /// Amp key injection for Amp's host, when set.
+    pub amp: Option<amp::AmpAccess>,
 }
 
 /// Addresses the DNS stub hands out: 127.100.0.1 upwards, one per name.
@@ -81,6 +84,9 @@ pub(crate) struct State {
     pub names: Mutex<NameTable>,
     pub llm: Option<llm::LlmState>,
     pub github: Option<github::GithubState>,
+    pub amp: Option<amp::AmpState>,
+    /// The lease CA and the intercepted hosts (GitHub's, Amp's).
+    pub intercept: Option<Intercept>,
 }
 
 impl State {
@@ -108,9 +114,17 @@ impl State {
         self.cfg.audit.record_github(&rec);
     }
 
-    /// The GitHub host `name` (normalized) if this door intercepts it on `port`.
+    /// Whether this door intercepts `name` (normalized) on `port`.
     pub(crate) fn intercepts(&self, name: &str, port: u16) -> bool {
-        port == 443 && self.github.as_ref().is_some_and(|g| g.host(name).is_some())
+        self.intercepted(name, port).is_some()
+    }
+
+    /// The service answering `name` (normalized) on `port`, if intercepted.
+    pub(crate) fn intercepted(&self, name: &str, port: u16) -> Option<Service> {
+        if port != 443 {
+            return None;
+        }
+        self.intercept.as_ref().and_then(|i| i.service(name))
     }
 
     /// Resolves an allowed destination and checks every address it has.

@@ -857,6 +857,7 @@ fn npm_install(
             audit: recorder.clone(),
             llm: None,
             github: None,
+            amp: None,
         },
     )
     .context(

@@ -1,14 +1,13 @@
 //! GitHub access for one lease: which hosts the door intercepts and where
-//! their requests go ([`InterceptedHost`], [`GithubAccess`]), the lease CA
-//! and the CA bundle the sandbox trusts, and the lease's broker (tokens
+//! their requests go ([`InterceptedHost`], [`GithubAccess`]), and the
+//! lease's broker (tokens
 //! minted on use, revoked when the lease ends, every mint and revocation
 //! audited through [`TokenAudit`]).
 //!
-//! Must never: hand the token, the App key or the CA's private key to the
-//! sandbox, make a CA that could vouch for a name that is not intercepted,
-//! or put a token in a log or audit record.
+//! Must never: hand the token or the App key to the sandbox, or put a token
+//! in a log or audit record. (The lease CA is the door's: `crate::intercept`.)
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use moat_creds::{GithubBroker, InstallationToken, Scope, Secret};
@@ -18,24 +17,11 @@ use tokio_rustls::rustls;
 use super::GithubActivity;
 use crate::llm::{random_hex, upstream_tls, UpstreamUrl};
 
-/// Where the sandbox finds the system roots plus its lease CA.
-pub const CA_BUNDLE_PATH: &str = "/run/moat/ca-bundle.pem";
-/// The host's bundle of trusted roots (Debian's ca-certificates).
-pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Branches nobody pushes to through moat unless the operator says otherwise.
 pub const DEFAULT_PROTECTED: [&str; 2] = ["main", "master"];
 /// Permissions a token gets unless the operator says otherwise.
 pub const DEFAULT_PERMISSIONS: [(&str, &str); 2] =
     [("contents", "write"), ("pull_requests", "write")];
-/// The variables that make TLS clients trust the lease CA.
-const CA_VARS: [&str; 5] = [
-    "SSL_CERT_FILE",
-    "GIT_SSL_CAINFO",
-    "NODE_EXTRA_CA_CERTS",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-];
-
 /// What a GitHub host is for, which decides how the token is presented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostRole {
@@ -72,7 +58,7 @@ pub struct GithubAccess {
     /// refuses git pushes that touch them).
     pub workflows_write: bool,
     /// A host directory, traversable by sandbox users, where the door writes
-    /// this lease's CA bundle.
+    /// this lease's CA bundle (`crate::intercept`).
     pub state_dir: PathBuf,
 }
 
@@ -198,101 +184,22 @@ impl moat_creds::AuditSink for TokenAudit {
 pub(crate) struct GithubState {
     pub(super) access: GithubAccess,
     pub(super) placeholder: Secret,
-    pub(super) server_tls: Arc<rustls::ServerConfig>,
     pub(super) client_tls: Arc<rustls::ClientConfig>,
-    bundle: PathBuf,
     /// Every token this lease used, for revocation when it ends.
     used: Mutex<Vec<InstallationToken>>,
     /// What reached GitHub since the last `take_activity` (bounded).
     pub(super) activity: Mutex<Vec<GithubActivity>>,
 }
 
-/// A CA for one lease, limited by name constraints to the intercepted hosts,
-/// and one server certificate for all of them. Returns (CA PEM, chain, key).
-fn lease_pki(
-    lease: &str,
-    names: &[String],
-) -> Result<
-    (
-        String,
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    ),
-    rcgen::Error,
-> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, GeneralSubtree, IsCa,
-        KeyPair, KeyUsagePurpose, NameConstraints,
-    };
-    let now = time::OffsetDateTime::now_utc();
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, format!("moat lease CA {lease}"));
-    ca.distinguished_name
-        .push(DnType::OrganizationName, "moat (this sandbox only)");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.name_constraints = Some(NameConstraints {
-        permitted_subtrees: names
-            .iter()
-            .map(|n| GeneralSubtree::DnsName(n.clone()))
-            .collect(),
-        excluded_subtrees: Vec::new(),
-    });
-    ca.not_before = now - time::Duration::hours(1);
-    ca.not_after = now + time::Duration::days(30);
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let mut leaf = CertificateParams::new(names.to_vec())?;
-    leaf.distinguished_name.push(
-        DnType::CommonName,
-        names.first().cloned().unwrap_or_default(),
-    );
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf.not_before = now - time::Duration::hours(1);
-    leaf.not_after = now + time::Duration::days(30);
-    let leaf_key = KeyPair::generate()?;
-    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key)?;
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
-    Ok((
-        ca_cert.pem(),
-        vec![leaf_cert.der().clone(), ca_cert.der().clone()],
-        key,
-    ))
-}
-
 impl GithubState {
-    /// Makes the lease CA and writes the sandbox's CA bundle (the system's
-    /// roots plus the lease CA) into the access's state directory.
-    pub(crate) fn new(lease: &str, access: GithubAccess) -> std::io::Result<GithubState> {
-        let names: Vec<String> = access.hosts.iter().map(|h| h.name.clone()).collect();
-        let (ca_pem, chain, key) = lease_pki(lease, &names)
-            .map_err(|e| std::io::Error::other(format!("lease CA: {e}")))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(std::io::Error::other)?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(std::io::Error::other)?;
-        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    /// The lease's GitHub state; the lease CA and its bundle are the
+    /// door's (`crate::intercept`).
+    pub(crate) fn new(access: GithubAccess) -> std::io::Result<GithubState> {
         let client_tls = upstream_tls()?;
-        let mut bundle_text = std::fs::read_to_string(SYSTEM_BUNDLE).unwrap_or_default();
-        if !bundle_text.is_empty() && !bundle_text.ends_with('\n') {
-            bundle_text.push('\n');
-        }
-        bundle_text.push_str(&format!(
-            "# moat lease CA for {lease} (trusted in this sandbox only)\n"
-        ));
-        bundle_text.push_str(&ca_pem);
-        let bundle = write_bundle(&access.state_dir, &bundle_text)?;
         Ok(GithubState {
             access,
             placeholder: Secret::new(format!("ghs_moat{}", random_hex(16)?)),
-            server_tls: Arc::new(server),
             client_tls,
-            bundle,
             used: Mutex::new(Vec::new()),
             activity: Mutex::new(Vec::new()),
         })
@@ -302,9 +209,9 @@ impl GithubState {
         self.access.hosts.iter().find(|h| h.name == name)
     }
 
-    /// Variables for the sandbox: the placeholder token and the CA bundle.
+    /// Variables for the sandbox: the placeholder token.
     pub(crate) fn client_env(&self) -> Vec<(String, String)> {
-        let mut env = vec![
+        vec![
             (
                 "GH_TOKEN".to_string(),
                 self.placeholder.expose().to_string(),
@@ -313,16 +220,7 @@ impl GithubState {
                 "GITHUB_TOKEN".to_string(),
                 self.placeholder.expose().to_string(),
             ),
-        ];
-        for v in CA_VARS {
-            env.push((v.to_string(), CA_BUNDLE_PATH.to_string()));
-        }
-        env
-    }
-
-    /// The host file bound read-only at [`CA_BUNDLE_PATH`].
-    pub(crate) fn bundle_path(&self) -> &Path {
-        &self.bundle
+        ]
     }
 
     /// Revokes every token this lease used; returns how many failed.
@@ -357,30 +255,6 @@ impl GithubState {
         }
         Ok(t)
     }
-}
-
-impl Drop for GithubState {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.bundle);
-        // The directory goes too once no other door of this run uses it.
-        let _ = std::fs::remove_dir(&self.access.state_dir);
-    }
-}
-
-fn write_bundle(dir: &Path, text: &str) -> std::io::Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join(format!("ca-bundle-{}.pem", random_hex(8)?));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&path)?;
-    f.write_all(text.as_bytes())?;
-    // The sandbox's user reads it through a read-only bind; nobody writes it.
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))?;
-    Ok(path)
 }
 
 #[cfg(test)]
@@ -426,15 +300,5 @@ mod tests {
             |k| (k == "MOAT_GITHUB_HOST").then(|| "10.0.0.1".to_string())
         )
         .is_err());
-    }
-
-    #[test]
-    fn the_lease_ca_signs_a_certificate_for_the_hosts_only() {
-        let (pem, chain, _) =
-            lease_pki("t", &["github.com".into(), "api.github.com".into()]).unwrap();
-        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
-        assert_eq!(chain.len(), 2);
-        let (pem2, _, _) = lease_pki("t", &["github.com".into()]).unwrap();
-        assert_ne!(pem, pem2, "every lease gets its own CA");
     }
 }

@@ -10,9 +10,7 @@
 //! or put a token, placeholder, header value or body in a record.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use base64::Engine as _;
@@ -22,10 +20,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::access::GithubState;
 use super::protect::{
@@ -35,7 +31,6 @@ use super::protect::{
 use super::push::{drain, push_refusal, read_push_commands, Prefixed};
 use super::HostRole;
 use crate::llm::{constant_time_eq, send_upstream};
-use crate::STEP_TIMEOUT;
 
 /// One request through the interception, for the audit log. Never holds a
 /// header value, a query string or a body.
@@ -139,78 +134,6 @@ impl GithubState {
             .map(|mut v| std::mem::take(&mut *v))
             .unwrap_or_default()
     }
-}
-
-/// Bytes already read from the client (its ClientHello) before the rest.
-struct Rewound<S> {
-    first: Bytes,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewound<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.first.is_empty() {
-            let n = self.first.len().min(buf.remaining());
-            let chunk = self.first.split_to(n);
-            buf.put_slice(&chunk);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewound<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Ends the sandbox's TLS for an intercepted host (its ClientHello, already
-/// read and checked against the host, is `hello`) and serves HTTP/1.1 on it.
-pub(crate) async fn serve_tls<S>(state: Arc<crate::State>, client: S, hello: Vec<u8>, host: String)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let Some(gh) = state.github.as_ref() else {
-        return;
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(gh.server_tls.clone());
-    let stream = Rewound {
-        first: Bytes::from(hello),
-        inner: client,
-    };
-    let tls = match tokio::time::timeout(STEP_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::info!(host = %host, error = %e, "TLS with the sandbox failed (does it trust the lease CA?)");
-            return;
-        }
-        Err(_) => return,
-    };
-    let svc = hyper::service::service_fn(move |req| {
-        let st = state.clone();
-        let host = host.clone();
-        async move { Ok::<_, Infallible>(handle(st, host, req).await) }
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(STEP_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), svc)
-        .await;
 }
 
 pub(super) type GhBody = BoxBody<Bytes, hyper::Error>;
@@ -326,7 +249,12 @@ fn strip_request_header(k: &HeaderName) -> bool {
     )
 }
 
-async fn handle(st: Arc<crate::State>, host: String, req: Request<Incoming>) -> Response<GhBody> {
+/// One request to an intercepted GitHub host (TLS already ended by the door).
+pub(crate) async fn handle(
+    st: Arc<crate::State>,
+    host: String,
+    req: Request<Incoming>,
+) -> Response<GhBody> {
     let call = Call {
         method: req.method().as_str().chars().take(16).collect(),
         host: host.clone(),

@@ -571,6 +571,7 @@ impl CliBox {
             }),
             files: Vec::new(),
             github: None,
+            amp: None,
         };
         let policy = moat_policy::SandboxPolicy {
             backend: backend.kind(),

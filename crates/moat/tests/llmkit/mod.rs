@@ -361,6 +361,7 @@ impl AgentBox {
             }),
             files: vec![(bin, moat_gateway::agent::builtin::MOAT_INSIDE.into())],
             github: None,
+            amp: None,
         };
         let policy = moat_policy::SandboxPolicy {
             backend,

@@ -1515,6 +1515,7 @@ impl LibSandbox {
                 audit: audit.clone(),
                 llm: None,
                 github: None,
+                amp: None,
             },
         )
         .expect("starting the door");
