@@ -859,6 +859,42 @@ fn amp_turn(backend: Backend) {
     assert!(!records.contains(&real) && !records.contains(&ph));
 }
 
+/// Amp's real CLI (the pinned `@ampcode/cli`) through the adapter and the
+/// door: it trusts the lease CA, reaches https://ampcode.com through the
+/// door, and its start-up calls reach the fake Amp service with the real
+/// key (never the placeholder). The fake does not serve Amp's threads
+/// (their agent loop runs on Amp's servers), so the turn ends with the
+/// CLI's error, which the answer reports.
+fn amp_cli_through_the_door(backend: Backend) {
+    let cli = amp_dir();
+    let keys = Keys::new();
+    let llm = FakeLlm::start(&keys, Arc::new(|_req: &Req, _| Reply::text("unused")));
+    let real = ampkit::real_key();
+    let amp = ampkit::FakeAmp::start(&real);
+    let mut b = CliBox::start_with(backend, None, &llm.url(), &keys, Some((&amp.url(), &real)));
+    let agent = AmpAgent::new(settings(cli, &["Bash"]));
+    let (out, events) = turn(&agent, &mut b, &input("hi", false));
+    assert!(!out.ok, "the fake serves no thread: {out:?}");
+    let seen = amp.requests();
+    assert!(
+        seen.first()
+            .is_some_and(|r| r.path == "/api/internal?getUserInfo"),
+        "{seen:?} {events:?}"
+    );
+    for r in &seen {
+        assert_eq!(r.authorization, [format!("Bearer {real}")], "{}", r.path);
+    }
+    let ph = b.sh("printf %s \"$AMP_API_KEY\"").1;
+    assert!(ph.starts_with("sgamp_moat_"), "{ph}");
+    assert!(seen.iter().all(|r| !r.raw.contains(&ph)));
+    eprintln!(
+        "Amp's CLI sent: {:?}",
+        seen.iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect::<Vec<_>>()
+    );
+}
+
 cli_tests! {
     claude_code_completes_a_scripted_turn_through_the_adapter => claude_code_turn;
     claude_code_refuses_a_tool_the_channel_does_not_allow => claude_code_refuses_a_tool;
@@ -873,4 +909,5 @@ cli_tests! {
     codex_cancel_while_waiting_on_the_model => codex_cancel;
     a_missing_cli_still_answers => missing_cli_answers;
     attack_c1_amp_key_stays_in_the_door_and_a_turn_answers => amp_turn;
+    amps_real_cli_reaches_the_service_through_the_door_with_the_real_key => amp_cli_through_the_door;
 }

@@ -711,7 +711,7 @@ fn slow_default_packages_from_a_local_registry() {
         &[
             ("@anthropic-ai/claude-code", &claude, "claude"),
             ("@openai/codex", &codex, "codex"),
-            ("@sourcegraph/amp", &amp, "amp"),
+            ("@ampcode/cli", &amp, "amp"),
         ],
     );
     let t = Instant::now();
@@ -721,7 +721,7 @@ fn slow_default_packages_from_a_local_registry() {
     for (name, version, command) in [
         ("@anthropic-ai/claude-code", &claude, "claude"),
         ("@openai/codex", &codex, "codex"),
-        ("@sourcegraph/amp", &amp, "amp"),
+        ("@ampcode/cli", &amp, "amp"),
     ] {
         assert!(out.stdout.contains(&format!("{name} {version}")), "{out:?}");
         let bin = world.template.join("current/bin").join(command);
@@ -731,7 +731,7 @@ fn slow_default_packages_from_a_local_registry() {
     for path in [
         "GET /@anthropic-ai%2fclaude-code",
         "GET /@openai%2fcodex",
-        "GET /@sourcegraph%2famp",
+        "GET /@ampcode%2fcli",
     ] {
         assert!(
             reqs.iter().any(|r| r.eq_ignore_ascii_case(path)),
@@ -753,7 +753,7 @@ fn slow_default_packages_from_a_local_registry() {
         vec![
             format!("@anthropic-ai/claude-code {claude}"),
             format!("@openai/codex {codex}"),
-            format!("@sourcegraph/amp {amp}"),
+            format!("@ampcode/cli {amp}"),
         ]
     );
 }

@@ -118,6 +118,9 @@ fn serve(c: std::net::TcpStream, seen: &Mutex<Vec<AmpRequest>>, key: &str) {
                 r#"{{"ok":true,"result":{{"id":"u-fake","email":"{FAKE_USER}","emailVerified":true,"features":[]}}}}"#
             ),
         )
+    } else if path.starts_with("/api/internal?") {
+        // The CLI's other start-up calls (loadPlugins, loadSkills): nothing.
+        ("200 OK", r#"{"ok":true,"result":{}}"#.to_string())
     } else {
         (
             "404 Not Found",

@@ -161,6 +161,10 @@ pub fn codex_dir() -> PathBuf {
     cli_dir("codex", "CODEX_VERSION")
 }
 
+pub fn amp_dir() -> PathBuf {
+    cli_dir("amp", "AMP_VERSION")
+}
+
 // ---------------------------------------------------------------------------
 // The fake upstream
 // ---------------------------------------------------------------------------
