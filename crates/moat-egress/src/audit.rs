@@ -39,7 +39,8 @@ pub trait Audit: Send + Sync {
     fn record(&self, rec: &EgressRecord);
     /// One LLM call through the door's LLM proxy (default: dropped).
     fn record_llm(&self, _rec: &llm::LlmRecord) {}
-    /// One request to an intercepted GitHub host (default: dropped).
+    /// One request to an intercepted host: GitHub's (`kind` `github`) or
+    /// Amp's (`kind` `amp`) (default: dropped).
     fn record_github(&self, _rec: &github::GithubRecord) {}
     /// A GitHub installation token minted or revoked (default: dropped).
     fn record_token(&self, _rec: &github::TokenRecord) {}
