@@ -196,6 +196,7 @@ fn main() {
             audit: audit.clone(),
             llm: None,
             github: None,
+            amp: None,
         },
     )
     .expect("door (run as root)");

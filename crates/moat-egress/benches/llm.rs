@@ -600,6 +600,7 @@ fn main() {
                 ..LlmConfig::default()
             }),
             github: None,
+            amp: None,
         },
     )
     .expect("door (run as root)");

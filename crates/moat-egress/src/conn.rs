@@ -305,21 +305,23 @@ async fn connect_tunnel(state: Arc<State>, mut client: BufReader<TcpStream>, mut
     splice(state, client, raw, addr, a).await;
 }
 
-/// The normalized name if the door intercepts `host:port` (a GitHub host).
+/// The normalized name if the door intercepts `host:port` (GitHub, Amp).
 fn intercepted(state: &State, host: &str, port: u16) -> Option<String> {
     let name = normalize_name(host)?;
     state.intercepts(&name, port).then_some(name)
 }
 
 /// A tunnel to an intercepted host: its ClientHello must name that host; the
-/// door then ends the TLS itself (crate::github) instead of connecting out.
+/// door then ends the TLS itself (crate::intercept) instead of connecting out.
 async fn intercept(
     state: Arc<State>,
     mut client: BufReader<TcpStream>,
     mut a: Attempt,
     name: String,
 ) {
-    a.kind = "github-tls";
+    a.kind = state
+        .intercepted(&name, a.port)
+        .map_or("github-tls", |s| s.tls_kind());
     a.host = name.clone();
     let (hello, raw) = match timeout(STEP_TIMEOUT, tls::read_client_hello(&mut client)).await {
         Ok(Ok(v)) => v,
@@ -340,7 +342,7 @@ async fn intercept(
         return a.finish(&state, Some(reason));
     }
     a.finish(&state, None);
-    crate::github::serve_tls(state, client, raw, name).await;
+    crate::intercept::serve_tls(state, client, raw, name).await;
 }
 
 /// Connects to the checked address, sends `first` (bytes already read from the

@@ -140,7 +140,8 @@ pub(crate) async fn serve_tcp(state: Arc<State>, listener: TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DoorConfig, MemoryAudit, NameTable, Resolver};
+    use crate::state::NameTable;
+    use crate::{DoorConfig, MemoryAudit, Resolver};
     use std::sync::Mutex;
 
     fn state() -> Arc<State> {
@@ -156,10 +157,13 @@ mod tests {
                 audit: Arc::new(MemoryAudit::default()),
                 llm: None,
                 github: None,
+                amp: None,
             },
             names: Mutex::new(NameTable::default()),
             llm: None,
             github: None,
+            amp: None,
+            intercept: None,
         })
     }
 

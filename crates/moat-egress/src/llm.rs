@@ -15,7 +15,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use http::Uri;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -40,10 +39,10 @@ mod proxy;
 pub mod redact;
 /// Streamed responses: metering, redaction, charging abandoned streams.
 pub mod stream;
+/// Where a provider's calls go (the door's upstream client; re-exported).
+pub use crate::upstream::UpstreamUrl;
+pub(crate) use crate::upstream::{send_upstream, upstream_tls};
 pub(crate) use proxy::{serve, Call};
-/// Connections to the upstream (see its module).
-mod upstream;
-pub(crate) use upstream::{send_upstream, upstream_tls};
 
 /// Compares without an early exit on the first differing byte.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -117,64 +116,6 @@ impl Provider {
             Provider::OpenAi => "sk-moat-",
         };
         Ok(Secret::new(format!("{prefix}{}", random_hex(16)?)))
-    }
-}
-
-/// Where a provider's calls go: `http(s)://host[:port][/base]`.
-#[derive(Debug, Clone)]
-pub struct UpstreamUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// Prefix of every forwarded path, without a trailing slash.
-    pub base_path: String,
-}
-
-impl UpstreamUrl {
-    pub fn parse(text: &str, allow_plain_http: bool) -> Result<UpstreamUrl, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") if allow_plain_http => false,
-            Some("http") => {
-                return Err(format!(
-                    "{text:?} is plain HTTP; set MOAT_LLM_ALLOW_PLAIN_HTTP=1 to allow an unencrypted upstream"
-                ))
-            }
-            _ => return Err(format!("{text:?} must start with https://")),
-        };
-        let auth = uri
-            .authority()
-            .ok_or_else(|| format!("{text:?} has no host"))?;
-        if auth.as_str().contains('@') || uri.query().is_some() {
-            return Err(format!(
-                "{text:?} must not hold user information or a query"
-            ));
-        }
-        let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-        Ok(UpstreamUrl {
-            tls,
-            host: host.to_string(),
-            port: auth.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-            base_path: uri.path().trim_end_matches('/').to_string(),
-        })
-    }
-
-    /// `host[:port]` as a Host header names it (port left out when default).
-    pub(crate) fn authority(&self) -> String {
-        let default = if self.tls { 443 } else { 80 };
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == default {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
     }
 }
 
@@ -518,23 +459,6 @@ mod tests {
         assert_eq!(m.usage.total(), u64::MAX);
         let (charged, _) = stream::Estimate::new(4, Some(8), true).charge(u, false);
         assert_eq!(charged.total(), u64::MAX);
-    }
-
-    #[test]
-    fn plain_http_needs_an_explicit_yes() {
-        assert!(UpstreamUrl::parse("http://127.0.0.1:9", false).is_err());
-        let u = UpstreamUrl::parse("http://127.0.0.1:9/base/", true).unwrap();
-        assert_eq!(
-            (u.tls, u.host.as_str(), u.port, u.base_path.as_str()),
-            (false, "127.0.0.1", 9, "/base")
-        );
-        let u = UpstreamUrl::parse("https://api.anthropic.com", false).unwrap();
-        assert_eq!(
-            (u.tls, u.port, u.authority()),
-            (true, 443, "api.anthropic.com".to_string())
-        );
-        assert!(UpstreamUrl::parse("ftp://x", true).is_err());
-        assert!(UpstreamUrl::parse("https://u:p@x", true).is_err());
     }
 
     #[test]

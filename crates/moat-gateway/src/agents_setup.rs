@@ -108,6 +108,17 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
             }
             extras.llm = Some(llm);
         }
+        if kind == AgentKind::Amp {
+            // The real key stays in the door; the sandbox gets a placeholder.
+            let amp = moat_egress::amp::AmpAccess::from_env(
+                inputs.secret,
+                cfg.amp.url.as_deref(),
+                cfg.amp.allow_plain_http,
+                inputs.runtime_dir.join("doors"),
+            )
+            .map_err(|e| format!("{at}.agent: agent \"amp\": {e}"))?;
+            extras.amp = Some(amp);
+        }
         let inside_cli_dir = match &cli_dir {
             Some(host) if kind != AgentKind::Builtin => {
                 moat_sandbox::reach::require_for_sandboxes(

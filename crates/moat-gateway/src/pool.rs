@@ -96,6 +96,9 @@ pub struct DoorExtras {
     pub files: Vec<(std::path::PathBuf, std::path::PathBuf)>,
     /// GitHub interception with a token of the channel's scope.
     pub github: Option<crate::github_setup::GithubTemplate>,
+    /// Amp's key injected for Amp's host; its `state_dir` is the root under
+    /// which each door gets a directory of its own.
+    pub amp: Option<moat_egress::amp::AmpAccess>,
 }
 
 /// The lease's side of a door: its namespace, client settings and files.
@@ -107,7 +110,7 @@ pub fn attachment(door: &moat_egress::Door, extras: &DoorExtras) -> NetworkAttac
         env: moat_egress::Door::client_env()
             .into_iter()
             .chain(door.llm_env())
-            .chain(door.github_env())
+            .chain(door.intercept_env())
             .collect(),
         files,
     }
@@ -127,6 +130,7 @@ pub fn start_door(
         && extras.llm.is_none()
         && extras.files.is_empty()
         && extras.github.is_none()
+        && extras.amp.is_none()
     {
         return Ok(None);
     }
@@ -143,6 +147,10 @@ pub fn start_door(
             audit,
             llm: extras.llm.clone(),
             github,
+            amp: extras.amp.clone().map(|mut a| {
+                a.state_dir = a.state_dir.join(name);
+                a
+            }),
         },
     )
     .map(Some)

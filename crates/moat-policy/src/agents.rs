@@ -227,6 +227,16 @@ pub struct GatewayLlm {
     pub openai_url: Option<String>,
 }
 
+/// `[amp]` of the gateway file: where the door sends Amp's requests (the
+/// key, `AMP_API_KEY`, stays in moat's environment or secrets file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayAmp {
+    /// `None`: `MOAT_AMP_URL`, else `https://ampcode.com`.
+    pub url: Option<String>,
+    /// Allow an `http://` upstream (tests).
+    pub allow_plain_http: bool,
+}
+
 /// `[agents]` of the gateway file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentsConfig {
@@ -262,6 +272,15 @@ pub(crate) struct RawGatewayLlm {
     api_key: Option<toml::Value>,
     anthropic_api_key: Option<toml::Value>,
     openai_api_key: Option<toml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGatewayAmp {
+    url: Option<String>,
+    allow_plain_http: Option<bool>,
+    // Present only to refuse it with a precise message.
+    api_key: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -406,6 +425,34 @@ pub(crate) fn gateway_llm(raw: RawGatewayLlm) -> Result<GatewayLlm, PolicyError>
     Ok(GatewayLlm {
         anthropic_url: url(raw.anthropic_url, "llm.anthropic_url")?,
         openai_url: url(raw.openai_url, "llm.openai_url")?,
+    })
+}
+
+pub(crate) fn gateway_amp(raw: RawGatewayAmp) -> Result<GatewayAmp, PolicyError> {
+    if raw.api_key.is_some() {
+        return Err(err(
+            "amp.api_key",
+            "secrets never go in the configuration file; set AMP_API_KEY in moat's environment or the secrets file".to_string(),
+        ));
+    }
+    let url = match raw.url {
+        Some(u) if !(u.starts_with("https://") || u.starts_with("http://")) => {
+            return Err(err(
+                "amp.url",
+                format!("{u:?} is not a URL; write https://host[:port][/base]"),
+            ))
+        }
+        Some(u) if u.starts_with("http://") && raw.allow_plain_http != Some(true) => {
+            return Err(err(
+                "amp.url",
+                format!("{u:?} is plain HTTP; set amp.allow_plain_http = true to allow an unencrypted upstream (tests)"),
+            ))
+        }
+        other => other.map(|u| u.trim_end_matches('/').to_string()),
+    };
+    Ok(GatewayAmp {
+        url,
+        allow_plain_http: raw.allow_plain_http.unwrap_or(false),
     })
 }
 

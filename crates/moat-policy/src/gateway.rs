@@ -22,9 +22,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::agents::{
-    AgentKind, AgentPolicy, AgentsConfig, ArtifactPolicy, GatewayLlm, LlmProvider, McpServerConfig,
+    AgentKind, AgentPolicy, AgentsConfig, ArtifactPolicy, GatewayAmp, GatewayLlm, LlmProvider,
+    McpServerConfig,
 };
-use crate::agents::{RawAgentKeys, RawAgents, RawArtifacts, RawGatewayLlm, RawMcp};
+use crate::agents::{RawAgentKeys, RawAgents, RawArtifacts, RawGatewayAmp, RawGatewayLlm, RawMcp};
 use crate::network::{canonical_ip, parse_allow_entry, parse_ip_literal, parse_pin};
 use crate::sandbox::{BackendKind, SandboxPolicy};
 use crate::units::{format_duration, parse_duration};
@@ -390,6 +391,8 @@ pub struct GatewayConfig {
     pub agents: AgentsConfig,
     /// `[github]`: where the App's API and git hosts are.
     pub github: crate::github::GithubSection,
+    /// `[amp]`: where the door sends Amp's requests.
+    pub amp: GatewayAmp,
 }
 
 /// The verdict on one message.
@@ -587,6 +590,8 @@ struct RawFile {
     agents: RawAgents,
     #[serde(default)]
     github: crate::github::RawGithubSection,
+    #[serde(default)]
+    amp: RawGatewayAmp,
 }
 
 #[derive(Deserialize, Default)]
@@ -1529,6 +1534,7 @@ impl GatewayConfig {
             llm: crate::agents::gateway_llm(raw.llm)?,
             agents: crate::agents::agents_config(raw.agents)?,
             github: crate::github::section(raw.github)?,
+            amp: crate::agents::gateway_amp(raw.amp)?,
         })
     }
 }

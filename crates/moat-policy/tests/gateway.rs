@@ -31,6 +31,14 @@ const WEB_ALL: &str = "[[channel]]\nplatform = \"web\"\nid = \"*\"\nusers = [\"*
 /// (file text, the key the error must name, a phrase the message must contain:
 /// what is wrong or what to write instead).
 const ERROR_CASES: &[(&str, &str, &str)] = &[
+    // [amp]: the key never in the file, plain HTTP only when allowed
+    ("[amp]\napi_key = \"sgamp_user_x\"", "amp.api_key", "AMP_API_KEY"),
+    ("[amp]\nurl = \"ampcode.com\"", "amp.url", "https://"),
+    (
+        "[amp]\nurl = \"http://127.0.0.1:9\"",
+        "amp.url",
+        "allow_plain_http = true",
+    ),
     // syntax and unknown keys
     ("unknown = 1", "unknown", "unknown field"),
     ("[web]\nlisten = 8080", "web.listen", "expected a string"),
@@ -318,6 +326,7 @@ fn the_error_cases_are_each_valid_once_the_fault_is_fixed() {
         "[web]\nenabled = false\n[slack]\nmode = \"events\"\nlisten = \"0.0.0.0:3000\"",
         "[web]\nenabled = false\nlisten = \"0.0.0.0:8080\"",
         "[slack]\napi_url = \"http://127.0.0.1:4000/api/\"",
+        "[amp]\nurl = \"http://127.0.0.1:9\"\nallow_plain_http = true",
         "[pool]\nsize = 0\n[[channel]]\nplatform = \"web\"\nid = \"*\"\nsandbox = \"per-thread\"",
         "[defaults]\nidle_delete = \"1m\"\ndebounce = \"0ms\"",
         "[[channel]]\nplatform = \"slack\"\nid = \"C1\"\n[[channel]]\nplatform = \"web\"\nid = \"C1\"",

@@ -37,7 +37,8 @@ use serde_json::{json, Value};
 pub const CLAUDE_CODE_VERSION: &str = "2.1.330";
 /// The Codex CLI's pinned version; the same as `CODEX_VERSION` in scripts/setup.
 pub const CODEX_VERSION: &str = "0.169.0";
-/// Amp's pinned version (`npm view @sourcegraph/amp version`).
+/// Amp's pinned version (`@ampcode/cli`, the CLI's package since
+/// `@sourcegraph/amp` was renamed); the same as `AMP_VERSION` in scripts/setup.
 pub const AMP_VERSION: &str = "0.0.1790142911-g7618fb";
 /// Pi's pinned version (`npm view @mariozechner/pi-coding-agent version`);
 /// the same as `PI_VERSION` in scripts/setup.
@@ -101,7 +102,7 @@ pub struct InstallArgs {
     #[arg(long, value_name = "bwrap|gvisor", default_value = "bwrap")]
     backend: String,
     /// A package to install instead of the defaults (repeatable): NAME@VERSION.
-    /// Default: @anthropic-ai/claude-code, @openai/codex and @sourcegraph/amp
+    /// Default: @anthropic-ai/claude-code, @openai/codex and @ampcode/cli
     /// at the versions this moat pins.
     #[arg(long = "package", value_name = "NAME@VERSION")]
     packages: Vec<String>,
@@ -143,7 +144,7 @@ pub fn default_packages() -> Vec<Package> {
     [
         ("@anthropic-ai/claude-code", CLAUDE_CODE_VERSION, "claude"),
         ("@openai/codex", CODEX_VERSION, "codex"),
-        ("@sourcegraph/amp", AMP_VERSION, "amp"),
+        ("@ampcode/cli", AMP_VERSION, "amp"),
         ("@mariozechner/pi-coding-agent", PI_VERSION, "pi"),
     ]
     .into_iter()
@@ -861,6 +862,7 @@ fn npm_install(
             audit: recorder.clone(),
             llm: None,
             github: None,
+            amp: None,
         },
     )
     .context(
@@ -1206,6 +1208,7 @@ mod tests {
         };
         assert_eq!(value("CLAUDE_CODE_VERSION"), CLAUDE_CODE_VERSION);
         assert_eq!(value("CODEX_VERSION"), CODEX_VERSION);
+        assert_eq!(value("AMP_VERSION"), AMP_VERSION);
         assert_eq!(value("PI_VERSION"), PI_VERSION);
         let defaults = default_packages();
         assert_eq!(
@@ -1213,6 +1216,7 @@ mod tests {
             format!("@anthropic-ai/claude-code@{CLAUDE_CODE_VERSION}")
         );
         assert_eq!(defaults[1].spec(), format!("@openai/codex@{CODEX_VERSION}"));
+        assert_eq!(defaults[2].spec(), format!("@ampcode/cli@{AMP_VERSION}"));
     }
 
     #[test]

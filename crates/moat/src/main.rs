@@ -467,6 +467,7 @@ fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
                 audit,
                 llm,
                 github,
+                amp: None,
             },
         )
         .context("starting the egress door")?;
@@ -475,7 +476,7 @@ fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
             env: moat_egress::Door::client_env()
                 .into_iter()
                 .chain(d.llm_env())
-                .chain(d.github_env())
+                .chain(d.intercept_env())
                 .collect(),
             files: d.files(),
         };

@@ -9,9 +9,11 @@
 //! tool the channel does not allow is refused before it runs (no marker
 //! file) and the refusal is in the answer; per-thread resume continues the
 //! previous session; only the channel's MCP servers reach the model; a
-//! cancelled turn leaves no process behind; Amp refuses to start. The real
-//! keys are only ever seen by the fake, never inside.
+//! cancelled turn leaves no process behind; Amp's turn goes through the
+//! door, which adds Amp's key (a stand-in `amp` against a fake Amp service,
+//! tests/ampkit). The real keys are only ever seen by the fakes, never inside.
 
+mod ampkit;
 mod clikit;
 
 use std::path::PathBuf;
@@ -777,29 +779,129 @@ fn missing_cli_answers(backend: Backend) {
     assert!(fake.calls().is_empty());
 }
 
-/// Amp refuses to start and runs nothing in the sandbox.
-fn amp_refuses(backend: Backend) {
+/// docs/threat-model.md C1, C2: Amp through the door. The door serves Amp
+/// (its real key, a fake Amp service on 127.0.0.1 as upstream); the
+/// stand-in `amp` (tests/ampkit: Amp's CLI itself cannot finish a turn
+/// offline) runs through the adapter, makes the CLI's first call
+/// (`POST /api/internal?getUserInfo` with `Authorization: Bearer
+/// $AMP_API_KEY`) to https://ampcode.com and answers in Amp's stream JSON.
+/// The turn answers with what the fake said; the fake saw the real key and
+/// never the placeholder; the sandbox (environment, /proc, files) holds
+/// only the placeholder; a stolen key sent from inside gets 401 from the
+/// door and never reaches the fake; both are audit records.
+fn amp_turn(backend: Backend) {
     let keys = Keys::new();
-    let fake = FakeLlm::start(&keys, Arc::new(|_req: &Req, _| Reply::text("unused")));
-    let mut b = CliBox::start(backend, None, &fake.url(), &keys);
-    let agent = AmpAgent::new(settings(
-        PathBuf::from("/usr/local/lib/moat-agent-clis"),
-        &["Bash"],
+    let llm = FakeLlm::start(&keys, Arc::new(|_req: &Req, _| Reply::text("unused")));
+    let real = ampkit::real_key();
+    let amp = ampkit::FakeAmp::start(&real);
+    let mut b = CliBox::start_with(backend, None, &llm.url(), &keys, Some((&amp.url(), &real)));
+    let (code, out) = b.sh(&format!(
+        "mkdir -p /home/agent/fakeamp/bin && cat > /home/agent/fakeamp/bin/amp <<'MOATEOF'\n{}MOATEOF\nchmod 755 /home/agent/fakeamp/bin/amp",
+        ampkit::FAKE_AMP
     ));
+    assert_eq!(code, 0, "{out}");
+    let agent = AmpAgent::new(settings(PathBuf::from("/home/agent/fakeamp"), &["Bash"]));
     let (out, events) = turn(&agent, &mut b, &input("hi", false));
-    assert!(!out.ok && !out.cancelled, "{out:?}");
+    assert!(out.ok, "{out:?} {events:?}");
     assert!(
+        out.answer.contains(&format!(
+            "Amp answers as {} (settings: tools-limited;",
+            ampkit::FAKE_USER
+        )),
+        "{}",
         out.answer
-            .starts_with("moat: the Amp agent cannot run in this channel:"),
-        "{out:?}"
     );
-    assert!(out
-        .answer
-        .contains("never puts a real key inside a sandbox"));
-    assert!(events.iter().any(|e| matches!(e, AgentEvent::Error(_))));
-    // Its wrapper never ran: no settings file in the home directory.
-    assert_eq!(b.sh("test -e /home/agent/.moat/amp-settings.json").0, 1);
-    assert!(fake.calls().is_empty());
+    let seen = amp.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path, "/api/internal?getUserInfo");
+    assert_eq!(seen[0].authorization, [format!("Bearer {real}")]);
+
+    // Everything readable inside, dumped for the host to search.
+    let (code, dump) = b.sh(
+        "env; for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do cat \"$f\" 2>/dev/null; echo; done; \
+         find /workspace /home/agent /tmp /etc /run/moat -xdev -type f -size -4M -exec cat {} + 2>/dev/null; echo; echo SCAN-DONE",
+    );
+    assert_eq!(code, 0);
+    assert!(dump.trim_end().ends_with("SCAN-DONE"));
+    let ph = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("AMP_API_KEY="))
+        .expect("the placeholder in the environment")
+        .to_string();
+    assert!(ph.starts_with("sgamp_moat_") && ph != real, "{ph}");
+    assert!(dump.contains("AMP_URL=https://ampcode.com"));
+    assert!(dump.contains("root:"), "/etc/passwd was not read");
+    assert!(!dump.contains(&real), "the real Amp key is readable inside");
+    assert!(
+        seen.iter().all(|r| !r.raw.contains(&ph)),
+        "the placeholder reached Amp's service"
+    );
+
+    // A stolen (or any other) key from inside: refused by the door.
+    let (_, code) = b.sh(
+        "curl -sS -o /dev/null -w '%{http_code}' -X POST -H 'Authorization: Bearer sgamp_user_stolen' 'https://ampcode.com/api/internal?getUserInfo'",
+    );
+    assert_eq!(code.trim(), "401");
+    let (_, code) = b.sh(
+        "curl -sS -o /dev/null -w '%{http_code}' -H 'X-Api-Key: sgamp_user_stolen' 'https://ampcode.com/api/internal?getUserInfo'",
+    );
+    assert_eq!(code.trim(), "401");
+    assert_eq!(
+        amp.requests().len(),
+        1,
+        "a refused request reached the fake"
+    );
+    let verdicts: Vec<(&str, u16)> = b
+        .audit
+        .github_records
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.kind == "amp")
+        .map(|r| (r.verdict, r.status))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [("allowed", 200), ("denied", 401), ("denied", 401)]
+    );
+    let records = format!("{:?}", b.audit.github_records.lock().unwrap());
+    assert!(!records.contains(&real) && !records.contains(&ph));
+}
+
+/// Amp's real CLI (the pinned `@ampcode/cli`) through the adapter and the
+/// door: it trusts the lease CA, reaches https://ampcode.com through the
+/// door, and its start-up calls reach the fake Amp service with the real
+/// key (never the placeholder). The fake does not serve Amp's threads
+/// (their agent loop runs on Amp's servers), so the turn ends with the
+/// CLI's error, which the answer reports.
+fn amp_cli_through_the_door(backend: Backend) {
+    let cli = amp_dir();
+    let keys = Keys::new();
+    let llm = FakeLlm::start(&keys, Arc::new(|_req: &Req, _| Reply::text("unused")));
+    let real = ampkit::real_key();
+    let amp = ampkit::FakeAmp::start(&real);
+    let mut b = CliBox::start_with(backend, None, &llm.url(), &keys, Some((&amp.url(), &real)));
+    let agent = AmpAgent::new(settings(cli, &["Bash"]));
+    let (out, events) = turn(&agent, &mut b, &input("hi", false));
+    assert!(!out.ok, "the fake serves no thread: {out:?}");
+    let seen = amp.requests();
+    assert!(
+        seen.first()
+            .is_some_and(|r| r.path == "/api/internal?getUserInfo"),
+        "{seen:?} {events:?}"
+    );
+    for r in &seen {
+        assert_eq!(r.authorization, [format!("Bearer {real}")], "{}", r.path);
+    }
+    let ph = b.sh("printf %s \"$AMP_API_KEY\"").1;
+    assert!(ph.starts_with("sgamp_moat_"), "{ph}");
+    assert!(seen.iter().all(|r| !r.raw.contains(&ph)));
+    eprintln!(
+        "Amp's CLI sent: {:?}",
+        seen.iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect::<Vec<_>>()
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -987,7 +1089,8 @@ cli_tests! {
     codex_resume_continues_the_previous_thread => codex_resumes;
     codex_cancel_while_waiting_on_the_model => codex_cancel;
     a_missing_cli_still_answers => missing_cli_answers;
-    amp_refuses_to_start_and_runs_nothing => amp_refuses;
+    attack_c1_amp_key_stays_in_the_door_and_a_turn_answers => amp_turn;
+    amps_real_cli_reaches_the_service_through_the_door_with_the_real_key => amp_cli_through_the_door;
     pi_completes_a_scripted_turn_through_the_door => pi_turn;
     pi_refuses_a_tool_the_channel_does_not_allow => pi_refuses_a_tool;
     pi_loads_no_extension_the_sandbox_planted => pi_ignores_planted_extensions;

@@ -17,6 +17,7 @@
 #[path = "../../moat-gateway/tests/slack_kit/mod.rs"]
 mod slack_kit;
 
+mod ampkit;
 mod clikit;
 mod llmkit;
 
@@ -391,6 +392,58 @@ async fn slack_event_to_threaded_answer_with_artifact_claude_code() {
         files_containing(&data, &keys.anthropic),
         Vec::<String>::new()
     );
+}
+
+/// Amp through the gateway: a Slack channel with `agent = "amp"`, `[amp]`
+/// pointing the door at a fake Amp service and `[agents] dir` at the
+/// stand-in `amp` (tests/ampkit; Amp's CLI itself cannot finish a turn
+/// offline). The stand-in asks Amp's service who it is through the door;
+/// the answer in the thread says what the fake answered, the fake saw only
+/// the real key, and the key is nowhere in the data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_event_to_threaded_answer_amp() {
+    let real = ampkit::real_key();
+    let amp = ampkit::FakeAmp::start(&real);
+    let cli = ampkit::fake_amp_dir();
+    let slack = FakeSlack::start().await;
+    let data = data_dir("agents-e2e-amp");
+    let rest = format!(
+        "[amp]\nurl = \"{url}\"\nallow_plain_http = true\n\n[agents]\ndir = \"{dir}\"\n\n\
+         [pool]\nsize = 1\n\n[defaults]\ndebounce = \"0ms\"\n\n\
+         [[channel]]\nplatform = \"slack\"\nid = \"{GENERAL}\"\nusers = [\"{ALICE}\"]\n\
+         agent = \"amp\"\ntools = [\"Bash\"]\n",
+        url = amp.url(),
+        dir = cli.display()
+    );
+    let slack_secrets = secret_fn();
+    let key = real.clone();
+    let secrets: moat_gateway::server::SecretFn = Arc::new(move |k: &str| match k {
+        "AMP_API_KEY" => Some(key.clone()),
+        other => slack_secrets(other),
+    });
+    let gw = Running::start_with(&config(&slack, &data, Mode::Events, &rest), &data, secrets).await;
+    let ts = new_ts();
+    let body = slack.callback(
+        &new_event_id(),
+        mention(GENERAL, ALICE, &ts, None, "who are you?"),
+    );
+    assert_eq!(post_signed(gw.events(), &body).await.status, 200);
+    slack
+        .wait_post(
+            GENERAL,
+            &ts,
+            &format!(
+                "Amp answers as {} (settings: tools-limited",
+                ampkit::FAKE_USER
+            ),
+        )
+        .await;
+    gw.stop().await;
+    let seen = amp.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].authorization, [format!("Bearer {real}")]);
+    assert_eq!(files_containing(&data, &real), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&cli);
 }
 
 /// `budget` is per turn: on a pool of one sandbox, two three-call turns of

@@ -717,7 +717,7 @@ fn slow_default_packages_from_a_local_registry() {
         &[
             ("@anthropic-ai/claude-code", &claude, "claude"),
             ("@openai/codex", &codex, "codex"),
-            ("@sourcegraph/amp", &amp, "amp"),
+            ("@ampcode/cli", &amp, "amp"),
             ("@mariozechner/pi-coding-agent", &pi, "pi"),
         ],
     );
@@ -728,7 +728,7 @@ fn slow_default_packages_from_a_local_registry() {
     for (name, version, command) in [
         ("@anthropic-ai/claude-code", &claude, "claude"),
         ("@openai/codex", &codex, "codex"),
-        ("@sourcegraph/amp", &amp, "amp"),
+        ("@ampcode/cli", &amp, "amp"),
         ("@mariozechner/pi-coding-agent", &pi, "pi"),
     ] {
         assert!(out.stdout.contains(&format!("{name} {version}")), "{out:?}");
@@ -739,7 +739,7 @@ fn slow_default_packages_from_a_local_registry() {
     for path in [
         "GET /@anthropic-ai%2fclaude-code",
         "GET /@openai%2fcodex",
-        "GET /@sourcegraph%2famp",
+        "GET /@ampcode%2fcli",
         "GET /@mariozechner%2fpi-coding-agent",
     ] {
         assert!(
@@ -762,7 +762,7 @@ fn slow_default_packages_from_a_local_registry() {
         vec![
             format!("@anthropic-ai/claude-code {claude}"),
             format!("@openai/codex {codex}"),
-            format!("@sourcegraph/amp {amp}"),
+            format!("@ampcode/cli {amp}"),
             format!("@mariozechner/pi-coding-agent {pi}"),
         ]
     );

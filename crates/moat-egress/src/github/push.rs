@@ -19,7 +19,8 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::{full, protected_branch, refusal_text, GhBody};
+use super::protect::{protected_branch, refusal_text};
+use super::proxy::{full, GhBody};
 use crate::STEP_TIMEOUT;
 
 /// Largest ref-update section of a push (the pack after it is streamed).

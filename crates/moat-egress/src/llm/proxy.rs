@@ -21,10 +21,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-use super::upstream::send_upstream;
 use super::{
     constant_time_eq, judge, redact, stream, LlmRecord, Pending, Provider, Refusal, Usage, MAX_BODY,
 };
+use crate::upstream::send_upstream;
 use crate::STEP_TIMEOUT;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;

@@ -4,12 +4,11 @@
 //! with Claude Code's (so Claude Code's parser reads it).
 //!
 //! Amp's CLI works only with Amp's own service (ampcode.com) and an Amp API
-//! key (`AMP_API_KEY`). moat never puts a real key into a sandbox, and the
-//! egress door has no Amp proxy that could add the key on the way out (as it
-//! does for the Anthropic and OpenAI APIs). So this adapter refuses to start
-//! and says why, instead of running a CLI that cannot work or handing it a
-//! key. The refusal is worked out by [`unavailable`]; the rest is ready for
-//! the day the door serves Amp.
+//! key (`AMP_API_KEY`). The sandbox holds a placeholder key; the egress door
+//! intercepts Amp's host (TLS with the lease CA) and puts the real key on
+//! each request on the way out (`moat_egress::amp`). The adapter refuses to
+//! start only when the sandbox policy itself would put a key inside
+//! ([`unavailable`]).
 //!
 //! Owns: Amp's command line, its settings file and the refusal.
 //! Must never: put an Amp key (or any real key) into a sandbox, let Amp use
@@ -27,7 +26,7 @@ use super::claude::{
 use super::{Agent, AgentEvent, AgentSettings, CancelHandle, TurnInput, TurnOutcome};
 
 /// Amp's service, which its CLI must reach.
-pub const AMP_HOST: &str = "ampcode.com";
+pub use moat_egress::amp::AMP_HOST;
 
 /// Variables that would carry an Amp credential into the sandbox.
 pub const AMP_KEY_VARS: &[&str] = &["AMP_API_KEY", "AMP_TOKEN"];
@@ -70,30 +69,21 @@ const BUILTIN_ALIASES: &[(&str, &str)] = &[
 /// Why Amp cannot run in a channel.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AmpUnavailable {
-    /// The door has no Amp proxy, and a real key never goes inside.
-    #[error("Amp's CLI needs an Amp API key (AMP_API_KEY) to talk to Amp's service at {AMP_HOST}; moat never puts a real key inside a sandbox, and its egress door has no Amp proxy that could add the key on the way out (as it does for Anthropic and OpenAI)")]
-    NoCredentialProxy,
     /// The sandbox policy itself would put a key inside.
-    #[error("the sandbox policy sets {0} in the sandbox's environment; a real key must never be inside a sandbox: remove it from the policy's env")]
+    #[error("the sandbox policy sets {0} in the sandbox's environment; a real key must never be inside a sandbox (the door adds Amp's key on the way out): remove it from the policy's env")]
     KeyInSandbox(String),
-    /// The channel's egress does not reach Amp's service.
-    #[error("the channel's egress does not allow {AMP_HOST}:443, which Amp's CLI must reach")]
-    EgressDenied,
 }
 
-/// Every reason Amp cannot run under `policy`; empty means it can. In this
-/// version the list is never empty: the door cannot serve Amp's key.
+/// Every reason Amp cannot run under `policy`; empty means it can. The key
+/// itself is the door's (`AMP_API_KEY` in moat's environment, checked when
+/// the gateway starts); Amp's host needs no egress entry (the door
+/// intercepts it).
 pub fn unavailable(policy: &SandboxPolicy) -> Vec<AmpUnavailable> {
-    let mut why = vec![AmpUnavailable::NoCredentialProxy];
-    for v in AMP_KEY_VARS {
-        if policy.env.contains_key(*v) {
-            why.push(AmpUnavailable::KeyInSandbox(v.to_string()));
-        }
-    }
-    if policy.network.check(AMP_HOST, 443).is_err() {
-        why.push(AmpUnavailable::EgressDenied);
-    }
-    why
+    AMP_KEY_VARS
+        .iter()
+        .filter(|v| policy.env.contains_key(**v))
+        .map(|v| AmpUnavailable::KeyInSandbox(v.to_string()))
+        .collect()
 }
 
 /// The answer of a turn Amp cannot run.
@@ -108,8 +98,7 @@ pub fn refusal_text(why: &[AmpUnavailable]) -> String {
     s
 }
 
-/// Runs the Amp CLI headless in the conversation's sandbox, once the
-/// channel can serve it (see [`unavailable`]).
+/// Runs the Amp CLI headless in the conversation's sandbox.
 pub struct AmpAgent {
     settings: AgentSettings,
 }
@@ -296,34 +285,16 @@ mod tests {
     const RESULT: &str = r#"{"type":"result","subtype":"success","duration_ms":2906,"is_error":false,"num_turns":2,"result":"Just a README.","session_id":"T-2775dc92-90ed-4f85-8b73-8f9766029e83"}"#;
 
     #[test]
-    fn amp_never_runs_without_a_credential_proxy() {
-        let policy = SandboxPolicy::default();
-        let why = unavailable(&policy);
-        assert!(why.contains(&AmpUnavailable::NoCredentialProxy));
-        assert!(why.contains(&AmpUnavailable::EgressDenied));
+    fn amp_refuses_only_a_key_put_in_the_sandbox_by_the_policy() {
+        assert!(unavailable(&SandboxPolicy::default()).is_empty());
         let mut leaky = SandboxPolicy::default();
         leaky
             .env
             .insert("AMP_API_KEY".into(), "sgamp_user_x".into());
-        leaky
-            .network
-            .allow
-            .push(moat_policy::network::parse_allow_entry(AMP_HOST).unwrap());
         let why = unavailable(&leaky);
-        assert_eq!(
-            why,
-            [
-                AmpUnavailable::NoCredentialProxy,
-                AmpUnavailable::KeyInSandbox("AMP_API_KEY".into())
-            ]
-        );
+        assert_eq!(why, [AmpUnavailable::KeyInSandbox("AMP_API_KEY".into())]);
         let text = refusal_text(&why);
         assert!(text.starts_with("moat: the Amp agent cannot run in this channel:"));
-        assert!(text.contains(
-            "to talk to Amp's service at ampcode.com; moat never puts a real key inside a sandbox"
-        ));
-        assert!(refusal_text(&[AmpUnavailable::EgressDenied])
-            .contains("does not allow ampcode.com:443"));
         assert!(text.contains("remove it from the policy's env"));
         // The refusal never repeats a value from the policy.
         assert!(!text.contains("sgamp_user_x"));

@@ -166,6 +166,10 @@ pub fn pi_dir() -> PathBuf {
     cli_dir("pi", "PI_VERSION")
 }
 
+pub fn amp_dir() -> PathBuf {
+    cli_dir("amp", "AMP_VERSION")
+}
+
 // ---------------------------------------------------------------------------
 // The fake upstream
 // ---------------------------------------------------------------------------
@@ -534,6 +538,18 @@ pub struct CliBox {
 impl CliBox {
     /// `name`: a named lease (per-thread mode keeps its files).
     pub fn start(backend: Backend, name: Option<&str>, fake_url: &str, keys: &Keys) -> CliBox {
+        CliBox::start_with(backend, name, fake_url, keys, None)
+    }
+
+    /// As [`CliBox::start`], the door also serving Amp: `amp` is (the
+    /// fake's URL, the real key).
+    pub fn start_with(
+        backend: Backend,
+        name: Option<&str>,
+        fake_url: &str,
+        keys: &Keys,
+        amp: Option<(&str, &str)>,
+    ) -> CliBox {
         static N: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "moat-clis-{}-{}",
@@ -576,6 +592,15 @@ impl CliBox {
             }),
             files: Vec::new(),
             github: None,
+            amp: amp.map(|(url, key)| {
+                moat_egress::amp::AmpAccess::from_env(
+                    |k| (k == "AMP_API_KEY").then(|| key.to_string()),
+                    Some(url),
+                    true,
+                    dir.join("doors"),
+                )
+                .expect("the Amp configuration")
+            }),
         };
         let policy = moat_policy::SandboxPolicy {
             backend: backend.kind(),

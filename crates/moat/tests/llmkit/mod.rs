@@ -391,6 +391,7 @@ impl AgentBox {
             }),
             files: vec![(bin, moat_gateway::agent::builtin::MOAT_INSIDE.into())],
             github: None,
+            amp: None,
         };
         let policy = moat_policy::SandboxPolicy {
             backend,

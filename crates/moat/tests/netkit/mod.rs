@@ -1542,6 +1542,7 @@ impl LibSandbox {
                 audit: audit.clone(),
                 llm: None,
                 github: None,
+                amp: None,
             },
         )
         .expect("starting the door");
