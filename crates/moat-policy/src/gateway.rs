@@ -273,6 +273,9 @@ pub struct ChannelPolicy {
     pub rate: Rates,
     /// What the channel's turns may do on GitHub (`github = { ... }`).
     pub github: Option<crate::github::ChannelGithub>,
+    /// Extra host directories (`mounts = [...]`), shape-checked; judged
+    /// against the mount allowlist at `moat up`.
+    pub mounts: Vec<crate::memory::ChannelMount>,
     policy: SandboxPolicy,
 }
 
@@ -390,6 +393,10 @@ pub struct GatewayConfig {
     pub agents: AgentsConfig,
     /// `[github]`: where the App's API and git hosts are.
     pub github: crate::github::GithubSection,
+    /// `[memory] global`: the global memory directory, if any.
+    pub memory_global: Option<PathBuf>,
+    /// `[mounts] allowlist`: the mount allowlist file, if any.
+    pub mounts_allowlist: Option<PathBuf>,
 }
 
 /// The verdict on one message.
@@ -587,6 +594,10 @@ struct RawFile {
     agents: RawAgents,
     #[serde(default)]
     github: crate::github::RawGithubSection,
+    #[serde(default)]
+    memory: crate::memory::RawMemory,
+    #[serde(default)]
+    mounts: crate::memory::RawMounts,
 }
 
 #[derive(Deserialize, Default)]
@@ -682,6 +693,7 @@ struct RawSettings {
     budget: Option<i64>,
     artifacts: Option<RawArtifacts>,
     github: Option<crate::github::RawChannelGithub>,
+    mounts: Option<Vec<crate::memory::RawChannelMount>>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
@@ -712,6 +724,7 @@ struct RawChannel {
     budget: Option<i64>,
     artifacts: Option<RawArtifacts>,
     github: Option<crate::github::RawChannelGithub>,
+    mounts: Option<Vec<crate::memory::RawChannelMount>>,
 }
 
 impl RawChannel {
@@ -738,6 +751,7 @@ impl RawChannel {
             budget: self.budget,
             artifacts: self.artifacts,
             github: self.github,
+            mounts: self.mounts,
         };
         (self.platform, self.id, s)
     }
@@ -950,6 +964,7 @@ struct Settings {
     debounce: Option<Duration>,
     rate: Rates,
     github: Option<crate::github::RawChannelGithub>,
+    mounts: Vec<crate::memory::ChannelMount>,
     policy: SandboxPolicy,
 }
 
@@ -975,6 +990,7 @@ impl Settings {
                 channel: Rate::parse("100/min").expect("valid"),
             },
             github: None,
+            mounts: Vec::new(),
             policy: SandboxPolicy::default(),
         }
     }
@@ -1035,6 +1051,9 @@ impl Settings {
         )?;
         if let Some(g) = raw.github {
             self.github = Some(g);
+        }
+        if let Some(m) = raw.mounts {
+            self.mounts = crate::memory::channel_mounts(&m, at)?;
         }
         if let Some(d) = raw.debounce {
             self.debounce = Some(duration_in(
@@ -1497,6 +1516,7 @@ impl GatewayConfig {
                     .as_ref()
                     .map(|g| crate::github::channel(g, &at, s.trust == Trust::Untrusted))
                     .transpose()?,
+                mounts: s.mounts,
                 policy: s.policy,
             });
         }
@@ -1512,6 +1532,16 @@ impl GatewayConfig {
             llm: crate::agents::gateway_llm(raw.llm)?,
             agents: crate::agents::agents_config(raw.agents)?,
             github: crate::github::section(raw.github)?,
+            memory_global: raw
+                .memory
+                .global
+                .map(|g| crate::memory::host_path(&g, "memory.global"))
+                .transpose()?,
+            mounts_allowlist: raw
+                .mounts
+                .allowlist
+                .map(|a| crate::memory::host_path(&a, "mounts.allowlist"))
+                .transpose()?,
         })
     }
 }
