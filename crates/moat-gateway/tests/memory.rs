@@ -111,10 +111,10 @@ both_backends! {
         // Another thread of the same channel finds it.
         assert_eq!(run(&alice, "a2", "cat /workspace/group/notes.txt"), format!("alice-{m}\n"));
         // The other channels see only their own folder, and no trace of Alice's.
-        let probe = "cat /workspace/group/notes.txt; ls /workspace; \
+        let probe = "cat /workspace/group/notes.txt; find /workspace -mindepth 1 -maxdepth 1; \
                      grep -rs alice- /workspace /home /tmp /run 2>/dev/null | head -3; echo end";
         let seen = run(&bob, "b2", probe);
-        assert_eq!(seen, format!("bob-{m}\ngroup\nend\n"), "bob saw: {seen}");
+        assert_eq!(seen, format!("bob-{m}\n/workspace/group\nend\n"), "bob saw: {seen}");
         let root = gw.client(Some(&t.root));
         let seen = run(&root, "r1", probe);
         assert!(!seen.contains("alice-") && seen.contains("No such file"), "root saw: {seen}");
@@ -144,8 +144,9 @@ both_backends! {
         std::fs::create_dir(&global).unwrap();
         let m = random_hex(8);
         std::fs::write(global.join("MEMORY.md"), format!("global-{m}\n")).unwrap();
-        std::fs::set_permissions(&global, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(global.join("MEMORY.md"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Open to every uid: only the read-only mount stands in the way.
+        std::fs::set_permissions(&global, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(global.join("MEMORY.md"), std::fs::Permissions::from_mode(0o666)).unwrap();
         // The admin channel runs as the directory's owner: an ordinary user.
         std::os::unix::fs::chown(&global, Some(4242), Some(4242)).unwrap();
         std::os::unix::fs::chown(global.join("MEMORY.md"), Some(4242), Some(4242)).unwrap();
@@ -193,10 +194,10 @@ both_backends! {
         let repo = srv.join("repo");
         std::fs::create_dir_all(&repo).unwrap();
         std::fs::write(repo.join("README"), "hello\n").unwrap();
-        for p in [&srv, &repo] {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        std::fs::set_permissions(repo.join("README"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Open to every uid: only the read-only mount stands in the way.
+        std::fs::set_permissions(&srv, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(repo.join("README"), std::fs::Permissions::from_mode(0o666)).unwrap();
         let list = dir.join("mounts.toml");
         std::fs::write(&list, format!("[[root]]\npath = \"{}\"\n", srv.display())).unwrap();
         let toml = config(
@@ -215,7 +216,7 @@ both_backends! {
         assert_eq!(snapshot(&srv), before);
         // Bob's channel has no such mount.
         let bob = gw.client(Some(&t.bob));
-        assert_eq!(run(&bob, "b1", "ls /workspace"), "group\n");
+        assert_eq!(run(&bob, "b1", "find /workspace -mindepth 1 -maxdepth 1"), "/workspace/group\n");
         gw.stop();
     };
 }
