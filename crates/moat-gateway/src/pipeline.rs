@@ -1242,14 +1242,17 @@ impl Gateway {
                 continue;
             }
             let engine = self.inner.engine.clone();
-            let policy = chan.sandbox_policy();
+            // The uid it ran as: its group folder's (docs/memory.md).
+            let Ok((policy, run_as)) = self.inner.groups.policy_for(chan, &c.channel) else {
+                continue;
+            };
             let n2 = name.clone();
             let ok = tokio::task::spawn_blocking(move || {
                 engine
                     .lease(
                         policy,
                         LeaseOptions {
-                            run_as: None,
+                            run_as,
                             name: Some(n2),
                             workspace: WorkspaceSource::Fresh,
                             network: None,
