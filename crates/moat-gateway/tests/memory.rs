@@ -132,6 +132,14 @@ both_backends! {
         assert_eq!(a, format!("alice-{m}\nok\n"));
         let bob = gw.client(Some(&t.bob));
         assert_eq!(run(&bob, "b3", "cat /workspace/group/notes.txt"), format!("bob-{m}\n"));
+        // Bob's per-thread sandboxes are deleted when idle; the folder stays.
+        let later = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            + 25 * 3600 * 1000;
+        assert!(gw.block_on(gw.gw.sweep_idle_at(later)) >= 1);
+        assert_eq!(run(&bob, "b4", "cat /workspace/group/notes.txt"), format!("bob-{m}\n"));
         let af = std::fs::read_to_string(group(&data, "alice").join("notes.txt")).unwrap();
         assert_eq!(af, format!("alice-{m}\nagain-{m}\n"));
         gw.stop();
