@@ -233,6 +233,11 @@ impl Groups {
     /// run as the global memory directory's owner, so they can write it.
     fn prepare(&self, folder: &Path, admin: bool) -> Result<Option<u32>, String> {
         let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", folder.display());
+        // One channel's first turns may come at once: one of them makes it.
+        let mut uids = self
+            .uids
+            .lock()
+            .map_err(|_| "uid table poisoned".to_string())?;
         std::fs::create_dir_all(&self.dir).map_err(|e| io("creating the parent of", e))?;
         if self.root {
             // Sandbox uids must get through to their folder, but not list the others.
@@ -250,19 +255,19 @@ impl Groups {
                 std::fs::create_dir(folder).map_err(|e| io("creating", e))?;
                 std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o700))
                     .map_err(|e| io("setting the mode of", e))?;
+                // Only in a folder just made: in one a sandbox has written,
+                // the memory file is the sandbox's to keep or delete (and a
+                // name there is never followed by the host).
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(folder.join(MEMORY_FILE))
+                    .map_err(|e| io("creating MEMORY.md in", e))?;
             }
-        }
-        let memory = folder.join(MEMORY_FILE);
-        if std::fs::symlink_metadata(&memory).is_err() {
-            std::fs::write(&memory, "").map_err(|e| io("creating MEMORY.md in", e))?;
         }
         if !self.root {
             return Ok(None);
         }
-        let mut uids = self
-            .uids
-            .lock()
-            .map_err(|_| "uid table poisoned".to_string())?;
         if let Some((u, _)) = uids.get(folder) {
             return Ok(Some(*u));
         }

@@ -256,7 +256,7 @@ fn attack_m3_mounts_around_the_allowlist_are_refused_at_start() {
     let (_t, secrets) = tokens();
     let refused = |top: &str, extra: &str| -> String {
         let toml = config("bwrap", top, extra);
-        match Gw::try_start_in(dir.join("data"), &toml, secrets.clone()) {
+        match Gw::try_start_in(fresh_dir("m3-refused").join("data"), &toml, secrets.clone()) {
             Ok(gw) => {
                 gw.stop();
                 panic!("the gateway started with {extra}")
