@@ -23,6 +23,37 @@ pub const DEFAULT_SYSTEM: &str = "You are a coding agent working in a sandbox on
 The workspace is /workspace. Use the tools you are given to look at and change files and to run commands, \
 then answer briefly with what you did or found.";
 
+/// Most bytes of one memory file put in the system prompt.
+pub const MEMORY_MAX: usize = 64 * 1024;
+
+/// The system prompt with the memory files read at the start of every turn
+/// (docs/memory.md): global memory (`global/MEMORY.md`, shared by every
+/// channel) and the channel's own (`group/MEMORY.md`), both under the
+/// workspace. A missing or empty file adds nothing; a long one is cut.
+pub fn with_memory(system: &str, workspace: &Path) -> String {
+    let mut out = system.to_string();
+    for (dir, title) in [
+        (
+            "global",
+            "Global memory (shared by every channel; /workspace/global/MEMORY.md)",
+        ),
+        (
+            "group",
+            "This channel's memory (keep it up to date in /workspace/group/MEMORY.md)",
+        ),
+    ] {
+        let Ok(bytes) = std::fs::read(workspace.join(dir).join("MEMORY.md")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MEMORY_MAX)]);
+        if text.trim().is_empty() {
+            continue;
+        }
+        out.push_str(&format!("\n\n## {title}\n\n{}", text.trim_end()));
+    }
+    out
+}
+
 /// The line added to an answer cut off by the step limit.
 pub const STEP_LIMIT_NOTE: &str = "moat: the step limit of this channel was reached";
 
@@ -269,6 +300,8 @@ fn run_inner(
         .as_deref()
         .filter(|s| !s.trim().is_empty())
         .unwrap_or(DEFAULT_SYSTEM);
+    let system = with_memory(system, &setup.workspace);
+    let system = system.as_str();
 
     let mut texts: Vec<String> = Vec::new();
     let mut steps = 0u32;
@@ -385,5 +418,38 @@ fn refusal_reason(name: &str) -> String {
         format!("not offered by an MCP server allowed in this channel ({server})")
     } else {
         "there is no such tool".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_files_follow_the_persona_in_the_system_prompt() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(with_memory("Be brief.", t.path()), "Be brief.");
+        std::fs::create_dir_all(t.path().join("group")).unwrap();
+        std::fs::create_dir_all(t.path().join("global")).unwrap();
+        std::fs::write(t.path().join("group/MEMORY.md"), "The repo is foo.\n").unwrap();
+        std::fs::write(t.path().join("global/MEMORY.md"), "  \n").unwrap();
+        let s = with_memory("Be brief.", t.path());
+        assert!(
+            s.starts_with("Be brief.\n\n## This channel's memory"),
+            "{s}"
+        );
+        assert!(s.ends_with("The repo is foo."), "{s}");
+        assert!(!s.contains("Global memory"), "{s}");
+        std::fs::write(
+            t.path().join("global/MEMORY.md"),
+            "x".repeat(MEMORY_MAX + 10),
+        )
+        .unwrap();
+        let s = with_memory("P", t.path());
+        assert!(
+            s.contains("Global memory") && s.len() < MEMORY_MAX + 500,
+            "{}",
+            s.len()
+        );
     }
 }

@@ -15,6 +15,7 @@ pub mod artifacts;
 pub mod github_clone;
 pub mod github_hooks;
 pub mod github_setup;
+pub mod groups;
 pub mod hub;
 pub mod incident;
 pub mod metrics;

@@ -237,6 +237,7 @@ pub struct Inner {
     pub hub: Hub,
     pub metrics: Metrics,
     setups: HashMap<usize, ChannelSetup>,
+    groups: Arc<crate::groups::Groups>,
     runtime: tokio::runtime::Handle,
     repliers: HashMap<Platform, Arc<dyn Replier>>,
     pub(crate) pools: tokio::sync::Mutex<HashMap<usize, Pool>>,
@@ -276,6 +277,8 @@ pub struct GatewayParts {
     /// Per channel (by index): the agent and what its doors serve. A channel
     /// without an entry runs the shell agent with the policy's egress only.
     pub setups: HashMap<usize, ChannelSetup>,
+    /// Group folders, global memory and per-channel mounts, checked.
+    pub groups: Arc<crate::groups::Groups>,
 }
 
 /// What a channel's turns run with besides its sandbox policy.
@@ -323,6 +326,7 @@ impl Gateway {
                 hub: Hub::default(),
                 metrics: Metrics::default(),
                 setups: parts.setups,
+                groups: parts.groups,
                 runtime: tokio::runtime::Handle::current(),
                 repliers: parts.repliers,
                 pools: tokio::sync::Mutex::new(HashMap::new()),
@@ -1091,7 +1095,17 @@ impl Gateway {
                 }
                 let name = format!("conv-{}", conv.id);
                 let inner = self.inner.clone();
-                let policy = channel.sandbox_policy();
+                let (policy, run_as) = match self.inner.groups.policy_for(channel, &conv.channel) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        if let Ok(mut inuse) = self.inner.leases_in_use.lock() {
+                            inuse.remove(&conv.id);
+                        }
+                        return Err(format!(
+                            "moat: could not prepare this conversation's sandbox: {e}"
+                        ));
+                    }
+                };
                 let extras = self.inner.setup(channel.index).extras;
                 let n2 = name.clone();
                 let built = tokio::task::spawn_blocking(move || {
@@ -1108,6 +1122,7 @@ impl Gateway {
                         .lease(
                             policy,
                             LeaseOptions {
+                                run_as,
                                 name: Some(n2),
                                 workspace: WorkspaceSource::Fresh,
                                 network,
@@ -1237,13 +1252,17 @@ impl Gateway {
                 continue;
             }
             let engine = self.inner.engine.clone();
-            let policy = chan.sandbox_policy();
+            // The uid it ran as: its group folder's (docs/memory.md).
+            let Ok((policy, run_as)) = self.inner.groups.policy_for(chan, &c.channel) else {
+                continue;
+            };
             let n2 = name.clone();
             let ok = tokio::task::spawn_blocking(move || {
                 engine
                     .lease(
                         policy,
                         LeaseOptions {
+                            run_as,
                             name: Some(n2),
                             workspace: WorkspaceSource::Fresh,
                             network: None,
@@ -1403,9 +1422,14 @@ impl Inner {
             return Ok(p.clone());
         }
         let c = &self.cfg.channels[idx];
+        let (policy, run_as) = self
+            .groups
+            .policy_for(c, &c.id)
+            .map_err(PoolError::Sandbox)?;
         let factory = LeaseFactory {
             engine: self.engine.clone(),
-            policy: c.sandbox_policy(),
+            policy,
+            run_as,
             extras: self.setup(idx).extras,
             runtime: self.runtime.clone(),
             audit: self.egress_audit.clone(),

@@ -47,6 +47,8 @@ pub trait RunnerFactory: Send + Sync + 'static {
 pub struct LeaseFactory {
     pub engine: Arc<Engine>,
     pub policy: SandboxPolicy,
+    /// The uid the runners share (a channel's group folder owner).
+    pub run_as: Option<u32>,
     /// The door's LLM proxy, and moat's own files for the sandbox (e.g. the
     /// moat binary for the built-in agent).
     pub extras: DoorExtras,
@@ -76,6 +78,7 @@ impl RunnerFactory for LeaseFactory {
             .lease(
                 self.policy.clone(),
                 LeaseOptions {
+                    run_as: self.run_as,
                     name: None,
                     workspace: WorkspaceSource::Fresh,
                     network,

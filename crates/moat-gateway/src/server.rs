@@ -203,7 +203,10 @@ pub async fn serve(
     if let Some(s) = &slack {
         repliers.insert(moat_policy::gateway::Platform::Slack, s.replier.clone());
     }
+    let groups = crate::groups::Groups::check(&cfg, &opts.data_dir, &runtime_dir)
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     let gw = Gateway::new(GatewayParts {
+        groups: Arc::new(groups),
         cfg,
         store: Arc::new(store),
         audit: Arc::new(audit),

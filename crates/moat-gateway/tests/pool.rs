@@ -58,6 +58,7 @@ async fn pool(size: usize, max_waiters: usize) -> Pool {
         extras: Default::default(),
         engine: engine(),
         policy: SandboxPolicy::default(),
+        run_as: None,
         runtime: tokio::runtime::Handle::current(),
         audit: Arc::new(moat_egress::MemoryAudit::default()),
         prefix: "pool-test".into(),

@@ -274,6 +274,9 @@ pub struct ChannelPolicy {
     pub rate: Rates,
     /// What the channel's turns may do on GitHub (`github = { ... }`).
     pub github: Option<crate::github::ChannelGithub>,
+    /// Extra host directories (`mounts = [...]`), shape-checked; judged
+    /// against the mount allowlist at `moat up`.
+    pub mounts: Vec<crate::memory::ChannelMount>,
     policy: SandboxPolicy,
 }
 
@@ -393,6 +396,10 @@ pub struct GatewayConfig {
     pub github: crate::github::GithubSection,
     /// `[amp]`: where the door sends Amp's requests.
     pub amp: GatewayAmp,
+    /// `[memory] global`: the global memory directory, if any.
+    pub memory_global: Option<PathBuf>,
+    /// `[mounts] allowlist`: the mount allowlist file, if any.
+    pub mounts_allowlist: Option<PathBuf>,
 }
 
 /// The verdict on one message.
@@ -592,6 +599,10 @@ struct RawFile {
     github: crate::github::RawGithubSection,
     #[serde(default)]
     amp: RawGatewayAmp,
+    #[serde(default)]
+    memory: crate::memory::RawMemory,
+    #[serde(default)]
+    mounts: crate::memory::RawMounts,
 }
 
 #[derive(Deserialize, Default)]
@@ -687,6 +698,7 @@ struct RawSettings {
     budget: Option<i64>,
     artifacts: Option<RawArtifacts>,
     github: Option<crate::github::RawChannelGithub>,
+    mounts: Option<Vec<crate::memory::RawChannelMount>>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
@@ -717,6 +729,7 @@ struct RawChannel {
     budget: Option<i64>,
     artifacts: Option<RawArtifacts>,
     github: Option<crate::github::RawChannelGithub>,
+    mounts: Option<Vec<crate::memory::RawChannelMount>>,
 }
 
 impl RawChannel {
@@ -743,6 +756,7 @@ impl RawChannel {
             budget: self.budget,
             artifacts: self.artifacts,
             github: self.github,
+            mounts: self.mounts,
         };
         (self.platform, self.id, s)
     }
@@ -976,6 +990,7 @@ struct Settings {
     debounce: Option<Duration>,
     rate: Rates,
     github: Option<crate::github::RawChannelGithub>,
+    mounts: Vec<crate::memory::ChannelMount>,
     policy: SandboxPolicy,
 }
 
@@ -1001,6 +1016,7 @@ impl Settings {
                 channel: Rate::parse("100/min").expect("valid"),
             },
             github: None,
+            mounts: Vec::new(),
             policy: SandboxPolicy::default(),
         }
     }
@@ -1061,6 +1077,9 @@ impl Settings {
         )?;
         if let Some(g) = raw.github {
             self.github = Some(g);
+        }
+        if let Some(m) = raw.mounts {
+            self.mounts = crate::memory::channel_mounts(&m, at)?;
         }
         if let Some(d) = raw.debounce {
             self.debounce = Some(duration_in(
@@ -1519,6 +1538,7 @@ impl GatewayConfig {
                     .as_ref()
                     .map(|g| crate::github::channel(g, &at, s.trust == Trust::Untrusted))
                     .transpose()?,
+                mounts: s.mounts,
                 policy: s.policy,
             });
         }
@@ -1535,6 +1555,16 @@ impl GatewayConfig {
             agents: crate::agents::agents_config(raw.agents)?,
             github: crate::github::section(raw.github)?,
             amp: crate::agents::gateway_amp(raw.amp)?,
+            memory_global: raw
+                .memory
+                .global
+                .map(|g| crate::memory::host_path(&g, "memory.global"))
+                .transpose()?,
+            mounts_allowlist: raw
+                .mounts
+                .allowlist
+                .map(|a| crate::memory::host_path(&a, "mounts.allowlist"))
+                .transpose()?,
         })
     }
 }

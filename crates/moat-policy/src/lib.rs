@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod gitconfig;
 pub mod github;
 pub mod hosts;
+pub mod memory;
 pub mod network;
 pub mod paths;
 pub mod sandbox;

@@ -161,6 +161,11 @@ pub struct LeaseOptions {
     /// The egress door's namespace and client settings; required when the
     /// policy allows any destination.
     pub network: Option<NetworkAttachment>,
+    /// Run as this host uid instead of one of moat's own (when moat is root):
+    /// the owner of a host directory several leases share, such as a
+    /// channel's group folder (docs/memory.md). The caller keeps the uid
+    /// from other uses; uid 0 is refused.
+    pub run_as: Option<u32>,
 }
 
 /// What a door gives a lease: the network namespace in which its listeners
@@ -264,6 +269,13 @@ pub(crate) fn open_lease(
     let (uid_lock, host_uid) = if !root || policy.backend == BackendKind::Local {
         // SAFETY: as above.
         (None, unsafe { libc::geteuid() })
+    } else if let Some(uid) = opts.run_as {
+        if uid == 0 || host_workspace.is_some() {
+            return Err(SandboxError::Refused(
+                "a lease runs as a shared uid only without --workspace, and never as root".into(),
+            ));
+        }
+        (None, uid)
     } else if let Some(ws) = &host_workspace {
         let owner = std::os::unix::fs::MetadataExt::uid(
             &std::fs::metadata(ws)

@@ -67,6 +67,7 @@ fn run_in_host_workspace(
         .lease(
             policy(kind),
             LeaseOptions {
+                run_as: None,
                 workspace: WorkspaceSource::Host(ws.0.clone()),
                 ..Default::default()
             },

@@ -872,6 +872,7 @@ fn npm_install(
     let mut lease = engine.lease(
         policy,
         LeaseOptions {
+            run_as: None,
             name: None,
             workspace: WorkspaceSource::Fresh,
             network: Some(NetworkAttachment {

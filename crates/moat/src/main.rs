@@ -489,6 +489,7 @@ fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
     let mut lease = engine.lease(
         policy,
         LeaseOptions {
+            run_as: None,
             name: None,
             workspace,
             network,

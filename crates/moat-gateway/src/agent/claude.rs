@@ -269,7 +269,8 @@ pub fn mcp_config(settings: &AgentSettings) -> Value {
 /// The shell wrapper every Claude Code run goes through: checks the door's
 /// Anthropic proxy is there, writes the MCP configuration into the home
 /// directory (never following a link the sandbox planted: the old file is
-/// removed and the new one created exclusively) and runs the CLI with it.
+/// removed and the new one created exclusively), links the channel's memory
+/// as `/workspace/CLAUDE.md` (docs/memory.md) and runs the CLI with it.
 const CLAUDE_WRAPPER: &str = r#"set -eu
 if [ -z "${ANTHROPIC_BASE_URL:-}" ]; then
   echo "moat: Claude Code needs the door's Anthropic proxy, but this sandbox has none (give moat an ANTHROPIC_API_KEY for this channel)" >&2
@@ -284,6 +285,9 @@ set -C
 printf '%s' "$MOAT_MCP_CONFIG" > "$f"
 set +C
 unset MOAT_MCP_CONFIG
+if [ -f /workspace/group/MEMORY.md ] && [ ! -e /workspace/CLAUDE.md ]; then
+  ln -s group/MEMORY.md /workspace/CLAUDE.md 2>/dev/null || true
+fi
 exec "$@" "--mcp-config=$f"
 "#;
 

@@ -143,10 +143,18 @@ impl Gw {
         toml: &str,
         secrets: Vec<(String, String)>,
     ) -> Result<Gw, String> {
+        Gw::try_start_in(fresh_dir(name).join("data"), toml, secrets)
+    }
+
+    /// [`Gw::try_start_with`] on a given data directory (a restart keeps it).
+    #[allow(dead_code)]
+    pub fn try_start_in(
+        data: PathBuf,
+        toml: &str,
+        secrets: Vec<(String, String)>,
+    ) -> Result<Gw, String> {
         let cfg = GatewayConfig::from_toml(toml)
             .unwrap_or_else(|e| panic!("test configuration refused: {e}\n{toml}"));
-        let dir = fresh_dir(name);
-        let data = dir.join("data");
         let engine = EngineConfig {
             data_dir: data.clone(),
             runtime_dir: scratch().join("run"),

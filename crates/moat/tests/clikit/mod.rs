@@ -621,6 +621,7 @@ impl CliBox {
             .lease(
                 policy,
                 moat_sandbox::LeaseOptions {
+                    run_as: None,
                     name: name.map(str::to_string),
                     workspace: moat_sandbox::WorkspaceSource::Fresh,
                     network: Some(network),

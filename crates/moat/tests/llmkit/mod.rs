@@ -412,6 +412,7 @@ impl AgentBox {
             .lease(
                 policy,
                 moat_sandbox::LeaseOptions {
+                    run_as: None,
                     name: name.map(str::to_string),
                     workspace: moat_sandbox::WorkspaceSource::Fresh,
                     network: Some(network),

@@ -1570,6 +1570,7 @@ impl LibSandbox {
             .lease(
                 policy,
                 moat_sandbox::LeaseOptions {
+                    run_as: None,
                     name: None,
                     workspace: moat_sandbox::WorkspaceSource::Host(ws.clone()),
                     network: Some(moat_sandbox::NetworkAttachment {
