@@ -283,7 +283,14 @@ mod tests {
         assert_eq!(version(&conn), current_version());
         assert_eq!(
             tables(&conn),
-            ["conversations", "messages", "store_meta", "turns"]
+            [
+                "conversations",
+                "github_deliveries",
+                "github_links",
+                "messages",
+                "store_meta",
+                "turns"
+            ]
         );
         conn.execute_batch(
             "INSERT INTO conversations (id, platform, channel, thread, created_ms, last_active_ms)

@@ -309,7 +309,8 @@ fn every_example_configuration_in_the_docs_starts_and_stops_cleanly() {
             "SLACK_BOT_TOKEN={}\nSLACK_SIGNING_SECRET={}\nSLACK_APP_TOKEN={}\n\
              MOAT_WEB_TOKENS=alice:0123456789abcdef0123\n\
              ANTHROPIC_API_KEY=sk-ant-made-up-for-the-docs-test\n\
-             OPENAI_API_KEY=sk-made-up-for-the-docs-test\n",
+             OPENAI_API_KEY=sk-made-up-for-the-docs-test\n\
+             AMP_API_KEY=sgamp_made_up_for_the_docs_test\n",
             slack_kit::BOT_TOKEN,
             slack_kit::SIGNING_SECRET,
             slack_kit::APP_TOKEN
