@@ -273,6 +273,11 @@ pub struct ChannelPolicy {
     pub rate: Rates,
     /// What the channel's turns may do on GitHub (`github = { ... }`).
     pub github: Option<crate::github::ChannelGithub>,
+    /// `conversation`, `trigger` and `mention`: which messages start a turn
+    /// and what one conversation is.
+    pub chat: crate::chat_keys::ChatKeys,
+    /// Loosened tightened keys of an untrusted channel, for `warnings()`.
+    untrusted_overrides: Vec<String>,
     policy: SandboxPolicy,
 }
 
@@ -493,6 +498,7 @@ impl GatewayConfig {
             w.push("no [[channel]] entries: nobody can talk to the gateway".to_string());
         }
         for c in &self.channels {
+            w.extend(c.untrusted_overrides.iter().cloned());
             if let Some(g) = &c.github {
                 if c.trust == Trust::Untrusted && g.can_write() {
                     w.push(format!(
@@ -682,6 +688,9 @@ struct RawSettings {
     budget: Option<i64>,
     artifacts: Option<RawArtifacts>,
     github: Option<crate::github::RawChannelGithub>,
+    conversation: Option<String>,
+    trigger: Option<String>,
+    mention: Option<String>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
@@ -712,6 +721,9 @@ struct RawChannel {
     budget: Option<i64>,
     artifacts: Option<RawArtifacts>,
     github: Option<crate::github::RawChannelGithub>,
+    conversation: Option<String>,
+    trigger: Option<String>,
+    mention: Option<String>,
 }
 
 impl RawChannel {
@@ -738,6 +750,9 @@ impl RawChannel {
             budget: self.budget,
             artifacts: self.artifacts,
             github: self.github,
+            conversation: self.conversation,
+            trigger: self.trigger,
+            mention: self.mention,
         };
         (self.platform, self.id, s)
     }
@@ -951,6 +966,7 @@ struct Settings {
     rate: Rates,
     github: Option<crate::github::RawChannelGithub>,
     policy: SandboxPolicy,
+    chat: crate::chat_keys::ChatKeys,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -976,6 +992,7 @@ impl Settings {
             },
             github: None,
             policy: SandboxPolicy::default(),
+            chat: crate::chat_keys::ChatKeys::default(),
         }
     }
 
@@ -1036,6 +1053,8 @@ impl Settings {
         if let Some(g) = raw.github {
             self.github = Some(g);
         }
+        self.chat
+            .apply(raw.conversation, raw.trigger, raw.mention, at)?;
         if let Some(d) = raw.debounce {
             self.debounce = Some(duration_in(
                 &d,
@@ -1467,8 +1486,37 @@ impl GatewayConfig {
                     ),
                 ));
             }
+            let own = [
+                ("egress", settings.egress.is_some()),
+                ("resolve", settings.resolve.is_some()),
+                ("mcp", settings.mcp.is_some()),
+            ];
             let mut s = defaults.clone();
             s.apply(settings, &at, &ctx)?;
+            let mut untrusted_overrides = Vec::new();
+            if s.trust == Trust::Untrusted {
+                // Tightened keys come from this entry only (docs/trust.md).
+                let here = format!("channel[{i}] ({platform} channel {})", shown(&id));
+                for (key, set_here) in own {
+                    let loose = match key {
+                        "egress" => !s.policy.network.allow.is_empty(),
+                        "resolve" => !s.policy.network.pins.is_empty(),
+                        _ => !s.agent.mcp.is_empty(),
+                    };
+                    if !set_here {
+                        match key {
+                            "egress" => s.policy.network.allow.clear(),
+                            "resolve" => s.policy.network.pins.clear(),
+                            _ => s.agent.mcp.clear(),
+                        }
+                    } else if loose {
+                        untrusted_overrides.push(crate::trust::override_warning(&here, key));
+                    }
+                }
+                if s.policy.backend == BackendKind::Bwrap {
+                    untrusted_overrides.push(crate::trust::backend_warning(&here));
+                }
+            }
             s.agent.check(&at)?;
             if s.sandbox_kind == SandboxKind::Pool && pool.size == 0 {
                 return Err(err(
@@ -1497,6 +1545,8 @@ impl GatewayConfig {
                     .as_ref()
                     .map(|g| crate::github::channel(g, &at, s.trust == Trust::Untrusted))
                     .transpose()?,
+                chat: s.chat,
+                untrusted_overrides,
                 policy: s.policy,
             });
         }
