@@ -149,8 +149,13 @@ impl ChatKeys {
 
     /// The scope of a message in `channel_id`: the key when set, else a
     /// Slack direct message (`D…`) is one conversation and anything else a
-    /// thread.
+    /// thread. The web chat is always by thread.
     pub fn scope(&self, platform: Platform, channel_id: &str) -> Scope {
+        if platform == Platform::Web {
+            // A web chat's channel is its user, and each named chat is
+            // addressed by its own URL: always a thread.
+            return Scope::Thread;
+        }
         match self.conversation {
             Some(s) => s,
             None if platform == Platform::Slack && channel_id.starts_with('D') => Scope::Channel,
@@ -198,5 +203,11 @@ mod tests {
             ..ChatKeys::default()
         };
         assert_eq!(t.scope(Platform::Slack, "D0123"), Scope::Thread);
+        let c = ChatKeys {
+            conversation: Some(Scope::Channel),
+            ..ChatKeys::default()
+        };
+        assert_eq!(c.scope(Platform::Slack, "C0123"), Scope::Channel);
+        assert_eq!(c.scope(Platform::Web, "alice"), Scope::Thread);
     }
 }

@@ -50,6 +50,11 @@ pub enum Inbound {
     Mention(InboundMessage),
     /// `message` with `channel_type` `im`: a direct message to the bot.
     DirectMessage(InboundMessage),
+    /// `message` in a channel, group or multi-person DM that does not mention
+    /// the bot (a mention comes as `app_mention` and is ignored here, so it is
+    /// not taken twice). The gateway decides whether it starts a turn
+    /// (`mention = "optional"`) or is context.
+    ChannelMessage(InboundMessage),
     /// Nothing to answer.
     Ignored(IgnoreReason),
 }
@@ -69,6 +74,8 @@ pub enum IgnoreReason {
     Subtype(String),
     #[error("a message outside a direct conversation (channel_type {0:?}); channels reach the bot by mentioning it")]
     NotDirect(String),
+    #[error("a channel message that mentions the bot (its app_mention event is the one taken)")]
+    MentionedInMessage,
     #[error("event type {0:?} is not handled")]
     UnsupportedEvent(String),
     #[error("the event has no {0}")]
@@ -259,10 +266,20 @@ fn classify(event: serde_json::Value, bot: Option<&str>) -> Result<Inbound, Pars
     if bot.is_some_and(|b| b == user) {
         return ignored(IgnoreReason::OwnMessage);
     }
-    if !mention {
-        let ct = m.channel_type.unwrap_or_default();
-        if ct != "im" {
+    let ct = m.channel_type.clone().unwrap_or_default();
+    let in_channel = !mention && ct != "im";
+    if in_channel {
+        if !matches!(ct.as_str(), "channel" | "group" | "mpim") {
             return ignored(IgnoreReason::NotDirect(ct));
+        }
+        let raw = m.text.as_deref().unwrap_or("");
+        let mentions_bot = match bot {
+            Some(b) => raw.contains(&format!("<@{b}>")) || raw.contains(&format!("<@{b}|")),
+            // Unknown bot id: any mention might be ours; never take it twice.
+            None => raw.contains("<@"),
+        };
+        if mentions_bot {
+            return ignored(IgnoreReason::MentionedInMessage);
         }
     }
     let Some(channel) = m.channel else {
@@ -282,6 +299,8 @@ fn classify(event: serde_json::Value, bot: Option<&str>) -> Result<Inbound, Pars
     };
     Ok(if mention {
         Inbound::Mention(msg)
+    } else if in_channel {
+        Inbound::ChannelMessage(msg)
     } else {
         Inbound::DirectMessage(msg)
     })
