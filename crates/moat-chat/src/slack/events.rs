@@ -572,9 +572,15 @@ mod tests {
                 IgnoreReason::Subtype("channel_join".into()),
             ),
             (
-                serde_json::json!({"type": "message", "user": "U0BOB002", "text": "chatter",
+                // The bot's mention also comes as app_mention: taken once.
+                serde_json::json!({"type": "message", "user": "U0BOB002", "text": "<@UB0TM047> hi",
                     "ts": "1.2", "channel": "C0GENERAL", "channel_type": "channel"}),
-                IgnoreReason::NotDirect("channel".into()),
+                IgnoreReason::MentionedInMessage,
+            ),
+            (
+                serde_json::json!({"type": "message", "user": "U0BOB002", "text": "chatter",
+                    "ts": "1.2", "channel": "C0GENERAL", "channel_type": "app_home"}),
+                IgnoreReason::NotDirect("app_home".into()),
             ),
             (
                 // `channel` is an object here: must not be a parse error.
@@ -589,6 +595,19 @@ mod tests {
         ];
         for (ev, want) in cases {
             assert_eq!(inbound(ev.clone()), Inbound::Ignored(want), "{ev}");
+        }
+    }
+
+    #[test]
+    fn channel_messages_without_a_mention_are_handed_on() {
+        let ev = serde_json::json!({"type": "message", "user": "U0BOB002", "text": "chatter",
+            "ts": "1.2", "channel": "C0GENERAL", "channel_type": "channel"});
+        match inbound(ev) {
+            Inbound::ChannelMessage(m) => assert_eq!(
+                (m.channel.as_str(), m.text.as_str()),
+                ("C0GENERAL", "chatter")
+            ),
+            other => panic!("{other:?}"),
         }
     }
 
