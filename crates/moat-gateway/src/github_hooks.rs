@@ -242,6 +242,7 @@ async fn comment_turn(gw: &Gateway, conv: &ConvRef, delivery: &str, login: &str,
             text: text.to_string(),
             ts_ms: now_ms(),
             message_ref: None,
+            addressed: true,
         })
         .await;
     if let Err(e) = r {

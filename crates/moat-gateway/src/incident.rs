@@ -214,7 +214,13 @@ impl Gateway {
             .map(|c| c.values().cloned().collect())
             .unwrap_or_default();
         for tx in actors {
-            if tx.send(ConvCmd::Stop).is_ok() {
+            if tx
+                .send(ConvCmd::Stop {
+                    user: "moat incident".into(),
+                    trust: moat_policy::gateway::Trust::Admin,
+                })
+                .is_ok()
+            {
                 report.conversations_stopped += 1;
             }
         }

@@ -20,7 +20,11 @@ use std::time::{Duration, Instant};
 
 use governor::{DefaultKeyedRateLimiter, Quota};
 use moat_audit::AuditLog;
-use moat_policy::gateway::{Authorization, ChannelPolicy, GatewayConfig, Platform, SandboxMode};
+use moat_policy::chat_keys::{Mention, Scope};
+use moat_policy::gateway::{
+    Authorization, ChannelPolicy, GatewayConfig, Platform, SandboxMode, Trust,
+};
+use moat_policy::trust::{self, Command, Whose};
 use moat_sandbox::{Engine, Lease, LeaseOptions, WorkspaceSource};
 use moat_store::{IncomingMessage, Inserted, MessageState, Store, TurnState};
 use serde_json::json;
@@ -43,6 +47,10 @@ const MAX_REFUSAL_LINES: usize = 20;
 
 /// `hold_lease`'s refusal when the gateway is stopping.
 const SHUTTING_DOWN: &str = "moat: shutting down";
+
+/// The stored thread of a conversation that is the whole channel
+/// (`conversation = "channel"`); repliers answer at the top level there.
+pub const CHANNEL_THREAD: &str = "";
 
 /// A future a platform's replier returns.
 pub type BoxFut<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -129,6 +137,10 @@ pub struct Inbound {
     pub ts_ms: i64,
     /// The platform's id of this message (Slack: its ts), for reactions.
     pub message_ref: Option<String>,
+    /// Addressed to the bot: a Slack mention or direct message, a web chat
+    /// message. A Slack channel message without a mention is not (it starts a
+    /// turn only where the channel sets `mention = "optional"`).
+    pub addressed: bool,
 }
 
 /// What `accept` did with a message.
@@ -145,8 +157,15 @@ pub enum Accepted {
     Dropped { reason: String },
     /// Over the rate limit: dropped (the sender was told once).
     Limited,
-    /// `stop`, `abort` or `status`.
+    /// `stop`, `abort`, `status` or `pool` (refused ones too: the sender was
+    /// told why).
     Command { conversation_id: i64 },
+    /// Stored as context for the next turn, no turn started: the channel's
+    /// trigger did not match, or a Slack channel message without a mention.
+    Context {
+        message_id: i64,
+        conversation_id: i64,
+    },
     /// moat is in incident mode (`moat incident`): stored as dropped,
     /// audited, and the conversation told once that moat is paused.
     Paused,
@@ -174,8 +193,8 @@ pub(crate) struct Pending {
 
 pub(crate) enum ConvCmd {
     Message(Pending),
-    Stop,
-    Status,
+    Stop { user: String, trust: Trust },
+    Status { user: String, trust: Trust },
 }
 
 struct Limiters {
@@ -367,7 +386,13 @@ impl Gateway {
 
     /// Takes one message: stored first (when this returns, the message is
     /// durable and the platform may be told so), then judged and queued.
-    pub async fn accept(&self, m: Inbound) -> Result<Accepted, GatewayError> {
+    pub async fn accept(&self, mut m: Inbound) -> Result<Accepted, GatewayError> {
+        // `conversation = "channel"`: the whole chat is one conversation.
+        if let Some(c) = self.inner.cfg.channel(m.platform, &m.channel) {
+            if c.chat.scope(m.platform, &m.channel) == Scope::Channel {
+                m.thread = CHANNEL_THREAD.to_string();
+            }
+        }
         let store = self.inner.store.clone();
         let incoming = IncomingMessage {
             platform: m.platform.name().to_string(),
@@ -483,24 +508,80 @@ impl Gateway {
         if let Ok(mut t) = self.inner.told.lock() {
             t.remove(&told_key);
         }
-        let word = m.text.trim().to_ascii_lowercase();
-        let command = match word.as_str() {
-            "stop" | "abort" => Some(ConvCmd::Stop),
-            "status" => Some(ConvCmd::Status),
-            _ => None,
+        // Which messages start a turn: Slack's mention rule, then the trigger
+        // (admin channels need none). The rest is context for the next turn.
+        let mention_ok = m.addressed || channel.chat.mention == Mention::Optional;
+        let after_trigger = match &channel.chat.trigger {
+            Some(t) if trust::needs_trigger(channel.trust) => t.strip(&m.text),
+            _ => Some(m.text.as_str()),
         };
-        if let Some(cmd) = command {
+        let Some(asked) = after_trigger.filter(|_| mention_ok) else {
+            let why = if mention_ok {
+                "no trigger"
+            } else {
+                "no mention"
+            };
+            self.inner.store.set_message_state(
+                message_id,
+                MessageState::Answered,
+                Some(&format!("context ({why}): read at the next turn")),
+            )?;
+            self.audit(
+                "message",
+                with(json!({"verdict": "context", "reason": why, "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
+            );
+            self.inner.hub.publish(
+                conv.id,
+                ConvEvent::Message {
+                    user: m.user.clone(),
+                    text: m.text.clone(),
+                },
+            );
+            return Ok(Accepted::Context {
+                message_id,
+                conversation_id,
+            });
+        };
+        // A leading trigger is taken off the turn's text, as Slack's mention is
+        // (the stored message keeps it).
+        let turn_text = match asked.trim() {
+            t if asked.len() != m.text.len() && !t.is_empty() => t.to_string(),
+            _ => m.text.clone(),
+        };
+        if let Some(cmd) = Command::parse(asked) {
             self.inner.metrics.event(Verdict::Command);
             self.inner.store.set_message_state(
                 message_id,
                 MessageState::Answered,
-                Some(&format!("command {word}")),
+                Some(&format!("command {}", cmd.name())),
             )?;
             self.audit(
                 "message",
-                with(json!({"verdict": "command", "command": word, "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
+                with(json!({"verdict": "command", "command": cmd.name(), "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
             );
-            self.send(&conv, chan_idx, cmd);
+            match cmd {
+                Command::Stop => self.send(
+                    &conv,
+                    chan_idx,
+                    ConvCmd::Stop {
+                        user: m.user,
+                        trust,
+                    },
+                ),
+                Command::Status => self.send(
+                    &conv,
+                    chan_idx,
+                    ConvCmd::Status {
+                        user: m.user,
+                        trust,
+                    },
+                ),
+                Command::Pool => {
+                    // In the background: Slack's acknowledgement must not wait.
+                    let (gw, conv, user) = (self.clone(), conv.clone(), m.user.clone());
+                    tokio::spawn(async move { gw.pool_command(&conv, &user, trust).await });
+                }
+            }
             return Ok(Accepted::Command { conversation_id });
         }
         self.inner
@@ -524,7 +605,7 @@ impl Gateway {
             ConvCmd::Message(Pending {
                 message_id,
                 user: m.user,
-                text: m.text,
+                text: turn_text,
                 message_ref: m.message_ref,
                 arrived: Instant::now(),
             }),
@@ -533,6 +614,30 @@ impl Gateway {
             message_id,
             conversation_id,
         })
+    }
+
+    /// `pool`: the pools' numbers, for the channel's admins only.
+    async fn pool_command(&self, conv: &ConvRef, user: &str, trust: Trust) {
+        let text = match trust::may_command(trust, Command::Pool, Whose::Others) {
+            Ok(()) => {
+                let g = self.gauges().await;
+                format!(
+                    "Pool: {} sandboxes ({} idle, {} busy), {} turns waiting for one; {} turns running, {} messages queued.",
+                    g.pool_size, g.pool_idle, g.pool_busy, g.pool_waiting, g.running_turns, g.queue_depth
+                )
+            }
+            Err(r) => {
+                self.audit(
+                    "command",
+                    json!({"verdict": "refused", "command": "pool", "reason": r.name(), "trust": trust.name(), "user": user, "conversation_id": conv.id}),
+                );
+                r.message(Command::Pool)
+            }
+        };
+        self.inner
+            .hub
+            .publish(conv.id, ConvEvent::Notice { text: text.clone() });
+        self.replier(conv.platform).notice(conv, &text).await;
     }
 
     /// Hands a command to the conversation's actor, starting it if needed.
@@ -570,6 +675,9 @@ impl Gateway {
         let mut pending: Vec<(String, Vec<Pending>, tokio::time::Instant)> = Vec::new();
         let mut ready: VecDeque<Vec<Pending>> = VecDeque::new();
         let mut running: Option<(tokio::task::JoinHandle<()>, CancelHandle)> = None;
+        // Whose turn runs, and who has written here (for `stop`/`status`).
+        let mut running_user: Option<String> = None;
+        let mut participants: HashSet<String> = HashSet::new();
         let status = Arc::new(Mutex::new(String::from("idle")));
         let idle_exit = Duration::from_secs(600);
         loop {
@@ -605,6 +713,7 @@ impl Gateway {
                     let cn = cancel.clone();
                     let h = tokio::spawn(async move { gw.turn(c, ch, batch, cn, st).await });
                     running = Some((h, cancel));
+                    running_user = user;
                     continue;
                 }
             }
@@ -614,35 +723,59 @@ impl Gateway {
                 cmd = rx.recv() => match cmd {
                     None => break,
                     Some(ConvCmd::Message(p)) => {
+                        participants.insert(p.user.clone());
                         let deadline = tokio::time::Instant::now() + debounce;
                         match pending.iter_mut().find(|e| e.0 == p.user) {
                             Some(e) => { e.1.push(p); e.2 = deadline; }
                             None => pending.push((p.user.clone(), vec![p], deadline)),
                         }
                     }
-                    Some(ConvCmd::Stop) => {
+                    Some(ConvCmd::Stop { user, trust }) => {
+                        let whose = |u: &str| if u == user { Whose::Own } else { Whose::Others };
+                        let may = |u: &str| trust::may_command(trust, Command::Stop, whose(u)).is_ok();
                         let mut dropped = Vec::new();
-                        for (_, b, _) in pending.drain(..) { dropped.extend(b); }
-                        for b in ready.drain(..) { dropped.extend(b); }
+                        pending.retain_mut(|(u, b, _)| {
+                            if may(u) { dropped.append(b); false } else { true }
+                        });
+                        ready.retain_mut(|b| {
+                            let u = b.first().map(|p| p.user.clone()).unwrap_or_default();
+                            if may(&u) { dropped.append(b); false } else { true }
+                        });
                         for p in &dropped {
                             let _ = self.inner.store.set_message_state(p.message_id, MessageState::Failed, Some("stopped before its turn"));
                         }
-                        let text = match &running {
-                            Some(_) => "Stopping the running turn.".to_string(),
+                        let verdict = running.as_ref().map(|_| {
+                            trust::may_command(trust, Command::Stop, whose(running_user.as_deref().unwrap_or("")))
+                        });
+                        let text = match verdict {
+                            Some(Ok(())) => "Stopping the running turn.".to_string(),
+                            Some(Err(r)) => {
+                                self.audit("command", json!({"verdict": "refused", "command": "stop", "reason": r.name(), "trust": trust.name(), "user": user, "conversation_id": conv.id}));
+                                r.message(Command::Stop)
+                            }
                             None if !dropped.is_empty() => format!("Dropped {} queued message(s).", dropped.len()),
                             None => "Nothing is running.".to_string(),
                         };
                         // Told before the cancel: the stopped turn's answer comes after it.
                         self.inner.hub.publish(conv.id, ConvEvent::Notice { text: text.clone() });
-                        if let Some((_, cancel)) = &running {
+                        if let (Some((_, cancel)), Some(Ok(()))) = (&running, verdict) {
                             cancel.cancel();
                         }
                         self.replier(conv.platform).notice(&conv, &text).await;
                     }
-                    Some(ConvCmd::Status) => {
-                        let waiting: usize = pending.iter().map(|p| p.1.len()).sum::<usize>() + ready.iter().map(Vec::len).sum::<usize>();
-                        let now_doing = status.lock().map(|s| s.clone()).unwrap_or_default();
-                        let text = format!("Sandbox: {now_doing}. Messages waiting: {waiting}.");
+                    Some(ConvCmd::Status { user, trust }) => {
+                        let whose = if participants.contains(&user) { Whose::Own } else { Whose::Others };
+                        let text = match trust::may_command(trust, Command::Status, whose) {
+                            Ok(()) => {
+                                let waiting: usize = pending.iter().map(|p| p.1.len()).sum::<usize>() + ready.iter().map(Vec::len).sum::<usize>();
+                                let now_doing = status.lock().map(|s| s.clone()).unwrap_or_default();
+                                format!("Sandbox: {now_doing}. Messages waiting: {waiting}.")
+                            }
+                            Err(r) => {
+                                self.audit("command", json!({"verdict": "refused", "command": "status", "reason": r.name(), "trust": trust.name(), "user": user, "conversation_id": conv.id}));
+                                r.message(Command::Status)
+                            }
+                        };
                         self.inner.hub.publish(conv.id, ConvEvent::Notice { text: text.clone() });
                         self.replier(conv.platform).notice(&conv, &text).await;
                     }
@@ -650,6 +783,7 @@ impl Gateway {
                 _ = sleep_until(next), if next.is_some() => {}
                 _ = async { if let Some((h, _)) = running.as_mut() { let _ = h.await; } }, if running.is_some() => {
                     running = None;
+                    running_user = None;
                 }
                 _ = tokio::time::sleep(idle_exit), if quiet => {
                     // Idle: end the actor; a new message starts a new one.

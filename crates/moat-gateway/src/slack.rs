@@ -28,7 +28,13 @@ use moat_policy::gateway::Platform;
 use crate::agent::TurnOutcome;
 use crate::artifacts::Artifact;
 use crate::metrics::Verdict;
-use crate::pipeline::{BoxFut, ConvRef, Gateway, Inbound, Replier};
+use crate::pipeline::{BoxFut, ConvRef, Gateway, Inbound, Replier, CHANNEL_THREAD};
+
+/// Where answers go: the thread, or the top level when the conversation is
+/// the whole channel (`conversation = "channel"`).
+fn reply_thread(conv: &ConvRef) -> Option<&str> {
+    (conv.thread != CHANNEL_THREAD).then_some(conv.thread.as_str())
+}
 
 /// Slack's limit is 4,000 characters a message; leave room for formatting.
 pub const CHUNK: usize = 3_900;
@@ -47,7 +53,7 @@ fn now_secs() -> i64 {
 }
 
 /// Turns a Slack message into the gateway's inbound message.
-pub fn inbound(event_id: &str, event_time: i64, m: &InboundMessage) -> Inbound {
+pub fn inbound(event_id: &str, event_time: i64, m: &InboundMessage, addressed: bool) -> Inbound {
     Inbound {
         platform: Platform::Slack,
         event_id: event_id.to_string(),
@@ -57,6 +63,7 @@ pub fn inbound(event_id: &str, event_time: i64, m: &InboundMessage) -> Inbound {
         text: m.text.clone(),
         ts_ms: event_time.saturating_mul(1000),
         message_ref: Some(m.ts.clone()),
+        addressed,
     }
 }
 
@@ -83,8 +90,15 @@ pub async fn handle_callback(
     match cb {
         Callback::UrlVerification { challenge } => Ok(challenge),
         Callback::Event(ev) => match &ev.inbound {
-            SlackInbound::Mention(m) | SlackInbound::DirectMessage(m) => {
-                gw.accept(inbound(&ev.event_id, ev.event_time, m))
+            SlackInbound::ChannelMessage(m) if !wanted_unmentioned(gw, &m.channel) => {
+                tracing::debug!(event_id = %ev.event_id, "Slack channel message without a mention ignored");
+                Ok(String::new())
+            }
+            SlackInbound::Mention(m)
+            | SlackInbound::DirectMessage(m)
+            | SlackInbound::ChannelMessage(m) => {
+                let addressed = !matches!(ev.inbound, SlackInbound::ChannelMessage(_));
+                gw.accept(inbound(&ev.event_id, ev.event_time, m, addressed))
                     .await
                     .map_err(|e| {
                         tracing::error!(error = %e, "a Slack event could not be stored");
@@ -110,6 +124,21 @@ pub async fn handle_callback(
             Ok(String::new())
         }
     }
+}
+
+/// Is a channel message without a mention worth storing? Only where it can
+/// start a turn (`mention = "optional"`) or where the gateway keeps the whole
+/// channel's history as the conversation (`conversation = "channel"`); a
+/// thread's history is read from Slack at the turn.
+fn wanted_unmentioned(gw: &Gateway, channel: &str) -> bool {
+    use moat_policy::chat_keys::{Mention, Scope};
+    gw.inner
+        .cfg
+        .channel(Platform::Slack, channel)
+        .is_some_and(|c| {
+            c.chat.mention == Mention::Optional
+                || c.chat.scope(Platform::Slack, channel) == Scope::Channel
+        })
 }
 
 async fn events(State(s): State<SlackIn>, headers: HeaderMap, body: Bytes) -> Response {
@@ -184,6 +213,11 @@ impl Replier for SlackReplier {
         refs: &'a [String],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<String>>> + Send + 'a>> {
         Box::pin(async move {
+            if conv.thread == CHANNEL_THREAD {
+                // The whole channel is the conversation: the gateway stored
+                // what was said there since the last turn.
+                return None;
+            }
             let since = self.seen.lock().ok().and_then(|s| s.get(&conv.id).cloned());
             let newest = refs.iter().max_by_key(|t| ts_key(t)).cloned();
             if let (Some(n), Ok(mut s)) = (newest, self.seen.lock()) {
@@ -215,7 +249,7 @@ impl Replier for SlackReplier {
         Box::pin(async move {
             let r = self
                 .api
-                .post_message(&conv.channel, Some(&conv.thread), &to_mrkdwn(text))
+                .post_message(&conv.channel, reply_thread(conv), &to_mrkdwn(text))
                 .await;
             Self::log("chat.postMessage", r);
         })
@@ -231,7 +265,7 @@ impl Replier for SlackReplier {
             }
             let posted = self
                 .api
-                .post_message(&conv.channel, Some(&conv.thread), "_working…_")
+                .post_message(&conv.channel, reply_thread(conv), "_working…_")
                 .await;
             if let Some(ts) = Self::log("chat.postMessage", posted) {
                 if let Ok(mut s) = self.status.lock() {
@@ -276,7 +310,7 @@ impl Replier for SlackReplier {
                     .api
                     .upload_file(
                         &conv.channel,
-                        Some(&conv.thread),
+                        reply_thread(conv),
                         &f.name,
                         f.bytes.clone(),
                         Some(&f.name),
@@ -291,7 +325,7 @@ impl Replier for SlackReplier {
                     Self::log(
                         "chat.postMessage",
                         self.api
-                            .post_message(&conv.channel, Some(&conv.thread), &to_mrkdwn(&text))
+                            .post_message(&conv.channel, reply_thread(conv), &to_mrkdwn(&text))
                             .await,
                     );
                 }
@@ -331,7 +365,7 @@ impl Replier for SlackReplier {
                 Self::log(
                     "chat.postMessage",
                     self.api
-                        .post_message(&conv.channel, Some(&conv.thread), &part)
+                        .post_message(&conv.channel, reply_thread(conv), &part)
                         .await,
                 );
             }

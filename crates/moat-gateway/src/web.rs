@@ -239,11 +239,17 @@ async fn post_message(
         text: body.text,
         ts_ms: now,
         message_ref: None,
+        addressed: true,
     };
     match w.gw.accept(inbound).await {
         Ok(Accepted::Queued { message_id, conversation_id }) => (
             StatusCode::ACCEPTED,
             Json(json!({"status": "queued", "message_id": message_id, "conversation_id": conversation_id})),
+        )
+            .into_response(),
+        Ok(Accepted::Context { message_id, conversation_id }) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "context", "message_id": message_id, "conversation_id": conversation_id})),
         )
             .into_response(),
         Ok(Accepted::Duplicate { message_id }) => {

@@ -64,6 +64,27 @@ fn index_of(calls: &[Call], what: &str, f: impl Fn(&Call) -> bool) -> usize {
         .unwrap_or_else(|| panic!("no {what} among the calls:\n{}", summary(calls)))
 }
 
+/// Waits for a top-level (not threaded) post in `channel` containing `needle`.
+async fn wait_top_post(fake: &FakeSlack, channel: &str, needle: &str) {
+    fake.wait_for(
+        &format!("a top-level post with {needle:?} in {channel}"),
+        Duration::from_secs(60),
+        |calls| {
+            calls
+                .iter()
+                .any(|c| {
+                    c.method == "chat.postMessage"
+                        && c.ok()
+                        && c.arg("channel") == Some(channel)
+                        && c.arg("thread_ts").is_none()
+                        && c.text().contains(needle)
+                })
+                .then_some(())
+        },
+    )
+    .await
+}
+
 /// Waits until `name` was added to message `ts`.
 async fn wait_reaction(fake: &FakeSlack, ts: &str, name: &str) {
     fake.wait_for(
@@ -159,7 +180,8 @@ async fn a_mention_is_answered_in_its_thread_with_reactions_and_a_status_message
     );
     assert!(reaction_calls(&calls, "reactions.add", &ts, "x").is_empty());
 
-    // A direct message is answered too, in its own thread.
+    // A direct message is answered too, at the top level: a direct
+    // conversation is one conversation (docs/configuration.md, `conversation`).
     let dm_ts = new_ts();
     let r = post_signed(
         gw.events(),
@@ -170,7 +192,7 @@ async fn a_mention_is_answered_in_its_thread_with_reactions_and_a_status_message
     )
     .await;
     assert_eq!(r.status, 200);
-    fake.wait_post("D0DIRECT1", &dm_ts, "dm-42").await;
+    wait_top_post(&fake, "D0DIRECT1", "dm-42").await;
     wait_reaction(&fake, &dm_ts, "white_check_mark").await;
 
     // The bot's own messages, other bots' messages and edits: acknowledged,
@@ -216,7 +238,7 @@ async fn a_mention_is_answered_in_its_thread_with_reactions_and_a_status_message
         ),
     )
     .await;
-    fake.wait_post("D0DIRECT1", &after, "after-42").await;
+    wait_top_post(&fake, "D0DIRECT1", "after-42").await;
     for id in &ids {
         assert!(gw.stored(id).is_none(), "ignored event {id} was stored");
     }

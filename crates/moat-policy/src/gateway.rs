@@ -277,6 +277,11 @@ pub struct ChannelPolicy {
     /// Extra host directories (`mounts = [...]`), shape-checked; judged
     /// against the mount allowlist at `moat up`.
     pub mounts: Vec<crate::memory::ChannelMount>,
+    /// `conversation`, `trigger` and `mention`: which messages start a turn
+    /// and what one conversation is.
+    pub chat: crate::chat_keys::ChatKeys,
+    /// Loosened tightened keys of an untrusted channel, for `warnings()`.
+    untrusted_overrides: Vec<String>,
     policy: SandboxPolicy,
 }
 
@@ -503,6 +508,7 @@ impl GatewayConfig {
             w.push("no [[channel]] entries: nobody can talk to the gateway".to_string());
         }
         for c in &self.channels {
+            w.extend(c.untrusted_overrides.iter().cloned());
             if let Some(g) = &c.github {
                 if c.trust == Trust::Untrusted && g.can_write() {
                     w.push(format!(
@@ -699,6 +705,9 @@ struct RawSettings {
     artifacts: Option<RawArtifacts>,
     github: Option<crate::github::RawChannelGithub>,
     mounts: Option<Vec<crate::memory::RawChannelMount>>,
+    conversation: Option<String>,
+    trigger: Option<String>,
+    mention: Option<String>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
@@ -730,6 +739,9 @@ struct RawChannel {
     artifacts: Option<RawArtifacts>,
     github: Option<crate::github::RawChannelGithub>,
     mounts: Option<Vec<crate::memory::RawChannelMount>>,
+    conversation: Option<String>,
+    trigger: Option<String>,
+    mention: Option<String>,
 }
 
 impl RawChannel {
@@ -757,6 +769,9 @@ impl RawChannel {
             artifacts: self.artifacts,
             github: self.github,
             mounts: self.mounts,
+            conversation: self.conversation,
+            trigger: self.trigger,
+            mention: self.mention,
         };
         (self.platform, self.id, s)
     }
@@ -992,6 +1007,7 @@ struct Settings {
     github: Option<crate::github::RawChannelGithub>,
     mounts: Vec<crate::memory::ChannelMount>,
     policy: SandboxPolicy,
+    chat: crate::chat_keys::ChatKeys,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -1018,6 +1034,7 @@ impl Settings {
             github: None,
             mounts: Vec::new(),
             policy: SandboxPolicy::default(),
+            chat: crate::chat_keys::ChatKeys::default(),
         }
     }
 
@@ -1081,6 +1098,8 @@ impl Settings {
         if let Some(m) = raw.mounts {
             self.mounts = crate::memory::channel_mounts(&m, at)?;
         }
+        self.chat
+            .apply(raw.conversation, raw.trigger, raw.mention, at)?;
         if let Some(d) = raw.debounce {
             self.debounce = Some(duration_in(
                 &d,
@@ -1508,8 +1527,37 @@ impl GatewayConfig {
                     ),
                 ));
             }
+            let own = [
+                ("egress", settings.egress.is_some()),
+                ("resolve", settings.resolve.is_some()),
+                ("mcp", settings.mcp.is_some()),
+            ];
             let mut s = defaults.clone();
             s.apply(settings, &at, &ctx)?;
+            let mut untrusted_overrides = Vec::new();
+            if s.trust == Trust::Untrusted {
+                // Tightened keys come from this entry only (docs/trust.md).
+                let here = format!("channel[{i}] ({platform} channel {})", shown(&id));
+                for (key, set_here) in own {
+                    let loose = match key {
+                        "egress" => !s.policy.network.allow.is_empty(),
+                        "resolve" => !s.policy.network.pins.is_empty(),
+                        _ => !s.agent.mcp.is_empty(),
+                    };
+                    if !set_here {
+                        match key {
+                            "egress" => s.policy.network.allow.clear(),
+                            "resolve" => s.policy.network.pins.clear(),
+                            _ => s.agent.mcp.clear(),
+                        }
+                    } else if loose {
+                        untrusted_overrides.push(crate::trust::override_warning(&here, key));
+                    }
+                }
+                if s.policy.backend == BackendKind::Bwrap {
+                    untrusted_overrides.push(crate::trust::backend_warning(&here));
+                }
+            }
             s.agent.check(&at)?;
             if s.sandbox_kind == SandboxKind::Pool && pool.size == 0 {
                 return Err(err(
@@ -1539,6 +1587,8 @@ impl GatewayConfig {
                     .map(|g| crate::github::channel(g, &at, s.trust == Trust::Untrusted))
                     .transpose()?,
                 mounts: s.mounts,
+                chat: s.chat,
+                untrusted_overrides,
                 policy: s.policy,
             });
         }

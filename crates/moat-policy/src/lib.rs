@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agents;
+pub mod chat_keys;
 pub mod credentials;
 pub mod gateway;
 pub mod gitconfig;
@@ -15,6 +16,7 @@ pub mod memory;
 pub mod network;
 pub mod paths;
 pub mod sandbox;
+pub mod trust;
 pub mod units;
 
 pub use sandbox::{BackendKind, FilesystemPolicy, Limits, MountRequest, Overrides, SandboxPolicy};

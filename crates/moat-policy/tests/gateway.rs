@@ -643,12 +643,10 @@ fn channels_inherit_the_defaults_and_override_key_by_key() {
     assert_eq!(pa.limits.memory, ByteSize::mib(512));
     assert_eq!((pa.limits.pids, pa.limits.millicpus), (64, 500));
     assert_eq!(pa.limits.timeout, Duration::from_secs(60));
-    assert_eq!(pa.network.allow.len(), 1);
-    assert_eq!(
-        pa.network.allow[0].host,
-        HostPattern::Exact("pypi.org".into())
-    );
-    assert_eq!(pa.network.pins["git.test"].to_string(), "127.0.0.1");
+    // Untrusted: egress and resolve come from the channel's own entry only
+    // (docs/trust.md), so those of [defaults] do not reach it.
+    assert!(pa.network.allow.is_empty());
+    assert!(pa.network.pins.is_empty());
     assert!(!pa.allow_unsandboxed);
 
     assert_eq!(b.trust, Trust::Member);
@@ -855,7 +853,12 @@ fn the_embedded_default_is_a_local_web_chat() {
 #[test]
 fn the_example_file_parses() {
     let c = parse(EXAMPLE);
-    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    // The example keeps bwrap (runsc may not be installed): only that note.
+    let w = c.warnings();
+    assert!(
+        w.len() == 1 && w[0].contains("C0456HELP") && w[0].contains("bwrap"),
+        "{w:?}"
+    );
     assert_eq!(c.slack.mode, SlackMode::Events);
     assert_eq!(c.groups.len(), 2);
     let eng = c.channel(Platform::Slack, "C0123ENG").unwrap();

@@ -50,6 +50,11 @@ pub enum Inbound {
     Mention(InboundMessage),
     /// `message` with `channel_type` `im`: a direct message to the bot.
     DirectMessage(InboundMessage),
+    /// `message` in a channel, group or multi-person DM that does not mention
+    /// the bot (a mention comes as `app_mention` and is ignored here, so it is
+    /// not taken twice). The gateway decides whether it starts a turn
+    /// (`mention = "optional"`) or is context.
+    ChannelMessage(InboundMessage),
     /// Nothing to answer.
     Ignored(IgnoreReason),
 }
@@ -69,6 +74,8 @@ pub enum IgnoreReason {
     Subtype(String),
     #[error("a message outside a direct conversation (channel_type {0:?}); channels reach the bot by mentioning it")]
     NotDirect(String),
+    #[error("a channel message that mentions the bot (its app_mention event is the one taken)")]
+    MentionedInMessage,
     #[error("event type {0:?} is not handled")]
     UnsupportedEvent(String),
     #[error("the event has no {0}")]
@@ -259,10 +266,20 @@ fn classify(event: serde_json::Value, bot: Option<&str>) -> Result<Inbound, Pars
     if bot.is_some_and(|b| b == user) {
         return ignored(IgnoreReason::OwnMessage);
     }
-    if !mention {
-        let ct = m.channel_type.unwrap_or_default();
-        if ct != "im" {
+    let ct = m.channel_type.clone().unwrap_or_default();
+    let in_channel = !mention && ct != "im";
+    if in_channel {
+        if !matches!(ct.as_str(), "channel" | "group" | "mpim") {
             return ignored(IgnoreReason::NotDirect(ct));
+        }
+        let raw = m.text.as_deref().unwrap_or("");
+        let mentions_bot = match bot {
+            Some(b) => raw.contains(&format!("<@{b}>")) || raw.contains(&format!("<@{b}|")),
+            // Unknown bot id: any mention might be ours; never take it twice.
+            None => raw.contains("<@"),
+        };
+        if mentions_bot {
+            return ignored(IgnoreReason::MentionedInMessage);
         }
     }
     let Some(channel) = m.channel else {
@@ -282,6 +299,8 @@ fn classify(event: serde_json::Value, bot: Option<&str>) -> Result<Inbound, Pars
     };
     Ok(if mention {
         Inbound::Mention(msg)
+    } else if in_channel {
+        Inbound::ChannelMessage(msg)
     } else {
         Inbound::DirectMessage(msg)
     })
@@ -553,9 +572,15 @@ mod tests {
                 IgnoreReason::Subtype("channel_join".into()),
             ),
             (
-                serde_json::json!({"type": "message", "user": "U0BOB002", "text": "chatter",
+                // The bot's mention also comes as app_mention: taken once.
+                serde_json::json!({"type": "message", "user": "U0BOB002", "text": "<@UB0TM047> hi",
                     "ts": "1.2", "channel": "C0GENERAL", "channel_type": "channel"}),
-                IgnoreReason::NotDirect("channel".into()),
+                IgnoreReason::MentionedInMessage,
+            ),
+            (
+                serde_json::json!({"type": "message", "user": "U0BOB002", "text": "chatter",
+                    "ts": "1.2", "channel": "C0GENERAL", "channel_type": "app_home"}),
+                IgnoreReason::NotDirect("app_home".into()),
             ),
             (
                 // `channel` is an object here: must not be a parse error.
@@ -570,6 +595,19 @@ mod tests {
         ];
         for (ev, want) in cases {
             assert_eq!(inbound(ev.clone()), Inbound::Ignored(want), "{ev}");
+        }
+    }
+
+    #[test]
+    fn channel_messages_without_a_mention_are_handed_on() {
+        let ev = serde_json::json!({"type": "message", "user": "U0BOB002", "text": "chatter",
+            "ts": "1.2", "channel": "C0GENERAL", "channel_type": "channel"});
+        match inbound(ev) {
+            Inbound::ChannelMessage(m) => assert_eq!(
+                (m.channel.as_str(), m.text.as_str()),
+                ("C0GENERAL", "chatter")
+            ),
+            other => panic!("{other:?}"),
         }
     }
 
