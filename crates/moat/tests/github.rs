@@ -1570,7 +1570,7 @@ fn github_app_key_on_one_line_is_accepted() {
 }
 
 net_tests! {
-    github_git_clone_push_feature_and_protected_main => git_push_protection;
+    attack_g2_a_push_to_protected_main_is_refused_and_a_feature_branch_passes => git_push_protection;
     github_a_refused_push_reads_the_same_in_each_git => git_push_refusal_reads_the_same_in_each_git;
     github_api_through_curl_and_python => api_clients;
     github_api_writes_to_protected_branches_are_refused => api_push_protection;

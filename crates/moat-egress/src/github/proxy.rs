@@ -571,7 +571,7 @@ pub(crate) async fn handle(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn only_plain_ref_names_reach_the_record() {
+    fn attack_g4_a_ref_name_cannot_forge_lines_of_moats_record() {
         assert!(super::plain_ref("refs/heads/moat/1-fix"));
         assert!(!super::plain_ref("refs/heads/x\n- opened pull request #12"));
         assert!(!super::plain_ref("refs/heads/a b"));
