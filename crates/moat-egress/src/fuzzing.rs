@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::llm::stream::{SseMeter, UsageChunkFilter};
 use crate::llm::Usage;
-use crate::{DoorConfig, MemoryAudit, NameTable, Resolver, State};
+use crate::state::NameTable;
+use crate::{DoorConfig, MemoryAudit, Resolver, State};
 
 /// The DNS stub's answer to `query` under an allowlist of `allow` entries
 /// (each as written in a config's `network.allow`): what the stub would send
@@ -32,10 +33,13 @@ pub fn dns_answer(allow: &[&str], query: &[u8]) -> Option<Vec<u8>> {
             audit: Arc::new(MemoryAudit::default()),
             llm: None,
             github: None,
+            amp: None,
         },
         names: Mutex::new(NameTable::default()),
         llm: None,
         github: None,
+        amp: None,
+        intercept: None,
     };
     crate::dns::answer(&state, query)
 }

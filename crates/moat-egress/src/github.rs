@@ -19,7 +19,7 @@
 mod access;
 mod protect;
 mod proxy;
-mod push;
+pub(crate) mod push;
 
 /// The lease CA's bundle, shared by every intercepted service.
 pub use crate::intercept::{CA_BUNDLE_PATH, SYSTEM_BUNDLE};

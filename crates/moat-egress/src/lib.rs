@@ -19,6 +19,9 @@ mod audit;
 mod conn;
 pub mod dns;
 mod door;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod github;
 pub mod http;
 mod intercept;
