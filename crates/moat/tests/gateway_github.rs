@@ -82,7 +82,8 @@ fn fill(s: &str) -> String {
 }
 
 #[test]
-fn attack_g1_a_turn_gets_a_token_of_its_channels_repositories_only_and_is_told_what_reached_github() {
+fn attack_g1_a_turn_gets_a_token_of_its_channels_repositories_only_and_is_told_what_reached_github()
+{
     let fake = FakeGithub::start();
     let toml = config(
         &fake,
