@@ -30,12 +30,16 @@ fuzz_target!(|data: &[u8]| {
                 (&b.event_id, &b.team_id, b.event_time)
             );
             match (&a.inbound, &b.inbound) {
-                (Inbound::Mention(m), _) | (Inbound::DirectMessage(m), _) => {
+                (Inbound::Mention(m), _)
+                | (Inbound::DirectMessage(m), _)
+                | (Inbound::ChannelMessage(m), _) => {
                     assert_ne!(m.user, BOT);
                     assert_eq!(m.text.trim(), m.text);
                     // Without the id, the same message, same place.
                     let other = match &b.inbound {
-                        Inbound::Mention(o) | Inbound::DirectMessage(o) => o,
+                        Inbound::Mention(o)
+                        | Inbound::DirectMessage(o)
+                        | Inbound::ChannelMessage(o) => o,
                         Inbound::Ignored(r) => panic!("ignored only without the bot's id: {r}"),
                     };
                     assert_eq!(
