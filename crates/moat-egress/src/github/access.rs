@@ -18,10 +18,10 @@ use super::GithubActivity;
 use crate::llm::{random_hex, upstream_tls, UpstreamUrl};
 
 /// Branches nobody pushes to through moat unless the operator says otherwise.
-pub const DEFAULT_PROTECTED: [&str; 2] = ["main", "master"];
-/// Permissions a token gets unless the operator says otherwise.
-pub const DEFAULT_PERMISSIONS: [(&str, &str); 2] =
-    [("contents", "write"), ("pull_requests", "write")];
+pub const DEFAULT_PROTECTED: [&str; 2] = moat_policy::github::DEFAULT_PROTECT;
+/// Permissions a token gets unless the operator says otherwise (a member
+/// channel's defaults; one definition, in the policy).
+pub const DEFAULT_PERMISSIONS: [(&str, &str); 2] = moat_policy::github::MEMBER_PERMISSIONS;
 /// What a GitHub host is for, which decides how the token is presented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostRole {
