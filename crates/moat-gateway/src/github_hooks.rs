@@ -182,6 +182,11 @@ async fn webhook(State(h): State<Hooks>, headers: HeaderMap, body: Bytes) -> Res
         return StatusCode::OK.into_response();
     };
     let Ok(platform) = Platform::parse(&conv.platform) else {
+        // Every delivery not told is audited with its reason.
+        audit(
+            "ignored",
+            json!({"delivery": delivery, "event": event, "conversation_id": conv.id, "reason": "the conversation's platform is no longer known"}),
+        );
         return StatusCode::OK.into_response();
     };
     let cref = ConvRef {
