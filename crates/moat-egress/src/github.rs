@@ -20,6 +20,7 @@ mod access;
 mod protect;
 mod proxy;
 pub(crate) mod push;
+mod report;
 
 /// The lease CA's bundle, shared by every intercepted service.
 pub use crate::intercept::{CA_BUNDLE_PATH, SYSTEM_BUNDLE};
@@ -29,4 +30,4 @@ pub use access::{
     DEFAULT_PROTECTED,
 };
 pub(crate) use proxy::handle;
-pub use proxy::{GithubActivity, GithubRecord};
+pub use proxy::{GithubActivity, GithubRecord, RefusedRef};

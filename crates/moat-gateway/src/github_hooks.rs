@@ -260,7 +260,9 @@ async fn comment_turn(gw: &Gateway, conv: &ConvRef, delivery: &str, login: &str,
 pub fn link(gw: &Gateway, conversation: i64, activity: &[GithubActivity]) {
     for a in activity {
         let r = match a {
-            GithubActivity::Pushed { repo, refs, status } if (200..300).contains(status) => refs
+            GithubActivity::Pushed {
+                repo, refs, status, ..
+            } if (200..300).contains(status) => refs
                 .iter()
                 .filter_map(|r| r.strip_prefix("refs/heads/"))
                 .try_for_each(|b| {

@@ -170,6 +170,53 @@ fn attack_g1_a_turn_gets_a_token_of_its_channels_repositories_only_and_is_told_w
     gw.stop();
 }
 
+/// GitHub can refuse a ref inside an HTTP 200 (a hook, a rule): the door
+/// reads its report-status, so moat's record says refused, not pushed.
+#[test]
+fn a_ref_github_refuses_in_its_report_is_told_as_refused_not_pushed() {
+    let fake = FakeGithub::start();
+    // GitHub's side: an update hook that declines one branch (per ref, so
+    // the other ref of the same push goes through).
+    let hook = fake.bare(REPO).join("hooks/update");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\ncase \"$1\" in refs/heads/moat/refused) echo 'rule: no' >&2; exit 1;; esac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let toml = config(&fake, &format!("{{ repos = [\"{OWNER}/{REPO}\"] }}"));
+    let gw = gwkit::Gw::start_with("gh-report", &toml, secrets());
+    let script = fill(
+        r#"cd /tmp && rm -rf r && git clone -q https://github.com/@O@/@R@.git r && cd r || exit 1
+echo x > X && git add X && git -c user.name=a -c user.email=a@moat.invalid commit -qm x
+git push origin HEAD:refs/heads/moat/ok HEAD:refs/heads/moat/refused 2>&1; echo "push=$?"
+"#,
+    );
+    let answer = turn(&gw, "t-report", &script, 1);
+    assert!(answer.contains("push=1"), "git saw the refusal: {answer}");
+    assert!(
+        answer.contains(&format!("- pushed moat/ok to {OWNER}/{REPO}\n")),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(&format!(
+            "- GitHub refused the push of moat/refused to {OWNER}/{REPO}: hook declined"
+        )),
+        "{answer}"
+    );
+    assert!(!answer.contains("pushed moat/ok, moat/refused"), "{answer}");
+    assert!(fake.branch(REPO, "moat/ok").is_some());
+    assert!(fake.branch(REPO, "moat/refused").is_none());
+    let acts: Vec<Value> = gw.audit_kind("github-activity");
+    assert_eq!(acts.len(), 1, "{acts:#?}");
+    assert_eq!(acts[0]["activity"]["confirmed"], true, "{acts:#?}");
+    assert_eq!(
+        acts[0]["activity"]["rejected"][0]["name"], "refs/heads/moat/refused",
+        "{acts:#?}"
+    );
+    gw.stop();
+}
+
 #[test]
 fn without_the_app_settings_the_gateway_refuses_to_start_naming_the_variable() {
     let fake = FakeGithub::start();

@@ -1501,6 +1501,42 @@ echo "WRITE=$(gh api -X PATCH repos/@O@/@R@/git/refs/heads/main -f sha=000000000
     fake.assert_swapped(&[&ph]);
 }
 
+/// `gh pr create`, unchanged, through the door: it finds the repository
+/// and opens the pull request over GraphQL (`createPullRequest`), which
+/// the door lets through to a feature branch.
+fn gh_pr_create(b: Backend) {
+    let fake = FakeGithub::start();
+    let sb = Sandbox::new(b, "gh-pr");
+    let out = run(
+        &sb,
+        &fake,
+        &["--github", &repo_arg(REPO)],
+        &(GIT_SETUP.to_string()
+            + r#"
+t clone git clone -q https://github.com/@O@/@R@.git /tmp/r
+cd /tmp/r || exit 3
+git checkout -q -b feature-pr && echo change > pr.txt && git add pr.txt && git commit -q -m pr
+t push git push -q origin feature-pr
+echo "PR=$(gh pr create --repo @O@/@R@ --head feature-pr --base main --title 'Fix it' --body 'Made in a sandbox' 2>&1 | tail -n 1)"
+"#),
+    );
+    assert_ok(&out);
+    let ph = placeholder(&out);
+    out.probes().succeeded("push", "");
+    let pulls = fake.kind("pull");
+    assert_eq!(pulls.len(), 1, "{pulls:?}\n{}", fake.text());
+    assert_eq!(pulls[0]["via"], "graphql", "{pulls:?}");
+    assert_eq!(pulls[0]["head"], "feature-pr", "{pulls:?}");
+    assert_eq!(pulls[0]["title"], "Fix it", "{pulls:?}");
+    assert_eq!(
+        line(&out.stdout, "PR="),
+        format!("https://github.com/{}/pull/1", repo_arg(REPO)),
+        "{}",
+        out.stderr
+    );
+    fake.assert_swapped(&[&ph]);
+}
+
 #[test]
 fn github_without_the_app_variables_fails_naming_the_variable() {
     let sb = Sandbox::new(Backend::Bwrap, "gh-novars");
@@ -1575,6 +1611,7 @@ net_tests! {
     github_api_through_curl_and_python => api_clients;
     github_api_writes_to_protected_branches_are_refused => api_push_protection;
     github_gh_cli_works_unchanged => gh_cli;
+    github_gh_pr_create_opens_a_pull_request_over_graphql => gh_pr_create;
     github_one_mint_per_run_revoke_and_audit => mint_once_revoke_and_audit;
     github_lease_ca_is_per_lease_and_only_in_the_lease_bundle => lease_ca;
     github_node_fetch_reaches_the_api => node_fetch;

@@ -44,11 +44,11 @@ fn secrets(keys: &Keys) -> moat_gateway::server::SecretFn {
 }
 
 /// The agent's one tool call: edit, commit, push the conversation branch,
-/// open the pull request with gh (REST, through the door).
+/// open the pull request with `gh pr create` (GraphQL, through the door).
 const WORK: &str = r#"cd /workspace/@R@ && echo fixed > FIXED && git add FIXED \
  && git -c user.name=agent -c user.email=agent@moat.invalid commit -qm 'fix the thing' \
  && git push -q origin HEAD 2>&1 \
- && gh api repos/@O@/@R@/pulls -f title='Fix the thing' -f head="$(git branch --show-current)" -f base=main --jq .html_url"#;
+ && gh pr create --head "$(git branch --show-current)" --base main --title 'Fix the thing' --body 'Asked for in Slack'"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slack_mention_ends_in_a_pull_request_link_in_the_thread() {
@@ -120,6 +120,7 @@ async fn a_slack_mention_ends_in_a_pull_request_link_in_the_thread() {
     let pulls = github.kind("pull");
     assert_eq!(pulls.len(), rounds, "{pulls:?}");
     assert!(pulls[0]["head"].as_str().unwrap_or("").starts_with("moat/"));
+    assert!(pulls.iter().all(|p| p["via"] == "graphql"), "{pulls:?}");
     // Real tokens only at the fake, one per turn, each revoked.
     github.assert_swapped(&[]);
     let tokens = github.tokens();

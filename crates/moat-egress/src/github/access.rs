@@ -209,6 +209,18 @@ impl GithubState {
         self.access.hosts.iter().find(|h| h.name == name)
     }
 
+    /// Where pull requests' links point: `https://` and the name the
+    /// sandbox uses for git (github.com, or the Enterprise host).
+    pub(crate) fn web_base(&self) -> String {
+        let git = self
+            .access
+            .hosts
+            .iter()
+            .find(|h| h.role != HostRole::Api)
+            .map_or("github.com", |h| h.name.as_str());
+        format!("https://{git}")
+    }
+
     /// Variables for the sandbox: the placeholder token.
     pub(crate) fn client_env(&self) -> Vec<(String, String)> {
         vec![

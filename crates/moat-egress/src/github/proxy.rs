@@ -29,6 +29,7 @@ use super::protect::{
     MAX_JUDGED_BODY,
 };
 use super::push::{drain, push_refusal, read_push_commands, Prefixed};
+use super::report::{graphql_opened_prs, graphql_opens_pr, read_push_answer};
 use super::HostRole;
 use crate::llm::{constant_time_eq, send_upstream};
 
@@ -60,13 +61,16 @@ const MAX_PR_ANSWER: usize = 1024 * 1024;
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum GithubActivity {
-    /// A push went upstream (GitHub answered `status`): these ref updates.
-    /// An HTTP 200 means GitHub took the push request; whether it accepted
-    /// each ref is in git's own output (its report-status is not read here).
+    /// A push went upstream (GitHub answered `status`). `refs`: the ref
+    /// updates GitHub's report-status accepted (`confirmed`), or, when its
+    /// answer could not be read, the ones sent; `rejected`: those it refused
+    /// inside its HTTP 200, with its reason.
     Pushed {
         repo: String,
         refs: Vec<String>,
+        rejected: Vec<RefusedRef>,
         status: u16,
+        confirmed: bool,
     },
     /// A pull request was opened.
     PullRequest {
@@ -76,16 +80,49 @@ pub enum GithubActivity {
     },
 }
 
+/// A ref GitHub refused in its report-status, and why (one printable line).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RefusedRef {
+    pub name: String,
+    pub reason: String,
+}
+
+fn branch_name(r: &str) -> &str {
+    r.strip_prefix("refs/heads/").unwrap_or(r)
+}
+
 impl std::fmt::Display for GithubActivity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            GithubActivity::Pushed { repo, refs, status } => {
-                let names: Vec<&str> = refs
-                    .iter()
-                    .map(|r| r.strip_prefix("refs/heads/").unwrap_or(r))
-                    .collect();
+            GithubActivity::Pushed {
+                repo,
+                refs,
+                rejected,
+                status,
+                confirmed,
+            } => {
+                let names: Vec<&str> = refs.iter().map(|r| branch_name(r)).collect();
                 if (200..300).contains(status) {
-                    write!(f, "pushed {} to {repo}", names.join(", "))
+                    let mut lines = Vec::new();
+                    if !names.is_empty() {
+                        let unread = if *confirmed {
+                            ""
+                        } else {
+                            " (GitHub's report on it could not be read)"
+                        };
+                        lines.push(format!("pushed {} to {repo}{unread}", names.join(", ")));
+                    }
+                    for r in rejected {
+                        lines.push(format!(
+                            "GitHub refused the push of {} to {repo}: {}",
+                            branch_name(&r.name),
+                            r.reason
+                        ));
+                    }
+                    if lines.is_empty() {
+                        lines.push(format!("a push to {repo} updated no branch"));
+                    }
+                    write!(f, "{}", lines.join("\n- "))
                 } else {
                     write!(
                         f,
@@ -328,6 +365,8 @@ pub(crate) async fn handle(
     let (role, path) = effective_role(target.role, path);
     let (parts, mut body) = req.into_parts();
     let mut pushed: Option<Vec<String>> = None;
+    let mut push_sideband = false;
+    let mut opens_pr_graphql = false;
     let opens_pr = role == HostRole::Api && parts.method.as_str().eq_ignore_ascii_case("POST") && {
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         segs.len() == 4
@@ -382,6 +421,10 @@ pub(crate) async fn handle(
                 let resp = push_refusal(&cmds, &b);
                 return deny(resp.status(), refusal_text(&b), resp);
             }
+            push_sideband = cmds
+                .caps
+                .iter()
+                .any(|c| c == "side-band-64k" || c == "side-band");
             // Only names git itself would accept go into moat's record (a
             // name with a newline could forge lines of it).
             pushed = Some(
@@ -435,6 +478,7 @@ pub(crate) async fn handle(
                             api_error(StatusCode::FORBIDDEN, &msg),
                         );
                     }
+                    opens_pr_graphql = path == "/graphql" && graphql_opens_pr(&doc);
                     full(bytes)
                 }
             }
@@ -467,7 +511,9 @@ pub(crate) async fn handle(
     for (k, v) in &parts.headers {
         // The answer to opening a pull request is read for moat's record:
         // asked for uncompressed.
-        let encoding = opens_pr && k == header::ACCEPT_ENCODING;
+        // So is the answer to a push, for GitHub's report-status.
+        let read_answer = opens_pr || opens_pr_graphql || pushed.is_some();
+        let encoding = read_answer && k == header::ACCEPT_ENCODING;
         if !strip_request_header(k) && !encoding {
             headers.append(k.clone(), v.clone());
         }
@@ -517,11 +563,57 @@ pub(crate) async fn handle(
             }
             call.audit(&st, rparts.status.as_u16(), None);
             if let (Some(refs), Some(repo)) = (pushed, repo_of(&path, false)) {
-                gh.note(GithubActivity::Pushed {
-                    repo,
-                    refs,
-                    status: rparts.status.as_u16(),
-                });
+                let status = rparts.status.as_u16();
+                if rparts.status != StatusCode::OK {
+                    gh.note(GithubActivity::Pushed {
+                        repo,
+                        refs,
+                        rejected: Vec::new(),
+                        status,
+                        confirmed: false,
+                    });
+                    return Response::from_parts(rparts, rbody.boxed());
+                }
+                // GitHub's verdict on each ref is in its report-status, at
+                // the end of a small answer: read it before git does.
+                let (answer, report) = read_push_answer(rbody, push_sideband, plain_ref).await;
+                let activity = match report {
+                    Some(r) => GithubActivity::Pushed {
+                        repo,
+                        refs: r.accepted,
+                        rejected: r
+                            .rejected
+                            .into_iter()
+                            .map(|(name, reason)| RefusedRef { name, reason })
+                            .collect(),
+                        status,
+                        confirmed: true,
+                    },
+                    None => GithubActivity::Pushed {
+                        repo,
+                        refs,
+                        rejected: Vec::new(),
+                        status,
+                        confirmed: false,
+                    },
+                };
+                gh.note(activity);
+                return Response::from_parts(rparts, answer);
+            }
+            if opens_pr_graphql && rparts.status == StatusCode::OK {
+                let bytes = match Limited::new(rbody, MAX_PR_ANSWER).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => {
+                        let msg = "moat: GitHub's answer to opening a pull request was unreadable or too large".to_string();
+                        return api_error(StatusCode::BAD_GATEWAY, &msg);
+                    }
+                };
+                if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+                    for (repo, number, url) in graphql_opened_prs(&v, &gh.web_base()) {
+                        gh.note(GithubActivity::PullRequest { repo, number, url });
+                    }
+                }
+                return Response::from_parts(rparts, full(bytes));
             }
             if opens_pr && rparts.status == StatusCode::CREATED {
                 // Read the answer for the pull request's number and link,

@@ -28,6 +28,9 @@
 #   {"kind":"minted", "token", "jwt", "expires_at", "expires_at_unix",
 #    "repositories", "permissions"}
 #   {"kind":"revoked", "token"}
+#   {"kind":"pull", "repo", "number", "head", "base", "title", "via" ("rest"
+#    or "graphql")}
+#   {"kind":"graphql", "query" (first 2000 characters), "variables"}
 #   {"kind":"jwt-refused", "why"}
 import base64
 import gzip
@@ -147,6 +150,22 @@ def pkt_commands(body):
         pos += n
     return out
 
+
+
+def open_pull(repo, head, base, title, via):
+    """Opens pull request N of `repo` from branch `head` (GitHub refuses a
+    head that does not exist): (N, link), or (None, None)."""
+    d = repo_dir(repo)
+    if git("--git-dir", d, "rev-parse", "--verify", "-q", "refs/heads/" + head).returncode != 0:
+        return None, None
+    with _lock:
+        PULLS.setdefault(repo, 0)
+        PULLS[repo] += 1
+        number = PULLS[repo]
+    url = "https://github.com/%s/%s/pull/%d" % (OWNER, repo, number)
+    log({"kind": "pull", "repo": repo, "number": number, "head": head, "base": base,
+         "title": title, "via": via})
+    return number, url
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -335,15 +354,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.fail(400, "Problems parsing JSON")
             head = str(doc.get("head", "")).split(":")[-1]
             base = str(doc.get("base", "main"))
-            if git("--git-dir", d, "rev-parse", "--verify", "-q", "refs/heads/" + head).returncode != 0:
+            number, url = open_pull(repo, head, base, str(doc.get("title", "")), "rest")
+            if number is None:
                 return self.fail(422, "Validation Failed", "head %r does not exist" % head)
-            with _lock:
-                PULLS.setdefault(repo, 0)
-                PULLS[repo] += 1
-                number = PULLS[repo]
-            url = "https://github.com/%s/%s/pull/%d" % (owner, repo, number)
-            log({"kind": "pull", "repo": repo, "number": number, "head": head, "base": base,
-                 "title": str(doc.get("title", ""))})
             return self.send(201, {
                 "number": number, "html_url": url, "state": "open",
                 "title": doc.get("title", ""), "head": {"ref": head}, "base": {"ref": base},
@@ -408,13 +421,63 @@ class Handler(http.server.BaseHTTPRequestHandler):
                   {"content": {"path": path}, "commit": {"sha": commit, "message": doc.get("message")}})
 
     def graphql(self, doc):
+        """GraphQL as `gh pr create` uses it (GitHub's GraphQL reference:
+        the `repository` and `viewer` queries, the `createPullRequest`
+        mutation). Queries get one repository object holding every field gh
+        asks for (unknown fields are ignored by clients); repositories are
+        found by `owner`/`name` variables and node ids `R_<id>`."""
         token = self.token_from(("bearer", "token"))
         if not token:
             return self.fail(401, "Bad credentials")
-        q = (doc or {}).get("query", "") if isinstance(doc, dict) else ""
+        doc = doc if isinstance(doc, dict) else {}
+        q = doc.get("query", "") if isinstance(doc.get("query"), str) else ""
+        var = doc.get("variables") if isinstance(doc.get("variables"), dict) else {}
+        log({"kind": "graphql", "query": q[:2000], "variables": var})
+        if "createPullRequest" in q:
+            inp = var.get("input") if isinstance(var.get("input"), dict) else {}
+            rid = str(inp.get("repositoryId", ""))
+            m = re.match(r"^R_(\d+)$", rid)
+            idx = int(m.group(1)) - 1000 if m else -1
+            if not 0 <= idx < len(REPOS):
+                return self.send(200, {"data": None, "errors": [{"message": "Could not resolve to a node with the global id of '%s'" % rid}]})
+            repo = REPOS[idx]
+            if not self.allowed(token, repo, None, None):
+                return self.send(200, {"data": None, "errors": [{"type": "NOT_FOUND", "message": "Could not resolve to a Repository"}]})
+            if not self.allowed(token, repo, "pull_requests", "write"):
+                return self.send(200, {"data": None, "errors": [{"type": "FORBIDDEN", "message": "Resource not accessible by integration"}]})
+            head = str(inp.get("headRefName", "")).split(":")[-1]
+            number, url = open_pull(repo, head, str(inp.get("baseRefName", "main")),
+                                    str(inp.get("title", "")), "graphql")
+            if number is None:
+                return self.send(200, {"data": None, "errors": [{"message": "Head sha can't be blank, Base sha can't be blank, No commits between main and %s, Head ref must be a branch" % head}]})
+            return self.send(200, {"data": {"createPullRequest": {"pullRequest": {
+                "id": "PR_%d" % number, "url": url, "number": number}}}})
         if q.lstrip().startswith("mutation"):
             return self.send(200, {"data": {"mutation": "accepted by the fake"}})
-        return self.send(200, {"data": {"repository": {"name": REPOS[0]}}})
+        name = str(var.get("name") or var.get("repo") or REPOS[0])
+        repo = canon(OWNER, name)
+        data = {"viewer": {"login": "moat-test[bot]", "id": "U_1"}}
+        if repo is not None and self.allowed(token, repo, None, None):
+            data["repository"] = {
+                "id": "R_%d" % (1000 + REPOS.index(repo)), "databaseId": 1000 + REPOS.index(repo),
+                "name": repo, "nameWithOwner": "%s/%s" % (OWNER, repo),
+                "owner": {"login": OWNER, "id": "O_1"}, "url": "https://github.com/%s/%s" % (OWNER, repo),
+                "isPrivate": True, "isFork": False, "isArchived": False, "description": "",
+                "hasIssuesEnabled": True, "hasWikiEnabled": False, "hasProjectsEnabled": False,
+                "hasDiscussionsEnabled": False, "viewerPermission": "WRITE",
+                "defaultBranchRef": {"name": "main"}, "parent": None,
+                "mergeCommitAllowed": True, "rebaseMergeAllowed": True, "squashMergeAllowed": True,
+                "pullRequests": {"nodes": [], "totalCount": 0, "pageInfo": {"hasNextPage": False, "endCursor": None}},
+                "pullRequest": None,
+                "assignableUsers": {"nodes": [], "pageInfo": {"hasNextPage": False, "endCursor": None}},
+                "labels": {"nodes": [], "pageInfo": {"hasNextPage": False, "endCursor": None}},
+                "milestones": {"nodes": [], "pageInfo": {"hasNextPage": False, "endCursor": None}},
+                "projects": {"nodes": [], "pageInfo": {"hasNextPage": False, "endCursor": None}},
+                "projectsV2": {"nodes": [], "pageInfo": {"hasNextPage": False, "endCursor": None}},
+            }
+        else:
+            data["repository"] = None
+        return self.send(200, {"data": data})
 
     # -- git smart HTTP --------------------------------------------------
 
