@@ -166,6 +166,15 @@ impl Door {
         }
     }
 
+    /// Sets whose calls the LLM proxy serves from now on (the turn's user,
+    /// for accounting, audit records and `budget_user`); a pooled lease
+    /// serves one user after another.
+    pub fn set_llm_user(&self, user: Option<&str>) {
+        if let Some(l) = &self.state.llm {
+            l.set_turn_user(user);
+        }
+    }
+
     /// Variables for the LLM proxy: base URLs and this lease's placeholder
     /// keys (never a real key). Empty without an LLM config.
     pub fn llm_env(&self) -> Vec<(String, String)> {

@@ -145,6 +145,33 @@ pub struct LlmConfig {
     /// Where calls are counted per lease, user and channel; share one
     /// ledger across doors for totals that span them.
     pub ledger: Arc<UsageLedger>,
+    /// Tokens one user may use through `channel` in a rolling window (the
+    /// gateway's `budget_user`); the user is the turn's, set on the door
+    /// for each turn ([`crate::Door::set_llm_user`]). Needs `channel`.
+    pub user_window_budget: Option<WindowBudget>,
+}
+
+/// A token budget over a rolling window, e.g. 200,000 a day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowBudget {
+    pub tokens: u64,
+    pub window_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn window_name(ms: u64) -> String {
+    match ms {
+        3_600_000 => "hour".to_string(),
+        86_400_000 => "24 hours".to_string(),
+        604_800_000 => "7 days".to_string(),
+        _ => format!("{} minutes", ms / 60_000),
+    }
 }
 
 impl LlmConfig {
@@ -282,6 +309,9 @@ pub(crate) struct LlmState {
     reserved: AtomicU64,
     /// Makes "judge the budget, then hold the call's estimate" one step.
     admitting: std::sync::Mutex<()>,
+    /// The user of the turn the lease serves now (a pooled lease serves one
+    /// user after another); `None`: `cfg.user`.
+    turn_user: std::sync::Mutex<Option<String>>,
 }
 
 /// The largest estimate one call holds (see [`Pending::hold`]).
@@ -321,6 +351,12 @@ impl Drop for Pending {
 
 impl LlmState {
     pub(crate) fn new(cfg: LlmConfig) -> std::io::Result<LlmState> {
+        if cfg.user_window_budget.is_some() && cfg.channel.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the LLM proxy has a per-user budget in a channel but no channel; set LlmConfig::channel",
+            ));
+        }
         if cfg.user_budget.is_some() && cfg.user.is_none() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -346,7 +382,22 @@ impl LlmState {
             keys: redact::Keys::new(keys),
             reserved: AtomicU64::new(0),
             admitting: std::sync::Mutex::new(()),
+            turn_user: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Sets who the calls from now on are for (the turn's user).
+    pub(crate) fn set_turn_user(&self, user: Option<&str>) {
+        *self.turn_user.lock().unwrap_or_else(|e| e.into_inner()) = user.map(str::to_string);
+    }
+
+    /// Who the calls are for: the turn's user, else the configured one.
+    pub(crate) fn user(&self) -> Option<String> {
+        self.turn_user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .or_else(|| self.cfg.user.clone())
     }
 
     /// Starts the lease's token count again (its budget is per holder).
@@ -374,9 +425,10 @@ impl LlmState {
             });
         self.cfg.ledger.add(
             lease,
-            self.cfg.user.as_deref(),
+            self.user().as_deref(),
             self.cfg.channel.as_deref(),
             tokens,
+            now_ms(),
         );
     }
 
@@ -409,6 +461,21 @@ impl LlmState {
                 return Some(format!(
                     "moat: this sandbox's token budget is spent {}",
                     held(used, budget)
+                ));
+            }
+        }
+        if let (Some(b), Some(user), Some(channel)) = (
+            self.cfg.user_window_budget,
+            self.user(),
+            self.cfg.channel.as_deref(),
+        ) {
+            let since = now_ms().saturating_sub(b.window_ms);
+            let used = self.cfg.ledger.user_in_channel_since(channel, &user, since);
+            if used.saturating_add(reserved) >= b.tokens {
+                return Some(format!(
+                    "moat: user {user}'s token budget in this channel for the last {} is spent {}; ask an admin to raise budget_user, or wait",
+                    window_name(b.window_ms),
+                    held(used, b.tokens)
                 ));
             }
         }
@@ -537,6 +604,54 @@ mod tests {
             msg.contains("user alice's token budget is spent (550 of 550"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_pooled_leases_turn_user_has_a_budget_per_channel_and_window() {
+        let ledger = Arc::new(UsageLedger::new());
+        let door = |channel: &str| {
+            LlmState::new(LlmConfig {
+                channel: Some(channel.into()),
+                ledger: ledger.clone(),
+                user_window_budget: Some(WindowBudget {
+                    tokens: 100,
+                    window_ms: 86_400_000,
+                }),
+                ..LlmConfig::default()
+            })
+            .unwrap()
+        };
+        let pooled = door("chat-1");
+        // No turn user yet: nothing to judge, and calls count for no user.
+        assert_eq!(pooled.spent(), None);
+        pooled.set_turn_user(Some("alice"));
+        pooled.count("lease-1", 60);
+        assert_eq!(pooled.spent(), None);
+        // Another lease of the same channel, the same user: one total.
+        let other = door("chat-1");
+        other.set_turn_user(Some("alice"));
+        other.count("lease-2", 40);
+        let msg = pooled.spent().expect("alice's day is spent");
+        assert!(
+            msg.contains("user alice's token budget in this channel for the last 24 hours is spent (100 of 100"),
+            "{msg}"
+        );
+        // The next holder of the lease is someone else: their own budget.
+        pooled.set_turn_user(Some("bob"));
+        assert_eq!(pooled.spent(), None);
+        assert_eq!(pooled.user().as_deref(), Some("bob"));
+        // Alice in another channel: that channel's count.
+        let elsewhere = door("chat-2");
+        elsewhere.set_turn_user(Some("alice"));
+        assert_eq!(elsewhere.spent(), None);
+        assert!(LlmState::new(LlmConfig {
+            user_window_budget: Some(WindowBudget {
+                tokens: 1,
+                window_ms: 1
+            }),
+            ..LlmConfig::default()
+        })
+        .is_err());
     }
 
     #[test]

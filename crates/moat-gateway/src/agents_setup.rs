@@ -275,6 +275,10 @@ fn llm_config(
     })
     .map_err(|e| format!("channel[{}].agent: {e}", c.index))?;
     llm.token_budget = c.agent.budget;
+    llm.user_window_budget = c.agent.budget_user.map(|b| moat_egress::llm::WindowBudget {
+        tokens: b.tokens,
+        window_ms: u64::try_from(b.per.as_millis()).unwrap_or(u64::MAX),
+    });
     llm.channel = Some(c.describe());
     llm.ledger = inputs.ledger.clone();
     Ok(llm)

@@ -54,6 +54,16 @@ pub struct Metrics {
     turn_count: AtomicU64,
     /// Sum of turn seconds, in microseconds.
     turn_sum_us: AtomicU64,
+    /// LLM tokens per user and per channel (the doors' shared ledger,
+    /// seeded from the audit log at start).
+    ledger: std::sync::OnceLock<std::sync::Arc<moat_egress::llm::UsageLedger>>,
+}
+
+/// A label value in the exposition format: `\`, `"` and newlines escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Values read when `/metrics` is asked for.
@@ -92,6 +102,11 @@ impl Metrics {
         self.turn_count.fetch_add(1, Ordering::Relaxed);
         self.turn_sum_us
             .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Counts LLM tokens from `ledger` in `/metrics` (set once, at start).
+    pub fn set_ledger(&self, ledger: std::sync::Arc<moat_egress::llm::UsageLedger>) {
+        let _ = self.ledger.set(ledger);
     }
 
     /// The exposition text.
@@ -166,6 +181,58 @@ impl Metrics {
             self.turn_sum_us.load(Ordering::Relaxed) as f64 / 1e6
         );
         let _ = writeln!(s, "moat_turn_seconds_count {count}");
+        if let Some(l) = self.ledger.get() {
+            for (metric, what, rows) in [
+                ("moat_llm_user_tokens_total", "user", l.user_totals()),
+                (
+                    "moat_llm_channel_tokens_total",
+                    "channel",
+                    l.channel_totals(),
+                ),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "# HELP {metric} LLM tokens (input, cache and output) by {what}, since the audit log began.\n# TYPE {metric} counter"
+                );
+                for (k, v) in rows {
+                    let _ = writeln!(s, "{metric}{{{what}=\"{}\"}} {v}", label(&k));
+                }
+            }
+        }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llm_tokens_by_user_and_channel_with_labels_escaped() {
+        let m = Metrics::default();
+        assert!(!m.render(Gauges::default()).contains("moat_llm_"));
+        let l = std::sync::Arc::new(moat_egress::llm::UsageLedger::new());
+        l.add("lease", Some("U0ALICE"), Some("slack channel C1"), 42, 0);
+        l.add(
+            "lease",
+            Some("we\"ird\nname"),
+            Some("slack channel C1"),
+            8,
+            0,
+        );
+        m.set_ledger(l);
+        let text = m.render(Gauges::default());
+        assert!(
+            text.contains("moat_llm_user_tokens_total{user=\"U0ALICE\"} 42\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("moat_llm_user_tokens_total{user=\"we\\\"ird\\nname\"} 8\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("moat_llm_channel_tokens_total{channel=\"slack channel C1\"} 50\n"),
+            "{text}"
+        );
     }
 }

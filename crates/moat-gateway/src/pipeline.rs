@@ -910,8 +910,13 @@ impl Gateway {
                     let first = input.messages.first().map(String::as_str).unwrap_or("");
                     crate::github_clone::plan(g, conv.id, first)
                 });
+                // Whose turn it is, for the LLM door's accounting and budget_user.
+                let turn_user = batch.first().map(|p| p.user.clone());
                 let job = tokio::task::spawn_blocking(move || {
                     let mut held = held;
+                    if let Some(d) = held.door() {
+                        d.set_llm_user(turn_user.as_deref());
+                    }
                     let cloned = match &clone_plan {
                         None => Ok(()),
                         Some(p) => {

@@ -181,12 +181,13 @@ pub async fn serve(
             .filter(|p| p.file_name().is_some_and(|n| n == "moat"))
     });
     let secret_fn = opts.secret.clone();
+    let ledger = Arc::new(ledger);
     let setups = crate::agents_setup::build(&crate::agents_setup::SetupInputs {
         cfg: &cfg,
         secret: &*secret_fn,
         moat_exe: moat_exe.as_deref(),
         runtime_dir: &runtime_dir,
-        ledger: Arc::new(ledger),
+        ledger: ledger.clone(),
     })
     .map_err(ServeError::Config)?;
     for c in &cfg.channels {
@@ -214,6 +215,7 @@ pub async fn serve(
         repliers,
         setups,
     });
+    gw.inner.metrics.set_ledger(ledger);
     // Incident mode survives a restart: a paused gateway starts no sandbox
     // and runs nothing until the lift (docs/incident.md).
     let paused = crate::incident::read_flag(&opts.data_dir)

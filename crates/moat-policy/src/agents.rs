@@ -189,7 +189,51 @@ pub struct AgentPolicy {
     pub persona: Option<PathBuf>,
     /// Tokens one sandbox may use through the door.
     pub budget: Option<u64>,
+    /// Tokens one user may use in this channel over a rolling window
+    /// (`budget_user = "200000/day"`).
+    pub budget_user: Option<UserBudget>,
     pub artifacts: ArtifactPolicy,
+}
+
+/// `budget_user`: tokens per user per rolling window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserBudget {
+    pub tokens: u64,
+    pub per: std::time::Duration,
+}
+
+impl UserBudget {
+    /// `"200000/day"`, `"50000/hour"`, `"1000000/week"` or `"N/<duration>"`
+    /// (`"100000/12h"`), the window from an hour to a week (usage is
+    /// counted by the hour and kept eight days).
+    pub fn parse(text: &str) -> Result<UserBudget, String> {
+        let hint = "use \"TOKENS/day\" (or /hour, /week, /12h), e.g. \"200000/day\"";
+        let Some((n, per)) = text.split_once('/') else {
+            return Err(format!("{text:?} is not a budget; {hint}"));
+        };
+        let tokens = n
+            .trim()
+            .replace('_', "")
+            .parse::<u64>()
+            .ok()
+            .filter(|t| *t > 0)
+            .ok_or_else(|| format!("{n:?} is not a number of tokens (1 or more); {hint}"))?;
+        let per = match per.trim() {
+            "hour" => std::time::Duration::from_secs(3600),
+            "day" => std::time::Duration::from_secs(86_400),
+            "week" => std::time::Duration::from_secs(7 * 86_400),
+            d => crate::units::parse_duration(d).map_err(|e| format!("{e}; {hint}"))?,
+        };
+        if per < std::time::Duration::from_secs(3600)
+            || per > std::time::Duration::from_secs(7 * 86_400)
+        {
+            return Err(format!(
+                "the window {:?} is outside an hour to a week; {hint}",
+                per
+            ));
+        }
+        Ok(UserBudget { tokens, per })
+    }
 }
 
 impl Default for AgentPolicy {
@@ -203,6 +247,7 @@ impl Default for AgentPolicy {
             max_steps: DEFAULT_MAX_STEPS,
             persona: None,
             budget: None,
+            budget_user: None,
             artifacts: ArtifactPolicy::default(),
         }
     }
@@ -300,6 +345,7 @@ pub(crate) struct RawAgentKeys {
     pub max_steps: Option<i64>,
     pub persona: Option<String>,
     pub budget: Option<i64>,
+    pub budget_user: Option<String>,
     pub artifacts: Option<RawArtifacts>,
 }
 
@@ -582,6 +628,9 @@ impl AgentPolicy {
         }
         if raw.budget.is_some() {
             self.budget = tokens(raw.budget, &key("budget"))?;
+        }
+        if let Some(b) = raw.budget_user {
+            self.budget_user = Some(UserBudget::parse(&b).map_err(|m| err(key("budget_user"), m))?);
         }
         if let Some(a) = raw.artifacts {
             if let Some(n) = a.max_files {

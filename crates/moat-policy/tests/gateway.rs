@@ -925,3 +925,31 @@ fn an_empty_key_is_named_in_the_error() {
         assert!(shown.contains("\"\""), "{text:?} => {shown}");
     }
 }
+
+#[test]
+fn budget_user_is_tokens_per_window_and_errors_name_the_key() {
+    let c = parse(
+        "[defaults]\nbudget_user = \"200000/day\"\n[[channel]]\nplatform = \"web\"\nid = \"a\"\n[[channel]]\nplatform = \"web\"\nid = \"b\"\nbudget_user = \"5_000/12h\"",
+    );
+    let day = std::time::Duration::from_secs(86_400);
+    let b0 = c.channels[0].agent.budget_user.expect("inherited");
+    assert_eq!((b0.tokens, b0.per), (200_000, day));
+    let b1 = c.channels[1].agent.budget_user.expect("its own");
+    assert_eq!(
+        (b1.tokens, b1.per),
+        (5_000, std::time::Duration::from_secs(12 * 3600))
+    );
+    for (text, phrase) in [
+        ("lots", "TOKENS/day"),
+        ("0/day", "1 or more"),
+        ("100/fortnight", "TOKENS/day"),
+        ("100/10m", "an hour to a week"),
+        ("100/300h", "an hour to a week"),
+        ("100/30d", "ms, s, m or h"),
+    ] {
+        let toml = format!("[[channel]]\nplatform = \"web\"\nid = \"a\"\nbudget_user = \"{text}\"");
+        let e = GatewayConfig::from_toml(&toml).expect_err(text);
+        assert_eq!(key_of(&e), "channel[0].budget_user", "{e}");
+        assert!(e.to_string().contains(phrase), "{text}: {e}");
+    }
+}

@@ -18,6 +18,7 @@ mod incident_cmd;
 mod security_cmd;
 mod store_cmd;
 mod up;
+mod usage_cmd;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -50,6 +51,8 @@ enum Top {
     /// Incident response: revoke moat's GitHub tokens, destroy every sandbox,
     /// and take no message until `moat incident --lift` (docs/incident.md).
     Incident(incident_cmd::IncidentArgs),
+    /// LLM token use per user or per channel, from the audit log.
+    Usage(usage_cmd::UsageArgs),
     /// Read and check the audit log.
     Audit {
         #[command(subcommand)]
@@ -207,6 +210,7 @@ fn main() -> ExitCode {
             }
         },
         Top::Audit { command } => audit_cmd::run(command),
+        Top::Usage(args) => usage_cmd::run(args),
         Top::Chat(args) => match chat::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -503,6 +503,99 @@ async fn pool_budget_is_per_turn_and_the_model_is_enforced() {
     );
 }
 
+/// `budget_user` is per user in the channel over a rolling day, across the
+/// turns and leases of the pool: Alice's first three-call turn (330 tokens)
+/// fits in 500, her second is stopped by the door at its third call with
+/// the API-shaped refusal, and Bob, on the same pooled sandbox, still has
+/// his own 500. The door's `llm` records name the turn's user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_user_is_per_user_per_channel_over_a_day() {
+    std::env::set_var("MOAT_EXE", env!("CARGO_BIN_EXE_moat"));
+    const BOB: &str = "U0BOB001";
+    let keys = Keys::new();
+    let llm = FakeLlm::start(
+        &keys.anthropic,
+        &keys.openai,
+        Arc::new(move |_req, step| match step {
+            0 => Reply::tool("list_files", json!({"path": "."})),
+            1 => Reply::tool("read_file", json!({"path": "nothing-here"})),
+            _ => Reply::text("three calls done"),
+        }),
+    );
+    let slack = FakeSlack::start().await;
+    let data = data_dir("agents-e2e-budget-user");
+    let rest = rest(&llm, "anthropic", "pool").replace(
+        &format!("users = [\"{ALICE}\"]\n"),
+        &format!("users = [\"{ALICE}\", \"{BOB}\"]\nbudget_user = \"500/day\"\n"),
+    );
+    assert!(rest.contains("budget_user"), "{rest}");
+    let gw = Running::start_with(
+        &config(&slack, &data, Mode::Events, &rest),
+        &data,
+        secrets(&keys),
+    )
+    .await;
+    for (user, needle) in [
+        (ALICE, "three calls done"),
+        (
+            ALICE,
+            "token budget in this channel for the last 24 hours is spent",
+        ),
+        (BOB, "three calls done"),
+    ] {
+        let ts = new_ts();
+        let body = slack.callback(&new_event_id(), mention(GENERAL, user, &ts, None, "go"));
+        assert_eq!(post_signed(gw.events(), &body).await.status, 200);
+        slack.wait_post(GENERAL, &ts, needle).await;
+    }
+    // Alice: 3 + 2 calls reached the model, the sixth was refused by the door.
+    let llm_records: Vec<serde_json::Value> = gw
+        .audit()
+        .into_iter()
+        .filter(|v| v["kind"] == "llm")
+        .collect();
+    // `moat usage` reads the same records: per user, then per channel.
+    let usage = |by: &str| -> Vec<serde_json::Value> {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args(["usage", "--since", "1h", "--json", "--by", by, "--file"])
+            .arg(gw.audit_path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let users = usage("user");
+    let alice = users.iter().find(|r| r["user"] == ALICE).expect("alice");
+    assert_eq!(
+        (&alice["calls"], &alice["refused"]),
+        (&json!(6), &json!(1)),
+        "{users:?}"
+    );
+    let bob = users.iter().find(|r| r["user"] == BOB).expect("bob");
+    assert_eq!(
+        (&bob["calls"], &bob["refused"]),
+        (&json!(3), &json!(0)),
+        "{users:?}"
+    );
+    assert!(alice["tokens"].as_u64().unwrap() >= 500, "{users:?}");
+    let channels = usage("channel");
+    assert_eq!(channels.len(), 1, "{channels:?}");
+    assert_eq!(channels[0]["calls"], json!(9), "{channels:?}");
+    gw.stop().await;
+    let of = |u: &str, outcome: &str| {
+        llm_records
+            .iter()
+            .filter(|v| v["user"] == u && v["verdict"] == outcome)
+            .count()
+    };
+    assert_eq!(of(ALICE, "denied"), 1, "{llm_records:#?}");
+    assert_eq!(of(BOB, "denied"), 0, "{llm_records:#?}");
+    assert_eq!(llm.requests().len(), 3 + 2 + 3);
+}
+
 /// docs/threat-model.md C4: what an agent sends to moat (its event stream) is
 /// attributed by the sandbox it came from, never by a field in it. A tool
 /// call in conversation A writes forged events straight into the agent's

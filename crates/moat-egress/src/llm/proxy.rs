@@ -161,7 +161,7 @@ async fn handle(st: Arc<crate::State>, req: Request<Incoming>) -> Response<Proxy
         path: rest.chars().take(512).collect(),
         model: None,
         stream: false,
-        user: llm.cfg.user.clone(),
+        user: llm.user(),
         channel: llm.cfg.channel.clone(),
         t0,
     };
