@@ -27,7 +27,6 @@ use moat_policy::gateway::Platform;
 use moat_store::GithubLink;
 use serde_json::json;
 
-use crate::hub::ConvEvent;
 use crate::pipeline::{ConvRef, Gateway};
 
 /// What the webhook endpoint needs.
@@ -195,13 +194,7 @@ async fn webhook(State(h): State<Hooks>, headers: HeaderMap, body: Bytes) -> Res
         channel: conv.channel.clone(),
         thread: conv.thread.clone(),
     };
-    h.gw.inner.hub.publish(
-        conv.id,
-        ConvEvent::Notice {
-            text: ev.line.clone(),
-        },
-    );
-    h.gw.replier(platform).notice(&cref, &ev.line).await;
+    h.gw.platform(platform).notice(&cref, &ev.line).await;
     audit(
         "delivered",
         json!({"delivery": delivery, "event": event, "repo": ev.repo, "pull_request": ev.number, "conversation_id": conv.id}),
@@ -248,6 +241,7 @@ async fn comment_turn(gw: &Gateway, conv: &ConvRef, delivery: &str, login: &str,
             ts_ms: now_ms(),
             message_ref: None,
             addressed: true,
+            attachments: Vec::new(),
         })
         .await;
     if let Err(e) = r {

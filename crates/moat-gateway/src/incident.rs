@@ -21,7 +21,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::hub::ConvEvent;
 use crate::pipeline::{Accepted, ConvCmd, ConvRef, Gateway, GatewayError};
 use moat_store::MessageState;
 
@@ -177,14 +176,8 @@ impl Gateway {
             .map(|mut t| t.insert(conv.id))
             .unwrap_or(false);
         if first {
-            self.inner.hub.publish(
-                conv.id,
-                ConvEvent::Notice {
-                    text: PAUSED_TEXT.to_string(),
-                },
-            );
-            let (replier, conv2) = (self.replier(conv.platform), conv.clone());
-            tokio::spawn(async move { replier.notice(&conv2, PAUSED_TEXT).await });
+            let (out, conv2) = (self.platform(conv.platform), conv.clone());
+            tokio::spawn(async move { out.notice(&conv2, PAUSED_TEXT).await });
         }
         Ok(Accepted::Paused)
     }

@@ -20,6 +20,7 @@ pub mod hub;
 pub mod incident;
 pub mod metrics;
 pub mod pipeline;
+pub mod platform;
 pub mod pool;
 pub mod server;
 pub mod slack;

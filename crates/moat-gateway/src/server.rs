@@ -199,10 +199,9 @@ pub async fn serve(
     let admin_addr = cfg.admin.listen;
     let slack_cfg = cfg.slack.clone();
     let slack = crate::slack_setup::connect(&slack_cfg, &*opts.secret).await?;
-    let mut repliers: HashMap<moat_policy::gateway::Platform, Arc<dyn crate::pipeline::Replier>> =
-        HashMap::new();
+    let mut platforms = crate::platform::Platforms::default();
     if let Some(s) = &slack {
-        repliers.insert(moat_policy::gateway::Platform::Slack, s.replier.clone());
+        platforms.insert(moat_policy::gateway::Platform::Slack, s.replier.clone());
     }
     let groups = crate::groups::Groups::check(&cfg, &opts.data_dir, &runtime_dir)
         .map_err(|e| ServeError::Config(e.to_string()))?;
@@ -212,7 +211,7 @@ pub async fn serve(
         store: Arc::new(store),
         audit: Arc::new(audit),
         engine: Arc::new(engine),
-        repliers,
+        platforms,
         setups,
     });
     gw.inner.metrics.set_ledger(ledger);

@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use moat_chat::format::{chunk, to_mrkdwn};
+use moat_chat::format::to_mrkdwn;
 use moat_chat::slack::{
     parse_callback, Callback, Inbound as SlackInbound, InboundMessage, Verifier, WebApi,
 };
@@ -28,7 +28,10 @@ use moat_policy::gateway::Platform;
 use crate::agent::TurnOutcome;
 use crate::artifacts::Artifact;
 use crate::metrics::Verdict;
-use crate::pipeline::{BoxFut, ConvRef, Gateway, Inbound, Replier, CHANNEL_THREAD};
+use crate::pipeline::Gateway;
+use crate::platform::{
+    answer_body, answer_parts, BoxFut, ChatPlatform, ConvRef, Inbound, CHANNEL_THREAD,
+};
 
 /// Where answers go: the thread, or the top level when the conversation is
 /// the whole channel (`conversation = "channel"`).
@@ -64,6 +67,7 @@ pub fn inbound(event_id: &str, event_time: i64, m: &InboundMessage, addressed: b
         ts_ms: event_time.saturating_mul(1000),
         message_ref: Some(m.ts.clone()),
         addressed,
+        attachments: Vec::new(),
     }
 }
 
@@ -206,7 +210,7 @@ impl SlackReplier {
     }
 }
 
-impl Replier for SlackReplier {
+impl ChatPlatform for SlackReplier {
     fn history<'a>(
         &'a self,
         conv: &'a ConvRef,
@@ -341,26 +345,16 @@ impl Replier for SlackReplier {
     ) -> BoxFut<'a> {
         Box::pin(async move {
             // Command output is shown as it is, in a code block; an agent's
-            // answer is Markdown, converted to mrkdwn.
-            let body = if outcome.answer.trim().is_empty() {
-                "(no output)".to_string()
-            } else if outcome.preformatted {
-                format!("```\n{}\n```", outcome.answer.trim_end())
-            } else {
-                outcome.answer.trim_end().to_string()
-            };
-            let mut parts = chunk(&to_mrkdwn(&body), CHUNK);
-            // A thread is not a file: at most MAX_PARTS messages per answer.
-            if parts.len() > MAX_PARTS {
-                let left: usize = parts[MAX_PARTS - 1..]
-                    .iter()
-                    .map(|p| p.chars().count())
-                    .sum();
-                parts.truncate(MAX_PARTS - 1);
-                parts.push(format!(
-                    "_(the answer goes on for {left} more characters; ask the agent to put long output in ~/artifacts, which is sent as a file)_"
-                ));
-            }
+            // answer is Markdown, converted to mrkdwn. A thread is not a
+            // file: at most MAX_PARTS messages per answer.
+            let parts = answer_parts(
+                &to_mrkdwn(&answer_body(outcome)),
+                CHUNK,
+                MAX_PARTS,
+                |left| {
+                    format!("_(the answer goes on for {left} more characters; ask the agent to put long output in ~/artifacts, which is sent as a file)_")
+                },
+            );
             for part in parts {
                 Self::log(
                     "chat.postMessage",

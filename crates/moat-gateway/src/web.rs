@@ -36,6 +36,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 pub mod guard;
+mod out;
+
+pub use out::WebChat;
 
 use crate::hub::ConvEvent;
 use crate::pipeline::{Accepted, Gateway, Inbound};
@@ -240,6 +243,7 @@ async fn post_message(
         ts_ms: now,
         message_ref: None,
         addressed: true,
+        attachments: Vec::new(),
     };
     match w.gw.accept(inbound).await {
         Ok(Accepted::Queued { message_id, conversation_id }) => (

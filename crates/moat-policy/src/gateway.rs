@@ -117,27 +117,52 @@ pub enum Platform {
     Web,
     /// `moat chat`, the terminal client.
     Cli,
+    Telegram,
+    WhatsApp,
+    Discord,
 }
 
 impl Platform {
+    /// Every platform, in the order the docs list them.
+    pub const ALL: [Platform; 6] = [
+        Self::Slack,
+        Self::Web,
+        Self::Cli,
+        Self::Telegram,
+        Self::WhatsApp,
+        Self::Discord,
+    ];
+
+    /// The platforms a user id without a `platform:` prefix in a shared list
+    /// (`[[group]]`, `[defaults]`) stands for: those whose ids cannot be
+    /// mistaken for another platform's (Slack's `U…`, web and terminal
+    /// names). Telegram, WhatsApp and Discord ids are numbers, which collide
+    /// across platforms: in a shared list they are written `telegram:123`.
+    pub const UNPREFIXED: [Platform; 3] = [Self::Slack, Self::Web, Self::Cli];
+
     pub fn parse(text: &str) -> Result<Self, String> {
         match text {
             "slack" => Ok(Self::Slack),
             "web" => Ok(Self::Web),
             "cli" => Ok(Self::Cli),
+            "telegram" => Ok(Self::Telegram),
+            "whatsapp" => Ok(Self::WhatsApp),
+            "discord" => Ok(Self::Discord),
             other => Err(format!(
-                "unknown platform {other:?}; use \"slack\", \"web\" or \"cli\""
+                "unknown platform {other:?}; use \"slack\", \"web\", \"cli\", \"telegram\", \"whatsapp\" or \"discord\""
             )),
         }
     }
     /// The debounce a channel of this platform gets when neither it nor
-    /// `[defaults]` sets one: Slack users often split one request over several
-    /// quick messages, which should be one turn; the web chat and `moat chat`
-    /// send one complete message per Enter, which should start at once (a
-    /// quick second one runs as a follow-up turn).
+    /// `[defaults]` sets one: chat-app users often split one request over
+    /// several quick messages, which should be one turn; the web chat and
+    /// `moat chat` send one complete message per Enter, which should start at
+    /// once (a quick second one runs as a follow-up turn).
     pub fn default_debounce(self) -> Duration {
         match self {
-            Self::Slack => Duration::from_millis(1500),
+            Self::Slack | Self::Telegram | Self::WhatsApp | Self::Discord => {
+                Duration::from_millis(1500)
+            }
             Self::Web | Self::Cli => Duration::ZERO,
         }
     }
@@ -147,6 +172,9 @@ impl Platform {
             Self::Slack => "slack",
             Self::Web => "web",
             Self::Cli => "cli",
+            Self::Telegram => "telegram",
+            Self::WhatsApp => "whatsapp",
+            Self::Discord => "discord",
         }
     }
 }
@@ -239,17 +267,26 @@ pub struct Rates {
 pub struct UserSet {
     /// An explicit `"*"`.
     pub everyone: bool,
-    /// Exact, case-sensitive platform user ids.
-    pub ids: BTreeSet<String>,
+    /// Exact, case-sensitive user ids, each of one platform: an id
+    /// matches only messages from its own platform.
+    pub ids: BTreeSet<(Platform, String)>,
 }
 
 impl UserSet {
-    pub fn contains(&self, user_id: &str) -> bool {
-        self.everyone || self.ids.contains(user_id)
+    /// Is this user of this platform in the set? An id of another platform
+    /// never matches, whatever its text.
+    pub fn contains(&self, platform: Platform, user_id: &str) -> bool {
+        self.everyone || self.ids.contains(&(platform, user_id.to_string()))
     }
     pub fn is_empty(&self) -> bool {
         !self.everyone && self.ids.is_empty()
     }
+}
+
+/// A list entry `platform:id` split, when the prefix names a platform.
+fn prefixed(entry: &str) -> Option<(Platform, &str)> {
+    let (p, id) = entry.split_once(':')?;
+    Some((Platform::parse(p).ok()?, id))
 }
 
 /// One `[[channel]]`: `[defaults]` with this entry's keys on top, validated.
@@ -476,13 +513,13 @@ impl GatewayConfig {
         if user_id.is_empty() {
             return denied(format!("a message in {matched} has no user id"));
         }
-        if channel.admins.contains(user_id) {
+        if channel.admins.contains(platform, user_id) {
             return Authorization::Allowed {
                 channel,
                 trust: Trust::Admin,
             };
         }
-        if channel.users.contains(user_id) {
+        if channel.users.contains(platform, user_id) {
             return Authorization::Allowed {
                 channel,
                 trust: channel.trust,
@@ -959,9 +996,28 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Resolves a `users`/`admins` list. `key` is e.g. `channel[2].users`.
-    fn user_set(&self, list: &[String], key: &str) -> Result<UserSet, PolicyError> {
+    /// Resolves a `users`/`admins` list. `key` is e.g. `channel[2].users`;
+    /// `platform` is the channel's (`None` for `[defaults]`). An id written
+    /// `platform:id` is of that platform; a plain id in a channel's own list
+    /// is of the channel's platform, and a plain id in `[defaults]` or a
+    /// `[[group]]` of the platforms in [`Platform::UNPREFIXED`].
+    fn user_set(
+        &self,
+        list: &[String],
+        key: &str,
+        platform: Option<Platform>,
+    ) -> Result<UserSet, PolicyError> {
         let mut set = UserSet::default();
+        let shared = |set: &mut UserSet, id: &str| match prefixed(id) {
+            Some((p, id)) => {
+                set.ids.insert((p, id.to_string()));
+            }
+            None => {
+                for p in Platform::UNPREFIXED {
+                    set.ids.insert((p, id.to_string()));
+                }
+            }
+        };
         for (i, entry) in list.iter().enumerate() {
             let k = format!("{key}[{i}]");
             if entry == "*" {
@@ -985,10 +1041,29 @@ impl Ctx<'_> {
                         format!("no [[group]] named {name:?} ({known}); define it with [[group]] name = {name:?}, or list the user by id without \"@\""),
                     ));
                 };
-                set.ids.extend(members.iter().cloned());
+                for m in members {
+                    shared(&mut set, m);
+                }
             } else {
                 check_user_id(entry, &k)?;
-                set.ids.insert(entry.clone());
+                match (platform, prefixed(entry)) {
+                    (Some(own), Some((p, _))) if p != own => {
+                        return Err(err(
+                            k,
+                            format!("{entry:?} is a {p} user, but this is a {own} channel: a user id matches only on its own platform; list {own} ids here (or \"{own}:ID\")"),
+                        ));
+                    }
+                    (_, Some((p, id))) => {
+                        if id.is_empty() {
+                            return Err(err(k, format!("{entry:?} has no user id after \"{p}:\"")));
+                        }
+                        set.ids.insert((p, id.to_string()));
+                    }
+                    (Some(own), None) => {
+                        set.ids.insert((own, entry.clone()));
+                    }
+                    (None, None) => shared(&mut set, entry),
+                }
             }
         }
         Ok(set)
@@ -1042,17 +1117,23 @@ impl Settings {
     }
 
     /// Applies the keys set in `raw`; `at` is the section (`defaults`, `channel[2]`).
-    fn apply(&mut self, raw: RawSettings, at: &str, ctx: &Ctx) -> Result<(), PolicyError> {
+    fn apply(
+        &mut self,
+        raw: RawSettings,
+        at: &str,
+        ctx: &Ctx,
+        platform: Option<Platform>,
+    ) -> Result<(), PolicyError> {
         let key = |k: &str| format!("{at}.{k}");
         if let Some(t) = raw.trust {
             self.trust = Trust::parse(&t).map_err(|m| err(key("trust"), m))?;
         }
         if let Some(u) = raw.users {
-            self.users = ctx.user_set(&u, &key("users"))?;
+            self.users = ctx.user_set(&u, &key("users"), platform)?;
         }
         let admins_here = raw.admins.is_some();
         if let Some(a) = raw.admins {
-            self.admins = ctx.user_set(&a, &key("admins"))?;
+            self.admins = ctx.user_set(&a, &key("admins"), platform)?;
             if self.admins.everyone {
                 return Err(err(
                     key("admins[0]"),
@@ -1197,6 +1278,23 @@ fn check_channel_id(platform: Platform, id: &str, key: &str) -> Result<(), Polic
                     key,
                     format!("{id:?} is not a Slack channel id; write the id from the channel's details (e.g. \"C0123ABCD\"), not its #name, or \"*\" for any channel"),
                 ));
+            }
+        }
+        Platform::Telegram | Platform::WhatsApp | Platform::Discord => {
+            let digits = id
+                .strip_prefix('-')
+                .filter(|_| platform == Platform::Telegram)
+                .unwrap_or(id);
+            let ok = !digits.is_empty()
+                && digits.len() <= 20
+                && digits.bytes().all(|b| b.is_ascii_digit());
+            if !ok {
+                let what = match platform {
+                    Platform::Telegram => "a Telegram chat id (a number, negative for groups, e.g. \"-1001234567890\")",
+                    Platform::WhatsApp => "a WhatsApp phone number id (the number's id in the app's WhatsApp settings, digits only)",
+                    _ => "a Discord channel id (the digits \"Copy Channel ID\" gives)",
+                };
+                return Err(err(key, format!("{id:?} is not {what}, or \"*\" for any")));
             }
         }
         Platform::Web | Platform::Cli => {
@@ -1508,7 +1606,7 @@ impl GatewayConfig {
 
         // [defaults]
         let mut defaults = Settings::initial();
-        defaults.apply(raw.defaults, "defaults", &ctx)?;
+        defaults.apply(raw.defaults, "defaults", &ctx, None)?;
 
         // [[channel]]
         let mut channels: Vec<ChannelPolicy> = Vec::new();
@@ -1537,7 +1635,7 @@ impl GatewayConfig {
                 ("mcp", settings.mcp.is_some()),
             ];
             let mut s = defaults.clone();
-            s.apply(settings, &at, &ctx)?;
+            s.apply(settings, &at, &ctx, Some(platform))?;
             let mut untrusted_overrides = Vec::new();
             if s.trust == Trust::Untrusted {
                 // Tightened keys come from this entry only (docs/trust.md).

@@ -245,9 +245,24 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
     ("[defaults]\nlimits = { cpus = 0.0 }", "defaults.limits.cpus", "0.01 to 1024"),
     ("[defaults]\nlimits = { timeout = \"0s\" }", "defaults.limits.timeout", "1ms to 24h"),
     (
-        "[[channel]]\nplatform = \"discord\"\nid = \"*\"",
+        "[[channel]]\nplatform = \"matrix\"\nid = \"*\"",
         "channel[0].platform",
-        "\"slack\", \"web\" or \"cli\"",
+        "\"telegram\", \"whatsapp\" or \"discord\"",
+    ),
+    (
+        "[[channel]]\nplatform = \"telegram\"\nid = \"@mygroup\"",
+        "channel[0].id",
+        "negative for groups",
+    ),
+    (
+        "[[channel]]\nplatform = \"whatsapp\"\nid = \"+49 151\"",
+        "channel[0].id",
+        "phone number id",
+    ),
+    (
+        "[[channel]]\nplatform = \"telegram\"\nid = \"-100123\"\nusers = [\"discord:123\"]",
+        "channel[0].users[0]",
+        "only on its own platform",
     ),
     (
         "[[channel]]\nplatform = \"slack\"\nid = \"#general\"",
@@ -548,6 +563,82 @@ fn user_ids_match_exactly() {
     assert!(r.contains("no user id"), "{r}");
     let r = denied(c.authorize(Platform::Slack, "", "U01ALICE"));
     assert!(r.contains("no channel id"), "{r}");
+}
+
+/// P2: the same id text on two platforms is two people. A channel's own ids
+/// are its platform's; a shared list (`[[group]]`, `[defaults]`) writes ids
+/// of the numeric platforms as `telegram:ID`, and plain ids there never match
+/// on Telegram, WhatsApp or Discord.
+#[test]
+fn attack_p2_a_user_id_of_one_platform_is_never_authorized_on_another() {
+    let c = parse(
+        r#"
+[[group]]
+name = "team"
+users = ["U01ALICE", "telegram:4242", "whatsapp:4915112345678"]
+
+[[channel]]
+platform = "telegram"
+id = "-1001"
+users = ["@team", "777"]
+
+[[channel]]
+platform = "discord"
+id = "900"
+users = ["@team"]
+
+[[channel]]
+platform = "whatsapp"
+id = "*"
+users = ["@team"]
+
+[[channel]]
+platform = "slack"
+id = "C0123"
+users = ["@team", "777"]
+"#,
+    );
+    // Each id on its own platform.
+    assert!(c
+        .authorize(Platform::Telegram, "-1001", "4242")
+        .is_allowed());
+    assert!(c.authorize(Platform::Telegram, "-1001", "777").is_allowed());
+    assert!(c
+        .authorize(Platform::WhatsApp, "5550001", "4915112345678")
+        .is_allowed());
+    assert!(c
+        .authorize(Platform::Slack, "C0123", "U01ALICE")
+        .is_allowed());
+    // The Telegram user's number on Discord or WhatsApp: nobody.
+    assert!(!c.authorize(Platform::Discord, "900", "4242").is_allowed());
+    assert!(!c
+        .authorize(Platform::WhatsApp, "5550001", "4242")
+        .is_allowed());
+    // The Slack channel's plain "777" is a Slack id, the Telegram channel's
+    // a Telegram id: neither crosses over.
+    assert!(!c.authorize(Platform::Discord, "900", "777").is_allowed());
+    assert!(!c
+        .authorize(Platform::WhatsApp, "5550001", "777")
+        .is_allowed());
+    // A plain id in a group is never a Telegram, WhatsApp or Discord user,
+    // and the prefixed text is not an id on any platform.
+    for p in [Platform::Telegram, Platform::Discord] {
+        let chan = if p == Platform::Telegram {
+            "-1001"
+        } else {
+            "900"
+        };
+        assert!(!c.authorize(p, chan, "U01ALICE").is_allowed());
+        assert!(!c.authorize(p, chan, "telegram:4242").is_allowed());
+    }
+    assert!(!c
+        .authorize(Platform::Slack, "C0123", "telegram:4242")
+        .is_allowed());
+    assert!(!c.authorize(Platform::Slack, "C0123", "4242").is_allowed());
+    // The config is unchanged by the attempts: the first still holds.
+    assert!(c
+        .authorize(Platform::Telegram, "-1001", "4242")
+        .is_allowed());
 }
 
 #[test]
