@@ -310,6 +310,15 @@ impl Gateway {
             TurnState::Failed
         };
         let error = (!outcome.ok).then(|| outcome.answer.lines().last().unwrap_or("").to_string());
+        // Delivered first, recorded after: a gateway killed in between
+        // finds the turn cut off at its restart and runs its messages again
+        // (a second answer), where recording first lost the answer for good
+        // (the 30-minute soak saw it: docs/soak.md). The window left is one
+        // store write long.
+        if !collected.files.is_empty() {
+            out.artifacts(&conv, &refs, &collected.files).await;
+        }
+        out.finished(&conv, &refs, &outcome).await;
         if let Err(e) = store.finish_turn(
             turn_id,
             state,
@@ -319,10 +328,6 @@ impl Gateway {
         ) {
             tracing::error!(turn = turn_id, error = %e, "could not record the end of a turn");
         }
-        if !collected.files.is_empty() {
-            out.artifacts(&conv, &refs, &collected.files).await;
-        }
-        out.finished(&conv, &refs, &outcome).await;
         let secs = started.elapsed().as_secs_f64();
         self.inner.metrics.turn(outcome.ok, secs);
         self.inner.running.fetch_sub(1, Ordering::Relaxed);
