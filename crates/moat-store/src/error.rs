@@ -155,6 +155,16 @@ pub enum StoreError {
     /// Any other PostgreSQL failure (its primary message and SQLSTATE).
     #[error("database at {path}: {reason}")]
     Postgres { path: PathBuf, reason: String },
+    /// Another node owns the conversation (its lease runs until
+    /// `until_ms`): this node may not act on it.
+    #[error(
+        "conversation {conversation_id} is owned by node {owner} (lease until {until_ms}); only its owner may act on it"
+    )]
+    NotOwner {
+        conversation_id: i64,
+        owner: String,
+        until_ms: i64,
+    },
     /// A row that does not have the shape this build expects.
     #[error(
         "the database holds a row moat cannot read: column {column} is not {expected}; is it another program's database, or was it changed by hand?"

@@ -69,6 +69,16 @@ impl Store {
             let text = self
                 .sealer
                 .seal(&self.path, MESSAGE_TEXT, message_id, &m.text)?;
+            if let Some(node) = &self.node {
+                // The node that stores the first event of a conversation
+                // nobody owns takes it (a lease from the event's time: the
+                // store reads no clock; its first turn renews it).
+                c.execute(
+                    "INSERT INTO conversation_owners (conversation_id, node, until_ms)
+                     VALUES (?1, ?2, ?3) ON CONFLICT (conversation_id) DO NOTHING",
+                    args![conversation_id, &node.id, m.ts_ms.saturating_add(node.lease_ms)],
+                )?;
+            }
             c.execute(
                 "INSERT INTO messages (id, platform, event_id, conversation_id, \"user\", text, ts_ms, message_ref)
                  VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6, ?8)",

@@ -32,6 +32,7 @@ mod error;
 mod github;
 mod inbox;
 mod model;
+mod nodes;
 mod pg;
 mod recovery;
 mod schema;
@@ -53,6 +54,7 @@ pub use model::{
     Conversation, ConversationId, IncomingMessage, Inserted, MessageId, MessageState, SandboxMode,
     StoredMessage, Turn, TurnId, TurnState, UnknownName,
 };
+pub use nodes::Ownership;
 pub use pg::{PgOptions, DEFAULT_POOL_SIZE, PASSWORD_VAR};
 pub use schema::{current_version as schema_version, APPLICATION_ID};
 pub use sealed::{Encryption, Field, RekeyCount, SEALED_FIELDS};
@@ -101,6 +103,8 @@ pub struct Store {
     durability: Durability,
     /// Seals the sensitive fields with the store key, if there is one.
     sealer: Sealer,
+    /// This store's node, when several share the database.
+    node: Option<nodes::Node>,
     /// Write transactions committed, to wake the checkpointer.
     commits: AtomicU64,
     /// On-disk SQLite stores only: the thread that copies the WAL into the
@@ -115,7 +119,7 @@ pub struct Store {
 pub(crate) enum Backend {
     /// Calls are serialised by the mutex.
     Sqlite(Mutex<Connection>),
-    Postgres(pg::Pg),
+    Postgres(Box<pg::Pg>),
 }
 
 impl std::fmt::Debug for Store {
@@ -151,10 +155,11 @@ impl Store {
         let pg = pg::Pg::new(opts)?;
         let path = pg.label().to_path_buf();
         let store = Store {
-            db: Backend::Postgres(pg),
+            db: Backend::Postgres(Box::new(pg)),
             path,
             durability: Durability::PowerLoss,
             sealer: Sealer::new(key),
+            node: None,
             commits: AtomicU64::new(0),
             checkpointer: None,
             _lock: None,

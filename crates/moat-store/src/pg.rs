@@ -42,8 +42,10 @@ pub const DEFAULT_POOL_SIZE: usize = 8;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A write transaction that conflicts with another node's is run again this
-/// many times before [`StoreError::Contention`] is returned.
-const CONFLICT_RETRIES: u32 = 8;
+/// many times before [`StoreError::Contention`] is returned...
+const CONFLICT_RETRIES: u32 = 30;
+/// ...after a random pause of up to 1, 2, 4 ... ms, at most this long.
+const CONFLICT_BACKOFF_MAX_MS: u64 = 64;
 
 /// Where the PostgreSQL store is and how to reach it.
 #[derive(Clone)]
@@ -342,13 +344,24 @@ impl Pg {
             match r {
                 Err(StoreError::Contention { .. }) if attempt < CONFLICT_RETRIES => {
                     attempt += 1;
-                    // A little jitter-free backoff; conflicts are rare and short.
-                    std::thread::sleep(Duration::from_millis(2 * u64::from(attempt)));
+                    // Random, so that the transactions that collided do not
+                    // collide again in step.
+                    let cap = (1u64 << attempt.min(6)).min(CONFLICT_BACKOFF_MAX_MS);
+                    std::thread::sleep(Duration::from_micros(jitter() % (cap * 1000) + 100));
                 }
                 r => return r,
             }
         }
     }
+}
+
+/// A random number for backoff (not for anything secret): the standard
+/// library's per-instance random hash keys.
+fn jitter() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 /// A checked-out connection running the store's queries.

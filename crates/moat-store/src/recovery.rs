@@ -16,7 +16,14 @@ impl Store {
     ///
     /// Invariant: afterwards no turn is running and no message is `running`
     /// or `received`, so each unanswered message is in the returned list.
+    ///
+    /// On a store with a node ([`Store::with_node`]) the other nodes'
+    /// turns are not this node's to judge: this is [`Store::take_over`],
+    /// which takes only conversations whose owner's lease expired.
     pub fn requeue_interrupted(&self, now_ms: i64) -> Result<Vec<StoredMessage>, StoreError> {
+        if self.node.is_some() {
+            return self.take_over(now_ms);
+        }
         let queued = self.write(|c| {
             c.execute(
                 "UPDATE messages SET state = 'queued', turn_id = NULL

@@ -127,6 +127,18 @@ CREATE TABLE github_deliveries (
     ts_ms           INTEGER NOT NULL
 ) STRICT;
 "#,
+    // 5: many gateway nodes on one database: which node owns each
+    // conversation, until when (renewed by the owner's heartbeat; an
+    // expired lease may be taken over). Unused by a single SQLite node.
+    r#"
+CREATE TABLE conversation_owners (
+    conversation_id INTEGER PRIMARY KEY REFERENCES conversations (id),
+    node            TEXT NOT NULL,
+    until_ms        INTEGER NOT NULL
+) STRICT;
+
+CREATE INDEX conversation_owners_by_node ON conversation_owners (node, until_ms);
+"#,
 ];
 
 /// The same migrations for PostgreSQL, step for step.
@@ -218,6 +230,16 @@ CREATE TABLE github_deliveries (
     id              TEXT PRIMARY KEY,
     ts_ms           BIGINT NOT NULL
 );
+"#,
+    // 5: conversation ownership (see MIGRATIONS[4]).
+    r#"
+CREATE TABLE conversation_owners (
+    conversation_id BIGINT PRIMARY KEY REFERENCES conversations (id),
+    node            TEXT NOT NULL,
+    until_ms        BIGINT NOT NULL
+);
+
+CREATE INDEX conversation_owners_by_node ON conversation_owners (node, until_ms);
 "#,
 ];
 
@@ -478,6 +500,7 @@ mod tests {
         assert_eq!(
             tables(&conn),
             [
+                "conversation_owners",
                 "conversations",
                 "github_deliveries",
                 "github_links",

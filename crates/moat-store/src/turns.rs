@@ -6,6 +6,7 @@
 //! enforces it too), or let a turn finish twice.
 
 use crate::db::args;
+use crate::nodes::{claim_in, require_owner, Ownership};
 use crate::{
     turn_row, Backend, ConversationId, MessageId, MessageState, Store, StoreError, StoredMessage,
     Turn, TurnId, TurnState, MESSAGE_DETAIL, TURN_COLUMNS, TURN_ERROR,
@@ -23,7 +24,9 @@ impl Store {
     /// ([`StoreError::WrongConversation`]); a message not `Received` or
     /// `Queued` ([`StoreError::MessageTransition`]); a conversation that
     /// already has a running turn ([`StoreError::TurnRunning`]; the schema
-    /// enforces this too).
+    /// enforces this too); on a store with a node ([`Store::with_node`]), a
+    /// conversation another node's live lease covers
+    /// ([`StoreError::NotOwner`]; otherwise the turn takes the lease).
     pub fn start_turn(
         &self,
         conversation_id: ConversationId,
@@ -47,6 +50,17 @@ impl Store {
                     kind: "conversation",
                     id: conversation_id,
                 });
+            }
+            if let Some(node) = &self.node {
+                if let Ownership::Other { node, until_ms } =
+                    claim_in(c, node, conversation_id, now_ms)?
+                {
+                    return Err(StoreError::NotOwner {
+                        conversation_id,
+                        owner: node,
+                        until_ms,
+                    });
+                }
             }
             if let Some(r) = c.query_opt(
                 "SELECT id FROM turns WHERE conversation_id = ?1 AND state = 'running'",
@@ -118,7 +132,8 @@ impl Store {
     ///
     /// A turn finishes once: finishing one that is not running, or finishing
     /// "to" `Running`, is [`StoreError::TurnTransition`]; an unknown turn is
-    /// [`StoreError::NotFound`].
+    /// [`StoreError::NotFound`]; on a store with a node, a turn of a
+    /// conversation another node took over is [`StoreError::NotOwner`].
     pub fn finish_turn(
         &self,
         turn_id: TurnId,
@@ -140,6 +155,9 @@ impl Store {
             };
             let conversation_id = r.int(0)?;
             let from: TurnState = r.name(1)?;
+            if let Some(node) = &self.node {
+                require_owner(c, node, conversation_id)?;
+            }
             if state == TurnState::Running {
                 return Err(StoreError::TurnTransition {
                     id: turn_id,

@@ -228,6 +228,42 @@ impl Cluster {
         &self,
         f: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, String> {
+        self.on("postgres", f)
+    }
+
+    /// Runs `sql` (simple protocol, several statements allowed) in the
+    /// database `opts` names, as the superuser; every row's columns as text.
+    /// For tests that look at or tamper with what the store wrote.
+    pub fn sql(&self, opts: &PgOptions, sql: &str) -> Vec<Vec<Option<String>>> {
+        let db = opts
+            .url
+            .rsplit('/')
+            .next()
+            .unwrap_or("postgres")
+            .to_string();
+        let r = self.on(&db, async |c| {
+            let msgs = c.simple_query(sql).await?;
+            Ok(msgs
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                        Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                    }
+                    _ => None,
+                })
+                .collect())
+        });
+        match r {
+            Ok(rows) => rows,
+            Err(e) => panic!("running {sql:?} on {db}: {e}"),
+        }
+    }
+
+    fn on<T>(
+        &self,
+        db: &str,
+        f: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -238,7 +274,7 @@ impl Cluster {
             .port(self.port)
             .user(USER)
             .password(self.password.as_bytes())
-            .dbname("postgres")
+            .dbname(db)
             .connect_timeout(Duration::from_secs(5));
         rt.block_on(async {
             let (client, conn) = config
