@@ -25,4 +25,5 @@ pub mod pool;
 pub mod server;
 pub mod slack;
 pub mod slack_setup;
+mod store_setup;
 pub mod web;

@@ -16,7 +16,6 @@ use std::time::Duration;
 use moat_audit::AuditLog;
 use moat_policy::gateway::{GatewayConfig, WebAuth};
 use moat_sandbox::{Engine, EngineConfig};
-use moat_store::Store;
 
 use crate::pipeline::{Gateway, GatewayParts};
 
@@ -82,7 +81,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let cfg = opts.cfg;
-    let db = opts.data_dir.join("moat.db");
     // Encryption at rest: the key is a secret like any other. A bad key is
     // named without its text; no key is allowed, with one warning, unless the
     // store is already encrypted (then the store refuses to open).
@@ -93,17 +91,12 @@ pub async fn serve(
         ),
         None => None,
     };
-    let store =
-        Store::open_with_key(&db, moat_store::Durability::default(), key).map_err(|source| {
-            ServeError::Store {
-                path: db.clone(),
-                source,
-            }
-        })?;
+    let (store, node_lease) =
+        crate::store_setup::open(&cfg.store, &opts.data_dir, key, &opts.secret)?;
     match store.encryption() {
         moat_store::Encryption::Off => tracing::warn!(
             "the message store {} is not encrypted at rest: set {} (generate one with `openssl rand -base64 32`) in moat's environment or secrets file",
-            db.display(),
+            store.path().display(),
             moat_store::KEY_VAR
         ),
         moat_store::Encryption::On { key_id } => {
@@ -343,6 +336,19 @@ pub async fn serve(
             Ok(())
         }
     }));
+    // One node of several: renew the leases, take over stopped nodes'.
+    if let Some(lease) = node_lease {
+        let gw = gw.clone();
+        let stop = stopped(stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let store = gw.inner.store.clone();
+            tokio::select! {
+                () = crate::store_setup::heartbeat(gw, store, lease) => {}
+                () = stop => {}
+            }
+            Ok(())
+        }));
+    }
     let watcher = {
         let gw = gw.clone();
         tokio::spawn(async move { gw.watch_flag().await })

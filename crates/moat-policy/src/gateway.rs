@@ -442,6 +442,8 @@ pub struct GatewayConfig {
     pub memory_global: Option<PathBuf>,
     /// `[mounts] allowlist`: the mount allowlist file, if any.
     pub mounts_allowlist: Option<PathBuf>,
+    /// `[store]`: SQLite in the data directory, or a shared PostgreSQL.
+    pub store: crate::store::StoreConfig,
 }
 
 /// The verdict on one message.
@@ -646,6 +648,8 @@ struct RawFile {
     memory: crate::memory::RawMemory,
     #[serde(default)]
     mounts: crate::memory::RawMounts,
+    #[serde(default)]
+    store: crate::store::RawStore,
 }
 
 #[derive(Deserialize, Default)]
@@ -1717,6 +1721,7 @@ impl GatewayConfig {
                 .allowlist
                 .map(|a| crate::memory::host_path(&a, "mounts.allowlist"))
                 .transpose()?,
+            store: crate::store::section(raw.store)?,
         })
     }
 }
