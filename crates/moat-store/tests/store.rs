@@ -17,26 +17,30 @@ use moat_store::{
     StoreError, TurnState,
 };
 
-/// A test run on both databases: `NAME::sqlite` on an in-memory SQLite
-/// store, `NAME::postgres` on a fresh database of the test process's
-/// throwaway PostgreSQL cluster (moat-testpg).
+/// The tests of the store's logic, each run on both databases:
+/// `sqlite::NAME` on an in-memory SQLite store, `postgres::NAME` on a fresh
+/// database of the test process's throwaway PostgreSQL (moat-testpg).
 macro_rules! both {
-    (fn $name:ident($store:ident: Store) $body:block) => {
-        mod $name {
+    ($($name:ident => $body:expr;)*) => {
+        mod sqlite {
             #[allow(unused_imports)]
             use super::*;
-
-            fn run($store: Store) $body
-
-            #[test]
-            fn sqlite() {
-                run(Store::open_in_memory().unwrap())
-            }
-
-            #[test]
-            fn postgres() {
-                run(Store::open_postgres(&moat_testpg::cluster().fresh(), None).unwrap())
-            }
+            $(
+                #[test]
+                fn $name() {
+                    ($body)(Store::open_in_memory().unwrap())
+                }
+            )*
+        }
+        mod postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    ($body)(Store::open_postgres(&moat_testpg::cluster().fresh(), None).unwrap())
+                }
+            )*
         }
     };
 }
@@ -251,427 +255,413 @@ fn store_is_send_and_sync() {
 
 // ---- the inbox ---------------------------------------------------------------
 
-both! {
-    fn a_retried_event_is_a_duplicate_never_a_second_row(store: Store) {
-        let (m1, c1) = new_id(store.insert_message(&msg("Ev1", "T1", 1_000)).unwrap());
-        // Slack retries the same event, even with a later timestamp.
-        for ts in [1_000, 4_000] {
-            assert_eq!(
-                store.insert_message(&msg("Ev1", "T1", ts)).unwrap(),
-                Inserted::Duplicate { message_id: m1 }
-            );
-        }
-        // The duplicate wrote nothing: the conversation did not move.
+fn a_retried_event_is_a_duplicate_never_a_second_row(store: Store) {
+    let (m1, c1) = new_id(store.insert_message(&msg("Ev1", "T1", 1_000)).unwrap());
+    // Slack retries the same event, even with a later timestamp.
+    for ts in [1_000, 4_000] {
         assert_eq!(
-            store.conversation(c1).unwrap().unwrap().last_active_ms,
-            1_000
-        );
-        // The same thread, a new event: the same conversation.
-        let (m2, c2) = new_id(store.insert_message(&msg("Ev2", "T1", 2_000)).unwrap());
-        assert_eq!(c2, c1);
-        assert!(m2 > m1);
-        // Another thread: another conversation.
-        let (_, c3) = new_id(store.insert_message(&msg("Ev3", "T2", 2_500)).unwrap());
-        assert_ne!(c3, c1);
-        // The same event id on another platform is another event.
-        let mut web = msg("Ev1", "T1", 3_000);
-        web.platform = "web".into();
-        let (_, c4) = new_id(store.insert_message(&web).unwrap());
-        assert_ne!(c4, c1, "web's thread T1 is not slack's");
-        let conv = store.conversation(c1).unwrap().unwrap();
-        assert_eq!(
-            (conv.created_ms, conv.last_active_ms, conv.sandbox_mode),
-            (1_000, 2_000, None)
-        );
-        assert_eq!(store.queue_depth().unwrap(), 4);
-        let stored = store.message(m1).unwrap().unwrap();
-        assert_eq!(
-            (
-                stored.state,
-                stored.text.as_str(),
-                stored.user.as_str(),
-                stored.turn_id
-            ),
-            (MessageState::Received, "text of Ev1", "U1", None)
-        );
-        assert_eq!(
-            store
-                .conversation_by_key("slack", "C1", "T1")
-                .unwrap()
-                .map(|c| c.id),
-            Some(c1)
-        );
-        assert_eq!(
-            store.conversation_by_key("slack", "C1", "T9").unwrap(),
-            None
+            store.insert_message(&msg("Ev1", "T1", ts)).unwrap(),
+            Inserted::Duplicate { message_id: m1 }
         );
     }
+    // The duplicate wrote nothing: the conversation did not move.
+    assert_eq!(
+        store.conversation(c1).unwrap().unwrap().last_active_ms,
+        1_000
+    );
+    // The same thread, a new event: the same conversation.
+    let (m2, c2) = new_id(store.insert_message(&msg("Ev2", "T1", 2_000)).unwrap());
+    assert_eq!(c2, c1);
+    assert!(m2 > m1);
+    // Another thread: another conversation.
+    let (_, c3) = new_id(store.insert_message(&msg("Ev3", "T2", 2_500)).unwrap());
+    assert_ne!(c3, c1);
+    // The same event id on another platform is another event.
+    let mut web = msg("Ev1", "T1", 3_000);
+    web.platform = "web".into();
+    let (_, c4) = new_id(store.insert_message(&web).unwrap());
+    assert_ne!(c4, c1, "web's thread T1 is not slack's");
+    let conv = store.conversation(c1).unwrap().unwrap();
+    assert_eq!(
+        (conv.created_ms, conv.last_active_ms, conv.sandbox_mode),
+        (1_000, 2_000, None)
+    );
+    assert_eq!(store.queue_depth().unwrap(), 4);
+    let stored = store.message(m1).unwrap().unwrap();
+    assert_eq!(
+        (
+            stored.state,
+            stored.text.as_str(),
+            stored.user.as_str(),
+            stored.turn_id
+        ),
+        (MessageState::Received, "text of Ev1", "U1", None)
+    );
+    assert_eq!(
+        store
+            .conversation_by_key("slack", "C1", "T1")
+            .unwrap()
+            .map(|c| c.id),
+        Some(c1)
+    );
+    assert_eq!(
+        store.conversation_by_key("slack", "C1", "T9").unwrap(),
+        None
+    );
 }
 
-both! {
-    fn an_event_without_an_id_is_refused(store: Store) {
-        let err = store.insert_message(&msg("", "T", 1)).unwrap_err();
+fn an_event_without_an_id_is_refused(store: Store) {
+    let err = store.insert_message(&msg("", "T", 1)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Invalid {
+                field: "event_id",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let mut m = msg("E", "T", 1);
+    m.platform.clear();
+    assert!(store.insert_message(&m).is_err());
+    assert_eq!(store.queue_depth().unwrap(), 0);
+}
+
+fn message_states_follow_the_state_machine(store: Store) {
+    let (a, _) = new_id(store.insert_message(&msg("A", "T", 1)).unwrap());
+    let (b, conv) = new_id(store.insert_message(&msg("B", "T", 2)).unwrap());
+    store
+        .set_message_state(a, MessageState::Queued, None)
+        .unwrap();
+    assert_eq!(store.queue_depth().unwrap(), 2);
+    // Running only through start_turn.
+    let err = store
+        .set_message_state(a, MessageState::Running, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("only through start_turn"), "{err}");
+    store
+        .set_message_state(b, MessageState::Dropped, Some("unauthorised user U1"))
+        .unwrap();
+    let dropped = store.message(b).unwrap().unwrap();
+    assert_eq!(dropped.state, MessageState::Dropped);
+    assert_eq!(dropped.detail.as_deref(), Some("unauthorised user U1"));
+    // Final states are final.
+    for to in [
+        MessageState::Queued,
+        MessageState::Answered,
+        MessageState::Dropped,
+    ] {
+        let err = store.set_message_state(b, to, None).unwrap_err();
         assert!(
             matches!(
                 err,
-                StoreError::Invalid {
-                    field: "event_id",
+                StoreError::MessageTransition {
+                    from: MessageState::Dropped,
                     ..
                 }
             ),
             "{err:?}"
         );
-        let mut m = msg("E", "T", 1);
-        m.platform.clear();
-        assert!(store.insert_message(&m).is_err());
-        assert_eq!(store.queue_depth().unwrap(), 0);
     }
-}
-
-both! {
-    fn message_states_follow_the_state_machine(store: Store) {
-        let (a, _) = new_id(store.insert_message(&msg("A", "T", 1)).unwrap());
-        let (b, conv) = new_id(store.insert_message(&msg("B", "T", 2)).unwrap());
-        store
-            .set_message_state(a, MessageState::Queued, None)
-            .unwrap();
-        assert_eq!(store.queue_depth().unwrap(), 2);
-        // Running only through start_turn.
-        let err = store
-            .set_message_state(a, MessageState::Running, None)
-            .unwrap_err();
-        assert!(err.to_string().contains("only through start_turn"), "{err}");
-        store
-            .set_message_state(b, MessageState::Dropped, Some("unauthorised user U1"))
-            .unwrap();
-        let dropped = store.message(b).unwrap().unwrap();
-        assert_eq!(dropped.state, MessageState::Dropped);
-        assert_eq!(dropped.detail.as_deref(), Some("unauthorised user U1"));
-        // Final states are final.
-        for to in [
-            MessageState::Queued,
-            MessageState::Answered,
-            MessageState::Dropped,
-        ] {
-            let err = store.set_message_state(b, to, None).unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    StoreError::MessageTransition {
-                        from: MessageState::Dropped,
-                        ..
-                    }
-                ),
-                "{err:?}"
-            );
-        }
-        assert_eq!(store.queue_depth().unwrap(), 1);
-        // Handing a running message back unlinks it from its turn.
-        let turn = store.start_turn(conv, &[a], 10).unwrap();
-        assert_eq!(store.message(a).unwrap().unwrap().turn_id, Some(turn));
-        store
-            .set_message_state(a, MessageState::Queued, Some("handed back at shutdown"))
-            .unwrap();
-        let back = store.message(a).unwrap().unwrap();
-        assert_eq!((back.state, back.turn_id), (MessageState::Queued, None));
-        assert!(matches!(
-            store.set_message_state(999, MessageState::Failed, None),
-            Err(StoreError::NotFound {
-                kind: "message",
-                id: 999
-            })
-        ));
-    }
+    assert_eq!(store.queue_depth().unwrap(), 1);
+    // Handing a running message back unlinks it from its turn.
+    let turn = store.start_turn(conv, &[a], 10).unwrap();
+    assert_eq!(store.message(a).unwrap().unwrap().turn_id, Some(turn));
+    store
+        .set_message_state(a, MessageState::Queued, Some("handed back at shutdown"))
+        .unwrap();
+    let back = store.message(a).unwrap().unwrap();
+    assert_eq!((back.state, back.turn_id), (MessageState::Queued, None));
+    assert!(matches!(
+        store.set_message_state(999, MessageState::Failed, None),
+        Err(StoreError::NotFound {
+            kind: "message",
+            id: 999
+        })
+    ));
 }
 
 // ---- turns -----------------------------------------------------------------
 
-both! {
-    fn a_turn_links_its_messages_and_finishing_it_settles_them(store: Store) {
-        let (a, conv) = new_id(store.insert_message(&msg("A", "T", 100)).unwrap());
-        let (b, _) = new_id(store.insert_message(&msg("B", "T", 200)).unwrap());
-        let (other, other_conv) = new_id(store.insert_message(&msg("X", "T2", 250)).unwrap());
-        store
-            .set_message_state(b, MessageState::Queued, None)
-            .unwrap();
+fn a_turn_links_its_messages_and_finishing_it_settles_them(store: Store) {
+    let (a, conv) = new_id(store.insert_message(&msg("A", "T", 100)).unwrap());
+    let (b, _) = new_id(store.insert_message(&msg("B", "T", 200)).unwrap());
+    let (other, other_conv) = new_id(store.insert_message(&msg("X", "T2", 250)).unwrap());
+    store
+        .set_message_state(b, MessageState::Queued, None)
+        .unwrap();
 
-        // Refusals change nothing.
-        assert!(matches!(
-            store.start_turn(conv, &[], 300),
-            Err(StoreError::Invalid { .. })
-        ));
-        assert!(matches!(
-            store.start_turn(conv, &[a, other], 300),
-            Err(StoreError::WrongConversation { message_id, expected, actual })
-                if message_id == other && expected == conv && actual == other_conv
-        ));
-        assert!(matches!(
-            store.start_turn(conv, &[a, 4242], 300),
-            Err(StoreError::NotFound {
-                kind: "message",
-                id: 4242
-            })
-        ));
-        assert!(matches!(
-            store.start_turn(77, &[a], 300),
-            Err(StoreError::NotFound {
-                kind: "conversation",
-                id: 77
-            })
-        ));
-        assert_eq!(
-            store.message(a).unwrap().unwrap().state,
-            MessageState::Received
-        );
-        assert!(store.interrupted_turns().unwrap().is_empty());
+    // Refusals change nothing.
+    assert!(matches!(
+        store.start_turn(conv, &[], 300),
+        Err(StoreError::Invalid { .. })
+    ));
+    assert!(matches!(
+        store.start_turn(conv, &[a, other], 300),
+        Err(StoreError::WrongConversation { message_id, expected, actual })
+            if message_id == other && expected == conv && actual == other_conv
+    ));
+    assert!(matches!(
+        store.start_turn(conv, &[a, 4242], 300),
+        Err(StoreError::NotFound {
+            kind: "message",
+            id: 4242
+        })
+    ));
+    assert!(matches!(
+        store.start_turn(77, &[a], 300),
+        Err(StoreError::NotFound {
+            kind: "conversation",
+            id: 77
+        })
+    ));
+    assert_eq!(
+        store.message(a).unwrap().unwrap().state,
+        MessageState::Received
+    );
+    assert!(store.interrupted_turns().unwrap().is_empty());
 
-        let turn = store.start_turn(conv, &[a, b], 1_000).unwrap();
-        for id in [a, b] {
-            let m = store.message(id).unwrap().unwrap();
-            assert_eq!((m.state, m.turn_id), (MessageState::Running, Some(turn)));
-        }
-        assert_eq!(
-            store.queue_depth().unwrap(),
-            1,
-            "only the other thread's message waits"
-        );
-        assert_eq!(
-            store.conversation(conv).unwrap().unwrap().last_active_ms,
-            1_000
-        );
-        // One running turn per conversation.
-        let (c, _) = new_id(store.insert_message(&msg("C", "T", 1_100)).unwrap());
-        let err = store.start_turn(conv, &[c], 1_200).unwrap_err();
-        assert!(
-            matches!(err, StoreError::TurnRunning { turn_id, .. } if turn_id == turn),
-            "{err:?}"
-        );
-        // A running message cannot join another turn (here: the other thread's).
-        assert!(matches!(
-            store.start_turn(other_conv, &[other, a], 1_200),
-            Err(StoreError::WrongConversation { .. })
-        ));
-        let t = store.turn(turn).unwrap().unwrap();
-        assert_eq!(
-            (t.state, t.started_ms, t.ended_ms),
-            (TurnState::Running, 1_000, None)
-        );
-        assert_eq!(
-            store
-                .turn_messages(turn)
-                .unwrap()
-                .iter()
-                .map(|m| m.id)
-                .collect::<Vec<_>>(),
-            [a, b]
-        );
-
-        assert!(matches!(
-            store.finish_turn(turn, TurnState::Running, 0, None, 2_000),
-            Err(StoreError::TurnTransition { .. })
-        ));
-        store
-            .finish_turn(turn, TurnState::Done, 1234, None, 2_000)
-            .unwrap();
-        let t = store.turn(turn).unwrap().unwrap();
-        assert_eq!(
-            (t.state, t.ended_ms, t.answer_chars, t.error),
-            (TurnState::Done, Some(2_000), 1234, None)
-        );
-        for id in [a, b] {
-            assert_eq!(
-                store.message(id).unwrap().unwrap().state,
-                MessageState::Answered
-            );
-        }
-        assert_eq!(
-            store.conversation(conv).unwrap().unwrap().last_active_ms,
-            2_000
-        );
-        // A turn finishes once.
-        let err = store
-            .finish_turn(turn, TurnState::Failed, 0, Some("late"), 3_000)
-            .unwrap_err();
-        assert!(err.to_string().contains("finishes once"), "{err}");
-        assert_eq!(store.turn(turn).unwrap().unwrap().state, TurnState::Done);
-
-        // Failed and cancelled turns fail their messages, saying why.
-        let t2 = store.start_turn(conv, &[c], 3_000).unwrap();
-        store
-            .finish_turn(
-                t2,
-                TurnState::Failed,
-                0,
-                Some("sandbox out of memory"),
-                3_500,
-            )
-            .unwrap();
-        let m = store.message(c).unwrap().unwrap();
-        assert_eq!(
-            (m.state, m.detail.as_deref()),
-            (MessageState::Failed, Some("sandbox out of memory"))
-        );
-        let (d, _) = new_id(store.insert_message(&msg("D", "T", 3_600)).unwrap());
-        let t3 = store.start_turn(conv, &[d], 3_700).unwrap();
-        store
-            .finish_turn(t3, TurnState::Cancelled, 0, None, 3_800)
-            .unwrap();
-        let m = store.message(d).unwrap().unwrap();
-        assert_eq!(
-            (m.state, m.detail.as_deref()),
-            (MessageState::Failed, Some("cancelled"))
-        );
-        assert!(matches!(
-            store.finish_turn(999, TurnState::Done, 0, None, 1),
-            Err(StoreError::NotFound {
-                kind: "turn",
-                id: 999
-            })
-        ));
+    let turn = store.start_turn(conv, &[a, b], 1_000).unwrap();
+    for id in [a, b] {
+        let m = store.message(id).unwrap().unwrap();
+        assert_eq!((m.state, m.turn_id), (MessageState::Running, Some(turn)));
     }
+    assert_eq!(
+        store.queue_depth().unwrap(),
+        1,
+        "only the other thread's message waits"
+    );
+    assert_eq!(
+        store.conversation(conv).unwrap().unwrap().last_active_ms,
+        1_000
+    );
+    // One running turn per conversation.
+    let (c, _) = new_id(store.insert_message(&msg("C", "T", 1_100)).unwrap());
+    let err = store.start_turn(conv, &[c], 1_200).unwrap_err();
+    assert!(
+        matches!(err, StoreError::TurnRunning { turn_id, .. } if turn_id == turn),
+        "{err:?}"
+    );
+    // A running message cannot join another turn (here: the other thread's).
+    assert!(matches!(
+        store.start_turn(other_conv, &[other, a], 1_200),
+        Err(StoreError::WrongConversation { .. })
+    ));
+    let t = store.turn(turn).unwrap().unwrap();
+    assert_eq!(
+        (t.state, t.started_ms, t.ended_ms),
+        (TurnState::Running, 1_000, None)
+    );
+    assert_eq!(
+        store
+            .turn_messages(turn)
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect::<Vec<_>>(),
+        [a, b]
+    );
+
+    assert!(matches!(
+        store.finish_turn(turn, TurnState::Running, 0, None, 2_000),
+        Err(StoreError::TurnTransition { .. })
+    ));
+    store
+        .finish_turn(turn, TurnState::Done, 1234, None, 2_000)
+        .unwrap();
+    let t = store.turn(turn).unwrap().unwrap();
+    assert_eq!(
+        (t.state, t.ended_ms, t.answer_chars, t.error),
+        (TurnState::Done, Some(2_000), 1234, None)
+    );
+    for id in [a, b] {
+        assert_eq!(
+            store.message(id).unwrap().unwrap().state,
+            MessageState::Answered
+        );
+    }
+    assert_eq!(
+        store.conversation(conv).unwrap().unwrap().last_active_ms,
+        2_000
+    );
+    // A turn finishes once.
+    let err = store
+        .finish_turn(turn, TurnState::Failed, 0, Some("late"), 3_000)
+        .unwrap_err();
+    assert!(err.to_string().contains("finishes once"), "{err}");
+    assert_eq!(store.turn(turn).unwrap().unwrap().state, TurnState::Done);
+
+    // Failed and cancelled turns fail their messages, saying why.
+    let t2 = store.start_turn(conv, &[c], 3_000).unwrap();
+    store
+        .finish_turn(
+            t2,
+            TurnState::Failed,
+            0,
+            Some("sandbox out of memory"),
+            3_500,
+        )
+        .unwrap();
+    let m = store.message(c).unwrap().unwrap();
+    assert_eq!(
+        (m.state, m.detail.as_deref()),
+        (MessageState::Failed, Some("sandbox out of memory"))
+    );
+    let (d, _) = new_id(store.insert_message(&msg("D", "T", 3_600)).unwrap());
+    let t3 = store.start_turn(conv, &[d], 3_700).unwrap();
+    store
+        .finish_turn(t3, TurnState::Cancelled, 0, None, 3_800)
+        .unwrap();
+    let m = store.message(d).unwrap().unwrap();
+    assert_eq!(
+        (m.state, m.detail.as_deref()),
+        (MessageState::Failed, Some("cancelled"))
+    );
+    assert!(matches!(
+        store.finish_turn(999, TurnState::Done, 0, None, 1),
+        Err(StoreError::NotFound {
+            kind: "turn",
+            id: 999
+        })
+    ));
 }
 
-both! {
-    fn messages_since_last_turn_is_the_history_after_the_last_finished_turn(store: Store) {
-        let (a, conv) = new_id(store.insert_message(&msg("A", "T", 1)).unwrap());
-        let (b, _) = new_id(store.insert_message(&msg("B", "T", 2)).unwrap());
-        let (_, other) = new_id(store.insert_message(&msg("Z", "T2", 3)).unwrap());
-        let ids = |v: Vec<moat_store::StoredMessage>| v.into_iter().map(|m| m.id).collect::<Vec<_>>();
-        assert_eq!(ids(store.messages_since_last_turn(conv).unwrap()), [a, b]);
+fn messages_since_last_turn_is_the_history_after_the_last_finished_turn(store: Store) {
+    let (a, conv) = new_id(store.insert_message(&msg("A", "T", 1)).unwrap());
+    let (b, _) = new_id(store.insert_message(&msg("B", "T", 2)).unwrap());
+    let (_, other) = new_id(store.insert_message(&msg("Z", "T2", 3)).unwrap());
+    let ids = |v: Vec<moat_store::StoredMessage>| v.into_iter().map(|m| m.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.messages_since_last_turn(conv).unwrap()), [a, b]);
 
-        let t1 = store.start_turn(conv, &[a, b], 10).unwrap();
-        // A follow-up during the turn.
-        let (c, _) = new_id(store.insert_message(&msg("C", "T", 11)).unwrap());
-        // Still running: nothing finished yet, so everything is history.
-        assert_eq!(
-            ids(store.messages_since_last_turn(conv).unwrap()),
-            [a, b, c]
-        );
-        store.finish_turn(t1, TurnState::Done, 5, None, 12).unwrap();
-        assert_eq!(ids(store.messages_since_last_turn(conv).unwrap()), [c]);
+    let t1 = store.start_turn(conv, &[a, b], 10).unwrap();
+    // A follow-up during the turn.
+    let (c, _) = new_id(store.insert_message(&msg("C", "T", 11)).unwrap());
+    // Still running: nothing finished yet, so everything is history.
+    assert_eq!(
+        ids(store.messages_since_last_turn(conv).unwrap()),
+        [a, b, c]
+    );
+    store.finish_turn(t1, TurnState::Done, 5, None, 12).unwrap();
+    assert_eq!(ids(store.messages_since_last_turn(conv).unwrap()), [c]);
 
-        let (d, _) = new_id(store.insert_message(&msg("D", "T", 13)).unwrap());
-        store
-            .set_message_state(d, MessageState::Dropped, Some("rate limited"))
-            .unwrap();
-        // Every state is returned; the caller filters.
-        assert_eq!(ids(store.messages_since_last_turn(conv).unwrap()), [c, d]);
-        let t2 = store.start_turn(conv, &[c], 14).unwrap();
-        store
-            .finish_turn(t2, TurnState::Failed, 0, Some("boom"), 15)
-            .unwrap();
-        // D was stored after C, the newest message of the last finished turn.
-        assert_eq!(ids(store.messages_since_last_turn(conv).unwrap()), [d]);
-        let (e, _) = new_id(store.insert_message(&msg("E", "T", 16)).unwrap());
-        let t3 = store.start_turn(conv, &[e], 17).unwrap();
-        store.finish_turn(t3, TurnState::Done, 1, None, 18).unwrap();
-        assert!(store.messages_since_last_turn(conv).unwrap().is_empty());
-        assert_eq!(store.messages_since_last_turn(other).unwrap().len(), 1);
-        assert!(matches!(
-            store.messages_since_last_turn(555),
-            Err(StoreError::NotFound {
-                kind: "conversation",
-                ..
-            })
-        ));
-    }
+    let (d, _) = new_id(store.insert_message(&msg("D", "T", 13)).unwrap());
+    store
+        .set_message_state(d, MessageState::Dropped, Some("rate limited"))
+        .unwrap();
+    // Every state is returned; the caller filters.
+    assert_eq!(ids(store.messages_since_last_turn(conv).unwrap()), [c, d]);
+    let t2 = store.start_turn(conv, &[c], 14).unwrap();
+    store
+        .finish_turn(t2, TurnState::Failed, 0, Some("boom"), 15)
+        .unwrap();
+    // D was stored after C, the newest message of the last finished turn.
+    assert_eq!(ids(store.messages_since_last_turn(conv).unwrap()), [d]);
+    let (e, _) = new_id(store.insert_message(&msg("E", "T", 16)).unwrap());
+    let t3 = store.start_turn(conv, &[e], 17).unwrap();
+    store.finish_turn(t3, TurnState::Done, 1, None, 18).unwrap();
+    assert!(store.messages_since_last_turn(conv).unwrap().is_empty());
+    assert_eq!(store.messages_since_last_turn(other).unwrap().len(), 1);
+    assert!(matches!(
+        store.messages_since_last_turn(555),
+        Err(StoreError::NotFound {
+            kind: "conversation",
+            ..
+        })
+    ));
 }
 
 // ---- conversations and idle sandboxes --------------------------------------
 
-both! {
-    fn conversation_fields_are_recorded_and_unknown_ids_reported(store: Store) {
-        let (_, conv) = new_id(store.insert_message(&msg("A", "T", 500)).unwrap());
-        store
-            .set_sandbox_mode(conv, SandboxMode::PerThread)
-            .unwrap();
-        store
-            .set_conversation_lease(conv, Some("thread-7f3a"))
-            .unwrap();
-        store.set_agent_session(conv, Some("sess-1")).unwrap();
-        store.touch_conversation(conv, 900).unwrap();
-        store.touch_conversation(conv, 600).unwrap(); // never backwards
-        let c = store.conversation(conv).unwrap().unwrap();
-        assert_eq!(
-            c,
-            Conversation {
-                id: conv,
-                platform: "slack".into(),
-                channel: "C1".into(),
-                thread: "T".into(),
-                created_ms: 500,
-                last_active_ms: 900,
-                sandbox_mode: Some(SandboxMode::PerThread),
-                lease_name: Some("thread-7f3a".into()),
-                agent_session: Some("sess-1".into()),
-            }
-        );
-        store.set_conversation_lease(conv, None).unwrap();
-        store.set_agent_session(conv, None).unwrap();
-        let c = store.conversation(conv).unwrap().unwrap();
-        assert_eq!((c.lease_name, c.agent_session), (None, None));
-        for r in [
-            store.set_conversation_lease(99, Some("x")),
-            store.set_agent_session(99, None),
-            store.touch_conversation(99, 1),
-            store.set_sandbox_mode(99, SandboxMode::Pool),
-        ] {
-            assert!(matches!(
-                r,
-                Err(StoreError::NotFound {
-                    kind: "conversation",
-                    id: 99
-                })
-            ));
+fn conversation_fields_are_recorded_and_unknown_ids_reported(store: Store) {
+    let (_, conv) = new_id(store.insert_message(&msg("A", "T", 500)).unwrap());
+    store
+        .set_sandbox_mode(conv, SandboxMode::PerThread)
+        .unwrap();
+    store
+        .set_conversation_lease(conv, Some("thread-7f3a"))
+        .unwrap();
+    store.set_agent_session(conv, Some("sess-1")).unwrap();
+    store.touch_conversation(conv, 900).unwrap();
+    store.touch_conversation(conv, 600).unwrap(); // never backwards
+    let c = store.conversation(conv).unwrap().unwrap();
+    assert_eq!(
+        c,
+        Conversation {
+            id: conv,
+            platform: "slack".into(),
+            channel: "C1".into(),
+            thread: "T".into(),
+            created_ms: 500,
+            last_active_ms: 900,
+            sandbox_mode: Some(SandboxMode::PerThread),
+            lease_name: Some("thread-7f3a".into()),
+            agent_session: Some("sess-1".into()),
         }
-        assert_eq!(store.conversation(99).unwrap(), None);
+    );
+    store.set_conversation_lease(conv, None).unwrap();
+    store.set_agent_session(conv, None).unwrap();
+    let c = store.conversation(conv).unwrap().unwrap();
+    assert_eq!((c.lease_name, c.agent_session), (None, None));
+    for r in [
+        store.set_conversation_lease(99, Some("x")),
+        store.set_agent_session(99, None),
+        store.touch_conversation(99, 1),
+        store.set_sandbox_mode(99, SandboxMode::Pool),
+    ] {
+        assert!(matches!(
+            r,
+            Err(StoreError::NotFound {
+                kind: "conversation",
+                id: 99
+            })
+        ));
     }
+    assert_eq!(store.conversation(99).unwrap(), None);
 }
 
-both! {
-    fn idle_conversations_are_per_thread_ones_holding_a_sandbox_and_doing_nothing(store: Store) {
-        let conv = |event: &str, thread: &str, ts: i64, mode: SandboxMode, lease: Option<&str>| {
-            let (m, c) = new_id(store.insert_message(&msg(event, thread, ts)).unwrap());
-            store.set_sandbox_mode(c, mode).unwrap();
-            store.set_conversation_lease(c, lease).unwrap();
-            (m, c)
-        };
-        let (m_old, old) = conv("E1", "old", 1_000, SandboxMode::PerThread, Some("s-old"));
-        let (m_older, older) = conv("E2", "older", 500, SandboxMode::PerThread, Some("s-older"));
-        let (m_new, _new) = conv("E3", "new", 9_000, SandboxMode::PerThread, Some("s-new"));
-        let (m_pool, _pool) = conv("E4", "pool", 100, SandboxMode::Pool, Some("lease-3"));
-        let (m_none, _none) = conv("E5", "none", 100, SandboxMode::PerThread, None);
-        for m in [m_old, m_older, m_new, m_pool, m_none] {
-            store
-                .set_message_state(m, MessageState::Answered, None)
-                .unwrap();
-        }
-        let idle = |cutoff| {
-            store
-                .idle_conversations(cutoff)
-                .unwrap()
-                .into_iter()
-                .map(|c| c.id)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(idle(5_000), [older, old], "least recently active first");
-        assert_eq!(idle(1_000), [older], "strictly before the cutoff");
-
-        // A running turn or a waiting message keeps a conversation's sandbox.
-        let (m2, _) = new_id(store.insert_message(&msg("E6", "old", 1_200)).unwrap());
-        assert_eq!(idle(5_000), [older]);
-        let t = store.start_turn(old, &[m2], 1_300).unwrap();
-        assert_eq!(idle(5_000), [older]);
+fn idle_conversations_are_per_thread_ones_holding_a_sandbox_and_doing_nothing(store: Store) {
+    let conv = |event: &str, thread: &str, ts: i64, mode: SandboxMode, lease: Option<&str>| {
+        let (m, c) = new_id(store.insert_message(&msg(event, thread, ts)).unwrap());
+        store.set_sandbox_mode(c, mode).unwrap();
+        store.set_conversation_lease(c, lease).unwrap();
+        (m, c)
+    };
+    let (m_old, old) = conv("E1", "old", 1_000, SandboxMode::PerThread, Some("s-old"));
+    let (m_older, older) = conv("E2", "older", 500, SandboxMode::PerThread, Some("s-older"));
+    let (m_new, _new) = conv("E3", "new", 9_000, SandboxMode::PerThread, Some("s-new"));
+    let (m_pool, _pool) = conv("E4", "pool", 100, SandboxMode::Pool, Some("lease-3"));
+    let (m_none, _none) = conv("E5", "none", 100, SandboxMode::PerThread, None);
+    for m in [m_old, m_older, m_new, m_pool, m_none] {
         store
-            .finish_turn(t, TurnState::Done, 1, None, 1_400)
+            .set_message_state(m, MessageState::Answered, None)
             .unwrap();
-        assert_eq!(idle(5_000), [older, old]);
-        // A turn's end counts as activity.
-        assert_eq!(idle(1_400), [older]);
-        // Deleting the sandbox (clearing the lease) takes it off the list.
-        store.set_conversation_lease(older, None).unwrap();
-        assert_eq!(idle(5_000), [old]);
     }
+    let idle = |cutoff| {
+        store
+            .idle_conversations(cutoff)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(idle(5_000), [older, old], "least recently active first");
+    assert_eq!(idle(1_000), [older], "strictly before the cutoff");
+
+    // A running turn or a waiting message keeps a conversation's sandbox.
+    let (m2, _) = new_id(store.insert_message(&msg("E6", "old", 1_200)).unwrap());
+    assert_eq!(idle(5_000), [older]);
+    let t = store.start_turn(old, &[m2], 1_300).unwrap();
+    assert_eq!(idle(5_000), [older]);
+    store
+        .finish_turn(t, TurnState::Done, 1, None, 1_400)
+        .unwrap();
+    assert_eq!(idle(5_000), [older, old]);
+    // A turn's end counts as activity.
+    assert_eq!(idle(1_400), [older]);
+    // Deleting the sandbox (clearing the lease) takes it off the list.
+    store.set_conversation_lease(older, None).unwrap();
+    assert_eq!(idle(5_000), [old]);
 }
 
 // ---- crashes -----------------------------------------------------------------
@@ -969,46 +959,44 @@ fn concurrent_inserts_store_each_event_once() {
     assert_eq!(convs.len(), 10);
 }
 
-both! {
-    fn unfinished_messages_are_oldest_first_and_exclude_settled_ones(store: Store) {
-        let mut ids = Vec::new();
-        for i in 0..6 {
-            // Platform timestamps out of order: stored order decides.
-            let (id, _) = new_id(
-                store
-                    .insert_message(&msg(&format!("E{i}"), "T", 100 - i))
-                    .unwrap(),
-            );
-            ids.push(id);
-        }
-        store
-            .set_message_state(ids[1], MessageState::Answered, None)
-            .unwrap();
-        store
-            .set_message_state(ids[2], MessageState::Dropped, Some("bot"))
-            .unwrap();
-        store
-            .set_message_state(ids[3], MessageState::Queued, None)
-            .unwrap();
-        let conv = store.message(ids[0]).unwrap().unwrap().conversation_id;
-        store.start_turn(conv, &[ids[4]], 5).unwrap();
-        let got: Vec<_> = store
-            .unfinished_messages()
-            .unwrap()
-            .into_iter()
-            .map(|m| (m.id, m.state))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                (ids[0], MessageState::Received),
-                (ids[3], MessageState::Queued),
-                (ids[4], MessageState::Running),
-                (ids[5], MessageState::Received)
-            ]
+fn unfinished_messages_are_oldest_first_and_exclude_settled_ones(store: Store) {
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        // Platform timestamps out of order: stored order decides.
+        let (id, _) = new_id(
+            store
+                .insert_message(&msg(&format!("E{i}"), "T", 100 - i))
+                .unwrap(),
         );
-        assert_eq!(store.queue_depth().unwrap(), 3);
+        ids.push(id);
     }
+    store
+        .set_message_state(ids[1], MessageState::Answered, None)
+        .unwrap();
+    store
+        .set_message_state(ids[2], MessageState::Dropped, Some("bot"))
+        .unwrap();
+    store
+        .set_message_state(ids[3], MessageState::Queued, None)
+        .unwrap();
+    let conv = store.message(ids[0]).unwrap().unwrap().conversation_id;
+    store.start_turn(conv, &[ids[4]], 5).unwrap();
+    let got: Vec<_> = store
+        .unfinished_messages()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, m.state))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (ids[0], MessageState::Received),
+            (ids[3], MessageState::Queued),
+            (ids[4], MessageState::Running),
+            (ids[5], MessageState::Received)
+        ]
+    );
+    assert_eq!(store.queue_depth().unwrap(), 3);
 }
 
 #[test]
@@ -1091,81 +1079,90 @@ fn insert_rate() {
     }
 }
 
-both! {
-    fn github_links_find_the_conversation_and_deliveries_are_taken_once(store: Store) {
-        let (_, conversation_id) = new_id(store.insert_message(&msg("ev-gh", "T1", 1)).unwrap());
-        assert_eq!(
-            store
-                .github_conversation("acme/app", Some(3), None)
-                .unwrap(),
-            None
-        );
+fn github_links_find_the_conversation_and_deliveries_are_taken_once(store: Store) {
+    let (_, conversation_id) = new_id(store.insert_message(&msg("ev-gh", "T1", 1)).unwrap());
+    assert_eq!(
         store
-            .link_github(
-                "Acme/App",
-                moat_store::GithubLink::Branch("moat/1-x"),
-                conversation_id,
-                5,
-            )
-            .unwrap();
+            .github_conversation("acme/app", Some(3), None)
+            .unwrap(),
+        None
+    );
+    store
+        .link_github(
+            "Acme/App",
+            moat_store::GithubLink::Branch("moat/1-x"),
+            conversation_id,
+            5,
+        )
+        .unwrap();
+    store
+        .link_github(
+            "acme/app",
+            moat_store::GithubLink::PullRequest(3),
+            conversation_id,
+            6,
+        )
+        .unwrap();
+    assert_eq!(
         store
-            .link_github(
-                "acme/app",
-                moat_store::GithubLink::PullRequest(3),
-                conversation_id,
-                6,
-            )
-            .unwrap();
-        assert_eq!(
-            store
-                .github_conversation("ACME/app", Some(3), None)
-                .unwrap(),
-            Some(conversation_id)
-        );
-        assert_eq!(
-            store
-                .github_conversation("acme/app", None, Some("moat/1-x"))
-                .unwrap(),
-            Some(conversation_id),
-            "a check suite names only the branch"
-        );
-        assert_eq!(
-            store
-                .github_conversation("acme/app", Some(4), Some("moat/1-x"))
-                .unwrap(),
-            None,
-            "a pull request moat did not open finds nobody, whatever its branch"
-        );
-        assert_eq!(
-            store
-                .github_conversation("acme/other", Some(3), Some("moat/1-x"))
-                .unwrap(),
-            None
-        );
-        assert!(store.take_github_delivery("d-1", 1_000).unwrap());
-        assert!(
-            !store.take_github_delivery("d-1", 2_000).unwrap(),
-            "a replay"
-        );
-        // Forgotten after a week.
-        assert!(store
-            .take_github_delivery("d-1", 1_000 + 8 * 24 * 3600 * 1000)
-            .unwrap());
-    }
+            .github_conversation("ACME/app", Some(3), None)
+            .unwrap(),
+        Some(conversation_id)
+    );
+    assert_eq!(
+        store
+            .github_conversation("acme/app", None, Some("moat/1-x"))
+            .unwrap(),
+        Some(conversation_id),
+        "a check suite names only the branch"
+    );
+    assert_eq!(
+        store
+            .github_conversation("acme/app", Some(4), Some("moat/1-x"))
+            .unwrap(),
+        None,
+        "a pull request moat did not open finds nobody, whatever its branch"
+    );
+    assert_eq!(
+        store
+            .github_conversation("acme/other", Some(3), Some("moat/1-x"))
+            .unwrap(),
+        None
+    );
+    assert!(store.take_github_delivery("d-1", 1_000).unwrap());
+    assert!(
+        !store.take_github_delivery("d-1", 2_000).unwrap(),
+        "a replay"
+    );
+    // Forgotten after a week.
+    assert!(store
+        .take_github_delivery("d-1", 1_000 + 8 * 24 * 3600 * 1000)
+        .unwrap());
+}
+
+fn a_github_link_stays_with_the_conversation_that_made_it(store: Store) {
+    let (_, first) = new_id(store.insert_message(&msg("ev-a", "TA", 1)).unwrap());
+    let (_, other) = new_id(store.insert_message(&msg("ev-b", "TB", 2)).unwrap());
+    let b = moat_store::GithubLink::Branch("moat/1-x");
+    store.link_github("acme/app", b, first, 5).unwrap();
+    store.link_github("acme/app", b, other, 6).unwrap();
+    assert_eq!(
+        store
+            .github_conversation("acme/app", None, Some("moat/1-x"))
+            .unwrap(),
+        Some(first)
+    );
 }
 
 both! {
-    fn a_github_link_stays_with_the_conversation_that_made_it(store: Store) {
-        let (_, first) = new_id(store.insert_message(&msg("ev-a", "TA", 1)).unwrap());
-        let (_, other) = new_id(store.insert_message(&msg("ev-b", "TB", 2)).unwrap());
-        let b = moat_store::GithubLink::Branch("moat/1-x");
-        store.link_github("acme/app", b, first, 5).unwrap();
-        store.link_github("acme/app", b, other, 6).unwrap();
-        assert_eq!(
-            store
-                .github_conversation("acme/app", None, Some("moat/1-x"))
-                .unwrap(),
-            Some(first)
-        );
-    }
+    a_retried_event_is_a_duplicate_never_a_second_row => super::a_retried_event_is_a_duplicate_never_a_second_row;
+    an_event_without_an_id_is_refused => super::an_event_without_an_id_is_refused;
+    message_states_follow_the_state_machine => super::message_states_follow_the_state_machine;
+    a_turn_links_its_messages_and_finishing_it_settles_them => super::a_turn_links_its_messages_and_finishing_it_settles_them;
+    messages_since_last_turn_is_the_history_after_the_last_finished_turn => super::messages_since_last_turn_is_the_history_after_the_last_finished_turn;
+    conversation_fields_are_recorded_and_unknown_ids_reported => super::conversation_fields_are_recorded_and_unknown_ids_reported;
+    idle_conversations_are_per_thread_ones_holding_a_sandbox_and_doing_nothing => super::idle_conversations_are_per_thread_ones_holding_a_sandbox_and_doing_nothing;
+    unfinished_messages_are_oldest_first_and_exclude_settled_ones => super::unfinished_messages_are_oldest_first_and_exclude_settled_ones;
+    github_links_find_the_conversation_and_deliveries_are_taken_once => super::github_links_find_the_conversation_and_deliveries_are_taken_once;
+    a_github_link_stays_with_the_conversation_that_made_it => super::a_github_link_stays_with_the_conversation_that_made_it;
 }
