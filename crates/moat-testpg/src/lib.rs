@@ -2,7 +2,8 @@
 //! tests. The first call of [`cluster`] in a test process makes a
 //! throwaway cluster (`initdb` in a scratch directory
 //! `$TMPDIR/moat-pgtest-<pid>`, password authentication, `fsync=off`),
-//! starts `postgres` on a free loopback port, and starts a watchdog that
+//! starts `postgres` on a free loopback port (fsync off for speed;
+//! `MOAT_TESTPG_DURABLE=1`, for benchmarks, keeps PostgreSQL's defaults), and starts a watchdog that
 //! stops the server and removes the directory once the test process is
 //! gone (however it ended). [`Cluster::fresh`] gives each test its own
 //! database, so tests run in parallel.
@@ -103,6 +104,7 @@ fn free_port() -> Result<u16, String> {
 
 fn start() -> Result<Cluster, String> {
     let bin = bin_dir()?;
+    let durable = std::env::var_os("MOAT_TESTPG_DURABLE").is_some_and(|v| v == "1");
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -161,8 +163,21 @@ fn start() -> Result<Cluster, String> {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", dir.display()))
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
+            .args(if durable {
+                // Benchmarks: a commit is on disk before it returns, as on
+                // a real server.
+                &["-c", "fsync=on", "-c", "synchronous_commit=on"][..]
+            } else {
+                &[
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                ][..]
+            })
+            .args(["-c", "max_connections=300"])
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

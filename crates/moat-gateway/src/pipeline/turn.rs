@@ -83,6 +83,16 @@ impl Gateway {
         let store = self.inner.store.clone();
         let turn_id = match store.start_turn(conv.id, &ids, now_ms()) {
             Ok(t) => t,
+            Err(e @ moat_store::StoreError::NotOwner { .. }) => {
+                // Another node works on this conversation (docs/scale-out.md):
+                // its messages stay queued, for the owner or for whoever
+                // takes the conversation over; nothing is told or failed here.
+                tracing::warn!(conversation = conv.id, error = %e, "left to the node that owns the conversation");
+                for id in &ids {
+                    let _ = store.set_message_state(*id, MessageState::Queued, None);
+                }
+                return;
+            }
             Err(e) => {
                 tracing::error!(conversation = conv.id, error = %e, "could not start a turn");
                 for id in &ids {
