@@ -200,3 +200,30 @@ lease = "1s""#,
         }
     }
 }
+
+#[cfg(test)]
+mod deploy_tests {
+    /// The Kubernetes manifests' `moat.toml` (deploy/kubernetes/configmap.yaml)
+    /// is a configuration moat accepts, with its PostgreSQL store.
+    #[test]
+    fn the_kubernetes_configmap_is_a_valid_configuration() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/kubernetes/configmap.yaml"
+        );
+        let yaml = std::fs::read_to_string(path).unwrap();
+        let start = yaml.find("moat.toml: |").unwrap();
+        let toml: String = yaml[start..]
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("    ").unwrap_or(l.trim()))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = crate::gateway::GatewayConfig::from_toml(&toml)
+            .unwrap_or_else(|e| panic!("{e}\n--- in ---\n{toml}"));
+        assert!(matches!(
+            cfg.store,
+            super::StoreConfig::Postgres { ref url, .. } if url.starts_with("postgres://moat@")
+        ));
+    }
+}
