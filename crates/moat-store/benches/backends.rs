@@ -15,7 +15,8 @@
 //! MOAT_TESTPG_DURABLE=1: fsync and synchronous_commit on, PostgreSQL's
 //! defaults), one node with a pool of 8, and two nodes (two stores) on the
 //! same database.
-//! MOAT_BENCH_QUICK=1: a smoke run.
+//! MOAT_BENCH_QUICK=1: a smoke run; MOAT_BENCH_N: messages per thread
+//! (default 1500).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,10 +28,12 @@ const CONVERSATIONS_PER_THREAD: usize = 25;
 
 fn messages() -> usize {
     if std::env::var_os("MOAT_BENCH_QUICK").is_some() {
-        100
-    } else {
-        1500
+        return 100;
     }
+    std::env::var("MOAT_BENCH_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1500)
 }
 
 fn run(name: &str, stores: Vec<Arc<Store>>, tag: &str) -> String {
