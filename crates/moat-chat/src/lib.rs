@@ -15,3 +15,4 @@
 pub mod format;
 pub mod github;
 pub mod slack;
+pub mod telegram;

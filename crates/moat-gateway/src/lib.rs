@@ -25,4 +25,5 @@ pub mod pool;
 pub mod server;
 pub mod slack;
 pub mod slack_setup;
+pub mod telegram;
 pub mod web;

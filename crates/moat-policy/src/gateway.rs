@@ -426,6 +426,8 @@ pub struct GatewayConfig {
     pub web: WebConfig,
     pub admin: AdminConfig,
     pub slack: SlackConfig,
+    /// `[telegram]`.
+    pub telegram: crate::platforms::TelegramConfig,
     pub pool: PoolConfig,
     pub groups: Vec<Group>,
     /// In file order.
@@ -624,6 +626,8 @@ struct RawFile {
     admin: RawAdmin,
     #[serde(default)]
     slack: RawSlack,
+    #[serde(default)]
+    telegram: crate::platforms::RawTelegram,
     #[serde(default)]
     pool: RawPool,
     #[serde(default)]
@@ -1604,6 +1608,15 @@ impl GatewayConfig {
             mcp: &mcp_servers,
         };
 
+        // [telegram]
+        let telegram = crate::platforms::telegram(raw.telegram, slack_api_url)?;
+        if telegram.mode == crate::platforms::TelegramMode::Webhook && !web.enabled {
+            return Err(err(
+                "telegram.mode",
+                "\"webhook\" is served on web.listen (POST /telegram/webhook), but the web chat is disabled; set web.enabled = true or mode = \"polling\"",
+            ));
+        }
+
         // [defaults]
         let mut defaults = Settings::initial();
         defaults.apply(raw.defaults, "defaults", &ctx, None)?;
@@ -1700,6 +1713,7 @@ impl GatewayConfig {
             web,
             admin,
             slack,
+            telegram,
             pool,
             groups,
             channels,
