@@ -16,3 +16,4 @@ pub mod format;
 pub mod github;
 pub mod slack;
 pub mod telegram;
+pub mod whatsapp;

@@ -27,3 +27,4 @@ pub mod slack;
 pub mod slack_setup;
 pub mod telegram;
 pub mod web;
+pub mod whatsapp;

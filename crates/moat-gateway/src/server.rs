@@ -207,6 +207,10 @@ pub async fn serve(
     if let Some(t) = &telegram {
         platforms.insert(moat_policy::gateway::Platform::Telegram, t.out.clone());
     }
+    let whatsapp = crate::whatsapp::connect(&cfg.whatsapp, &*opts.secret)?;
+    if let Some(w) = &whatsapp {
+        platforms.insert(moat_policy::gateway::Platform::WhatsApp, w.out.clone());
+    }
     let groups = crate::groups::Groups::check(&cfg, &opts.data_dir, &runtime_dir)
         .map_err(|e| ServeError::Config(e.to_string()))?;
     let gw = Gateway::new(GatewayParts {
@@ -337,6 +341,9 @@ pub async fn serve(
         }
         if let Some(r) = telegram.as_ref().and_then(|t| t.router(&gw)) {
             router = router.merge(r);
+        }
+        if let Some(w) = &whatsapp {
+            router = router.merge(w.router(&gw));
         }
         if let Some(v) = hooks_verifier.clone() {
             router = router.merge(crate::github_hooks::router(

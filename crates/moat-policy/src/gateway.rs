@@ -428,6 +428,8 @@ pub struct GatewayConfig {
     pub slack: SlackConfig,
     /// `[telegram]`.
     pub telegram: crate::platforms::TelegramConfig,
+    /// `[whatsapp]`.
+    pub whatsapp: crate::platforms::WhatsAppConfig,
     pub pool: PoolConfig,
     pub groups: Vec<Group>,
     /// In file order.
@@ -628,6 +630,8 @@ struct RawFile {
     slack: RawSlack,
     #[serde(default)]
     telegram: crate::platforms::RawTelegram,
+    #[serde(default)]
+    whatsapp: crate::platforms::RawWhatsApp,
     #[serde(default)]
     pool: RawPool,
     #[serde(default)]
@@ -1617,6 +1621,15 @@ impl GatewayConfig {
             ));
         }
 
+        // [whatsapp]
+        let whatsapp = crate::platforms::whatsapp(raw.whatsapp, slack_api_url)?;
+        if whatsapp.enabled && !web.enabled {
+            return Err(err(
+                "whatsapp.enabled",
+                "the webhook is served on web.listen (/whatsapp/webhook), but the web chat is disabled; set web.enabled = true",
+            ));
+        }
+
         // [defaults]
         let mut defaults = Settings::initial();
         defaults.apply(raw.defaults, "defaults", &ctx, None)?;
@@ -1714,6 +1727,7 @@ impl GatewayConfig {
             admin,
             slack,
             telegram,
+            whatsapp,
             pool,
             groups,
             channels,

@@ -93,3 +93,57 @@ pub(crate) fn telegram(
     )?;
     Ok(TelegramConfig { mode, api_url })
 }
+
+pub const DEFAULT_WHATSAPP_API_URL: &str = "https://graph.facebook.com/v21.0";
+
+/// `[whatsapp]`: the Cloud API webhook (`GET`/`POST /whatsapp/webhook` on
+/// `web.listen`) and the Graph API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WhatsAppConfig {
+    pub enabled: bool,
+    /// The Graph API base with its version, without a trailing slash.
+    pub api_url: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWhatsApp {
+    enabled: Option<bool>,
+    api_url: Option<String>,
+    token: Option<toml::Value>,
+    app_secret: Option<toml::Value>,
+    verify_token: Option<toml::Value>,
+}
+
+pub(crate) fn whatsapp(
+    raw: RawWhatsApp,
+    api_url: impl Fn(&str, &str) -> Result<String, PolicyError>,
+) -> Result<WhatsAppConfig, PolicyError> {
+    for (present, k, var) in [
+        (raw.token.is_some(), "whatsapp.token", "WHATSAPP_TOKEN"),
+        (
+            raw.app_secret.is_some(),
+            "whatsapp.app_secret",
+            "WHATSAPP_APP_SECRET",
+        ),
+        (
+            raw.verify_token.is_some(),
+            "whatsapp.verify_token",
+            "WHATSAPP_VERIFY_TOKEN",
+        ),
+    ] {
+        if present {
+            return Err(PolicyError::Invalid {
+                key: k.into(),
+                message: format!("secrets never go in the configuration file; set {var} in moat's environment or the secrets file"),
+            });
+        }
+    }
+    Ok(WhatsAppConfig {
+        enabled: raw.enabled.unwrap_or(false),
+        api_url: api_url(
+            raw.api_url.as_deref().unwrap_or(DEFAULT_WHATSAPP_API_URL),
+            "whatsapp.api_url",
+        )?,
+    })
+}
