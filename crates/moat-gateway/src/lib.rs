@@ -26,4 +26,6 @@ pub mod server;
 pub mod slack;
 pub mod slack_setup;
 mod store_setup;
+pub mod telegram;
 pub mod web;
+pub mod whatsapp;

@@ -196,6 +196,14 @@ pub async fn serve(
     if let Some(s) = &slack {
         platforms.insert(moat_policy::gateway::Platform::Slack, s.replier.clone());
     }
+    let telegram = crate::telegram::connect(&cfg.telegram, &*opts.secret).await?;
+    if let Some(t) = &telegram {
+        platforms.insert(moat_policy::gateway::Platform::Telegram, t.out.clone());
+    }
+    let whatsapp = crate::whatsapp::connect(&cfg.whatsapp, &*opts.secret)?;
+    if let Some(w) = &whatsapp {
+        platforms.insert(moat_policy::gateway::Platform::WhatsApp, w.out.clone());
+    }
     let groups = crate::groups::Groups::check(&cfg, &opts.data_dir, &runtime_dir)
         .map_err(|e| ServeError::Config(e.to_string()))?;
     let gw = Gateway::new(GatewayParts {
@@ -310,10 +318,25 @@ pub async fn serve(
             }));
         }
     }
+    if let Some(task) = telegram
+        .as_ref()
+        .and_then(|t| t.polling(&gw, stopped(stop_rx.clone())))
+    {
+        tasks.push(tokio::spawn(async move {
+            let _ = task.await;
+            Ok(())
+        }));
+    }
     if let (Some(l), Some(at)) = (web, bound.web) {
         let mut router = crate::web::router(gw.clone(), tokens);
         if let Some(r) = events_beside_web {
             router = router.merge(r);
+        }
+        if let Some(r) = telegram.as_ref().and_then(|t| t.router(&gw)) {
+            router = router.merge(r);
+        }
+        if let Some(w) = &whatsapp {
+            router = router.merge(w.router(&gw));
         }
         if let Some(v) = hooks_verifier.clone() {
             router = router.merge(crate::github_hooks::router(

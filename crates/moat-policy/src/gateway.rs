@@ -426,6 +426,10 @@ pub struct GatewayConfig {
     pub web: WebConfig,
     pub admin: AdminConfig,
     pub slack: SlackConfig,
+    /// `[telegram]`.
+    pub telegram: crate::platforms::TelegramConfig,
+    /// `[whatsapp]`.
+    pub whatsapp: crate::platforms::WhatsAppConfig,
     pub pool: PoolConfig,
     pub groups: Vec<Group>,
     /// In file order.
@@ -626,6 +630,10 @@ struct RawFile {
     admin: RawAdmin,
     #[serde(default)]
     slack: RawSlack,
+    #[serde(default)]
+    telegram: crate::platforms::RawTelegram,
+    #[serde(default)]
+    whatsapp: crate::platforms::RawWhatsApp,
     #[serde(default)]
     pool: RawPool,
     #[serde(default)]
@@ -1608,6 +1616,24 @@ impl GatewayConfig {
             mcp: &mcp_servers,
         };
 
+        // [telegram]
+        let telegram = crate::platforms::telegram(raw.telegram, slack_api_url)?;
+        if telegram.mode == crate::platforms::TelegramMode::Webhook && !web.enabled {
+            return Err(err(
+                "telegram.mode",
+                "\"webhook\" is served on web.listen (POST /telegram/webhook), but the web chat is disabled; set web.enabled = true or mode = \"polling\"",
+            ));
+        }
+
+        // [whatsapp]
+        let whatsapp = crate::platforms::whatsapp(raw.whatsapp, slack_api_url)?;
+        if whatsapp.enabled && !web.enabled {
+            return Err(err(
+                "whatsapp.enabled",
+                "the webhook is served on web.listen (/whatsapp/webhook), but the web chat is disabled; set web.enabled = true",
+            ));
+        }
+
         // [defaults]
         let mut defaults = Settings::initial();
         defaults.apply(raw.defaults, "defaults", &ctx, None)?;
@@ -1704,6 +1730,8 @@ impl GatewayConfig {
             web,
             admin,
             slack,
+            telegram,
+            whatsapp,
             pool,
             groups,
             channels,

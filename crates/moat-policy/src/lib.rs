@@ -15,6 +15,7 @@ pub mod hosts;
 pub mod memory;
 pub mod network;
 pub mod paths;
+pub mod platforms;
 pub mod sandbox;
 pub mod store;
 pub mod trust;
