@@ -47,7 +47,8 @@ listen = "127.0.0.1:9090"
 mode = "off"
 
 [pool]
-size = 2
+min = 2
+max = 16
 
 [defaults]
 trust = "member"
@@ -404,12 +405,19 @@ pub struct SlackConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// Each pool-mode channel's pool: `min` warm leases, grown under load up to
+/// `max`, shrunk back to `min` after `shrink_after` without use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
-    /// Pre-warmed leases; 0 only when no channel uses `sandbox = "pool"`.
+    /// Leases kept warm (`min`, or the older fixed `size`).
     pub size: u32,
-    /// Requests that may wait for a lease; the next one is told the pool is busy.
+    /// Leases a pool may grow to under load (`size` alone: the same as it).
+    pub max: u32,
+    /// Requests that may wait once `max` leases are busy; the next one is
+    /// told the pool is busy.
     pub max_waiters: u32,
+    /// A lease above `min` idle this long is destroyed.
+    pub shrink_after: Duration,
 }
 
 /// A named set of user ids, referred to as `"@name"` in `users` and `admins`.
@@ -690,7 +698,10 @@ struct RawSlack {
 #[serde(deny_unknown_fields)]
 struct RawPool {
     size: Option<i64>,
+    min: Option<i64>,
+    max: Option<i64>,
     max_waiters: Option<i64>,
+    shrink_after: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -949,6 +960,53 @@ fn slack_api_url(text: &str, key: &str) -> Result<String, PolicyError> {
         ));
     }
     Ok(url.to_string())
+}
+
+/// `[pool]`'s sizes: `size` alone is a fixed pool (the older form); `min`
+/// and `max` an elastic one; neither: 2 warm, up to 16.
+fn pool_config(raw: &RawPool) -> Result<PoolConfig, PolicyError> {
+    const LIMIT: i64 = 256;
+    let (size, max) = match (raw.size, raw.min, raw.max) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err(err(
+                "pool.size",
+                "is the fixed size of the older form; with pool.min or pool.max, leave it out (min = leases kept warm, max = the most it grows to)",
+            ))
+        }
+        (Some(n), None, None) => {
+            let n = nonneg(n, "pool.size", LIMIT, "leases")?;
+            (n, n)
+        }
+        (None, min, max) => {
+            let min = nonneg(min.unwrap_or(2), "pool.min", LIMIT, "leases")?;
+            let max = match max {
+                Some(m) => nonneg(m, "pool.max", LIMIT, "leases")?,
+                None => min.max(16),
+            };
+            if max < min {
+                return Err(err(
+                    "pool.max",
+                    format!("{max} is below pool.min = {min}; set max to {min} or more"),
+                ));
+            }
+            (min, max)
+        }
+    };
+    let shrink_after = match &raw.shrink_after {
+        Some(t) => duration_in(
+            t,
+            "pool.shrink_after",
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        )?,
+        None => Duration::from_secs(300),
+    };
+    Ok(PoolConfig {
+        size,
+        max,
+        max_waiters: 16,
+        shrink_after,
+    })
 }
 
 fn nonneg(v: i64, key: &str, max: i64, what: &str) -> Result<u32, PolicyError> {
@@ -1543,14 +1601,15 @@ impl GatewayConfig {
         };
 
         // [pool]
+        let pool = pool_config(&raw.pool)?;
         let pool = PoolConfig {
-            size: nonneg(raw.pool.size.unwrap_or(2), "pool.size", 256, "leases")?,
             max_waiters: nonneg(
                 raw.pool.max_waiters.unwrap_or(16),
                 "pool.max_waiters",
                 10_000,
                 "waiting requests",
             )?,
+            ..pool
         };
 
         // [[group]]
@@ -1661,10 +1720,10 @@ impl GatewayConfig {
                 }
             }
             s.agent.check(&at)?;
-            if s.sandbox_kind == SandboxKind::Pool && pool.size == 0 {
+            if s.sandbox_kind == SandboxKind::Pool && pool.max == 0 {
                 return Err(err(
                     format!("{at}.sandbox"),
-                    "uses the pool, but pool.size = 0; set pool.size to 1 or more, or sandbox = \"per-thread\"",
+                    "uses the pool, but the pool may hold no sandbox (pool.size or pool.max = 0); set pool.max to 1 or more, or sandbox = \"per-thread\"",
                 ));
             }
             channels.push(ChannelPolicy {

@@ -228,6 +228,7 @@ pub struct Lease {
 
 pub(crate) fn open_lease(
     engine: &Engine,
+    backend: Arc<dyn crate::backend::Backend>,
     policy: SandboxPolicy,
     opts: LeaseOptions,
 ) -> Result<Lease> {
@@ -312,7 +313,7 @@ pub(crate) fn open_lease(
         id,
         named,
         policy: Arc::new(policy),
-        backend: engine.backend(),
+        backend,
         storage: Some(storage),
         _uid: uid_lock,
         host_uid,
