@@ -161,15 +161,9 @@ mod tests {
     #[test]
     fn without_the_app_github_is_not_available() {
         let r = vec!["acme/one".to_string()];
-        let audit: Arc<dyn moat_egress::Audit> = Arc::new(moat_egress::MemoryAudit::default());
-        let e = access(
-            &flags(&r, &[], &[]),
-            |_| None,
-            "t",
-            audit,
-            PathBuf::from("/nonexistent"),
-        )
-        .unwrap_err();
+        let e = template(&flags(&r, &[], &[]), |_| None, PathBuf::from("/nonexistent"))
+            .err()
+            .unwrap();
         let text = format!("{e:#}");
         assert!(
             text.contains("GitHub is not available") && text.contains("GITHUB_APP_ID"),
