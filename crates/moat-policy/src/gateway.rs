@@ -28,7 +28,7 @@ pub use crate::agents::{
 use crate::agents::{RawAgentKeys, RawAgents, RawArtifacts, RawGatewayAmp, RawGatewayLlm, RawMcp};
 use crate::network::{canonical_ip, parse_allow_entry, parse_ip_literal, parse_pin};
 use crate::sandbox::{BackendKind, SandboxPolicy};
-use crate::units::{format_duration, parse_duration};
+use crate::units::{format_duration, parse_duration, ByteSize};
 use crate::PolicyError;
 
 /// What `moat up` runs when no configuration file is given: the web chat on
@@ -736,6 +736,7 @@ struct RawSettings {
     admins: Option<Vec<String>>,
     sandbox: Option<String>,
     idle_delete: Option<String>,
+    disk: Option<String>,
     agent: Option<String>,
     debounce: Option<String>,
     rate: Option<RawRate>,
@@ -771,6 +772,7 @@ struct RawChannel {
     admins: Option<Vec<String>>,
     sandbox: Option<String>,
     idle_delete: Option<String>,
+    disk: Option<String>,
     agent: Option<String>,
     debounce: Option<String>,
     rate: Option<RawRate>,
@@ -802,6 +804,7 @@ impl RawChannel {
             admins: self.admins,
             sandbox: self.sandbox,
             idle_delete: self.idle_delete,
+            disk: self.disk,
             agent: self.agent,
             debounce: self.debounce,
             rate: self.rate,
@@ -1210,6 +1213,15 @@ impl Settings {
                     ))
                 }
             };
+        }
+        if let Some(d) = raw.disk {
+            let k = key("disk");
+            let size = crate::units::parse_size(&d).map_err(|m| err(&k, m))?;
+            let (lo, hi) = (ByteSize::mib(64), ByteSize::mib(16 << 20));
+            if size < lo || size > hi {
+                return Err(err(k, format!("{d:?} is out of range; use 64MiB to 16TiB")));
+            }
+            self.policy.limits.persistent_disk = Some(size);
         }
         if let Some(d) = raw.idle_delete {
             self.idle_delete = duration_in(
@@ -1672,6 +1684,7 @@ impl GatewayConfig {
         for (i, rc) in raw.channel.into_iter().enumerate() {
             let at = format!("channel[{i}]");
             let (platform, id, settings) = rc.into_parts();
+            let disk_here = settings.disk.is_some();
             let platform =
                 Platform::parse(&platform).map_err(|m| err(format!("{at}.platform"), m))?;
             check_channel_id(platform, &id, &format!("{at}.id"))?;
@@ -1720,6 +1733,16 @@ impl GatewayConfig {
                 }
             }
             s.agent.check(&at)?;
+            if s.sandbox_kind == SandboxKind::Pool {
+                if disk_here {
+                    return Err(err(
+                        format!("{at}.disk"),
+                        "a per-thread conversation's workspace disk; this channel uses the pool, whose sandboxes stay on tmpfs (reset in O(1)): set sandbox = \"per-thread\" or leave disk out",
+                    ));
+                }
+                // From [defaults]: only per-thread channels take it.
+                s.policy.limits.persistent_disk = None;
+            }
             if s.sandbox_kind == SandboxKind::Pool && pool.max == 0 {
                 return Err(err(
                     format!("{at}.sandbox"),

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod bwrap;
 pub mod cgroup;
+pub mod disk;
 pub mod doctor;
 pub mod error;
 pub mod fsguard;

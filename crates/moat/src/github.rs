@@ -161,9 +161,13 @@ mod tests {
     #[test]
     fn without_the_app_github_is_not_available() {
         let r = vec!["acme/one".to_string()];
-        let e = template(&flags(&r, &[], &[]), |_| None, PathBuf::from("/nonexistent"))
-            .err()
-            .unwrap();
+        let e = template(
+            &flags(&r, &[], &[]),
+            |_| None,
+            PathBuf::from("/nonexistent"),
+        )
+        .err()
+        .unwrap();
         let text = format!("{e:#}");
         assert!(
             text.contains("GitHub is not available") && text.contains("GITHUB_APP_ID"),

@@ -112,7 +112,14 @@ impl Gateway {
                 .map_err(|e| e.to_string())
                 .and_then(|r| r);
                 match built {
-                    Ok((lease, door)) => {
+                    Ok((mut lease, door)) => {
+                        // A damaged workspace disk was set aside: say so.
+                        for text in lease.take_notices() {
+                            self.audit("lease", json!({"event": "disk-set-aside", "conversation_id": conv.id, "lease": name}));
+                            self.platform(conv.platform)
+                                .notice(conv, &format!("moat: {text}"))
+                                .await;
+                        }
                         let _ = self
                             .inner
                             .store
