@@ -148,6 +148,16 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
     ("[pool]\nsize = 1000", "pool.size", "0 to 256"),
     ("[pool]\nmax_waiters = -5", "pool.max_waiters", "0 to 10000"),
     ("[pool]\nsize = 2\nmax = 8", "pool.size", "leave it out"),
+    (
+        "[[channel]]\nplatform = \"web\"\nid = \"*\"\ndisk = \"8GiB\"",
+        "channel[0].disk",
+        "sandbox = \"per-thread\"",
+    ),
+    (
+        "[[channel]]\nplatform = \"web\"\nid = \"*\"\nsandbox = \"per-thread\"\ndisk = \"1MiB\"",
+        "channel[0].disk",
+        "64MiB to 16TiB",
+    ),
     ("[pool]\nmin = 4\nmax = 2", "pool.max", "below pool.min"),
     ("[pool]\nmax = 300", "pool.max", "0 to 256"),
     ("[pool]\nshrink_after = \"0s\"", "pool.shrink_after", "out of range"),
@@ -353,6 +363,9 @@ fn the_error_cases_are_each_valid_once_the_fault_is_fixed() {
         "[amp]\nurl = \"http://127.0.0.1:9\"\nallow_plain_http = true",
         "[pool]\nsize = 0\n[[channel]]\nplatform = \"web\"\nid = \"*\"\nsandbox = \"per-thread\"",
         "[defaults]\nidle_delete = \"1m\"\ndebounce = \"0ms\"",
+        "[[channel]]\nplatform = \"web\"\nid = \"*\"\nsandbox = \"per-thread\"\ndisk = \"8GiB\"",
+        // From [defaults], pool channels leave it (their sandboxes stay on tmpfs).
+        "[defaults]\ndisk = \"8GiB\"\n[[channel]]\nplatform = \"web\"\nid = \"*\"",
         "[[channel]]\nplatform = \"slack\"\nid = \"C1\"\n[[channel]]\nplatform = \"web\"\nid = \"C1\"",
     ] {
         parse(text);
