@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod platform;
 pub mod pool;
+pub mod runner;
 pub mod server;
 pub mod slack;
 pub mod slack_setup;

@@ -140,25 +140,21 @@ pub async fn serve(
     } else {
         None
     };
-    let kinds: std::collections::BTreeSet<&'static str> = cfg
-        .channels
-        .iter()
-        .map(|c| c.sandbox_policy().backend.name())
-        .collect();
-    if kinds.len() > 1 {
-        return Err(ServeError::Config(format!(
-            "the channels use different sandbox backends ({}); one gateway runs one backend today: set the same backend everywhere",
-            kinds.into_iter().collect::<Vec<_>>().join(", ")
-        )));
+    // One engine for every backend the channels name: bwrap and gVisor
+    // channels run side by side, each pool and per-thread lease on its own.
+    let mut kinds: Vec<moat_policy::BackendKind> = Vec::new();
+    for c in &cfg.channels {
+        let k = c.sandbox_policy().backend;
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
     }
-    let engine_kind = cfg
-        .channels
-        .first()
-        .map(|c| c.sandbox_policy().backend)
-        .unwrap_or(moat_policy::BackendKind::Bwrap);
+    if kinds.is_empty() {
+        kinds.push(moat_policy::BackendKind::Bwrap);
+    }
     let runtime_dir = opts.engine.runtime_dir.clone();
-    let engine =
-        Engine::new(opts.engine, engine_kind).map_err(|e| ServeError::Engine(e.to_string()))?;
+    let engine = Engine::with_backends(opts.engine, &kinds)
+        .map_err(|e| ServeError::Engine(e.to_string()))?;
     // The agents: which one answers per channel, the LLM API its doors serve
     // (with the real key, which stays in the door) and moat's own files its
     // sandboxes see. Fails before listening when a key or file is missing.
