@@ -11,8 +11,11 @@
 //! What the test changes in a configuration, and only that: every `listen`
 //! becomes `127.0.0.1:0` (free loopback ports), the data directory is a
 //! scratch one (`MOAT_DATA_DIR` wins over `gateway.data_dir`), and
-//! `[slack] api_url` points at a fake Slack on 127.0.0.1 (slack_kit), and a
-//! `persona` file becomes a made-up one in the scratch directory.
+//! `[slack] api_url` points at a fake Slack on 127.0.0.1 (slack_kit), a
+//! `persona` file becomes a made-up one in the scratch directory, and a
+//! `[store] url = "postgres://..."` becomes a fresh database of the tests'
+//! throwaway PostgreSQL cluster on 127.0.0.1 (moat-testpg; its password in
+//! `MOAT_STORE_PASSWORD`).
 //! Secrets come from a test secrets file of made-up values. Real bwrap (or
 //! gVisor) sandboxes fill the pools.
 //!
@@ -107,6 +110,11 @@ fn localised(toml: &str, slack_api: &str, persona: &Path) -> String {
             out.push_str(&format!("persona = \"{}\"\n", persona.display()));
             continue;
         }
+        if is_key(t, "url") && t.contains("postgres://") {
+            let db = moat_testpg::cluster().fresh();
+            out.push_str(&format!("url = \"{}\"\n", db.url));
+            continue;
+        }
         out.push_str(line);
         out.push('\n');
         if t.starts_with("[slack]") {
@@ -169,6 +177,7 @@ fn check_one(
     });
     let data = dir.join("data");
     let mut child = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .env("MOAT_STORE_PASSWORD", moat_testpg::cluster().password())
         .env("MOAT_DATA_DIR", &data)
         .env("MOAT_RUNTIME_DIR", gwkit::scratch().join("run"))
         .env("MOAT_INIT", gwkit::init_path())
