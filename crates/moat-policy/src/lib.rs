@@ -16,6 +16,7 @@ pub mod memory;
 pub mod network;
 pub mod paths;
 pub mod sandbox;
+pub mod tasks;
 pub mod trust;
 pub mod units;
 

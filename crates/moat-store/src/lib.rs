@@ -25,6 +25,7 @@ mod model;
 mod recovery;
 mod schema;
 mod sealed;
+mod tasks;
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -48,6 +49,7 @@ pub use model::{
 };
 pub use schema::{current_version as schema_version, APPLICATION_ID};
 pub use sealed::{Encryption, Field, RekeyCount, SEALED_FIELDS};
+pub use tasks::{NewTask, RegisteredGroup, Task, TaskRun, TaskState};
 
 use sealed::{Sealer, AGENT_SESSION, MESSAGE_DETAIL, MESSAGE_TEXT, TURN_ERROR};
 

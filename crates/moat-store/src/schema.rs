@@ -118,6 +118,50 @@ CREATE TABLE github_deliveries (
     ts_ms           INTEGER NOT NULL
 ) STRICT;
 "#,
+    // 5: scheduled tasks (docs/tasks.md), their run log, and the groups an
+    // admin channel registered through IPC (docs/ipc.md).
+    r#"
+CREATE TABLE tasks (
+    id              INTEGER PRIMARY KEY,
+    platform        TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    thread          TEXT NOT NULL,
+    creator         TEXT NOT NULL,
+    prompt          TEXT NOT NULL,
+    kind            TEXT NOT NULL CHECK (kind IN ('cron', 'interval', 'once')),
+    spec            TEXT NOT NULL,
+    context         TEXT NOT NULL CHECK (context IN ('conversation', 'isolated')),
+    state           TEXT NOT NULL
+                    CHECK (state IN ('active', 'paused', 'cancelled', 'done', 'stopped')),
+    next_run_ms     INTEGER,
+    created_ms      INTEGER NOT NULL,
+    detail          TEXT,
+    CHECK (state <> 'active' OR next_run_ms IS NOT NULL)
+) STRICT;
+
+CREATE INDEX tasks_due ON tasks (next_run_ms) WHERE state = 'active';
+CREATE INDEX tasks_by_channel ON tasks (platform, channel, id);
+
+CREATE TABLE task_runs (
+    id              INTEGER PRIMARY KEY,
+    task_id         INTEGER NOT NULL REFERENCES tasks (id),
+    due_ms          INTEGER NOT NULL,
+    started_ms      INTEGER NOT NULL,
+    outcome         TEXT NOT NULL CHECK (outcome IN ('started', 'refused', 'failed')),
+    detail          TEXT
+) STRICT;
+
+CREATE INDEX task_runs_by_task ON task_runs (task_id, id);
+
+CREATE TABLE registered_groups (
+    platform        TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    name            TEXT NOT NULL,
+    registered_by   TEXT NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    PRIMARY KEY (platform, channel)
+) STRICT;
+"#,
 ];
 
 /// The schema this build writes.
@@ -288,7 +332,10 @@ mod tests {
                 "github_deliveries",
                 "github_links",
                 "messages",
+                "registered_groups",
                 "store_meta",
+                "task_runs",
+                "tasks",
                 "turns"
             ]
         );
