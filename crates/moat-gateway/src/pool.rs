@@ -33,6 +33,8 @@ pub enum PoolError {
 pub struct Runner {
     pub lease: Lease,
     pub door: Option<moat_egress::Door>,
+    /// The lease's IPC endpoint (crate::ipc), bound to a caller per turn.
+    pub ipc: Option<crate::ipc::Endpoint>,
 }
 
 /// How the pool makes a runner: the engine, the policy, and an optional door
@@ -57,6 +59,8 @@ pub struct LeaseFactory {
     /// Names the runners in audit records (`<prefix>-<n>`).
     pub prefix: String,
     pub counter: std::sync::atomic::AtomicU64,
+    /// Gives each runner an IPC endpoint of its own (`None`: none).
+    pub ipc: Option<Arc<crate::ipc::IpcHost>>,
 }
 
 impl RunnerFactory for LeaseFactory {
@@ -65,14 +69,23 @@ impl RunnerFactory for LeaseFactory {
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("{}-{n}", self.prefix);
+        let mut extras = self.extras.clone();
+        let ipc = match &self.ipc {
+            Some(host) => {
+                let ep = host.endpoint(&name)?;
+                extras.files.push(ep.mount());
+                Some(ep)
+            }
+            None => None,
+        };
         let door = start_door(
             &self.runtime,
             &self.policy,
             &name,
             self.audit.clone(),
-            &self.extras,
+            &extras,
         )?;
-        let network = door.as_ref().map(|d| attachment(d, &self.extras));
+        let network = door.as_ref().map(|d| attachment(d, &extras));
         let mut lease = self
             .engine
             .lease(
@@ -85,8 +98,11 @@ impl RunnerFactory for LeaseFactory {
                 },
             )
             .map_err(|e| e.to_string())?;
+        if let Some(ep) = &ipc {
+            ep.grant(lease.host_uid())?;
+        }
         lease.start().map_err(|e| e.to_string())?;
-        Ok(Runner { lease, door })
+        Ok(Runner { lease, door, ipc })
     }
 }
 
@@ -223,6 +239,10 @@ fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, State> {
 
 /// Resets `r` and hands it on; on failure builds a replacement.
 fn give_back(inner: &Arc<Inner>, mut r: Runner) {
+    // No call speaks for the last holder once its turn is over.
+    if let Some(ep) = &r.ipc {
+        ep.unbind();
+    }
     let reset = r.lease.reset();
     // The turn's GitHub token ends with the turn, once nothing of the turn
     // runs any more (a process left behind could otherwise mint another);

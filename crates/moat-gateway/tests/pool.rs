@@ -63,6 +63,7 @@ async fn pool(size: usize, max_waiters: usize) -> Pool {
         audit: Arc::new(moat_egress::MemoryAudit::default()),
         prefix: "pool-test".into(),
         counter: AtomicU64::new(0),
+        ipc: None,
     };
     Pool::new(Arc::new(factory), size, max_waiters)
         .await
