@@ -335,10 +335,12 @@ async fn run_one(gw: &Gateway, t: Task, now: i64) {
         return;
     }
     let event_id = format!("moat-task:{}:{due}", t.id);
-    let thread = if t.context == "conversation" && !t.thread.is_empty() {
+    // `conversation`: in the thread it was scheduled from; `isolated`: at
+    // the channel's top level, apart from every thread.
+    let thread = if t.context == "conversation" {
         t.thread.clone()
     } else {
-        format!("task-{}-{due}", t.id)
+        crate::pipeline::CHANNEL_THREAD.to_string()
     };
     gw.inner.scheduled.add(&event_id);
     let accepted = gw

@@ -7,6 +7,8 @@
 
 mod slack_kit;
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 use slack_kit::*;
 
@@ -408,5 +410,108 @@ async fn attack_i4_bad_frames_and_floods_are_contained() {
     )
     .await;
     assert!(lines[0].starts_with("R0 OK"), "{lines:?}");
+    gw.stop().await;
+}
+
+fn runs(gw: &Running, task: i64) -> Vec<moat_store::TaskRun> {
+    gw.gw.inner.store.task_runs(task, 10).unwrap()
+}
+
+// I5: tasks live in the store: one due while the gateway was down runs once
+// at the next start, as its creator, under the configuration of that
+// start; a creator removed from the channel meanwhile stops their task
+// instead of running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_i5_tasks_survive_a_restart_and_are_reauthorized_at_run_time() {
+    let fake = FakeSlack::start().await;
+    let data = data_dir("ipc-i5");
+    let tag = new_ts().replace('.', "");
+    // What a gateway leaves in the store when it stops with two tasks
+    // scheduled (as schedule_task stores them, attack_i2/i3), both due
+    // 4 s later, while it is down.
+    let due = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 4000;
+    let (alice_task, bob_task) = {
+        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        let task = |who: &str, creator: &str| moat_store::NewTask {
+            platform: "slack".into(),
+            channel: GENERAL.into(),
+            thread: String::new(),
+            creator: creator.into(),
+            prompt: format!("echo i5-{who}-{tag}"),
+            kind: "once".into(),
+            spec: moat_policy::tasks::format_utc(due),
+            context: "isolated".into(),
+            next_run_ms: due,
+            created_ms: due - 60_000,
+        };
+        (
+            store.insert_task(&task("alice", ALICE)).unwrap(),
+            store.insert_task(&task("bob", BOB)).unwrap(),
+        )
+    };
+    // Down while the tasks come due; Bob leaves #general meanwhile.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let without_bob = TEAM.replacen(
+        r#"users = ["U0ALICE1", "U0BOB002"]"#,
+        r#"users = ["U0ALICE1"]"#,
+        1,
+    );
+    assert_ne!(without_bob, TEAM);
+    let gw = Running::start(&config(&fake, &data, Mode::Events, &without_bob), &data).await;
+    // Alice's missed run runs once, at the channel's top level, as Alice.
+    let post = fake
+        .wait_for("Alice's task run", Duration::from_secs(60), |calls| {
+            calls
+                .iter()
+                .find(|c| {
+                    c.method == "chat.postMessage"
+                        && c.arg("channel") == Some(GENERAL)
+                        && c.text().contains(&format!("i5-alice-{tag}"))
+                        && !c.text().contains("schedule_task")
+                })
+                .cloned()
+        })
+        .await;
+    assert_eq!(post.arg("thread_ts"), None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while gw.gw.inner.store.task(bob_task).unwrap().unwrap().state != moat_store::TaskState::Stopped
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Bob's task was not stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let alice = gw.gw.inner.store.task(alice_task).unwrap().unwrap();
+    assert_eq!(alice.state, moat_store::TaskState::Done);
+    let r = runs(&gw, alice_task);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].outcome, "started");
+    let r = runs(&gw, bob_task);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].outcome, "refused");
+    assert!(r[0]
+        .detail
+        .as_deref()
+        .unwrap_or("")
+        .contains("not in the users"));
+    // Bob's prompt never ran: no post carries its output.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!fake.calls().iter().any(|c| c.method == "chat.postMessage"
+        && c.text().contains(&format!("i5-bob-{tag}"))
+        && !c.text().contains("schedule_task")));
+    // The run was a turn of Alice's: the stored message is hers.
+    let audit = gw.audit();
+    assert!(audit.iter().any(|r| r["kind"] == "message"
+        && r["verdict"] == "accepted"
+        && r["user"] == ALICE
+        && r["event_id"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("moat-task:")));
     gw.stop().await;
 }

@@ -342,12 +342,17 @@ pub fn parse_utc(text: &str) -> Result<i64, String> {
     Ok(((days * 24 + i64::from(hh)) * 60 + i64::from(mm)) * 60_000 + i64::from(ss) * 1000)
 }
 
-/// `ms` as `YYYY-MM-DDTHH:MMZ` (for listings).
+/// `ms` as `YYYY-MM-DDTHH:MM:SSZ` (what [`parse_utc`] reads).
 pub fn format_utc(ms: i64) -> String {
-    let min = ms.div_euclid(60_000);
-    let (y, m, d) = civil_from_days(min.div_euclid(1440));
-    let mi = min.rem_euclid(1440);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}Z", mi / 60, mi % 60)
+    let secs = ms.div_euclid(1000);
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let s = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 #[cfg(test)]
@@ -359,8 +364,8 @@ mod tests {
     #[test]
     fn utc_round_trip() {
         assert_eq!(parse_utc("2026-12-07T16:00:00Z"), Ok(DEC7_1600));
-        assert_eq!(format_utc(DEC7_1600), "2026-12-07T16:00Z");
-        assert!(parse_utc("2026-02-30T00:00Z")
+        assert_eq!(format_utc(DEC7_1600), "2026-12-07T16:00:00Z");
+        assert!(parse_utc("2026-02-30T00:00:00Z")
             .unwrap_err()
             .contains("does not exist"));
         assert!(parse_utc("tomorrow").is_err());
@@ -372,20 +377,20 @@ mod tests {
         // Monday 16:00 → Tuesday 08:00.
         assert_eq!(
             format_utc(c.next_after(DEC7_1600).unwrap()),
-            "2026-12-08T08:00Z"
+            "2026-12-08T08:00:00Z"
         );
         let c = Cron::parse("*/15 * * * *").unwrap();
         assert_eq!(c.next_after(DEC7_1600), Some(DEC7_1600 + 15 * 60_000));
         let c = Cron::parse("30 9 1 * *").unwrap();
         assert_eq!(
             format_utc(c.next_after(DEC7_1600).unwrap()),
-            "2027-01-01T09:30Z"
+            "2027-01-01T09:30:00Z"
         );
         // Sunday as 7.
         let c = Cron::parse("0 0 * * 7").unwrap();
         assert_eq!(
             format_utc(c.next_after(DEC7_1600).unwrap()),
-            "2026-12-13T00:00Z"
+            "2026-12-13T00:00:00Z"
         );
     }
 

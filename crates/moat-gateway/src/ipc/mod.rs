@@ -22,6 +22,9 @@ use tokio::net::{UnixListener, UnixStream};
 
 pub use wire::MAX_FRAME;
 
+/// The MCP server name agents know moat's tools by (`mcp__moat__<tool>`).
+pub const MCP_SERVER: &str = "moat";
+
 /// Where a sandbox finds its endpoint.
 pub const SOCKET_INSIDE: &str = "/run/moat/ipc.sock";
 
