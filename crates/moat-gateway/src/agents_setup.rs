@@ -134,16 +134,14 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
             }
             _ => PathBuf::from(HOST_CLI_DIR),
         };
-        if kind == AgentKind::Builtin {
-            if moat_copy.is_none() {
-                let exe = inputs.moat_exe.ok_or_else(|| {
-                    format!("{at}.agent: the built-in agent runs the moat binary inside the sandbox, but this process does not know where it is; choose another agent")
-                })?;
-                moat_copy = Some(crate::agent::builtin::install_moat_binary(
-                    inputs.runtime_dir,
-                    exe,
-                )?);
-            }
+        if kind == AgentKind::Builtin && moat_copy.is_none() {
+            let exe = inputs.moat_exe.ok_or_else(|| {
+                format!("{at}.agent: the built-in agent runs the moat binary inside the sandbox, but this process does not know where it is; choose another agent")
+            })?;
+            moat_copy = Some(crate::agent::builtin::install_moat_binary(
+                inputs.runtime_dir,
+                exe,
+            )?);
         }
         // moat's own tools (docs/ipc.md): every agent but the shell reaches
         // its lease's IPC endpoint through `moat ipc-bridge` as an MCP server.

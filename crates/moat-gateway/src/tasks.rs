@@ -94,7 +94,7 @@ pub(crate) fn schedule(gw: &Gateway, c: &Caller, args: &Value) -> OpResult {
     let limits = gw.inner.cfg.tasks;
     sched
         .check_min_interval(limits.min_interval, now)
-        .map_err(|e| invalid(e))?;
+        .map_err(invalid)?;
     let Some(next) = sched.next_after(now, now) else {
         return Err(invalid(format!(
             "{value:?} is in the past; a once task needs a future time"

@@ -243,9 +243,9 @@ impl Cron {
     /// The first matching minute strictly after `after_ms` (within 5 years).
     pub fn next_after(&self, after_ms: i64) -> Option<i64> {
         let start_min = after_ms.div_euclid(60_000) + 1;
-        let mut day = start_min.div_euclid(1440);
+        let first_day = start_min.div_euclid(1440);
         let mut first_minute = start_min.rem_euclid(1440);
-        for _ in 0..(366 * 5) {
+        for day in first_day..first_day + 366 * 5 {
             let (_, month, dom) = civil_from_days(day);
             let weekday = (day + 4).rem_euclid(7) as u32; // 1970-01-01 was a Thursday
             if self.months & (1 << month) != 0 && self.day_matches(dom, weekday) {
@@ -256,7 +256,6 @@ impl Cron {
                     }
                 }
             }
-            day += 1;
             first_minute = 0;
         }
         None
