@@ -15,3 +15,5 @@
 pub mod format;
 pub mod github;
 pub mod slack;
+pub mod telegram;
+pub mod whatsapp;

@@ -264,7 +264,7 @@ pub fn present(lease: &Lease) -> bool {
 /// every check is made on the opened descriptor, so a swapped entry is
 /// refused, never followed.
 pub fn collect(lease: &Lease, limits: &ArtifactLimits) -> Collected {
-    collect_home(&lease.home_dir(), limits)
+    collect_home_of(&lease.home_dir(), limits, lease.on_disk())
 }
 
 /// Collects `<home>/artifacts`: every regular file with a safe name, one
@@ -282,6 +282,12 @@ pub fn collect(lease: &Lease, limits: &ArtifactLimits) -> Collected {
 /// would not block: `O_NONBLOCK`); no entry is left out of the result
 /// without a refusal, except a missing `~/artifacts` (nothing to send).
 pub fn collect_home(home: &Path, limits: &ArtifactLimits) -> Collected {
+    collect_home_of(home, limits, false)
+}
+
+/// [`collect_home`]; `on_disk`: the home is the lease's own ext4 disk image
+/// (a persistent workspace), accepted besides its tmpfs.
+fn collect_home_of(home: &Path, limits: &ArtifactLimits, on_disk: bool) -> Collected {
     let mut out = Collected::default();
     let home_fd = match nix::fcntl::open(
         home,
@@ -299,9 +305,11 @@ pub fn collect_home(home: &Path, limits: &ArtifactLimits) -> Collected {
             return out;
         }
     };
-    // The home must be a lease's own tmpfs, never a host directory.
+    // The home must be a lease's own tmpfs (or its own disk), never a host
+    // directory.
     match nix::sys::statfs::fstatfs(&home_fd) {
         Ok(fs) if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC => {}
+        Ok(fs) if on_disk && fs.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC => {}
         Ok(_) => {
             tracing::error!(home = %home.display(), "a lease's home is not its tmpfs; artifacts not collected");
             out.refused

@@ -37,6 +37,28 @@ impl std::fmt::Debug for GithubTemplate {
 }
 
 impl GithubTemplate {
+    /// A template from its parts (`moat sandbox run --github` builds one
+    /// from its flags; the gateway's come from [`templates`]). Each door's
+    /// state lives under `state_root/<door name>`.
+    pub fn new(
+        cfg: GithubConfig,
+        scope: Scope,
+        hosts: Vec<InterceptedHost>,
+        protected: Vec<String>,
+        state_root: PathBuf,
+    ) -> GithubTemplate {
+        let workflows_write =
+            scope.permissions().get("workflows").map(String::as_str) == Some("write");
+        GithubTemplate {
+            cfg,
+            scope,
+            hosts,
+            protected,
+            workflows_write,
+            state_root,
+        }
+    }
+
     /// The access one door (named `lease`) gets: a broker of its own whose
     /// mint and revoke events go to `audit`.
     pub fn access(

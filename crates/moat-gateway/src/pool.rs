@@ -1,23 +1,30 @@
 //! The runner pool (docs/design.md D5): pre-warmed leases of one sandbox policy,
-//! handed out one request at a time and reset to a clean state afterwards.
+//! handed out one request at a time and reset to a clean state afterwards;
+//! elastic between `min` and `max` (grown when a request finds none idle,
+//! shrunk back after `shrink_after` without use).
 //!
-//! Owns: the idle leases, the FIFO of waiters (bounded), health checks on
-//! acquire, rebuilding a lease that failed, and each lease's egress door.
-//! Must never: give one lease to two holders at once, hand out a lease that
-//! has not been reset since its last holder, or block the async runtime on
-//! sandbox work (leases start, reset and stop on blocking threads).
+//! Owns: the idle leases, the FIFO of waiters (bounded), growth and
+//! shrinking, health checks on acquire, rebuilding a lease that failed, and
+//! each lease's egress door. Must never: give one lease to two holders at
+//! once, hand out a lease that has not been reset since its last holder,
+//! hold more than `max` leases, or block the async runtime on sandbox work
+//! (leases start, reset and stop on blocking threads).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use moat_policy::SandboxPolicy;
-use moat_sandbox::{Engine, Lease, LeaseOptions, NetworkAttachment, WorkspaceSource};
+use moat_sandbox::{Engine, WorkspaceSource};
 use tokio::sync::oneshot;
+
+pub use crate::runner::{attachment, end_turn_tokens, start_door, DoorExtras, Runner};
 
 /// Why a lease could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// Every lease is busy and the waiting line is full.
+    /// Every lease is busy, the pool is at its maximum and the waiting line
+    /// is full.
     #[error("all {size} sandboxes are busy and {waiting} requests are already waiting; try again shortly")]
     Full { size: usize, waiting: usize },
     /// A lease could not be built or started.
@@ -26,15 +33,6 @@ pub enum PoolError {
     /// The pool is shutting down.
     #[error("the sandbox pool is shutting down")]
     Closed,
-}
-
-/// A lease with its door (when the policy allows any network or serves
-/// credentials). The door lives exactly as long as the lease.
-pub struct Runner {
-    pub lease: Lease,
-    pub door: Option<moat_egress::Door>,
-    /// The lease's IPC endpoint (crate::ipc), bound to a caller per turn.
-    pub ipc: Option<crate::ipc::Endpoint>,
 }
 
 /// How the pool makes a runner: the engine, the policy, and an optional door
@@ -78,120 +76,80 @@ impl RunnerFactory for LeaseFactory {
             }
             None => None,
         };
-        let door = start_door(
-            &self.runtime,
-            &self.policy,
-            &name,
-            self.audit.clone(),
-            &extras,
-        )?;
-        let network = door.as_ref().map(|d| attachment(d, &extras));
-        let mut lease = self
-            .engine
-            .lease(
-                self.policy.clone(),
-                LeaseOptions {
-                    run_as: self.run_as,
-                    name: None,
-                    workspace: WorkspaceSource::Fresh,
-                    network,
-                },
-            )
-            .map_err(|e| e.to_string())?;
+        let mut runner = crate::runner::open(crate::runner::RunnerSpec {
+            engine: &self.engine,
+            policy: self.policy.clone(),
+            door_name: &name,
+            lease_name: None,
+            run_as: self.run_as,
+            workspace: WorkspaceSource::Fresh,
+            extras: &extras,
+            runtime: Some(&self.runtime),
+            audit: self.audit.clone(),
+        })?;
         if let Some(ep) = &ipc {
-            ep.grant(lease.host_uid())?;
+            ep.grant(runner.lease.host_uid())?;
         }
-        lease.start().map_err(|e| e.to_string())?;
-        Ok(Runner { lease, door, ipc })
+        runner.ipc = ipc;
+        runner.lease.start().map_err(|e| e.to_string())?;
+        Ok(runner)
     }
 }
 
-/// What a channel's doors add to the policy's egress: the LLM proxy (the
-/// real keys stay in the door) and moat's own read-only files under
-/// `/run/moat` (host path, path inside).
-#[derive(Clone, Default)]
-pub struct DoorExtras {
-    pub llm: Option<moat_egress::llm::LlmConfig>,
-    pub files: Vec<(std::path::PathBuf, std::path::PathBuf)>,
-    /// GitHub interception with a token of the channel's scope.
-    pub github: Option<crate::github_setup::GithubTemplate>,
-    /// Amp's key injected for Amp's host; its `state_dir` is the root under
-    /// which each door gets a directory of its own.
-    pub amp: Option<moat_egress::amp::AmpAccess>,
+/// How many runners a pool keeps and lends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Kept warm (built at start, never shrunk below).
+    pub min: usize,
+    /// The most that exist at once (idle, lent, being built or reset).
+    pub max: usize,
+    /// Requests that may wait once `max` are busy; the next is `Full`.
+    pub max_waiters: usize,
+    /// A runner above `min` idle this long is destroyed.
+    pub shrink_after: Duration,
 }
 
-/// The lease's side of a door: its namespace, client settings and files.
-pub fn attachment(door: &moat_egress::Door, extras: &DoorExtras) -> NetworkAttachment {
-    let mut files = door.files();
-    files.extend(extras.files.iter().cloned());
-    NetworkAttachment {
-        netns: door.netns(),
-        env: moat_egress::Door::client_env()
-            .into_iter()
-            .chain(door.llm_env())
-            .chain(door.intercept_env())
-            .collect(),
-        files,
+impl Bounds {
+    /// A fixed pool of `size` (at least 1).
+    pub fn fixed(size: usize, max_waiters: usize) -> Bounds {
+        let size = size.max(1);
+        Bounds {
+            min: size,
+            max: size,
+            max_waiters,
+            shrink_after: Duration::from_secs(300),
+        }
     }
 }
 
-/// The egress door for a lease of `policy`, when the policy allows any
-/// destination or an LLM is served (`None`: the sandbox gets an empty
-/// network namespace).
-pub fn start_door(
-    runtime: &tokio::runtime::Handle,
-    policy: &SandboxPolicy,
-    name: &str,
-    audit: Arc<dyn moat_egress::Audit>,
-    extras: &DoorExtras,
-) -> Result<Option<moat_egress::Door>, String> {
-    if !policy.network.is_enabled()
-        && extras.llm.is_none()
-        && extras.files.is_empty()
-        && extras.github.is_none()
-        && extras.amp.is_none()
-    {
-        return Ok(None);
-    }
-    let github = match &extras.github {
-        Some(t) => Some(t.access(name, audit.clone())?),
-        None => None,
-    };
-    moat_egress::Door::start(
-        runtime,
-        moat_egress::DoorConfig {
-            lease: name.to_string(),
-            policy: Arc::new(policy.network.clone()),
-            resolver: moat_egress::Resolver::System,
-            audit,
-            llm: extras.llm.clone(),
-            github,
-            amp: extras.amp.clone().map(|mut a| {
-                a.state_dir = a.state_dir.join(name);
-                a
-            }),
-        },
-    )
-    .map(Some)
-    .map_err(|e| format!("starting the egress door: {e}"))
+/// A waiter gets a runner, or the reason a runner built for it failed.
+type Handoff = Result<Runner, String>;
+
+struct Idle {
+    runner: Runner,
+    since: Instant,
 }
 
 struct State {
-    idle: VecDeque<Runner>,
-    waiters: VecDeque<oneshot::Sender<Runner>>,
-    /// Runners that exist (idle, lent out, or being reset/rebuilt).
+    /// Most recently returned last: acquire takes from the back (a warm
+    /// one), shrinking from the front (the longest idle).
+    idle: VecDeque<Idle>,
+    waiters: VecDeque<oneshot::Sender<Handoff>>,
+    /// Runners that exist (idle, lent out, being built, reset or rebuilt).
     total: usize,
+    /// Runners being built because a request found none idle; each will
+    /// serve a waiter, so each lets one more wait.
+    growing: usize,
     closed: bool,
 }
 
 struct Inner {
     factory: Arc<dyn RunnerFactory>,
-    size: usize,
-    max_waiters: usize,
+    bounds: Bounds,
     state: Mutex<State>,
 }
 
-/// A pool of `size` runners of one policy.
+/// A pool of runners of one policy, between `min` and `max`.
 #[derive(Clone)]
 pub struct Pool {
     inner: Arc<Inner>,
@@ -200,7 +158,10 @@ pub struct Pool {
 /// What the pool looks like now (for `/metrics` and `status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
+    /// Runners that exist now (idle, lent, being built or reset).
     pub size: usize,
+    /// The most there may be.
+    pub max: usize,
     pub idle: usize,
     pub busy: usize,
     pub waiting: usize,
@@ -274,18 +235,6 @@ fn give_back(inner: &Arc<Inner>, mut r: Runner) {
     deliver(inner, runner);
 }
 
-/// Revokes the GitHub tokens a turn's door minted (a blocking thread's
-/// call: it waits for GitHub's answer, at most the door's step timeout).
-pub fn end_turn_tokens(door: &moat_egress::Door) {
-    let failed = door.revoke_github_blocking();
-    if failed > 0 {
-        tracing::warn!(
-            failed,
-            "GitHub tokens of a finished turn could not be revoked; they expire within the hour"
-        );
-    }
-}
-
 /// Gives a ready runner to the first live waiter, else puts it idle. `None`
 /// means a runner was lost (the pool shrinks until `refill`).
 fn deliver(inner: &Arc<Inner>, runner: Option<Runner>) {
@@ -301,46 +250,133 @@ fn deliver(inner: &Arc<Inner>, runner: Option<Runner>) {
         return;
     }
     while let Some(w) = st.waiters.pop_front() {
-        match w.send(r) {
+        match w.send(Ok(r)) {
             Ok(()) => return,
             // That waiter gave up; try the next one.
-            Err(back) => r = back,
+            Err(back) => match back {
+                Ok(back) => r = back,
+                Err(_) => return,
+            },
         }
     }
-    st.idle.push_back(r);
+    st.idle.push_back(Idle {
+        runner: r,
+        since: Instant::now(),
+    });
+}
+
+/// Builds one more runner for the waiters (growth); a failure is told to
+/// the first waiter, who would otherwise wait for a runner that never comes.
+fn grow(inner: &Arc<Inner>) {
+    let built = inner.factory.build();
+    lock(inner).growing -= 1;
+    match built {
+        Ok(r) => deliver(inner, Some(r)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not grow the sandbox pool");
+            let first = {
+                let mut st = lock(inner);
+                st.total -= 1;
+                st.waiters.pop_front()
+            };
+            if let Some(w) = first {
+                let _ = w.send(Err(e));
+            }
+        }
+    }
+}
+
+/// Destroys runners above `min` idle longer than `shrink_after` (on this
+/// blocking thread); returns how many.
+fn shrink(inner: &Arc<Inner>) -> usize {
+    let victims: Vec<Idle> = {
+        let mut st = lock(inner);
+        let mut out = Vec::new();
+        while st.total > inner.bounds.min
+            && st
+                .idle
+                .front()
+                .is_some_and(|i| i.since.elapsed() >= inner.bounds.shrink_after)
+        {
+            if let Some(i) = st.idle.pop_front() {
+                st.total -= 1;
+                out.push(i);
+            }
+        }
+        out
+    };
+    let n = victims.len();
+    drop(victims);
+    n
+}
+
+/// Shrinks the pool now and then, until it is dropped or closed.
+async fn shrinker(weak: Weak<Inner>) {
+    let tick = {
+        let Some(inner) = weak.upgrade() else { return };
+        (inner.bounds.shrink_after / 2).clamp(Duration::from_millis(100), Duration::from_secs(10))
+    };
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(inner) = weak.upgrade() else { return };
+        if lock(&inner).closed {
+            return;
+        }
+        let n = tokio::task::spawn_blocking(move || shrink(&inner))
+            .await
+            .unwrap_or(0);
+        if n > 0 {
+            tracing::debug!(destroyed = n, "the sandbox pool shrank after idling");
+        }
+    }
 }
 
 impl Pool {
-    /// Builds `size` runners now (on blocking threads) so the first requests
-    /// find them warm.
+    /// A fixed pool: builds `size` runners now (on blocking threads) so the
+    /// first requests find them warm.
     pub async fn new(
         factory: Arc<dyn RunnerFactory>,
         size: usize,
         max_waiters: usize,
     ) -> Result<Pool, PoolError> {
-        let size = size.max(1);
+        Pool::elastic(factory, Bounds::fixed(size, max_waiters)).await
+    }
+
+    /// An elastic pool: `bounds.min` runners built now, more under load up
+    /// to `bounds.max`, shrunk back after `bounds.shrink_after` idle.
+    pub async fn elastic(
+        factory: Arc<dyn RunnerFactory>,
+        bounds: Bounds,
+    ) -> Result<Pool, PoolError> {
+        let bounds = Bounds {
+            max: bounds.max.max(bounds.min).max(1),
+            ..bounds
+        };
         let inner = Arc::new(Inner {
             factory,
-            size,
-            max_waiters,
+            bounds,
             state: Mutex::new(State {
                 idle: VecDeque::new(),
                 waiters: VecDeque::new(),
                 total: 0,
+                growing: 0,
                 closed: false,
             }),
         });
         let pool = Pool { inner };
         pool.refill().await?;
+        if bounds.max > bounds.min {
+            tokio::spawn(shrinker(Arc::downgrade(&pool.inner)));
+        }
         Ok(pool)
     }
 
-    /// Builds runners until the pool has `size` again.
+    /// Builds runners until the pool has `min` again.
     pub async fn refill(&self) -> Result<(), PoolError> {
         loop {
             {
                 let mut st = lock(&self.inner);
-                if st.total >= self.inner.size || st.closed {
+                if st.total >= self.inner.bounds.min || st.closed {
                     return Ok(());
                 }
                 st.total += 1;
@@ -363,16 +399,19 @@ impl Pool {
     pub fn stats(&self) -> PoolStats {
         let st = lock(&self.inner);
         PoolStats {
-            size: self.inner.size,
+            size: st.total,
+            max: self.inner.bounds.max,
             idle: st.idle.len(),
             busy: st.total - st.idle.len(),
             waiting: st.waiters.len(),
         }
     }
 
-    /// Takes a runner: an idle one at once (after a health check), else waits
-    /// in line. `queued(n)` is called once with the number of requests ahead
-    /// when the caller has to wait (for a "busy, n ahead of you" answer).
+    /// Takes a runner: an idle one at once (after a health check); else one
+    /// built for this request while fewer than `max` exist; else waits in
+    /// line. `queued(n)` is called once with the number of requests ahead
+    /// when the caller has to wait for someone else's runner (for a "busy, n
+    /// ahead of you" answer); not while one is being built for it.
     pub async fn acquire(&self, queued: impl FnOnce(usize)) -> Result<Lent, PoolError> {
         let mut queued = Some(queued);
         loop {
@@ -381,28 +420,41 @@ impl Pool {
                 if st.closed {
                     return Err(PoolError::Closed);
                 }
-                match st.idle.pop_front() {
-                    Some(r) => Err(r),
+                match st.idle.pop_back() {
+                    Some(i) => Err(i.runner),
                     None => {
-                        if st.waiters.len() >= self.inner.max_waiters {
+                        let b = &self.inner.bounds;
+                        let grow = st.total < b.max;
+                        if grow {
+                            st.total += 1;
+                            st.growing += 1;
+                            let inner = self.inner.clone();
+                            std::thread::spawn(move || self::grow(&inner));
+                        } else if st.waiters.len() >= b.max_waiters + st.growing {
                             return Err(PoolError::Full {
-                                size: self.inner.size,
+                                size: st.total,
                                 waiting: st.waiters.len(),
                             });
                         }
                         let (tx, rx) = oneshot::channel();
                         st.waiters.push_back(tx);
-                        Ok((rx, st.waiters.len() - 1))
+                        let ahead = (!grow).then(|| st.waiters.len() - 1);
+                        Ok((rx, ahead))
                     }
                 }
             };
             let runner = match waiting {
                 Err(r) => r,
                 Ok((rx, ahead)) => {
-                    if let Some(f) = queued.take() {
-                        f(ahead);
+                    if let Some(ahead) = ahead {
+                        if let Some(f) = queued.take() {
+                            f(ahead);
+                        }
                     }
-                    rx.await.map_err(|_| PoolError::Closed)?
+                    match rx.await.map_err(|_| PoolError::Closed)? {
+                        Ok(r) => r,
+                        Err(e) => return Err(PoolError::Sandbox(e)),
+                    }
                 }
             };
             match self.checked(runner).await {
@@ -453,7 +505,7 @@ impl Pool {
         let mut st = lock(&self.inner);
         st.closed = true;
         st.waiters.clear();
-        let idle: Vec<Runner> = st.idle.drain(..).collect();
+        let idle: Vec<Runner> = st.idle.drain(..).map(|i| i.runner).collect();
         st.total -= idle.len();
         idle
     }

@@ -16,7 +16,6 @@ use std::time::Duration;
 use moat_audit::AuditLog;
 use moat_policy::gateway::{GatewayConfig, WebAuth};
 use moat_sandbox::{Engine, EngineConfig};
-use moat_store::Store;
 
 use crate::pipeline::{Gateway, GatewayParts};
 
@@ -82,7 +81,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let cfg = opts.cfg;
-    let db = opts.data_dir.join("moat.db");
     // Encryption at rest: the key is a secret like any other. A bad key is
     // named without its text; no key is allowed, with one warning, unless the
     // store is already encrypted (then the store refuses to open).
@@ -93,17 +91,12 @@ pub async fn serve(
         ),
         None => None,
     };
-    let store =
-        Store::open_with_key(&db, moat_store::Durability::default(), key).map_err(|source| {
-            ServeError::Store {
-                path: db.clone(),
-                source,
-            }
-        })?;
+    let (store, node_lease) =
+        crate::store_setup::open(&cfg.store, &opts.data_dir, key, &opts.secret)?;
     match store.encryption() {
         moat_store::Encryption::Off => tracing::warn!(
             "the message store {} is not encrypted at rest: set {} (generate one with `openssl rand -base64 32`) in moat's environment or secrets file",
-            db.display(),
+            store.path().display(),
             moat_store::KEY_VAR
         ),
         moat_store::Encryption::On { key_id } => {
@@ -147,25 +140,21 @@ pub async fn serve(
     } else {
         None
     };
-    let kinds: std::collections::BTreeSet<&'static str> = cfg
-        .channels
-        .iter()
-        .map(|c| c.sandbox_policy().backend.name())
-        .collect();
-    if kinds.len() > 1 {
-        return Err(ServeError::Config(format!(
-            "the channels use different sandbox backends ({}); one gateway runs one backend today: set the same backend everywhere",
-            kinds.into_iter().collect::<Vec<_>>().join(", ")
-        )));
+    // One engine for every backend the channels name: bwrap and gVisor
+    // channels run side by side, each pool and per-thread lease on its own.
+    let mut kinds: Vec<moat_policy::BackendKind> = Vec::new();
+    for c in &cfg.channels {
+        let k = c.sandbox_policy().backend;
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
     }
-    let engine_kind = cfg
-        .channels
-        .first()
-        .map(|c| c.sandbox_policy().backend)
-        .unwrap_or(moat_policy::BackendKind::Bwrap);
+    if kinds.is_empty() {
+        kinds.push(moat_policy::BackendKind::Bwrap);
+    }
     let runtime_dir = opts.engine.runtime_dir.clone();
-    let engine =
-        Engine::new(opts.engine, engine_kind).map_err(|e| ServeError::Engine(e.to_string()))?;
+    let engine = Engine::with_backends(opts.engine, &kinds)
+        .map_err(|e| ServeError::Engine(e.to_string()))?;
     // The agents: which one answers per channel, the LLM API its doors serve
     // (with the real key, which stays in the door) and moat's own files its
     // sandboxes see. Fails before listening when a key or file is missing.
@@ -202,6 +191,14 @@ pub async fn serve(
     let mut platforms = crate::platform::Platforms::default();
     if let Some(s) = &slack {
         platforms.insert(moat_policy::gateway::Platform::Slack, s.replier.clone());
+    }
+    let telegram = crate::telegram::connect(&cfg.telegram, &*opts.secret).await?;
+    if let Some(t) = &telegram {
+        platforms.insert(moat_policy::gateway::Platform::Telegram, t.out.clone());
+    }
+    let whatsapp = crate::whatsapp::connect(&cfg.whatsapp, &*opts.secret)?;
+    if let Some(w) = &whatsapp {
+        platforms.insert(moat_policy::gateway::Platform::WhatsApp, w.out.clone());
     }
     let groups = crate::groups::Groups::check(&cfg, &opts.data_dir, &runtime_dir)
         .map_err(|e| ServeError::Config(e.to_string()))?;
@@ -317,10 +314,25 @@ pub async fn serve(
             }));
         }
     }
+    if let Some(task) = telegram
+        .as_ref()
+        .and_then(|t| t.polling(&gw, stopped(stop_rx.clone())))
+    {
+        tasks.push(tokio::spawn(async move {
+            let _ = task.await;
+            Ok(())
+        }));
+    }
     if let (Some(l), Some(at)) = (web, bound.web) {
         let mut router = crate::web::router(gw.clone(), tokens);
         if let Some(r) = events_beside_web {
             router = router.merge(r);
+        }
+        if let Some(r) = telegram.as_ref().and_then(|t| t.router(&gw)) {
+            router = router.merge(r);
+        }
+        if let Some(w) = &whatsapp {
+            router = router.merge(w.router(&gw));
         }
         if let Some(v) = hooks_verifier.clone() {
             router = router.merge(crate::github_hooks::router(
@@ -343,6 +355,19 @@ pub async fn serve(
             Ok(())
         }
     }));
+    // One node of several: renew the leases, take over stopped nodes'.
+    if let Some(lease) = node_lease {
+        let gw = gw.clone();
+        let stop = stopped(stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let store = gw.inner.store.clone();
+            tokio::select! {
+                () = crate::store_setup::heartbeat(gw, store, lease) => {}
+                () = stop => {}
+            }
+            Ok(())
+        }));
+    }
     let watcher = {
         let gw = gw.clone();
         tokio::spawn(async move { gw.watch_flag().await })

@@ -446,10 +446,27 @@ async fn metrics(State(gw): State<Gateway>) -> Response {
         .into_response()
 }
 
-/// The admin routes: `/metrics` and `/healthz`.
+/// Readiness, for load balancers: 200 while the store answers, 503 when it
+/// does not (a PostgreSQL that went away: send events to another node).
+async fn healthz(State(gw): State<Gateway>) -> Response {
+    let store = gw.inner.store.clone();
+    match tokio::task::spawn_blocking(move || store.queue_depth()).await {
+        Ok(Ok(_)) => "ok\n".into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "/healthz: the store does not answer");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store check failed\n").into_response(),
+    }
+}
+
+/// The admin routes: `/metrics`, `/healthz` (ready: the store answers) and
+/// `/livez` (the process serves; a database outage must not get it
+/// restarted).
 pub fn admin_router(gw: Gateway) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
+        .route("/livez", get(|| async { "ok\n" }))
         .with_state(gw)
 }

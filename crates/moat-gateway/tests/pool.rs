@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use moat_gateway::pool::{LeaseFactory, Pool, PoolError};
+use moat_gateway::pool::{Bounds, LeaseFactory, Pool, PoolError};
 use moat_policy::{BackendKind, SandboxPolicy};
 use moat_sandbox::{Engine, EngineConfig, RunSpec, Stream};
 
@@ -54,7 +54,13 @@ fn engine() -> Arc<Engine> {
 }
 
 async fn pool(size: usize, max_waiters: usize) -> Pool {
-    let factory = LeaseFactory {
+    Pool::new(Arc::new(factory()), size, max_waiters)
+        .await
+        .expect("pool")
+}
+
+fn factory() -> LeaseFactory {
+    LeaseFactory {
         extras: Default::default(),
         engine: engine(),
         policy: SandboxPolicy::default(),
@@ -64,10 +70,7 @@ async fn pool(size: usize, max_waiters: usize) -> Pool {
         prefix: "pool-test".into(),
         counter: AtomicU64::new(0),
         ipc: None,
-    };
-    Pool::new(Arc::new(factory), size, max_waiters)
-        .await
-        .expect("pool")
+    }
 }
 
 /// Runs `script` in the lent runner's sandbox; returns (exit code, stdout).
@@ -222,5 +225,74 @@ async fn a_sandbox_killed_from_outside_is_replaced() {
     let (l, code, out) = sh(lent, "echo alive").await;
     assert_eq!((code, out.trim()), (0, "alive"));
     drop(l);
+    shut(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_grows_to_max_then_queues_then_refuses_and_shrinks_back() {
+    let p = Pool::elastic(
+        Arc::new(factory()),
+        Bounds {
+            min: 1,
+            max: 3,
+            max_waiters: 1,
+            shrink_after: Duration::from_secs(1),
+        },
+    )
+    .await
+    .expect("pool");
+    assert_eq!((p.stats().size, p.stats().max), (1, 3));
+    // Up to max: each request gets a runner of its own, nobody is queued.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            p.acquire(|_| panic!("nobody waits below max"))
+                .await
+                .unwrap(),
+        );
+    }
+    let uids: std::collections::BTreeSet<u32> = held
+        .iter_mut()
+        .map(|l| l.runner().lease.host_uid())
+        .collect();
+    assert_eq!(uids.len(), 3, "three holders, three sandboxes");
+    assert_eq!(p.stats().size, 3);
+    // Past max: one may wait...
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let waiter = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            p.acquire(move |ahead| {
+                let _ = tx.send(ahead);
+            })
+            .await
+        })
+    };
+    assert_eq!(
+        rx.await.unwrap(),
+        0,
+        "the fourth request waits first in line"
+    );
+    // ...and the next is told the pool is busy: past max + max_waiters.
+    match p.acquire(|_| {}).await {
+        Err(PoolError::Full {
+            size: 3,
+            waiting: 1,
+        }) => {}
+        other => panic!("the fifth request must be refused: {:?}", other.err()),
+    }
+    assert_eq!(p.stats().size, 3, "never more than max");
+    held.pop();
+    let fourth = waiter.await.unwrap().expect("served when one came back");
+    drop(fourth);
+    drop(held);
+    // Idle past shrink_after: back to min.
+    for _ in 0..500 {
+        if p.stats().size == 1 && p.stats().idle == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((p.stats().size, p.stats().idle), (1, 1), "{:?}", p.stats());
     shut(p).await;
 }

@@ -28,7 +28,7 @@ pub use crate::agents::{
 use crate::agents::{RawAgentKeys, RawAgents, RawArtifacts, RawGatewayAmp, RawGatewayLlm, RawMcp};
 use crate::network::{canonical_ip, parse_allow_entry, parse_ip_literal, parse_pin};
 use crate::sandbox::{BackendKind, SandboxPolicy};
-use crate::units::{format_duration, parse_duration};
+use crate::units::{format_duration, parse_duration, ByteSize};
 use crate::PolicyError;
 
 /// What `moat up` runs when no configuration file is given: the web chat on
@@ -47,7 +47,8 @@ listen = "127.0.0.1:9090"
 mode = "off"
 
 [pool]
-size = 2
+min = 2
+max = 16
 
 [defaults]
 trust = "member"
@@ -404,12 +405,19 @@ pub struct SlackConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// Each pool-mode channel's pool: `min` warm leases, grown under load up to
+/// `max`, shrunk back to `min` after `shrink_after` without use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
-    /// Pre-warmed leases; 0 only when no channel uses `sandbox = "pool"`.
+    /// Leases kept warm (`min`, or the older fixed `size`).
     pub size: u32,
-    /// Requests that may wait for a lease; the next one is told the pool is busy.
+    /// Leases a pool may grow to under load (`size` alone: the same as it).
+    pub max: u32,
+    /// Requests that may wait once `max` leases are busy; the next one is
+    /// told the pool is busy.
     pub max_waiters: u32,
+    /// A lease above `min` idle this long is destroyed.
+    pub shrink_after: Duration,
 }
 
 /// A named set of user ids, referred to as `"@name"` in `users` and `admins`.
@@ -426,6 +434,10 @@ pub struct GatewayConfig {
     pub web: WebConfig,
     pub admin: AdminConfig,
     pub slack: SlackConfig,
+    /// `[telegram]`.
+    pub telegram: crate::platforms::TelegramConfig,
+    /// `[whatsapp]`.
+    pub whatsapp: crate::platforms::WhatsAppConfig,
     pub pool: PoolConfig,
     pub groups: Vec<Group>,
     /// In file order.
@@ -446,6 +458,8 @@ pub struct GatewayConfig {
     pub tasks: crate::tasks::TasksConfig,
     /// `[ipc]`: the agent's endpoint (docs/ipc.md).
     pub ipc: crate::tasks::IpcConfig,
+    /// `[store]`: SQLite in the data directory, or a shared PostgreSQL.
+    pub store: crate::store::StoreConfig,
 }
 
 /// The verdict on one message.
@@ -629,6 +643,10 @@ struct RawFile {
     #[serde(default)]
     slack: RawSlack,
     #[serde(default)]
+    telegram: crate::platforms::RawTelegram,
+    #[serde(default)]
+    whatsapp: crate::platforms::RawWhatsApp,
+    #[serde(default)]
     pool: RawPool,
     #[serde(default)]
     defaults: RawSettings,
@@ -654,6 +672,8 @@ struct RawFile {
     tasks: crate::tasks::RawTasks,
     #[serde(default)]
     ipc: crate::tasks::RawIpc,
+    #[serde(default)]
+    store: crate::store::RawStore,
 }
 
 #[derive(Deserialize, Default)]
@@ -698,7 +718,10 @@ struct RawSlack {
 #[serde(deny_unknown_fields)]
 struct RawPool {
     size: Option<i64>,
+    min: Option<i64>,
+    max: Option<i64>,
     max_waiters: Option<i64>,
+    shrink_after: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -733,6 +756,7 @@ struct RawSettings {
     admins: Option<Vec<String>>,
     sandbox: Option<String>,
     idle_delete: Option<String>,
+    disk: Option<String>,
     agent: Option<String>,
     debounce: Option<String>,
     rate: Option<RawRate>,
@@ -768,6 +792,7 @@ struct RawChannel {
     admins: Option<Vec<String>>,
     sandbox: Option<String>,
     idle_delete: Option<String>,
+    disk: Option<String>,
     agent: Option<String>,
     debounce: Option<String>,
     rate: Option<RawRate>,
@@ -799,6 +824,7 @@ impl RawChannel {
             admins: self.admins,
             sandbox: self.sandbox,
             idle_delete: self.idle_delete,
+            disk: self.disk,
             agent: self.agent,
             debounce: self.debounce,
             rate: self.rate,
@@ -957,6 +983,53 @@ fn slack_api_url(text: &str, key: &str) -> Result<String, PolicyError> {
         ));
     }
     Ok(url.to_string())
+}
+
+/// `[pool]`'s sizes: `size` alone is a fixed pool (the older form); `min`
+/// and `max` an elastic one; neither: 2 warm, up to 16.
+fn pool_config(raw: &RawPool) -> Result<PoolConfig, PolicyError> {
+    const LIMIT: i64 = 256;
+    let (size, max) = match (raw.size, raw.min, raw.max) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err(err(
+                "pool.size",
+                "is the fixed size of the older form; with pool.min or pool.max, leave it out (min = leases kept warm, max = the most it grows to)",
+            ))
+        }
+        (Some(n), None, None) => {
+            let n = nonneg(n, "pool.size", LIMIT, "leases")?;
+            (n, n)
+        }
+        (None, min, max) => {
+            let min = nonneg(min.unwrap_or(2), "pool.min", LIMIT, "leases")?;
+            let max = match max {
+                Some(m) => nonneg(m, "pool.max", LIMIT, "leases")?,
+                None => min.max(16),
+            };
+            if max < min {
+                return Err(err(
+                    "pool.max",
+                    format!("{max} is below pool.min = {min}; set max to {min} or more"),
+                ));
+            }
+            (min, max)
+        }
+    };
+    let shrink_after = match &raw.shrink_after {
+        Some(t) => duration_in(
+            t,
+            "pool.shrink_after",
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        )?,
+        None => Duration::from_secs(300),
+    };
+    Ok(PoolConfig {
+        size,
+        max,
+        max_waiters: 16,
+        shrink_after,
+    })
 }
 
 fn nonneg(v: i64, key: &str, max: i64, what: &str) -> Result<u32, PolicyError> {
@@ -1160,6 +1233,15 @@ impl Settings {
                     ))
                 }
             };
+        }
+        if let Some(d) = raw.disk {
+            let k = key("disk");
+            let size = crate::units::parse_size(&d).map_err(|m| err(&k, m))?;
+            let (lo, hi) = (ByteSize::mib(64), ByteSize::mib(16 << 20));
+            if size < lo || size > hi {
+                return Err(err(k, format!("{d:?} is out of range; use 64MiB to 16TiB")));
+            }
+            self.policy.limits.persistent_disk = Some(size);
         }
         if let Some(d) = raw.idle_delete {
             self.idle_delete = duration_in(
@@ -1551,14 +1633,15 @@ impl GatewayConfig {
         };
 
         // [pool]
+        let pool = pool_config(&raw.pool)?;
         let pool = PoolConfig {
-            size: nonneg(raw.pool.size.unwrap_or(2), "pool.size", 256, "leases")?,
             max_waiters: nonneg(
                 raw.pool.max_waiters.unwrap_or(16),
                 "pool.max_waiters",
                 10_000,
                 "waiting requests",
             )?,
+            ..pool
         };
 
         // [[group]]
@@ -1612,6 +1695,24 @@ impl GatewayConfig {
             mcp: &mcp_servers,
         };
 
+        // [telegram]
+        let telegram = crate::platforms::telegram(raw.telegram, slack_api_url)?;
+        if telegram.mode == crate::platforms::TelegramMode::Webhook && !web.enabled {
+            return Err(err(
+                "telegram.mode",
+                "\"webhook\" is served on web.listen (POST /telegram/webhook), but the web chat is disabled; set web.enabled = true or mode = \"polling\"",
+            ));
+        }
+
+        // [whatsapp]
+        let whatsapp = crate::platforms::whatsapp(raw.whatsapp, slack_api_url)?;
+        if whatsapp.enabled && !web.enabled {
+            return Err(err(
+                "whatsapp.enabled",
+                "the webhook is served on web.listen (/whatsapp/webhook), but the web chat is disabled; set web.enabled = true",
+            ));
+        }
+
         // [defaults]
         let mut defaults = Settings::initial();
         defaults.apply(raw.defaults, "defaults", &ctx, None)?;
@@ -1621,6 +1722,7 @@ impl GatewayConfig {
         for (i, rc) in raw.channel.into_iter().enumerate() {
             let at = format!("channel[{i}]");
             let (platform, id, settings) = rc.into_parts();
+            let disk_here = settings.disk.is_some();
             let platform =
                 Platform::parse(&platform).map_err(|m| err(format!("{at}.platform"), m))?;
             check_channel_id(platform, &id, &format!("{at}.id"))?;
@@ -1669,10 +1771,20 @@ impl GatewayConfig {
                 }
             }
             s.agent.check(&at)?;
-            if s.sandbox_kind == SandboxKind::Pool && pool.size == 0 {
+            if s.sandbox_kind == SandboxKind::Pool {
+                if disk_here {
+                    return Err(err(
+                        format!("{at}.disk"),
+                        "a per-thread conversation's workspace disk; this channel uses the pool, whose sandboxes stay on tmpfs (reset in O(1)): set sandbox = \"per-thread\" or leave disk out",
+                    ));
+                }
+                // From [defaults]: only per-thread channels take it.
+                s.policy.limits.persistent_disk = None;
+            }
+            if s.sandbox_kind == SandboxKind::Pool && pool.max == 0 {
                 return Err(err(
                     format!("{at}.sandbox"),
-                    "uses the pool, but pool.size = 0; set pool.size to 1 or more, or sandbox = \"per-thread\"",
+                    "uses the pool, but the pool may hold no sandbox (pool.size or pool.max = 0); set pool.max to 1 or more, or sandbox = \"per-thread\"",
                 ));
             }
             channels.push(ChannelPolicy {
@@ -1708,6 +1820,8 @@ impl GatewayConfig {
             web,
             admin,
             slack,
+            telegram,
+            whatsapp,
             pool,
             groups,
             channels,
@@ -1727,6 +1841,7 @@ impl GatewayConfig {
                 .transpose()?,
             tasks: crate::tasks::tasks_config(raw.tasks)?,
             ipc: crate::tasks::ipc_config(raw.ipc)?,
+            store: crate::store::section(raw.store)?,
         })
     }
 }

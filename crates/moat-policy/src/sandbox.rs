@@ -79,6 +79,11 @@ pub struct Limits {
     /// All writable places of a lease together (workspace, home, /tmp).
     pub disk: ByteSize,
     pub open_files: u32,
+    /// `Some`: a named (kept) lease's files live on an ext4 filesystem image
+    /// of this size on the host's disk (a hard limit, not counted against
+    /// `memory`, surviving restarts) instead of a tmpfs of `disk`. Unnamed
+    /// leases (the pool) always use tmpfs.
+    pub persistent_disk: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -123,6 +128,7 @@ impl Default for SandboxPolicy {
                 output: ByteSize::mib(16),
                 disk: ByteSize::mib(1024),
                 open_files: 1024,
+                persistent_disk: None,
             },
             network: NetworkPolicy::default(),
             extra_denied_syscalls: Vec::new(),

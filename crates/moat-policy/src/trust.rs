@@ -122,11 +122,12 @@ pub fn override_warning(where_: &str, key: &str) -> String {
 }
 
 /// The warning for an untrusted channel that runs on `bwrap`: gVisor is the
-/// stronger boundary, but one gateway runs one backend, so moat cannot pick
-/// it for this channel alone.
+/// stronger boundary. moat does not switch the backend itself (runsc may not
+/// be installed); the operator sets it on that channel alone, the others
+/// stay on bwrap in the same gateway.
 pub fn backend_warning(where_: &str) -> String {
     format!(
-        "{where_} is untrusted and runs on bwrap; where runsc is installed set backend = \"gvisor\" in [defaults] (one gateway runs one backend)"
+        "{where_} is untrusted and runs on bwrap; where runsc is installed set backend = \"gvisor\" in its [[channel]] entry (other channels may stay on bwrap)"
     )
 }
 

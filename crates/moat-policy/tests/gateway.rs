@@ -147,6 +147,25 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
     ("[pool]\nsize = -1", "pool.size", "0 to 256"),
     ("[pool]\nsize = 1000", "pool.size", "0 to 256"),
     ("[pool]\nmax_waiters = -5", "pool.max_waiters", "0 to 10000"),
+    ("[pool]\nsize = 2\nmax = 8", "pool.size", "leave it out"),
+    (
+        "[[channel]]\nplatform = \"web\"\nid = \"*\"\ndisk = \"8GiB\"",
+        "channel[0].disk",
+        "sandbox = \"per-thread\"",
+    ),
+    (
+        "[[channel]]\nplatform = \"web\"\nid = \"*\"\nsandbox = \"per-thread\"\ndisk = \"1MiB\"",
+        "channel[0].disk",
+        "64MiB to 16TiB",
+    ),
+    ("[pool]\nmin = 4\nmax = 2", "pool.max", "below pool.min"),
+    ("[pool]\nmax = 300", "pool.max", "0 to 256"),
+    ("[pool]\nshrink_after = \"0s\"", "pool.shrink_after", "out of range"),
+    (
+        "[pool]\nmin = 0\nmax = 0\n[[channel]]\nplatform = \"web\"\nid = \"*\"",
+        "channel[0].sandbox",
+        "pool.max",
+    ),
     (
         "[pool]\nsize = 0\n[[channel]]\nplatform = \"web\"\nid = \"*\"",
         "channel[0].sandbox",
@@ -344,6 +363,9 @@ fn the_error_cases_are_each_valid_once_the_fault_is_fixed() {
         "[amp]\nurl = \"http://127.0.0.1:9\"\nallow_plain_http = true",
         "[pool]\nsize = 0\n[[channel]]\nplatform = \"web\"\nid = \"*\"\nsandbox = \"per-thread\"",
         "[defaults]\nidle_delete = \"1m\"\ndebounce = \"0ms\"",
+        "[[channel]]\nplatform = \"web\"\nid = \"*\"\nsandbox = \"per-thread\"\ndisk = \"8GiB\"",
+        // From [defaults], pool channels leave it (their sandboxes stay on tmpfs).
+        "[defaults]\ndisk = \"8GiB\"\n[[channel]]\nplatform = \"web\"\nid = \"*\"",
         "[[channel]]\nplatform = \"slack\"\nid = \"C1\"\n[[channel]]\nplatform = \"web\"\nid = \"C1\"",
     ] {
         parse(text);
@@ -459,7 +481,29 @@ fn an_empty_file_lets_nobody_talk() {
     assert_eq!(c.slack.mode, SlackMode::Off);
     assert_eq!(c.slack.api_url, "https://slack.com/api");
     assert_eq!((c.pool.size, c.pool.max_waiters), (2, 16));
+    assert_eq!(c.pool.max, 16);
     assert_eq!(c.data_dir.to_str(), Some("/var/lib/moat"));
+}
+
+#[test]
+fn pool_sizes_fixed_elastic_and_default() {
+    let p = |t: &str| GatewayConfig::from_toml(t).unwrap().pool;
+    let fixed = p("[pool]\nsize = 3");
+    assert_eq!((fixed.size, fixed.max), (3, 3));
+    let elastic = p("[pool]\nmin = 1\nmax = 64\nshrink_after = \"30s\"");
+    assert_eq!((elastic.size, elastic.max), (1, 64));
+    assert_eq!(elastic.shrink_after, std::time::Duration::from_secs(30));
+    let default = p("");
+    assert_eq!(
+        (default.size, default.max, default.max_waiters),
+        (2, 16, 16)
+    );
+    assert_eq!(default.shrink_after, std::time::Duration::from_secs(300));
+    // min above the default max: max follows it.
+    assert_eq!(p("[pool]\nmin = 20").max, 20);
+    // min = 0 is allowed: the pool starts empty and grows on demand.
+    let lazy = p("[pool]\nmin = 0\nmax = 4\n[[channel]]\nplatform = \"web\"\nid = \"*\"");
+    assert_eq!((lazy.size, lazy.max), (0, 4));
 }
 
 // ---- authorization --------------------------------------------------------
@@ -944,12 +988,12 @@ fn the_embedded_default_is_a_local_web_chat() {
 #[test]
 fn the_example_file_parses() {
     let c = parse(EXAMPLE);
-    // The example keeps bwrap (runsc may not be installed): only that note.
-    let w = c.warnings();
-    assert!(
-        w.len() == 1 && w[0].contains("C0456HELP") && w[0].contains("bwrap"),
-        "{w:?}"
-    );
+    // The untrusted channel runs on gVisor, the others on bwrap: no warning.
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    let help = c.channel(Platform::Slack, "C0456HELP").unwrap();
+    assert_eq!(help.sandbox_policy().backend, BackendKind::Gvisor);
+    let eng = c.channel(Platform::Slack, "C0123ENG").unwrap();
+    assert_eq!(eng.sandbox_policy().backend, BackendKind::Bwrap);
     assert_eq!(c.slack.mode, SlackMode::Events);
     assert_eq!(c.groups.len(), 2);
     let eng = c.channel(Platform::Slack, "C0123ENG").unwrap();

@@ -75,6 +75,34 @@ fn gvisor_silences_the_backend_warning() {
 }
 
 #[test]
+fn gvisor_on_the_untrusted_channel_alone_silences_the_backend_warning() {
+    let cfg = parse(
+        "[[channel]]\nplatform = \"web\"\nid = \"p\"\ntrust = \"untrusted\"\nusers = [\"*\"]\nbackend = \"gvisor\"\n\n[[channel]]\nplatform = \"web\"\nid = \"team\"\nusers = [\"*\"]\n",
+    );
+    assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
+    let public = cfg.channel(Platform::Web, "p").unwrap();
+    let team = cfg.channel(Platform::Web, "team").unwrap();
+    assert_eq!(
+        public.sandbox_policy().backend,
+        moat_policy::BackendKind::Gvisor
+    );
+    assert_eq!(
+        team.sandbox_policy().backend,
+        moat_policy::BackendKind::Bwrap
+    );
+    // Without it, the warning says where to set it.
+    let cfg = parse(
+        "[[channel]]\nplatform = \"web\"\nid = \"p\"\ntrust = \"untrusted\"\nusers = [\"*\"]\n",
+    );
+    let w = cfg.warnings();
+    assert!(
+        w.iter()
+            .any(|w| w.contains("runs on bwrap") && w.contains("[[channel]] entry")),
+        "{w:?}"
+    );
+}
+
+#[test]
 fn chat_keys_parse_and_default() {
     let cfg = parse(
         "[[channel]]\nplatform = \"slack\"\nid = \"C0123ABCD\"\nusers = [\"*\"]\nconversation = \"channel\"\ntrigger = \"^@Andy\\\\b\"\nmention = \"optional\"\n\n[[channel]]\nplatform = \"slack\"\nid = \"*\"\nusers = [\"*\"]\n",

@@ -202,6 +202,9 @@ pub struct Lease {
     named: bool,
     policy: Arc<SandboxPolicy>,
     backend: Arc<dyn Backend>,
+    /// What the user must be told about this lease's files (a damaged
+    /// workspace disk set aside).
+    notices: Vec<String>,
     storage: Option<Storage>,
     _uid: Option<UidLock>,
     host_uid: u32,
@@ -228,6 +231,7 @@ pub struct Lease {
 
 pub(crate) fn open_lease(
     engine: &Engine,
+    backend: Arc<dyn crate::backend::Backend>,
     policy: SandboxPolicy,
     opts: LeaseOptions,
 ) -> Result<Lease> {
@@ -289,7 +293,16 @@ pub(crate) fn open_lease(
             )));
         }
         (None, owner)
-    } else if let Some(uid) = Storage::recorded_owner(&dir) {
+    } else if let Some(uid) = Storage::recorded_owner(&dir).or_else(|| {
+        // After a host reboot the lease directory is gone, its disk is not.
+        let size = policy.limits.persistent_disk?;
+        if !named {
+            return None;
+        }
+        crate::disk::DiskImage::of(&engine.config().data_dir, &id, size.bytes())
+            .ok()?
+            .recorded_owner()
+    }) {
         let lock = UidLock::take(&engine.config().runtime_dir, uid)?;
         (Some(lock), uid)
     } else {
@@ -307,12 +320,20 @@ pub(crate) fn open_lease(
         )?;
     }
     let fresh = !dir.join("uid").exists();
-    let storage = Storage::open(&dir, host_uid, policy.limits.disk.bytes())?;
+    let mut storage = match policy.limits.persistent_disk {
+        Some(size) if named && root => Storage::open_on_disk(
+            &dir,
+            host_uid,
+            crate::disk::DiskImage::of(&engine.config().data_dir, &id, size.bytes())?,
+        )?,
+        _ => Storage::open(&dir, host_uid, policy.limits.disk.bytes())?,
+    };
+    let notices = std::mem::take(&mut storage.notices);
     let mut lease = Lease {
         id,
         named,
         policy: Arc::new(policy),
-        backend: engine.backend(),
+        backend,
         storage: Some(storage),
         _uid: uid_lock,
         host_uid,
@@ -327,6 +348,7 @@ pub(crate) fn open_lease(
         watched_git: Vec::new(),
         hand_back: Vec::new(),
         findings: Vec::new(),
+        notices,
         cgroup_scope: engine.cgroup_scope().to_string(),
         network: opts.network.clone(),
         runtime_dir: engine.config().runtime_dir.clone(),
@@ -609,6 +631,17 @@ impl Lease {
 
     /// Keeps a finding for [`Lease::take_findings`], at most 1,000 of them
     /// (a caller that never takes them must not make the lease grow).
+    /// What the user must be told about the lease's files since it was
+    /// opened (a damaged workspace disk set aside and replaced).
+    pub fn take_notices(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Whether the lease's files are on a persistent disk image.
+    pub fn on_disk(&self) -> bool {
+        self.storage.as_ref().is_some_and(Storage::on_disk)
+    }
+
     fn note_finding(&mut self, f: crate::handback::Finding) {
         if self.findings.len() < 1000 {
             self.findings.push(f);
@@ -940,8 +973,10 @@ impl Lease {
     pub fn release(mut self) -> Result<()> {
         self.stop();
         if self.named {
-            self.storage.take();
-            Ok(())
+            match self.storage.take() {
+                Some(st) => st.close(),
+                None => Ok(()),
+            }
         } else {
             self.destroy_storage()
         }
@@ -967,6 +1002,11 @@ impl Drop for Lease {
         if !self.named {
             if let Err(e) = self.destroy_storage() {
                 tracing::error!(lease = %self.id, error = %e, "could not delete lease files");
+            }
+        } else if let Some(st) = self.storage.take() {
+            // A kept lease's disk is unmounted (checked again at next open).
+            if let Err(e) = st.close() {
+                tracing::error!(lease = %self.id, error = %e, "could not unmount the lease's disk");
             }
         }
     }

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod bwrap;
 pub mod cgroup;
+pub mod disk;
 pub mod doctor;
 pub mod error;
 pub mod fsguard;
@@ -105,10 +106,12 @@ impl EngineConfig {
     }
 }
 
-/// Creates leases for one backend.
+/// Creates leases for the backends it was opened with (one gateway may run
+/// bwrap and gVisor channels side by side; each lease names its backend in
+/// its policy).
 pub struct Engine {
     config: EngineConfig,
-    backend: Arc<dyn backend::Backend>,
+    backends: Vec<(BackendKind, Arc<dyn backend::Backend>)>,
     installed_init: PathBuf,
     etc_dir: PathBuf,
     mask_sources: (PathBuf, PathBuf),
@@ -127,7 +130,14 @@ fn mkdir_mode(p: &Path, mode: u32) -> Result<()> {
 }
 
 impl Engine {
+    /// An engine for one backend.
     pub fn new(config: EngineConfig, kind: BackendKind) -> Result<Engine> {
+        Engine::with_backends(config, &[kind])
+    }
+
+    /// An engine for each backend of `kinds` (duplicates are ignored); a
+    /// lease's policy picks one of them.
+    pub fn with_backends(config: EngineConfig, kinds: &[BackendKind]) -> Result<Engine> {
         // Sandboxes run as other uids and must traverse (not list) these.
         // The data directory stays traversable for a CLI template installed
         // under it (`moat agents install`'s default).
@@ -157,14 +167,26 @@ impl Engine {
         let installed_init = install_init(&config)?;
         let etc_dir = prepare_etc(&config.runtime_dir)?;
         let mask_sources = prepare_masks(&config.runtime_dir)?;
-        let backend: Arc<dyn backend::Backend> = match kind {
-            BackendKind::Bwrap => Arc::new(bwrap::BwrapBackend),
-            BackendKind::Gvisor => Arc::new(gvisor::GvisorBackend::new(&config)?),
-            BackendKind::Local => Arc::new(local::LocalBackend),
-        };
+        let mut backends: Vec<(BackendKind, Arc<dyn backend::Backend>)> = Vec::new();
+        for &kind in kinds {
+            if backends.iter().any(|(k, _)| *k == kind) {
+                continue;
+            }
+            let backend: Arc<dyn backend::Backend> = match kind {
+                BackendKind::Bwrap => Arc::new(bwrap::BwrapBackend),
+                BackendKind::Gvisor => Arc::new(gvisor::GvisorBackend::new(&config)?),
+                BackendKind::Local => Arc::new(local::LocalBackend),
+            };
+            backends.push((kind, backend));
+        }
+        if backends.is_empty() {
+            return Err(SandboxError::Refused(
+                "an engine needs at least one sandbox backend".into(),
+            ));
+        }
         Ok(Engine {
             config,
-            backend,
+            backends,
             installed_init,
             etc_dir,
             mask_sources,
@@ -175,8 +197,27 @@ impl Engine {
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
-    pub(crate) fn backend(&self) -> Arc<dyn backend::Backend> {
-        self.backend.clone()
+    /// The backends this engine runs.
+    pub fn backends(&self) -> Vec<BackendKind> {
+        self.backends.iter().map(|(k, _)| *k).collect()
+    }
+    /// The backend of `kind`, when this engine runs it.
+    pub(crate) fn backend(&self, kind: BackendKind) -> Result<Arc<dyn backend::Backend>> {
+        self.backends
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(|| {
+                SandboxError::Refused(format!(
+                    "this engine runs the {} backend, the policy asks for {}",
+                    self.backends
+                        .iter()
+                        .map(|(k, _)| k.name())
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                    kind.name()
+                ))
+            })
     }
     pub(crate) fn init_path(&self) -> &Path {
         &self.installed_init
@@ -196,16 +237,10 @@ impl Engine {
     }
 
     /// Opens a lease: a new one, or the named lease's kept files. The policy's
-    /// backend must be this engine's.
+    /// backend must be one of this engine's.
     pub fn lease(&self, policy: SandboxPolicy, opts: LeaseOptions) -> Result<Lease> {
-        if policy.backend.name() != self.backend.name() {
-            return Err(SandboxError::Refused(format!(
-                "this engine runs the {} backend, the policy asks for {}",
-                self.backend.name(),
-                policy.backend.name()
-            )));
-        }
-        lease::open_lease(self, policy, opts)
+        let backend = self.backend(policy.backend)?;
+        lease::open_lease(self, backend, policy, opts)
     }
 }
 

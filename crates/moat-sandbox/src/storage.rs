@@ -1,9 +1,11 @@
 //! A lease's writable places on the host: a size-limited tmpfs per generation
-//! holding `workspace/`, `home/` and `tmp/`, plus
+//! holding `workspace/`, `home/` and `tmp/` (or, for a named lease with a
+//! persistent disk, its checked ext4 image mounted there: `disk.rs`), plus
 //! the host uid the lease's processes run as.
 //!
-//! Owns: the disk quota (tmpfs `size=`), O(1) reset (mount a fresh generation,
-//! detach the old one), keeping files for a named lease, and the per-lease uid.
+//! Owns: the disk quota (tmpfs `size=`, or the image's size), O(1) reset
+//! (mount a fresh generation, detach the old one; never for a disk), keeping
+//! files for a named lease, and the per-lease uid.
 //! Never follows a symlink created by a sandbox: it only mounts, unmounts,
 //! creates its own entries and removes whole mounts.
 
@@ -106,6 +108,10 @@ pub struct Storage {
     pub generation: u64,
     pub owner: u32,
     quota: u64,
+    /// `Some`: generations are this ext4 image, not tmpfs.
+    disk: Option<crate::disk::DiskImage>,
+    /// What the user must be told (a damaged disk set aside).
+    pub notices: Vec<String>,
     /// Threads unmounting old generations; joined before the lease is destroyed.
     detaching: Vec<std::thread::JoinHandle<()>>,
     _lock: File,
@@ -122,6 +128,21 @@ impl Storage {
     /// two leases ever use the same files at once. `owner` is the host uid of the
     /// lease's processes; `quota` the tmpfs size in bytes.
     pub fn open(dir: &Path, owner: u32, quota: u64) -> Result<Storage> {
+        Storage::open_backed(dir, owner, quota, None)
+    }
+
+    /// As [`Storage::open`], the files on `disk` (checked, then mounted;
+    /// unmounted again by [`Storage::close`]).
+    pub fn open_on_disk(dir: &Path, owner: u32, disk: crate::disk::DiskImage) -> Result<Storage> {
+        Storage::open_backed(dir, owner, disk.size, Some(disk))
+    }
+
+    fn open_backed(
+        dir: &Path,
+        owner: u32,
+        quota: u64,
+        disk: Option<crate::disk::DiskImage>,
+    ) -> Result<Storage> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
@@ -144,6 +165,8 @@ impl Storage {
             generation: 0,
             owner,
             quota,
+            disk,
+            notices: Vec::new(),
             detaching: Vec::new(),
             _lock: lock,
         };
@@ -196,6 +219,8 @@ impl Storage {
             generation: 0,
             owner: Storage::recorded_owner(dir).unwrap_or(0),
             quota: 0,
+            disk: None,
+            notices: Vec::new(),
             detaching: Vec::new(),
             _lock: lock,
         };
@@ -231,7 +256,7 @@ impl Storage {
             .collect()
     }
 
-    fn mount_generation(&self, generation: u64) -> Result<()> {
+    fn mount_generation(&mut self, generation: u64) -> Result<()> {
         let dir = self.gen_dir(generation);
         fs::DirBuilder::new()
             .mode(0o755)
@@ -244,6 +269,9 @@ impl Storage {
                 }
             })
             .ctx(|| format!("creating {}", dir.display()))?;
+        if let Some(disk) = self.disk.clone() {
+            return self.mount_disk(&disk, &dir);
+        }
         // The inode limit keeps a flood of empty files inside the quota too.
         let inodes = (self.quota / 4096).clamp(1024, 4 << 20);
         let opts = format!("size={},nr_inodes={inodes},mode=0755", self.quota);
@@ -276,6 +304,54 @@ impl Storage {
         Ok(())
     }
 
+    /// Checks and mounts `disk` at `dir`; its three directories are made on
+    /// first use and kept after.
+    fn mount_disk(&mut self, disk: &crate::disk::DiskImage, dir: &Path) -> Result<()> {
+        if let Some(n) = disk.prepare(self.owner)? {
+            self.notices.push(n);
+        }
+        disk.mount(dir)?;
+        let made = (|| -> std::io::Result<()> {
+            for (name, mode) in [("workspace", 0o700), ("home", 0o700), ("tmp", 0o1777)] {
+                let p = dir.join(name);
+                match fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_dir() => continue,
+                    // Not a directory (cannot come from a sandbox: the root of
+                    // the image is not mounted inside): replaced.
+                    Ok(_) => fs::remove_file(&p)?,
+                    Err(_) => {}
+                }
+                fs::create_dir(&p)?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
+                std::os::unix::fs::chown(&p, Some(self.owner), Some(self.owner))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = crate::disk::unmount(dir);
+            return Err(SandboxError::io(format!("preparing {}", dir.display()), e));
+        }
+        Ok(())
+    }
+
+    /// Whether the files are on a disk image.
+    pub fn on_disk(&self) -> bool {
+        self.disk.is_some()
+    }
+
+    /// Ends this use of a kept lease's files: a disk image is unmounted (it is
+    /// checked again at the next open); tmpfs stays mounted.
+    pub fn close(self) -> Result<()> {
+        if self.disk.is_some() {
+            for g in self.mounted_generations() {
+                let dir = self.gen_dir(g);
+                crate::disk::unmount(&dir)?;
+                let _ = fs::remove_dir(&dir);
+            }
+        }
+        Ok(())
+    }
+
     fn unmount_generation(&self, generation: u64) {
         let dir = self.gen_dir(generation);
         if let Err(e) = umount2(&dir, MntFlags::MNT_DETACH) {
@@ -303,6 +379,12 @@ impl Storage {
     /// host's mount table at once and its memory freed by the kernel (in a
     /// background thread, so this returns in O(1) whatever the old size).
     pub fn reset(&mut self) -> Result<()> {
+        if self.disk.is_some() {
+            // Mounting the image a second time would corrupt it.
+            return Err(SandboxError::Refused(
+                "a lease on a persistent disk is never reset; destroy it instead".into(),
+            ));
+        }
         let old = self.gen_dir(self.generation);
         let next = self.generation + 1;
         self.mount_generation(next)?;
@@ -339,6 +421,9 @@ impl Storage {
                     let _ = fs::remove_dir(e.path());
                 }
             }
+        }
+        if let Some(d) = &self.disk {
+            d.delete()?;
         }
         let _ = fs::remove_file(self.dir.join("lock"));
         let _ = fs::remove_file(self.dir.join("uid"));

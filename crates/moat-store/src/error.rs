@@ -136,6 +136,43 @@ pub enum StoreError {
     /// Any other SQLite failure.
     #[error("database at {path}: {reason}")]
     Sqlite { path: PathBuf, reason: String },
+    /// A store setting that cannot work, named by its configuration key.
+    #[error("{key} {reason}")]
+    Config { key: &'static str, reason: String },
+    /// The PostgreSQL server cannot be reached, went away or did not answer
+    /// in time. Nothing was written by the failed call; retry later (the
+    /// gateway answers the platform with a retryable status).
+    #[error(
+        "database at {path} is unavailable ({reason}); the call changed nothing, retry when the database is back"
+    )]
+    Unavailable { path: PathBuf, reason: String },
+    /// A transaction kept conflicting with concurrent ones (other gateway
+    /// nodes) after the store's retries. Nothing was written; retry.
+    #[error(
+        "database at {path} kept reporting conflicts with other nodes' transactions ({reason}); nothing was written, retry"
+    )]
+    Contention { path: PathBuf, reason: String },
+    /// Any other PostgreSQL failure (its primary message and SQLSTATE).
+    #[error("database at {path}: {reason}")]
+    Postgres { path: PathBuf, reason: String },
+    /// Another node owns the conversation (its lease runs until
+    /// `until_ms`): this node may not act on it.
+    #[error(
+        "conversation {conversation_id} is owned by node {owner} (lease until {until_ms}); only its owner may act on it"
+    )]
+    NotOwner {
+        conversation_id: i64,
+        owner: String,
+        until_ms: i64,
+    },
+    /// A row that does not have the shape this build expects.
+    #[error(
+        "the database holds a row moat cannot read: column {column} is not {expected}; is it another program's database, or was it changed by hand?"
+    )]
+    BadRow {
+        column: usize,
+        expected: &'static str,
+    },
 }
 
 impl StoreError {
@@ -166,6 +203,18 @@ impl StoreError {
                 reason: err.to_string(),
             },
         }
+    }
+
+    /// Whether retrying later may succeed (the database was unreachable
+    /// or busy, or transactions conflicted): the caller should answer the
+    /// platform with a retryable status rather than drop the event.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable { .. }
+                | StoreError::Contention { .. }
+                | StoreError::Busy { .. }
+        )
     }
 
     pub(crate) fn io(action: &'static str, path: &Path, err: std::io::Error) -> StoreError {

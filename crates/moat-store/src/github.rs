@@ -5,8 +5,7 @@
 //! Must never: link a conversation from text in a webhook event (callers
 //! pass only the repository, number and branch the door saw).
 
-use rusqlite::{params, OptionalExtension};
-
+use crate::db::args;
 use crate::{ConversationId, Store, StoreError};
 
 /// Deliveries remembered for deduplication (GitHub redelivers within days).
@@ -35,23 +34,15 @@ impl Store {
             GithubLink::Branch(b) => ("branch", b.to_string()),
             GithubLink::PullRequest(n) => ("pr", n.to_string()),
         };
-        let err = self.err();
-        self.conn()
-            .prepare_cached(
+        let repo = repo.to_ascii_lowercase();
+        self.write(|c| {
+            c.execute(
                 "INSERT INTO github_links (repo, kind, name, conversation_id, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (repo, kind, name) DO NOTHING",
+                args![&repo, kind, &name, conversation, now_ms],
             )
-            .and_then(|mut s| {
-                s.execute(params![
-                    repo.to_ascii_lowercase(),
-                    kind,
-                    name,
-                    conversation,
-                    now_ms
-                ])
-            })
-            .map_err(err)?;
+        })?;
         Ok(())
     }
 
@@ -65,36 +56,36 @@ impl Store {
         number: Option<u64>,
         branch: Option<&str>,
     ) -> Result<Option<ConversationId>, StoreError> {
-        let err = self.err();
-        let conn = self.conn();
         let repo = repo.to_ascii_lowercase();
-        let find = |kind: &str, name: String| {
-            conn.prepare_cached(
-                "SELECT conversation_id FROM github_links WHERE repo = ?1 AND kind = ?2 AND name = ?3",
-            )
-            .and_then(|mut s| s.query_row(params![repo, kind, name], |r| r.get(0)).optional())
+        let (kind, name) = match (number, branch) {
+            (Some(n), _) => ("pr", n.to_string()),
+            (None, Some(b)) => ("branch", b.to_string()),
+            (None, None) => return Ok(None),
         };
-        if let Some(n) = number {
-            return find("pr", n.to_string()).map_err(&err);
-        }
-        if let Some(b) = branch {
-            return find("branch", b.to_string()).map_err(&err);
-        }
-        Ok(None)
+        self.read(|c| {
+            c.query_opt(
+                "SELECT conversation_id FROM github_links WHERE repo = ?1 AND kind = ?2 AND name = ?3",
+                args![&repo, kind, &name],
+            )?
+            .map(|r| r.int(0))
+            .transpose()
+        })
     }
 
     /// Takes delivery `id` once: `true` the first time, `false` for a
     /// redelivery or replay. Old ids are forgotten after a week.
     pub fn take_github_delivery(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
-        let err = self.err();
-        let conn = self.conn();
-        conn.prepare_cached("DELETE FROM github_deliveries WHERE ts_ms < ?1")
-            .and_then(|mut s| s.execute([now_ms - DELIVERIES_KEPT_MS]))
-            .map_err(&err)?;
-        let n = conn
-            .prepare_cached("INSERT OR IGNORE INTO github_deliveries (id, ts_ms) VALUES (?1, ?2)")
-            .and_then(|mut s| s.execute(params![id, now_ms]))
-            .map_err(&err)?;
-        Ok(n == 1)
+        self.write(|c| {
+            c.execute(
+                "DELETE FROM github_deliveries WHERE ts_ms < ?1",
+                args![now_ms - DELIVERIES_KEPT_MS],
+            )?;
+            let n = c.execute(
+                "INSERT INTO github_deliveries (id, ts_ms) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO NOTHING",
+                args![id, now_ms],
+            )?;
+            Ok(n == 1)
+        })
     }
 }

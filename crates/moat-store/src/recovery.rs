@@ -1,13 +1,11 @@
 //! What the gateway needs after a restart and for its web chat's list:
-//! queuing again the messages a crash left unanswered, and a channel's
-//! conversations.
+//! queuing again the messages a crash left unanswered.
 
-use rusqlite::{params, TransactionBehavior};
-
+use crate::db::args;
 use crate::error::StoreError;
-use crate::model::{Conversation, StoredMessage};
+use crate::model::StoredMessage;
 use crate::sealed::TURN_ERROR;
-use crate::{conversation_row, Store, CONVERSATION_COLUMNS, MESSAGE_COLUMNS};
+use crate::Store;
 
 impl Store {
     /// Called once at start-up, before any turn starts. In one transaction:
@@ -18,72 +16,38 @@ impl Store {
     ///
     /// Invariant: afterwards no turn is running and no message is `running`
     /// or `received`, so each unanswered message is in the returned list.
+    ///
+    /// On a store with a node ([`Store::with_node`]) the other nodes'
+    /// turns are not this node's to judge: this is [`Store::take_over`],
+    /// which takes only conversations whose owner's lease expired.
     pub fn requeue_interrupted(&self, now_ms: i64) -> Result<Vec<StoredMessage>, StoreError> {
-        let err = self.err();
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        tx.execute(
-            "UPDATE messages SET state = 'queued', turn_id = NULL
-             WHERE state = 'running' OR state = 'received'",
-            [],
-        )
-        .map_err(&err)?;
-        let cut: Vec<i64> = tx
-            .prepare("SELECT id FROM turns WHERE state = 'running'")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(&err)?;
-        for id in cut {
-            let error = self.sealer.seal(
-                &self.path,
-                TURN_ERROR,
-                id,
-                "interrupted by a restart of moat",
-            )?;
-            tx.execute(
-                "UPDATE turns SET state = 'failed', ended_ms = max(?1, started_ms), error = ?2
-                 WHERE id = ?3",
-                params![now_ms, error, id],
-            )
-            .map_err(&err)?;
+        if self.node.is_some() {
+            return self.take_over(now_ms);
         }
-        let queued = {
-            let mut s = tx
-                .prepare(&format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE state = 'queued' ORDER BY id"
-                ))
-                .map_err(&err)?;
-            let rows = s
-                .query_map([], crate::message_row)
-                .map_err(&err)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(&err)?;
-            rows
-        };
-        tx.commit().map_err(&err)?;
+        let queued = self.write(|c| {
+            c.execute(
+                "UPDATE messages SET state = 'queued', turn_id = NULL
+                 WHERE state = 'running' OR state = 'received'",
+                &[],
+            )?;
+            let cut = c.query("SELECT id FROM turns WHERE state = 'running'", &[])?;
+            for r in cut {
+                let id = r.int(0)?;
+                let error = self.sealer.seal(
+                    &self.path,
+                    TURN_ERROR,
+                    id,
+                    "interrupted by a restart of moat",
+                )?;
+                c.execute(
+                    "UPDATE turns SET state = 'failed', ended_ms = GREATEST(?1, started_ms), error = ?2
+                     WHERE id = ?3",
+                    args![now_ms, error, id],
+                )?;
+            }
+            Store::messages_in(c, "state = 'queued' ORDER BY id", &[])
+        })?;
         queued.into_iter().map(|m| self.open_message(m)).collect()
-    }
-
-    /// The conversations of one platform channel (a web user's own list),
-    /// most recently active first, at most 200.
-    pub fn conversations_in(
-        &self,
-        platform: &str,
-        channel: &str,
-    ) -> Result<Vec<Conversation>, StoreError> {
-        let conn = self.conn();
-        conn.prepare_cached(&format!(
-            "SELECT {CONVERSATION_COLUMNS} FROM conversations
-             WHERE platform = ?1 AND channel = ?2
-             ORDER BY last_active_ms DESC, id DESC LIMIT 200"
-        ))
-        .and_then(|mut s| {
-            s.query_map(params![platform, channel], conversation_row)?
-                .collect()
-        })
-        .map_err(self.err())
-        .and_then(|cs| self.open_conversations(cs))
     }
 }
 

@@ -14,11 +14,10 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-
 use crate::crypt::{self, CryptError, StoreKey, PLAIN_PREFIX, RESERVED_PREFIX, SEALED_PREFIX};
+use crate::db::{args, Conn};
 use crate::error::StoreError;
-use crate::Store;
+use crate::{Backend, Store};
 
 /// A sealed field: its table and column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,18 +185,17 @@ fn unreadable(path: &Path, field: Field, row: i64, reason: CryptError) -> StoreE
 /// At open, after migrations: refuses a store that the configured key (or
 /// the lack of one) cannot read, and records the key check of a store that
 /// gets its first key.
-pub(crate) fn check_key(conn: &Connection, path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
-    let sql = |e| StoreError::sqlite(path, crate::busy_ms(), e);
+pub(crate) fn check_key(
+    conn: &mut dyn Conn,
+    path: &Path,
+    sealer: &Sealer,
+) -> Result<(), StoreError> {
     let check: Option<String> = conn
-        .query_row(
-            "SELECT value FROM store_meta WHERE name = 'key_check'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(sql)?;
+        .query_opt("SELECT value FROM store_meta WHERE name = 'key_check'", &[])?
+        .map(|r| r.text(0))
+        .transpose()?;
     let Some(key) = &sealer.key else {
-        if check.is_some() || first_sealed(conn).map_err(sql)?.is_some() {
+        if check.is_some() || first_sealed(conn)?.is_some() {
             return Err(StoreError::KeyMissing {
                 path: path.to_path_buf(),
             });
@@ -224,7 +222,7 @@ pub(crate) fn check_key(conn: &Connection, path: &Path, sealer: &Sealer) -> Resu
         None => {
             // No check yet: values sealed without one (copied in by hand?)
             // must at least name this key.
-            if let Some(v) = first_sealed(conn).map_err(sql)? {
+            if let Some(v) = first_sealed(conn)? {
                 let found = crypt::key_id_of(&v).unwrap_or("unknown");
                 if found != key.id() {
                     return Err(StoreError::WrongKey {
@@ -234,53 +232,41 @@ pub(crate) fn check_key(conn: &Connection, path: &Path, sealer: &Sealer) -> Resu
                     });
                 }
             }
-            write_check(conn, key).map_err(|e| match e {
-                CheckWrite::Sql(e) => sql(e),
-                CheckWrite::Crypt(reason) => StoreError::Unreadable {
-                    path: path.to_path_buf(),
-                    field: CHECK_FIELD,
-                    row: 0,
-                    reason,
-                },
-            })
+            write_check(conn, path, key)
         }
     }
 }
 
-enum CheckWrite {
-    Sql(rusqlite::Error),
-    Crypt(CryptError),
-}
-
-fn write_check(conn: &Connection, key: &StoreKey) -> Result<(), CheckWrite> {
+fn write_check(conn: &mut dyn Conn, path: &Path, key: &StoreKey) -> Result<(), StoreError> {
     let sealed = key
         .seal(CHECK_FIELD, 0, CHECK_TEXT)
-        .map_err(CheckWrite::Crypt)?;
+        .map_err(|reason| StoreError::Unreadable {
+            path: path.to_path_buf(),
+            field: CHECK_FIELD,
+            row: 0,
+            reason,
+        })?;
     conn.execute(
         "INSERT INTO store_meta (name, value) VALUES ('key_check', ?1)
          ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        [sealed],
-    )
-    .map_err(CheckWrite::Sql)?;
+        args![sealed],
+    )?;
     Ok(())
 }
 
 /// Some sealed value of any sealed field, if there is one.
-fn first_sealed(conn: &Connection) -> rusqlite::Result<Option<String>> {
+fn first_sealed(conn: &mut dyn Conn) -> Result<Option<String>, StoreError> {
     for f in SEALED_FIELDS {
-        let v: Option<String> = conn
-            .query_row(
-                &format!(
-                    "SELECT {c} FROM {t} WHERE {c} GLOB 'moat:v1:*' LIMIT 1",
-                    c = f.column,
-                    t = f.table
-                ),
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if v.is_some() {
-            return Ok(v);
+        let v = conn.query_opt(
+            &format!(
+                "SELECT {c} FROM {t} WHERE substr({c}, 1, 8) = 'moat:v1:' LIMIT 1",
+                c = f.column,
+                t = f.table
+            ),
+            &[],
+        )?;
+        if let Some(r) = v {
+            return Ok(Some(r.text(0)?));
         }
     }
     Ok(None)
@@ -302,20 +288,16 @@ impl Store {
     /// `new` opens the store (give it as `MOAT_STORE_KEY`).
     pub fn rekey(&mut self, new: StoreKey) -> Result<Vec<RekeyCount>, StoreError> {
         let path = self.path.clone();
-        let err = |e| StoreError::sqlite(&path, crate::busy_ms(), e);
         let new = Sealer::new(Some(new));
-        let mut counts = Vec::new();
-        {
-            let conn = self
-                .conn
-                .get_mut()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Backend::Sqlite(m) = &self.db {
             // Freed cells (a row that grew and moved) are zeroed.
-            conn.execute_batch("PRAGMA secure_delete = ON")
-                .map_err(err)?;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(err)?;
+            m.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .execute_batch("PRAGMA secure_delete = ON")
+                .map_err(|e| StoreError::sqlite(&path, crate::busy_ms(), e))?;
+        }
+        let counts = self.write(|c| {
+            let mut counts = Vec::new();
             for f in SEALED_FIELDS {
                 let mut count = RekeyCount {
                     field: f.name,
@@ -324,32 +306,26 @@ impl Store {
                 };
                 let mut after = i64::MIN;
                 loop {
-                    let batch: Vec<(i64, String)> = tx
-                        .prepare(&format!(
+                    let batch = c.query(
+                        &format!(
                             "SELECT id, {c} FROM {t} WHERE id > ?1 AND {c} IS NOT NULL
                              ORDER BY id LIMIT ?2",
                             c = f.column,
                             t = f.table
-                        ))
-                        .and_then(|mut s| {
-                            s.query_map(params![after, REKEY_BATCH], |r| {
-                                Ok((r.get(0)?, r.get(1)?))
-                            })?
-                            .collect()
-                        })
-                        .map_err(err)?;
-                    let Some(&(last, _)) = batch.last() else {
+                        ),
+                        args![after, REKEY_BATCH],
+                    )?;
+                    let Some(last) = batch.last() else {
                         break;
                     };
-                    after = last;
-                    let mut update = tx
-                        .prepare(&format!(
-                            "UPDATE {t} SET {c} = ?2 WHERE id = ?1",
-                            c = f.column,
-                            t = f.table
-                        ))
-                        .map_err(err)?;
-                    for (id, stored) in batch {
+                    after = last.int(0)?;
+                    let update = format!(
+                        "UPDATE {t} SET {c} = ?2 WHERE id = ?1",
+                        c = f.column,
+                        t = f.table
+                    );
+                    for r in batch {
+                        let (id, stored) = (r.int(0)?, r.text(1)?);
                         if crypt::is_sealed(&stored) {
                             count.were_sealed += 1;
                         } else {
@@ -357,41 +333,37 @@ impl Store {
                         }
                         let plain = self.sealer.open(&path, f, id, stored)?;
                         let resealed = new.seal(&path, f, id, &plain)?;
-                        update.execute(params![id, resealed]).map_err(err)?;
+                        c.execute(&update, args![id, resealed])?;
                     }
                 }
                 counts.push(count);
             }
             if let Some(k) = &new.key {
-                write_check(&tx, k).map_err(|e| match e {
-                    CheckWrite::Sql(e) => err(e),
-                    CheckWrite::Crypt(reason) => StoreError::Unreadable {
-                        path: path.clone(),
-                        field: CHECK_FIELD,
-                        row: 0,
-                        reason,
-                    },
-                })?;
+                write_check(c, &path, k)?;
             }
-            tx.commit().map_err(err)?;
-            self.sealer = new;
-            // The old values may still sit in the write-ahead log and in
-            // pages freed before: copy the WAL in and empty it, rewrite the
-            // file, and empty the WAL again. The new key already holds; a
-            // failure here leaves old bytes on disk, so it is reported.
+            Ok(counts)
+        })?;
+        self.sealer = new;
+        // The old values may still sit in the write-ahead log and in pages
+        // freed before: copy the WAL in and empty it, rewrite the file, and
+        // empty the WAL again. The new key already holds; a failure here
+        // leaves old bytes on disk, so it is reported. (PostgreSQL: old row
+        // versions stay until its VACUUM reclaims them; see docs/store.md.)
+        if let Backend::Sqlite(m) = &self.db {
             if self.path != Path::new(":memory:") {
-                conn.execute_batch(
-                    "PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
-                )
-                .map_err(|e| StoreError::Sqlite {
-                    path: path.clone(),
-                    reason: format!(
-                        "the store is re-keyed, but clearing the old values from the file failed ({e}); run `moat store rekey` again"
-                    ),
-                })?;
+                m.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .execute_batch(
+                        "PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
+                    )
+                    .map_err(|e| StoreError::Sqlite {
+                        path: path.clone(),
+                        reason: format!(
+                            "the store is re-keyed, but clearing the old values from the file failed ({e}); run `moat store rekey` again"
+                        ),
+                    })?;
             }
         }
-        self.committed();
         Ok(counts)
     }
 }
@@ -403,6 +375,7 @@ mod tests {
 
     #[test]
     fn legacy_text_that_looks_sealed_stays_plaintext_after_migration() {
+        use rusqlite::Connection;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("moat.db");
         {

@@ -5,8 +5,7 @@
 //! what (moat-policy's trust table does, in the gateway), or keep a
 //! prompt in the clear when the store has a key (`tasks.prompt` is sealed).
 
-use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
-
+use crate::db::{args, Row};
 use crate::sealed::TASK_PROMPT;
 use crate::{Store, StoreError};
 
@@ -106,22 +105,33 @@ pub struct RegisteredGroup {
 
 const TASK_COLUMNS: &str = "id, platform, channel, thread, creator, prompt, kind, spec, context, \
                             state, next_run_ms, created_ms, detail";
+const GROUP_COLUMNS: &str = "platform, channel, name, registered_by, created_ms";
 
-fn task_row(r: &Row<'_>) -> rusqlite::Result<Task> {
+fn task_row(r: &Row) -> Result<Task, StoreError> {
     Ok(Task {
-        id: r.get(0)?,
-        platform: r.get(1)?,
-        channel: r.get(2)?,
-        thread: r.get(3)?,
-        creator: r.get(4)?,
-        prompt: r.get(5)?,
-        kind: r.get(6)?,
-        spec: r.get(7)?,
-        context: r.get(8)?,
-        state: TaskState::parse(&r.get::<_, String>(9)?),
-        next_run_ms: r.get(10)?,
-        created_ms: r.get(11)?,
-        detail: r.get(12)?,
+        id: r.int(0)?,
+        platform: r.text(1)?,
+        channel: r.text(2)?,
+        thread: r.text(3)?,
+        creator: r.text(4)?,
+        prompt: r.text(5)?,
+        kind: r.text(6)?,
+        spec: r.text(7)?,
+        context: r.text(8)?,
+        state: TaskState::parse(&r.text(9)?),
+        next_run_ms: r.opt_int(10)?,
+        created_ms: r.int(11)?,
+        detail: r.opt_text(12)?,
+    })
+}
+
+fn group_row(r: &Row) -> Result<RegisteredGroup, StoreError> {
+    Ok(RegisteredGroup {
+        platform: r.text(0)?,
+        channel: r.text(1)?,
+        name: r.text(2)?,
+        registered_by: r.text(3)?,
+        created_ms: r.int(4)?,
     })
 }
 
@@ -133,61 +143,55 @@ impl Store {
         Ok(t)
     }
 
+    /// The tasks matching `clause` (a fixed `WHERE ...`; values are bound).
     fn tasks_where(
         &self,
         clause: &str,
-        args: &[&dyn rusqlite::ToSql],
+        args: &[crate::db::Value],
     ) -> Result<Vec<Task>, StoreError> {
-        let rows: Vec<Task> = self
-            .conn()
-            .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks {clause}"))
-            .and_then(|mut s| s.query_map(args, task_row)?.collect())
-            .map_err(self.err())?;
-        rows.into_iter().map(|t| self.open_task(t)).collect()
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks {clause}");
+        let rows = self.read(|c| c.query(&sql, args))?;
+        rows.iter()
+            .map(|r| task_row(r).and_then(|t| self.open_task(t)))
+            .collect()
     }
 
     /// Stores a new active task; its id.
     pub fn insert_task(&self, t: &NewTask) -> Result<i64, StoreError> {
-        let err = self.err();
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        tx.prepare_cached(
-            "INSERT INTO tasks (platform, channel, thread, creator, prompt, kind, spec, context,
-                                state, next_run_ms, created_ms)
-             VALUES (?1, ?2, ?3, ?4, '', ?5, ?6, ?7, 'active', ?8, ?9)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                t.platform,
-                t.channel,
-                t.thread,
-                t.creator,
-                t.kind,
-                t.spec,
-                t.context,
-                t.next_run_ms,
-                t.created_ms
-            ])
+        self.write(|c| {
+            // The prompt is sealed bound to the row id: the row first, the
+            // prompt in the same transaction.
+            let id = c
+                .query_one(
+                    "INSERT INTO tasks (platform, channel, thread, creator, prompt, kind, spec,
+                                        context, state, next_run_ms, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, '', ?5, ?6, ?7, 'active', ?8, ?9)
+                     RETURNING id",
+                    args![
+                        &t.platform,
+                        &t.channel,
+                        &t.thread,
+                        &t.creator,
+                        &t.kind,
+                        &t.spec,
+                        &t.context,
+                        t.next_run_ms,
+                        t.created_ms
+                    ],
+                )?
+                .int(0)?;
+            let sealed = self.sealer.seal(&self.path, TASK_PROMPT, id, &t.prompt)?;
+            c.execute(
+                "UPDATE tasks SET prompt = ?2 WHERE id = ?1",
+                args![id, sealed],
+            )?;
+            Ok(id)
         })
-        .map_err(&err)?;
-        let id = tx.last_insert_rowid();
-        let sealed = self.sealer.seal(&self.path, TASK_PROMPT, id, &t.prompt)?;
-        tx.execute(
-            "UPDATE tasks SET prompt = ?2 WHERE id = ?1",
-            params![id, sealed],
-        )
-        .map_err(&err)?;
-        tx.commit().map_err(&err)?;
-        drop(conn);
-        self.committed();
-        Ok(id)
     }
 
     /// The task `id`, or `None`.
     pub fn task(&self, id: i64) -> Result<Option<Task>, StoreError> {
-        Ok(self.tasks_where("WHERE id = ?1", &[&id])?.pop())
+        Ok(self.tasks_where("WHERE id = ?1", args![id])?.pop())
     }
 
     /// The tasks of a chat that are not cancelled or done, oldest first.
@@ -195,7 +199,7 @@ impl Store {
         self.tasks_where(
             "WHERE platform = ?1 AND channel = ?2 AND state IN ('active', 'paused', 'stopped')
              ORDER BY id",
-            &[&platform, &channel],
+            args![platform, channel],
         )
     }
 
@@ -203,35 +207,40 @@ impl Store {
     pub fn live_tasks(&self) -> Result<Vec<Task>, StoreError> {
         self.tasks_where(
             "WHERE state IN ('active', 'paused', 'stopped') ORDER BY id",
-            &[],
+            args![],
         )
     }
 
     /// Active or paused tasks of a chat (what `max_per_channel` counts).
     pub fn count_tasks_of_channel(&self, platform: &str, channel: &str) -> Result<u64, StoreError> {
-        self.conn()
-            .prepare_cached(
+        let n = self.read(|c| {
+            c.query_one(
                 "SELECT count(*) FROM tasks
                  WHERE platform = ?1 AND channel = ?2 AND state IN ('active', 'paused')",
-            )
-            .and_then(|mut s| s.query_row(params![platform, channel], |r| r.get(0)))
-            .map_err(self.err())
+                args![platform, channel],
+            )?
+            .int(0)
+        })?;
+        Ok(n.max(0) as u64)
     }
 
     /// Active tasks due at `now_ms` or before, most overdue first.
     pub fn due_tasks(&self, now_ms: i64, limit: u32) -> Result<Vec<Task>, StoreError> {
         self.tasks_where(
-            "WHERE state = 'active' AND next_run_ms <= ?1 ORDER BY next_run_ms LIMIT ?2",
-            &[&now_ms, &limit],
+            "WHERE state = 'active' AND next_run_ms <= ?1 ORDER BY next_run_ms, id LIMIT ?2",
+            args![now_ms, i64::from(limit)],
         )
     }
 
     /// The earliest `next_run_ms` of the active tasks.
     pub fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
-        self.conn()
-            .prepare_cached("SELECT min(next_run_ms) FROM tasks WHERE state = 'active'")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-            .map_err(self.err())
+        self.read(|c| {
+            c.query_one(
+                "SELECT min(next_run_ms) FROM tasks WHERE state = 'active'",
+                args![],
+            )?
+            .opt_int(0)
+        })
     }
 
     /// Sets a task's state (and `next_run_ms`, required for `active`);
@@ -243,14 +252,12 @@ impl Store {
         next_run_ms: Option<i64>,
         detail: Option<&str>,
     ) -> Result<(), StoreError> {
-        let n = self
-            .conn()
-            .prepare_cached(
+        let n = self.write(|c| {
+            c.execute(
                 "UPDATE tasks SET state = ?2, next_run_ms = ?3, detail = ?4 WHERE id = ?1",
+                args![id, state.as_str(), next_run_ms, detail],
             )
-            .and_then(|mut s| s.execute(params![id, state.as_str(), next_run_ms, detail]))
-            .map_err(self.err())?;
-        self.committed();
+        })?;
         if n == 0 {
             return Err(StoreError::NotFound { kind: "task", id });
         }
@@ -259,67 +266,66 @@ impl Store {
 
     /// Adds an entry to task `id`'s run log.
     pub fn record_task_run(&self, id: i64, run: &TaskRun) -> Result<(), StoreError> {
-        self.conn()
-            .prepare_cached(
+        self.write(|c| {
+            c.execute(
                 "INSERT INTO task_runs (task_id, due_ms, started_ms, outcome, detail)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
+                args![
                     id,
                     run.due_ms,
                     run.started_ms,
-                    run.outcome,
-                    run.detail
-                ])
-            })
-            .map_err(self.err())?;
-        self.committed();
+                    &run.outcome,
+                    run.detail.as_deref()
+                ],
+            )
+        })?;
         Ok(())
     }
 
     /// Task `id`'s run log, newest first, at most `limit` entries.
     pub fn task_runs(&self, id: i64, limit: u32) -> Result<Vec<TaskRun>, StoreError> {
-        self.conn()
-            .prepare_cached(
+        let rows = self.read(|c| {
+            c.query(
                 "SELECT due_ms, started_ms, outcome, detail FROM task_runs
                  WHERE task_id = ?1 ORDER BY id DESC LIMIT ?2",
+                args![id, i64::from(limit)],
             )
-            .and_then(|mut s| {
-                s.query_map(params![id, limit], |r| {
-                    Ok(TaskRun {
-                        due_ms: r.get(0)?,
-                        started_ms: r.get(1)?,
-                        outcome: r.get(2)?,
-                        detail: r.get(3)?,
-                    })
-                })?
-                .collect()
+        })?;
+        rows.iter()
+            .map(|r| {
+                Ok(TaskRun {
+                    due_ms: r.int(0)?,
+                    started_ms: r.int(1)?,
+                    outcome: r.text(2)?,
+                    detail: r.opt_text(3)?,
+                })
             })
-            .map_err(self.err())
+            .collect()
     }
 
     /// Registers (or renames) a group; `false` when it was registered already.
     pub fn register_group(&self, g: &RegisteredGroup) -> Result<bool, StoreError> {
-        let existed = self.registered_group(&g.platform, &g.channel)?.is_some();
-        self.conn()
-            .prepare_cached(
+        self.write(|c| {
+            let existed = c
+                .query_opt(
+                    "SELECT 1 FROM registered_groups WHERE platform = ?1 AND channel = ?2",
+                    args![&g.platform, &g.channel],
+                )?
+                .is_some();
+            c.execute(
                 "INSERT INTO registered_groups (platform, channel, name, registered_by, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (platform, channel) DO UPDATE SET name = excluded.name",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    g.platform,
-                    g.channel,
-                    g.name,
-                    g.registered_by,
+                args![
+                    &g.platform,
+                    &g.channel,
+                    &g.name,
+                    &g.registered_by,
                     g.created_ms
-                ])
-            })
-            .map_err(self.err())?;
-        self.committed();
-        Ok(!existed)
+                ],
+            )?;
+            Ok(!existed)
+        })
     }
 
     /// The registered group of a chat, or `None`.
@@ -328,108 +334,21 @@ impl Store {
         platform: &str,
         channel: &str,
     ) -> Result<Option<RegisteredGroup>, StoreError> {
-        self.conn()
-            .prepare_cached(
-                "SELECT platform, channel, name, registered_by, created_ms FROM registered_groups
-                 WHERE platform = ?1 AND channel = ?2",
-            )
-            .and_then(|mut s| {
-                s.query_row(params![platform, channel], group_row)
-                    .optional()
-            })
-            .map_err(self.err())
+        let sql = format!(
+            "SELECT {GROUP_COLUMNS} FROM registered_groups WHERE platform = ?1 AND channel = ?2"
+        );
+        self.read(|c| {
+            c.query_opt(&sql, args![platform, channel])?
+                .map(|r| group_row(&r))
+                .transpose()
+        })
     }
 
     /// Every registered group.
     pub fn registered_groups(&self) -> Result<Vec<RegisteredGroup>, StoreError> {
-        self.conn()
-            .prepare_cached(
-                "SELECT platform, channel, name, registered_by, created_ms FROM registered_groups
-                 ORDER BY platform, channel",
-            )
-            .and_then(|mut s| s.query_map([], group_row)?.collect())
-            .map_err(self.err())
-    }
-}
-
-fn group_row(r: &Row<'_>) -> rusqlite::Result<RegisteredGroup> {
-    Ok(RegisteredGroup {
-        platform: r.get(0)?,
-        channel: r.get(1)?,
-        name: r.get(2)?,
-        registered_by: r.get(3)?,
-        created_ms: r.get(4)?,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn new(channel: &str, next: i64) -> NewTask {
-        NewTask {
-            platform: "slack".into(),
-            channel: channel.into(),
-            thread: String::new(),
-            creator: "U1".into(),
-            prompt: "moat:looks like a prefix".into(),
-            kind: "interval".into(),
-            spec: "10m".into(),
-            context: "isolated".into(),
-            next_run_ms: next,
-            created_ms: 0,
-        }
-    }
-
-    #[test]
-    fn tasks_round_trip_and_come_due() {
-        let s = Store::open_in_memory().unwrap();
-        let a = s.insert_task(&new("C1", 100)).unwrap();
-        let b = s.insert_task(&new("C2", 50)).unwrap();
-        assert_eq!(
-            s.task(a).unwrap().unwrap().prompt,
-            "moat:looks like a prefix"
-        );
-        assert_eq!(s.tasks_of_channel("slack", "C1").unwrap().len(), 1);
-        let due: Vec<i64> = s.due_tasks(100, 10).unwrap().iter().map(|t| t.id).collect();
-        assert_eq!(due, [b, a]);
-        s.set_task_state(b, TaskState::Paused, None, None).unwrap();
-        assert_eq!(s.due_tasks(100, 10).unwrap().len(), 1);
-        assert_eq!(s.next_due_ms().unwrap(), Some(100));
-        assert_eq!(s.count_tasks_of_channel("slack", "C2").unwrap(), 1);
-        s.set_task_state(b, TaskState::Cancelled, None, Some("by U1"))
-            .unwrap();
-        assert_eq!(s.count_tasks_of_channel("slack", "C2").unwrap(), 0);
-        assert!(s
-            .set_task_state(999, TaskState::Paused, None, None)
-            .is_err());
-        // Active needs a next run (the schema holds it).
-        assert!(s.set_task_state(a, TaskState::Active, None, None).is_err());
-        s.record_task_run(
-            a,
-            &TaskRun {
-                due_ms: 100,
-                started_ms: 101,
-                outcome: "started".into(),
-                detail: None,
-            },
-        )
-        .unwrap();
-        assert_eq!(s.task_runs(a, 5).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn groups_register_once() {
-        let s = Store::open_in_memory().unwrap();
-        let g = RegisteredGroup {
-            platform: "slack".into(),
-            channel: "C9".into(),
-            name: "ops".into(),
-            registered_by: "U1".into(),
-            created_ms: 1,
-        };
-        assert!(s.register_group(&g).unwrap());
-        assert!(!s.register_group(&g).unwrap());
-        assert_eq!(s.registered_groups().unwrap(), [g]);
+        let sql =
+            format!("SELECT {GROUP_COLUMNS} FROM registered_groups ORDER BY platform, channel");
+        let rows = self.read(|c| c.query(&sql, args![]))?;
+        rows.iter().map(group_row).collect()
     }
 }

@@ -1,7 +1,8 @@
 //! moat-store against real database files: opening and migrating, the inbox
 //! and its duplicates, the message and turn state machines, the crash path
 //! (a dropped store, and a writer process killed with SIGKILL mid-write),
-//! concurrent inserts, idle conversations, and the insert rate.
+//! concurrent inserts, idle conversations, and the insert rate. The tests
+//! of the store's logic run on both databases (`both!`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
@@ -15,6 +16,34 @@ use moat_store::{
     Conversation, Durability, IncomingMessage, Inserted, MessageState, SandboxMode, Store,
     StoreError, TurnState,
 };
+
+/// The tests of the store's logic, each run on both databases:
+/// `sqlite::NAME` on an in-memory SQLite store, `postgres::NAME` on a fresh
+/// database of the test process's throwaway PostgreSQL (moat-testpg).
+macro_rules! both {
+    ($($name:ident => $body:expr;)*) => {
+        mod sqlite {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    ($body)(Store::open_in_memory().unwrap())
+                }
+            )*
+        }
+        mod postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    ($body)(Store::open_postgres(&moat_testpg::cluster().fresh(), None).unwrap())
+                }
+            )*
+        }
+    };
+}
 
 fn msg(event_id: &str, thread: &str, ts_ms: i64) -> IncomingMessage {
     IncomingMessage {
@@ -226,9 +255,7 @@ fn store_is_send_and_sync() {
 
 // ---- the inbox ---------------------------------------------------------------
 
-#[test]
-fn a_retried_event_is_a_duplicate_never_a_second_row() {
-    let store = Store::open_in_memory().unwrap();
+fn a_retried_event_is_a_duplicate_never_a_second_row(store: Store) {
     let (m1, c1) = new_id(store.insert_message(&msg("Ev1", "T1", 1_000)).unwrap());
     // Slack retries the same event, even with a later timestamp.
     for ts in [1_000, 4_000] {
@@ -283,9 +310,7 @@ fn a_retried_event_is_a_duplicate_never_a_second_row() {
     );
 }
 
-#[test]
-fn an_event_without_an_id_is_refused() {
-    let store = Store::open_in_memory().unwrap();
+fn an_event_without_an_id_is_refused(store: Store) {
     let err = store.insert_message(&msg("", "T", 1)).unwrap_err();
     assert!(
         matches!(
@@ -303,9 +328,7 @@ fn an_event_without_an_id_is_refused() {
     assert_eq!(store.queue_depth().unwrap(), 0);
 }
 
-#[test]
-fn message_states_follow_the_state_machine() {
-    let store = Store::open_in_memory().unwrap();
+fn message_states_follow_the_state_machine(store: Store) {
     let (a, _) = new_id(store.insert_message(&msg("A", "T", 1)).unwrap());
     let (b, conv) = new_id(store.insert_message(&msg("B", "T", 2)).unwrap());
     store
@@ -361,9 +384,7 @@ fn message_states_follow_the_state_machine() {
 
 // ---- turns -----------------------------------------------------------------
 
-#[test]
-fn a_turn_links_its_messages_and_finishing_it_settles_them() {
-    let store = Store::open_in_memory().unwrap();
+fn a_turn_links_its_messages_and_finishing_it_settles_them(store: Store) {
     let (a, conv) = new_id(store.insert_message(&msg("A", "T", 100)).unwrap());
     let (b, _) = new_id(store.insert_message(&msg("B", "T", 200)).unwrap());
     let (other, other_conv) = new_id(store.insert_message(&msg("X", "T2", 250)).unwrap());
@@ -506,9 +527,7 @@ fn a_turn_links_its_messages_and_finishing_it_settles_them() {
     ));
 }
 
-#[test]
-fn messages_since_last_turn_is_the_history_after_the_last_finished_turn() {
-    let store = Store::open_in_memory().unwrap();
+fn messages_since_last_turn_is_the_history_after_the_last_finished_turn(store: Store) {
     let (a, conv) = new_id(store.insert_message(&msg("A", "T", 1)).unwrap());
     let (b, _) = new_id(store.insert_message(&msg("B", "T", 2)).unwrap());
     let (_, other) = new_id(store.insert_message(&msg("Z", "T2", 3)).unwrap());
@@ -554,9 +573,7 @@ fn messages_since_last_turn_is_the_history_after_the_last_finished_turn() {
 
 // ---- conversations and idle sandboxes --------------------------------------
 
-#[test]
-fn conversation_fields_are_recorded_and_unknown_ids_reported() {
-    let store = Store::open_in_memory().unwrap();
+fn conversation_fields_are_recorded_and_unknown_ids_reported(store: Store) {
     let (_, conv) = new_id(store.insert_message(&msg("A", "T", 500)).unwrap());
     store
         .set_sandbox_mode(conv, SandboxMode::PerThread)
@@ -603,9 +620,7 @@ fn conversation_fields_are_recorded_and_unknown_ids_reported() {
     assert_eq!(store.conversation(99).unwrap(), None);
 }
 
-#[test]
-fn idle_conversations_are_per_thread_ones_holding_a_sandbox_and_doing_nothing() {
-    let store = Store::open_in_memory().unwrap();
+fn idle_conversations_are_per_thread_ones_holding_a_sandbox_and_doing_nothing(store: Store) {
     let conv = |event: &str, thread: &str, ts: i64, mode: SandboxMode, lease: Option<&str>| {
         let (m, c) = new_id(store.insert_message(&msg(event, thread, ts)).unwrap());
         store.set_sandbox_mode(c, mode).unwrap();
@@ -944,9 +959,7 @@ fn concurrent_inserts_store_each_event_once() {
     assert_eq!(convs.len(), 10);
 }
 
-#[test]
-fn unfinished_messages_are_oldest_first_and_exclude_settled_ones() {
-    let store = Store::open_in_memory().unwrap();
+fn unfinished_messages_are_oldest_first_and_exclude_settled_ones(store: Store) {
     let mut ids = Vec::new();
     for i in 0..6 {
         // Platform timestamps out of order: stored order decides.
@@ -1066,9 +1079,7 @@ fn insert_rate() {
     }
 }
 
-#[test]
-fn github_links_find_the_conversation_and_deliveries_are_taken_once() {
-    let store = Store::open_in_memory().unwrap();
+fn github_links_find_the_conversation_and_deliveries_are_taken_once(store: Store) {
     let (_, conversation_id) = new_id(store.insert_message(&msg("ev-gh", "T1", 1)).unwrap());
     assert_eq!(
         store
@@ -1129,9 +1140,7 @@ fn github_links_find_the_conversation_and_deliveries_are_taken_once() {
         .unwrap());
 }
 
-#[test]
-fn a_github_link_stays_with_the_conversation_that_made_it() {
-    let store = Store::open_in_memory().unwrap();
+fn a_github_link_stays_with_the_conversation_that_made_it(store: Store) {
     let (_, first) = new_id(store.insert_message(&msg("ev-a", "TA", 1)).unwrap());
     let (_, other) = new_id(store.insert_message(&msg("ev-b", "TB", 2)).unwrap());
     let b = moat_store::GithubLink::Branch("moat/1-x");
@@ -1143,4 +1152,121 @@ fn a_github_link_stays_with_the_conversation_that_made_it() {
             .unwrap(),
         Some(first)
     );
+}
+
+fn task(channel: &str, next: i64) -> moat_store::NewTask {
+    moat_store::NewTask {
+        platform: "slack".into(),
+        channel: channel.into(),
+        thread: String::new(),
+        creator: "U1".into(),
+        prompt: "moat:looks like a prefix".into(),
+        kind: "interval".into(),
+        spec: "10m".into(),
+        context: "isolated".into(),
+        next_run_ms: next,
+        created_ms: 0,
+    }
+}
+
+fn tasks_round_trip_come_due_and_keep_their_run_log(store: Store) {
+    use moat_store::{TaskRun, TaskState};
+    let a = store.insert_task(&task("C1", 100)).unwrap();
+    let b = store.insert_task(&task("C2", 50)).unwrap();
+    let got = store.task(a).unwrap().unwrap();
+    assert_eq!(got.prompt, "moat:looks like a prefix");
+    assert_eq!((got.state, got.next_run_ms), (TaskState::Active, Some(100)));
+    assert_eq!(store.task(999).unwrap(), None);
+    assert_eq!(store.tasks_of_channel("slack", "C1").unwrap(), [got]);
+    let due: Vec<i64> = store
+        .due_tasks(100, 10)
+        .unwrap()
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(due, [b, a]);
+    assert_eq!(store.due_tasks(99, 10).unwrap().len(), 1);
+    assert_eq!(store.due_tasks(100, 1).unwrap().len(), 1);
+    store
+        .set_task_state(b, TaskState::Paused, None, None)
+        .unwrap();
+    assert_eq!(store.due_tasks(100, 10).unwrap().len(), 1);
+    assert_eq!(store.next_due_ms().unwrap(), Some(100));
+    assert_eq!(store.count_tasks_of_channel("slack", "C2").unwrap(), 1);
+    store
+        .set_task_state(b, TaskState::Cancelled, None, Some("by U1"))
+        .unwrap();
+    assert_eq!(store.count_tasks_of_channel("slack", "C2").unwrap(), 0);
+    assert_eq!(store.live_tasks().unwrap().len(), 1);
+    assert_eq!(
+        store.task(b).unwrap().unwrap().detail.as_deref(),
+        Some("by U1")
+    );
+    assert!(matches!(
+        store.set_task_state(999, TaskState::Paused, None, None),
+        Err(StoreError::NotFound {
+            kind: "task",
+            id: 999
+        })
+    ));
+    // Active needs a next run (the schema holds it); the task is unchanged.
+    assert!(store
+        .set_task_state(a, TaskState::Active, None, None)
+        .is_err());
+    assert_eq!(store.task(a).unwrap().unwrap().next_run_ms, Some(100));
+    store
+        .set_task_state(a, TaskState::Done, None, None)
+        .unwrap();
+    assert_eq!(store.next_due_ms().unwrap(), None);
+    for (i, outcome) in ["started", "refused"].into_iter().enumerate() {
+        let i = i as i64;
+        store
+            .record_task_run(
+                a,
+                &TaskRun {
+                    due_ms: 100 + i,
+                    started_ms: 101 + i,
+                    outcome: outcome.into(),
+                    detail: (i == 1).then(|| "creator removed".to_string()),
+                },
+            )
+            .unwrap();
+    }
+    let runs = store.task_runs(a, 5).unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].outcome, "refused");
+    assert_eq!(runs[0].detail.as_deref(), Some("creator removed"));
+    assert_eq!(store.task_runs(a, 1).unwrap().len(), 1);
+}
+
+fn groups_register_once_and_a_second_registration_renames(store: Store) {
+    let mut g = moat_store::RegisteredGroup {
+        platform: "slack".into(),
+        channel: "C9".into(),
+        name: "ops".into(),
+        registered_by: "U1".into(),
+        created_ms: 1,
+    };
+    assert!(store.register_group(&g).unwrap());
+    assert!(!store.register_group(&g).unwrap());
+    assert_eq!(store.registered_groups().unwrap(), [g.clone()]);
+    g.name = "ops-2".into();
+    assert!(!store.register_group(&g).unwrap());
+    assert_eq!(store.registered_group("slack", "C9").unwrap(), Some(g));
+    assert_eq!(store.registered_group("slack", "C8").unwrap(), None);
+}
+
+both! {
+    a_retried_event_is_a_duplicate_never_a_second_row => super::a_retried_event_is_a_duplicate_never_a_second_row;
+    an_event_without_an_id_is_refused => super::an_event_without_an_id_is_refused;
+    message_states_follow_the_state_machine => super::message_states_follow_the_state_machine;
+    a_turn_links_its_messages_and_finishing_it_settles_them => super::a_turn_links_its_messages_and_finishing_it_settles_them;
+    messages_since_last_turn_is_the_history_after_the_last_finished_turn => super::messages_since_last_turn_is_the_history_after_the_last_finished_turn;
+    conversation_fields_are_recorded_and_unknown_ids_reported => super::conversation_fields_are_recorded_and_unknown_ids_reported;
+    idle_conversations_are_per_thread_ones_holding_a_sandbox_and_doing_nothing => super::idle_conversations_are_per_thread_ones_holding_a_sandbox_and_doing_nothing;
+    unfinished_messages_are_oldest_first_and_exclude_settled_ones => super::unfinished_messages_are_oldest_first_and_exclude_settled_ones;
+    github_links_find_the_conversation_and_deliveries_are_taken_once => super::github_links_find_the_conversation_and_deliveries_are_taken_once;
+    a_github_link_stays_with_the_conversation_that_made_it => super::a_github_link_stays_with_the_conversation_that_made_it;
+    tasks_round_trip_come_due_and_keep_their_run_log => super::tasks_round_trip_come_due_and_keep_their_run_log;
+    groups_register_once_and_a_second_registration_renames => super::groups_register_once_and_a_second_registration_renames;
 }

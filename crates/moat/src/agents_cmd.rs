@@ -27,8 +27,7 @@ use clap::{Args, Subcommand};
 use moat_policy::network::{parse_allow_entry, parse_pin};
 use moat_policy::{BackendKind, MountRequest, SandboxPolicy};
 use moat_sandbox::{
-    Engine, EngineConfig, Lease, LeaseOptions, NetworkAttachment, RunSpec, Stream, Termination,
-    WorkspaceSource,
+    Engine, EngineConfig, Lease, LeaseOptions, RunSpec, Stream, Termination, WorkspaceSource,
 };
 use serde_json::{json, Value};
 
@@ -853,35 +852,24 @@ fn npm_install(
         .enable_all()
         .build()
         .context("starting the egress door's runtime")?;
-    let door = moat_egress::Door::start(
-        rt.handle(),
-        moat_egress::DoorConfig {
-            lease: "agents-install".into(),
-            policy: Arc::new(policy.network.clone()),
-            resolver: moat_egress::Resolver::System,
-            audit: recorder.clone(),
-            llm: None,
-            github: None,
-            amp: None,
-        },
-    )
-    .context(
-        "starting the egress door (moat agents install needs root to create network namespaces)",
-    )?;
-    let proxy = format!("http://127.0.0.1:{}", moat_egress::PROXY_PORT);
-    let mut lease = engine.lease(
+    // The install's lease behind its door, made as every other sandbox's.
+    let moat_gateway::runner::Runner {
+        mut lease, door, ..
+    } = moat_gateway::runner::open(moat_gateway::runner::RunnerSpec {
+        engine,
         policy,
-        LeaseOptions {
-            run_as: None,
-            name: None,
-            workspace: WorkspaceSource::Fresh,
-            network: Some(NetworkAttachment {
-                netns: door.netns(),
-                env: moat_egress::Door::client_env(),
-                files: Vec::new(),
-            }),
-        },
-    )?;
+        door_name: "agents-install",
+        lease_name: None,
+        run_as: None,
+        workspace: WorkspaceSource::Fresh,
+        extras: &moat_gateway::runner::DoorExtras::default(),
+        runtime: Some(rt.handle()),
+        audit: recorder.clone(),
+    })
+    .map_err(|e| {
+        anyhow::anyhow!("{e} (moat agents install needs root to create network namespaces)")
+    })?;
+    let proxy = format!("http://127.0.0.1:{}", moat_egress::PROXY_PORT);
     staging.give_to(lease.host_uid())?;
 
     let mut argv: Vec<String> = [

@@ -1,16 +1,17 @@
 //! `--github` for `moat sandbox run`: turns the flags and moat's environment
-//! (or secrets file) into one lease's GitHub access: its own broker, the
-//! token's scope, the intercepted hosts and the protected branches.
+//! (or secrets file) into the lease's GitHub template (the App, the token's
+//! scope, the intercepted hosts and the protected branches); the door gets
+//! its own broker from it, as a gateway channel's doors do.
 //!
 //! Never reads, prints or passes on a token; the broker mints them later,
 //! inside the door.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use moat_creds::{GithubBroker, GithubConfig, Scope};
-use moat_egress::github::{GithubAccess, TokenAudit, DEFAULT_PERMISSIONS, DEFAULT_PROTECTED};
+use moat_creds::{GithubConfig, Scope};
+use moat_egress::github::{GithubAccess, DEFAULT_PERMISSIONS, DEFAULT_PROTECTED};
+use moat_gateway::github_setup::GithubTemplate;
 
 /// The `--github*` flags of one run.
 pub struct GithubFlags<'a> {
@@ -86,37 +87,26 @@ pub fn protected(flags: &GithubFlags<'_>) -> anyhow::Result<Vec<String>> {
     Ok(flags.protect.to_vec())
 }
 
-/// Everything the door needs for GitHub in one lease. Fails (before any
-/// sandbox exists) when the App is not configured, naming the variable.
-pub fn access(
+/// The GitHub template of `moat sandbox run --github`: the App from moat's
+/// environment or secrets file, the flags' scope and protected branches;
+/// its door's state under `state_root/<door name>`.
+pub fn template(
     flags: &GithubFlags<'_>,
     lookup: impl Fn(&str) -> Option<String> + Copy,
-    lease: &str,
-    audit: Arc<dyn moat_egress::Audit>,
-    state_dir: PathBuf,
-) -> anyhow::Result<GithubAccess> {
+    state_root: PathBuf,
+) -> anyhow::Result<GithubTemplate> {
     let scope = scope(flags)?;
     let protected_branches = protected(flags)?;
     let cfg = GithubConfig::from_lookup(lookup)
         .context("--github needs a GitHub App (GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY, GITHUB_APP_INSTALLATION_ID in moat's environment or secrets file)")?;
     let hosts = GithubAccess::hosts_from_env(lookup).map_err(anyhow::Error::msg)?;
-    let broker = GithubBroker::new(
+    Ok(GithubTemplate::new(
         cfg,
-        moat_creds::system_clock(),
-        Arc::new(TokenAudit {
-            lease: lease.to_string(),
-            audit,
-        }),
-    )?;
-    let workflows_write = scope.permissions().get("workflows").map(String::as_str) == Some("write");
-    Ok(GithubAccess {
-        broker: Arc::new(broker),
-        workflows_write,
         scope,
         hosts,
         protected_branches,
-        state_dir,
-    })
+        state_root,
+    ))
 }
 
 #[cfg(test)]
@@ -171,15 +161,13 @@ mod tests {
     #[test]
     fn without_the_app_github_is_not_available() {
         let r = vec!["acme/one".to_string()];
-        let audit: Arc<dyn moat_egress::Audit> = Arc::new(moat_egress::MemoryAudit::default());
-        let e = access(
+        let e = template(
             &flags(&r, &[], &[]),
             |_| None,
-            "t",
-            audit,
             PathBuf::from("/nonexistent"),
         )
-        .unwrap_err();
+        .err()
+        .unwrap();
         let text = format!("{e:#}");
         assert!(
             text.contains("GitHub is not available") && text.contains("GITHUB_APP_ID"),

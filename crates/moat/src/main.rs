@@ -24,10 +24,7 @@ mod usage_cmd;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use moat_policy::{Overrides, SandboxPolicy};
-use moat_sandbox::{
-    Engine, EngineConfig, LeaseOptions, NetworkAttachment, RunSpec, StdinSource, Stream,
-    WorkspaceSource,
-};
+use moat_sandbox::{Engine, EngineConfig, RunSpec, StdinSource, Stream, WorkspaceSource};
 
 #[derive(Parser)]
 #[command(
@@ -432,79 +429,65 @@ fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
         cfg.ledger = std::sync::Arc::new(ledger);
         Some(cfg)
     };
-    // The egress door, when the policy allows any destination or an LLM API
-    // is served: it lives in
-    // this process, on its own small runtime, for as long as the sandbox runs.
-    let mut door_runtime = None;
-    let mut door = None;
-    let network = if policy.network.is_enabled() || llm.is_some() || !args.github.is_empty() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the egress door's runtime")?;
-        let audit: std::sync::Arc<dyn moat_egress::Audit> = std::sync::Arc::new(
-            moat_egress::JsonlAudit::open(&audit_path)
-                .with_context(|| format!("opening the audit log {}", audit_path.display()))?,
-        );
-        let github = if args.github.is_empty() {
-            None
-        } else {
-            let flags = github::GithubFlags {
-                repos: &args.github,
-                permissions: &args.github_permissions,
-                protect: &args.protect_branches,
-            };
-            let state_dir = engine
-                .config()
-                .runtime_dir
-                .join("doors")
-                .join(format!("cli-{}", std::process::id()));
-            Some(github::access(
-                &flags,
-                |k| credential_setting(&policy, &secrets, k),
-                "cli",
-                audit.clone(),
-                state_dir,
-            )?)
+    // The lease behind its door (the one constructor the gateway uses too):
+    // the door, when it needs one, lives in this process on its own small
+    // runtime for as long as the sandbox runs.
+    let github = if args.github.is_empty() {
+        None
+    } else {
+        let flags = github::GithubFlags {
+            repos: &args.github,
+            permissions: &args.github_permissions,
+            protect: &args.protect_branches,
         };
-        let d = moat_egress::Door::start(
-            rt.handle(),
-            moat_egress::DoorConfig {
-                lease: "cli".into(),
-                policy: std::sync::Arc::new(policy.network.clone()),
-                resolver: moat_egress::Resolver::System,
-                audit,
-                llm,
-                github,
-                amp: None,
-            },
+        let state_root = engine
+            .config()
+            .runtime_dir
+            .join("doors")
+            .join(format!("cli-{}", std::process::id()));
+        Some(github::template(
+            &flags,
+            |k| credential_setting(&policy, &secrets, k),
+            state_root,
+        )?)
+    };
+    let extras = moat_gateway::runner::DoorExtras {
+        llm,
+        files: Vec::new(),
+        github,
+        amp: None,
+    };
+    let door_runtime = if moat_gateway::runner::needs_door(&policy, &extras) {
+        Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the egress door's runtime")?,
         )
-        .context("starting the egress door")?;
-        let attach = NetworkAttachment {
-            netns: d.netns(),
-            env: moat_egress::Door::client_env()
-                .into_iter()
-                .chain(d.llm_env())
-                .chain(d.intercept_env())
-                .collect(),
-            files: d.files(),
-        };
-        door = Some(d);
-        door_runtime = Some(rt);
-        Some(attach)
     } else {
         None
     };
-    let mut lease = engine.lease(
+    let audit: std::sync::Arc<dyn moat_egress::Audit> = match &door_runtime {
+        Some(_) => std::sync::Arc::new(
+            moat_egress::JsonlAudit::open(&audit_path)
+                .with_context(|| format!("opening the audit log {}", audit_path.display()))?,
+        ),
+        None => std::sync::Arc::new(moat_egress::MemoryAudit::default()),
+    };
+    let runner = moat_gateway::runner::open(moat_gateway::runner::RunnerSpec {
+        engine: &engine,
         policy,
-        LeaseOptions {
-            run_as: None,
-            name: None,
-            workspace,
-            network,
-        },
-    )?;
+        door_name: "cli",
+        lease_name: None,
+        run_as: None,
+        workspace,
+        extras: &extras,
+        runtime: door_runtime.as_ref().map(|rt| rt.handle()),
+        audit,
+    })
+    .map_err(anyhow::Error::msg)?;
+    let (mut lease, door) = (runner.lease, runner.door);
     let t_lease = t0.elapsed();
     let mut spec = RunSpec::new(args.command.clone());
     spec.stdin = sandbox_stdin()?;

@@ -4,7 +4,9 @@
 //! block elsewhere when it has a `[[channel]]` with a platform and parses on
 //! its own), reaches ready (`/healthz`, the web page, Slack's
 //! `url_verification` or its Socket Mode connection), and stops cleanly on
-//! SIGTERM (exit 0, "moat: stopped").
+//! SIGTERM (exit 0, "moat: stopped"). The shipped docs/examples/moat.toml is
+//! also talked to: each of its channels answers, from its own backend
+//! (bwrap and gVisor side by side).
 //!
 //! What the test changes in a configuration, and only that: every `listen`
 //! becomes `127.0.0.1:0` (free loopback ports), the data directory is a
@@ -245,6 +247,11 @@ fn check_one(
             fail(&mut child, format!("Slack's url_verification: {r:?}"));
         }
     }
+    if name == "docs/examples/moat.toml" {
+        if let Err(e) = talk_to_each_channel(&ready, fake, rt) {
+            fail(&mut child, e);
+        }
+    }
     if socket_mode {
         let until = Instant::now() + Duration::from_secs(30);
         while !*connected.lock().unwrap() {
@@ -290,6 +297,87 @@ fn check_one(
         a.abort();
     }
     eprintln!("{name}: started, ready and stopped cleanly");
+}
+
+/// The shipped example, as a user would use it: a message to each of its
+/// channels (the engineering channel, the public help channel, any other
+/// Slack channel, the web chat) is answered, and each answer comes from the
+/// channel's own backend: the help channel's from gVisor (its kernel
+/// release is gVisor's, not the host's), the others' from bwrap (the
+/// host's), all in one `moat up`.
+fn talk_to_each_channel(
+    ready: &Ready,
+    fake: &slack_kit::FakeSlack,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_err(|e| e.to_string())?
+        .trim()
+        .to_string();
+    let events = ready.slack.ok_or("the example serves Slack events")?;
+    let web = ready.web.ok_or("the example serves the web chat")?;
+    // (channel, user, tag, gVisor?)
+    let slack = [
+        ("C0123ENG", "U01ALICE", "eng", false),
+        ("C0456HELP", "U09GUEST", "help", true),
+        ("C0777RAND", "U02BOB", "any", false),
+    ];
+    let kernel_of = |text: &str, tag: &str| -> Result<String, String> {
+        text.split_once(&format!("{tag}-42 kernel="))
+            .map(|(_, k)| k.split_whitespace().next().unwrap_or("").to_string())
+            .ok_or_else(|| format!("{tag}: no kernel in the answer {text:?}"))
+    };
+    let check =
+        |tag: &str, kernel: &str, gvisor: bool| -> Result<(), String> {
+            match (gvisor, kernel == host) {
+                (true, false) | (false, true) => {
+                    eprintln!(
+                        "  {tag}: answered on {} (kernel {kernel})",
+                        if gvisor { "gVisor" } else { "bwrap" }
+                    );
+                    Ok(())
+                }
+                _ => {
+                    Err(format!(
+                "{tag}: the answer came from kernel {kernel:?} (host {host:?}); expected {}",
+                if gvisor { "gVisor's, not the host's" } else { "the host's (bwrap)" }
+            ))
+                }
+            }
+        };
+    for (ch, user, tag, gvisor) in slack {
+        let ts = slack_kit::new_ts();
+        let cmd = format!("echo {tag}-$((6*7)) kernel=$(uname -r)");
+        let body = fake.callback(
+            &slack_kit::new_event_id(),
+            slack_kit::mention(ch, user, &ts, None, &cmd),
+        );
+        let r = rt.block_on(slack_kit::post_signed(events, &body));
+        if r.status != 200 {
+            return Err(format!("{ch}: the event was answered {}", r.status));
+        }
+        let post = rt.block_on(fake.wait_post(ch, &ts, &format!("{tag}-42")));
+        check(tag, &kernel_of(post.text(), tag)?, gvisor)?;
+    }
+    let client = gwkit::Client {
+        addr: web,
+        token: None,
+    };
+    let r = client.post("docs-example", "echo web-$((6*7)) kernel=$(uname -r)");
+    if r.status / 100 != 2 {
+        return Err(format!("the web chat refused the message: {}", r.status));
+    }
+    // The stream replays the conversation from its start.
+    let mut sse = client
+        .events("docs-example")
+        .map_err(|r| format!("the web chat's events: {}", r.status))?;
+    let evs = sse.answers(1);
+    let text = gwkit::answers_of(&evs)
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect::<Vec<_>>()
+        .join("\n");
+    check("web", &kernel_of(&text, "web")?, false)
 }
 
 #[test]

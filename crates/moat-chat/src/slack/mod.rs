@@ -5,7 +5,7 @@
 
 mod events;
 pub mod socket;
-mod transport;
+pub(crate) mod transport;
 mod verify;
 mod web;
 

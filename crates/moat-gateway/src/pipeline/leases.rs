@@ -105,27 +105,18 @@ impl Gateway {
                 };
                 let n2 = name.clone();
                 let built = tokio::task::spawn_blocking(move || {
-                    let door = crate::pool::start_door(
-                        &inner.runtime,
-                        &policy,
-                        &n2,
-                        inner.egress_audit.clone(),
-                        &extras,
-                    )?;
-                    let network = door.as_ref().map(|d| crate::pool::attachment(d, &extras));
-                    let lease = inner
-                        .engine
-                        .lease(
-                            policy,
-                            LeaseOptions {
-                                run_as,
-                                name: Some(n2),
-                                workspace: WorkspaceSource::Fresh,
-                                network,
-                            },
-                        )
-                        .map_err(|e| e.to_string())?;
-                    Ok::<_, String>((lease, door))
+                    let r = crate::runner::open(crate::runner::RunnerSpec {
+                        engine: &inner.engine,
+                        policy,
+                        door_name: &n2,
+                        lease_name: Some(n2.clone()),
+                        run_as,
+                        workspace: WorkspaceSource::Fresh,
+                        extras: &extras,
+                        runtime: Some(&inner.runtime),
+                        audit: inner.egress_audit.clone(),
+                    })?;
+                    Ok::<_, String>((r.lease, r.door))
                 })
                 .await
                 .map_err(|e| e.to_string())
@@ -135,7 +126,14 @@ impl Gateway {
                     None => Ok((lease, door)),
                 });
                 match built {
-                    Ok((lease, door)) => {
+                    Ok((mut lease, door)) => {
+                        // A damaged workspace disk was set aside: say so.
+                        for text in lease.take_notices() {
+                            self.audit("lease", json!({"event": "disk-set-aside", "conversation_id": conv.id, "lease": name}));
+                            self.platform(conv.platform)
+                                .notice(conv, &format!("moat: {text}"))
+                                .await;
+                        }
                         let _ = self
                             .inner
                             .store
@@ -347,12 +345,14 @@ impl Inner {
             counter: AtomicU64::new(0),
             ipc: Some(self.ipc.clone()),
         };
-        let pool = Pool::new(
-            Arc::new(factory),
-            self.cfg.pool.size as usize,
-            self.cfg.pool.max_waiters as usize,
-        )
-        .await?;
+        let p = &self.cfg.pool;
+        let bounds = crate::pool::Bounds {
+            min: p.size as usize,
+            max: p.max as usize,
+            max_waiters: p.max_waiters as usize,
+            shrink_after: p.shrink_after,
+        };
+        let pool = Pool::elastic(Arc::new(factory), bounds).await?;
         pools.insert(idx, pool.clone());
         Ok(pool)
     }

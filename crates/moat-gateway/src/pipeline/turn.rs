@@ -83,6 +83,16 @@ impl Gateway {
         let store = self.inner.store.clone();
         let turn_id = match store.start_turn(conv.id, &ids, now_ms()) {
             Ok(t) => t,
+            Err(e @ moat_store::StoreError::NotOwner { .. }) => {
+                // Another node works on this conversation (docs/scale-out.md):
+                // its messages stay queued, for the owner or for whoever
+                // takes the conversation over; nothing is told or failed here.
+                tracing::warn!(conversation = conv.id, error = %e, "left to the node that owns the conversation");
+                for id in &ids {
+                    let _ = store.set_message_state(*id, MessageState::Queued, None);
+                }
+                return;
+            }
             Err(e) => {
                 tracing::error!(conversation = conv.id, error = %e, "could not start a turn");
                 for id in &ids {
@@ -314,6 +324,15 @@ impl Gateway {
             TurnState::Failed
         };
         let error = (!outcome.ok).then(|| outcome.answer.lines().last().unwrap_or("").to_string());
+        // Delivered first, recorded after: a gateway killed in between
+        // finds the turn cut off at its restart and runs its messages again
+        // (a second answer), where recording first lost the answer for good
+        // (the 30-minute soak saw it: docs/soak.md). The window left is one
+        // store write long.
+        if !collected.files.is_empty() {
+            out.artifacts(&conv, &refs, &collected.files).await;
+        }
+        out.finished(&conv, &refs, &outcome).await;
         if let Err(e) = store.finish_turn(
             turn_id,
             state,
@@ -323,10 +342,6 @@ impl Gateway {
         ) {
             tracing::error!(turn = turn_id, error = %e, "could not record the end of a turn");
         }
-        if !collected.files.is_empty() {
-            out.artifacts(&conv, &refs, &collected.files).await;
-        }
-        out.finished(&conv, &refs, &outcome).await;
         let secs = started.elapsed().as_secs_f64();
         self.inner.metrics.turn(outcome.ok, secs);
         self.inner.running.fetch_sub(1, Ordering::Relaxed);
