@@ -69,12 +69,12 @@ impl RunnerFactory for LeaseFactory {
         let name = format!("{}-{n}", self.prefix);
         let mut extras = self.extras.clone();
         let ipc = match &self.ipc {
-            Some(host) => {
+            Some(host) if crate::ipc::serves(&self.policy) => {
                 let ep = host.endpoint(&name)?;
                 extras.files.push(ep.mount());
                 Some(ep)
             }
-            None => None,
+            _ => None,
         };
         let mut runner = crate::runner::open(crate::runner::RunnerSpec {
             engine: &self.engine,

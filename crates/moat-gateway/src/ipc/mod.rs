@@ -28,6 +28,14 @@ pub const MCP_SERVER: &str = "moat";
 /// Where a sandbox finds its endpoint.
 pub const SOCKET_INSIDE: &str = "/run/moat/ipc.sock";
 
+/// Whether a lease of `policy` gets an endpoint. gVisor's `runsc` refuses to
+/// start a sandbox with a host unix socket bound in (it would need
+/// `--host-uds`, not enabled: docs/ipc.md), so its leases get none and their
+/// agents simply have no moat tools.
+pub fn serves(policy: &moat_policy::SandboxPolicy) -> bool {
+    policy.backend != moat_policy::BackendKind::Gvisor
+}
+
 /// Who holds a lease for one turn: the identity of every call made through
 /// its endpoint, whatever a request says.
 #[derive(Debug, Clone, PartialEq, Eq)]

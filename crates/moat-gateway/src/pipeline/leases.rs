@@ -93,12 +93,14 @@ impl Gateway {
                     }
                 };
                 let mut extras = self.inner.setup(channel.index).extras;
-                let ipc = match self.inner.ipc.endpoint(&name) {
-                    Ok(ep) => {
+                let ipc = match crate::ipc::serves(&policy).then(|| self.inner.ipc.endpoint(&name))
+                {
+                    None => None,
+                    Some(Ok(ep)) => {
                         extras.files.push(ep.mount());
                         Some(ep)
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::warn!(conversation = conv.id, error = %e, "no IPC endpoint for this sandbox");
                         None
                     }
