@@ -40,6 +40,7 @@ fn factory(
         audit: Arc::new(moat_egress::MemoryAudit::default()),
         prefix: "bench".into(),
         counter: AtomicU64::new(0),
+        ipc: None,
     }
 }
 

@@ -134,22 +134,34 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
             }
             _ => PathBuf::from(HOST_CLI_DIR),
         };
-        if kind == AgentKind::Builtin {
-            if moat_copy.is_none() {
-                let exe = inputs.moat_exe.ok_or_else(|| {
-                    format!("{at}.agent: the built-in agent runs the moat binary inside the sandbox, but this process does not know where it is; choose another agent")
-                })?;
-                moat_copy = Some(crate::agent::builtin::install_moat_binary(
-                    inputs.runtime_dir,
-                    exe,
-                )?);
-            }
-            if let Some(copy) = &moat_copy {
-                extras
-                    .files
-                    .push((copy.clone(), PathBuf::from(MOAT_INSIDE)));
+        if kind == AgentKind::Builtin && moat_copy.is_none() {
+            let exe = inputs.moat_exe.ok_or_else(|| {
+                format!("{at}.agent: the built-in agent runs the moat binary inside the sandbox, but this process does not know where it is; choose another agent")
+            })?;
+            moat_copy = Some(crate::agent::builtin::install_moat_binary(
+                inputs.runtime_dir,
+                exe,
+            )?);
+        }
+        // moat's own tools (docs/ipc.md): every agent but the shell reaches
+        // its lease's IPC endpoint through `moat ipc-bridge` as an MCP server.
+        if moat_copy.is_none() {
+            if let Some(exe) = inputs.moat_exe {
+                moat_copy = crate::agent::builtin::install_moat_binary(inputs.runtime_dir, exe)
+                    .map_err(|e| tracing::warn!(error = %e, "moat's IPC tools are not offered to the agents"))
+                    .ok();
             }
         }
+        let moat_tools = moat_copy.as_ref().map(|copy| {
+            extras
+                .files
+                .push((copy.clone(), PathBuf::from(MOAT_INSIDE)));
+            moat_agent::protocol::McpServer {
+                name: crate::ipc::MCP_SERVER.into(),
+                command: vec![MOAT_INSIDE.into(), "ipc-bridge".into()],
+                env: Default::default(),
+            }
+        });
         let settings = AgentSettings {
             persona,
             tools: c.agent.tools.clone().unwrap_or_else(|| default_tools(kind)),
@@ -162,6 +174,10 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
                     command: m.command.clone(),
                     env: m.env.clone(),
                 })
+                .chain(
+                    moat_tools
+                        .filter(|_| !c.agent.mcp.iter().any(|m| m.name == crate::ipc::MCP_SERVER)),
+                )
                 .collect(),
             model: c.agent.model.clone(),
             max_steps: c.agent.max_steps,
@@ -403,12 +419,15 @@ mod tests {
         .unwrap();
         assert_eq!(s[&0].agent.name(), "claude");
         assert_eq!(
-            s[&0].extras.files,
-            vec![(
+            s[&0].extras.files[0],
+            (
                 PathBuf::from("/srv/agents/current"),
                 PathBuf::from(TEMPLATE_INSIDE)
-            )]
+            )
         );
+        // And moat's binary, for `moat ipc-bridge` (docs/ipc.md).
+        assert_eq!(s[&0].extras.files[1].1, PathBuf::from(MOAT_INSIDE));
+        assert_eq!(s[&0].extras.files.len(), 2);
     }
 
     #[test]

@@ -234,7 +234,7 @@ impl Gateway {
                     report.github_tokens_failed += failed;
                 }
                 let destroyed = tokio::task::spawn_blocking(move || {
-                    let crate::pool::Runner { lease, door } = r;
+                    let crate::pool::Runner { lease, door, .. } = r;
                     let ok = lease.destroy().is_ok();
                     drop(door);
                     ok

@@ -57,6 +57,8 @@ pub struct LeaseFactory {
     /// Names the runners in audit records (`<prefix>-<n>`).
     pub prefix: String,
     pub counter: std::sync::atomic::AtomicU64,
+    /// Gives each runner an IPC endpoint of its own (`None`: none).
+    pub ipc: Option<Arc<crate::ipc::IpcHost>>,
 }
 
 impl RunnerFactory for LeaseFactory {
@@ -65,6 +67,15 @@ impl RunnerFactory for LeaseFactory {
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("{}-{n}", self.prefix);
+        let mut extras = self.extras.clone();
+        let ipc = match &self.ipc {
+            Some(host) if crate::ipc::serves(&self.policy) => {
+                let ep = host.endpoint(&name)?;
+                extras.files.push(ep.mount());
+                Some(ep)
+            }
+            _ => None,
+        };
         let mut runner = crate::runner::open(crate::runner::RunnerSpec {
             engine: &self.engine,
             policy: self.policy.clone(),
@@ -72,10 +83,14 @@ impl RunnerFactory for LeaseFactory {
             lease_name: None,
             run_as: self.run_as,
             workspace: WorkspaceSource::Fresh,
-            extras: &self.extras,
+            extras: &extras,
             runtime: Some(&self.runtime),
             audit: self.audit.clone(),
         })?;
+        if let Some(ep) = &ipc {
+            ep.grant(runner.lease.host_uid())?;
+        }
+        runner.ipc = ipc;
         runner.lease.start().map_err(|e| e.to_string())?;
         Ok(runner)
     }
@@ -185,6 +200,10 @@ fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, State> {
 
 /// Resets `r` and hands it on; on failure builds a replacement.
 fn give_back(inner: &Arc<Inner>, mut r: Runner) {
+    // No call speaks for the last holder once its turn is over.
+    if let Some(ep) = &r.ipc {
+        ep.unbind();
+    }
     let reset = r.lease.reset();
     // The turn's GitHub token ends with the turn, once nothing of the turn
     // runs any more (a process left behind could otherwise mint another);

@@ -21,6 +21,9 @@ use moat_sandbox::{Engine, Lease, LeaseOptions, NetworkAttachment, WorkspaceSour
 pub struct Runner {
     pub lease: Lease,
     pub door: Option<moat_egress::Door>,
+    /// The lease's IPC endpoint (crate::ipc), bound to a caller per turn;
+    /// set by whoever made one for this lease (the pool, per-thread leases).
+    pub ipc: Option<crate::ipc::Endpoint>,
 }
 
 /// What a channel's doors add to the policy's egress: the LLM proxy (the
@@ -78,7 +81,11 @@ pub fn open(spec: RunnerSpec<'_>) -> Result<Runner, String> {
             },
         )
         .map_err(|e| e.to_string())?;
-    Ok(Runner { lease, door })
+    Ok(Runner {
+        lease,
+        door,
+        ipc: None,
+    })
 }
 
 /// The lease's side of a door: its namespace, client settings and files.

@@ -384,8 +384,11 @@ pub async fn serve(
             }
         })
     };
+    // Scheduled tasks (docs/tasks.md); not while incident mode holds.
+    let scheduler = tokio::spawn(crate::tasks::run(gw.clone()));
     ready(bound, &gw);
     shutdown.await;
+    scheduler.abort();
     tracing::info!("shutting down: no new messages; running turns may finish");
     let _ = stop_tx.send(true);
     sweeper.abort();

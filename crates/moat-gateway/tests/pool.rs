@@ -69,6 +69,7 @@ fn factory() -> LeaseFactory {
         audit: Arc::new(moat_egress::MemoryAudit::default()),
         prefix: "pool-test".into(),
         counter: AtomicU64::new(0),
+        ipc: None,
     }
 }
 

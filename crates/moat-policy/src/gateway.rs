@@ -454,6 +454,10 @@ pub struct GatewayConfig {
     pub memory_global: Option<PathBuf>,
     /// `[mounts] allowlist`: the mount allowlist file, if any.
     pub mounts_allowlist: Option<PathBuf>,
+    /// `[tasks]`: limits on scheduled tasks (docs/tasks.md).
+    pub tasks: crate::tasks::TasksConfig,
+    /// `[ipc]`: the agent's endpoint (docs/ipc.md).
+    pub ipc: crate::tasks::IpcConfig,
     /// `[store]`: SQLite in the data directory, or a shared PostgreSQL.
     pub store: crate::store::StoreConfig,
 }
@@ -664,6 +668,10 @@ struct RawFile {
     memory: crate::memory::RawMemory,
     #[serde(default)]
     mounts: crate::memory::RawMounts,
+    #[serde(default)]
+    tasks: crate::tasks::RawTasks,
+    #[serde(default)]
+    ipc: crate::tasks::RawIpc,
     #[serde(default)]
     store: crate::store::RawStore,
 }
@@ -1831,6 +1839,8 @@ impl GatewayConfig {
                 .allowlist
                 .map(|a| crate::memory::host_path(&a, "mounts.allowlist"))
                 .transpose()?,
+            tasks: crate::tasks::tasks_config(raw.tasks)?,
+            ipc: crate::tasks::ipc_config(raw.ipc)?,
             store: crate::store::section(raw.store)?,
         })
     }

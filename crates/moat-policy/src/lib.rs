@@ -18,6 +18,7 @@ pub mod paths;
 pub mod platforms;
 pub mod sandbox;
 pub mod store;
+pub mod tasks;
 pub mod trust;
 pub mod units;
 

@@ -3,7 +3,9 @@
 //! defaults for.
 //!
 //! Owns every decision that depends on a trust level: chat commands (`stop`,
-//! `status`, `pool`), whether a channel needs its trigger, and the warnings for
+//! `status`, `pool`, `tasks`, `pause N`, `resume N`, `cancel N`), the
+//! agent's IPC operations (docs/ipc.md), whether a channel needs its
+//! trigger, and the warnings for
 //! an untrusted channel that loosens a tightened key. The gateway asks here and
 //! never compares trust levels itself. Must never loosen anything for
 //! `untrusted`, read a file or the environment.
@@ -129,9 +131,203 @@ pub fn backend_warning(where_: &str) -> String {
     )
 }
 
+/// An operation the agent asks of moat through its IPC endpoint, or a
+/// person through a task command (docs/ipc.md, docs/tasks.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpcOp {
+    SendMessage,
+    ScheduleTask,
+    ListTasks,
+    PauseTask,
+    ResumeTask,
+    CancelTask,
+    RegisterGroup,
+}
+
+impl IpcOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SendMessage => "send_message",
+            Self::ScheduleTask => "schedule_task",
+            Self::ListTasks => "list_tasks",
+            Self::PauseTask => "pause_task",
+            Self::ResumeTask => "resume_task",
+            Self::CancelTask => "cancel_task",
+            Self::RegisterGroup => "register_group",
+        }
+    }
+}
+
+/// What an operation acts on, as moat sees it (from the lease's identity and
+/// the store, never from the request's words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpcTarget {
+    /// The caller's own conversation or channel (its tasks).
+    Own,
+    /// Another chat or channel; `listed`: the configuration (or the group
+    /// registry) names it.
+    Other { listed: bool },
+}
+
+/// Why an IPC operation is refused; `message` is what the caller is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpcRefusal {
+    /// Acting on another chat or channel needs an admin.
+    AdminsOnly,
+    /// Even an admin sends only to chats the configuration lists.
+    NotListed,
+    /// An untrusted channel only answers in its own conversation.
+    Untrusted,
+}
+
+impl IpcRefusal {
+    pub fn message(self, op: IpcOp) -> String {
+        match self {
+            Self::AdminsOnly => format!(
+                "{} on another chat or channel is for admin channels only; this call acts on its own channel only",
+                op.name()
+            ),
+            Self::NotListed => format!(
+                "{}: that chat is not a channel of this gateway's configuration (or the group registry)",
+                op.name()
+            ),
+            Self::Untrusted => format!(
+                "{} is not available to an untrusted channel; it may only send_message to its own conversation",
+                op.name()
+            ),
+        }
+    }
+
+    /// The reason in audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AdminsOnly => "admins_only",
+            Self::NotListed => "not_listed",
+            Self::Untrusted => "untrusted",
+        }
+    }
+}
+
+/// May a caller at `trust` (the lease's, never the request's) run `op` on
+/// `target`? Admins: everything, sending only to listed chats. Members:
+/// their own conversation and channel's tasks. Untrusted: only
+/// `send_message` to their own conversation and `list_tasks` (it sees none
+/// of anyone else's).
+pub fn may_ipc(trust: Trust, op: IpcOp, target: IpcTarget) -> Result<(), IpcRefusal> {
+    use IpcOp::*;
+    match (trust, op, target) {
+        (Trust::Admin, SendMessage, IpcTarget::Other { listed: false }) => {
+            Err(IpcRefusal::NotListed)
+        }
+        (Trust::Admin, _, _) => Ok(()),
+        (_, RegisterGroup, _) => Err(IpcRefusal::AdminsOnly),
+        (_, _, IpcTarget::Other { .. }) => Err(IpcRefusal::AdminsOnly),
+        (Trust::Untrusted, SendMessage | ListTasks, IpcTarget::Own) => Ok(()),
+        (Trust::Untrusted, _, IpcTarget::Own) => Err(IpcRefusal::Untrusted),
+        (Trust::Member, _, IpcTarget::Own) => Ok(()),
+    }
+}
+
+/// A person's task command: `tasks`, `pause N`, `resume N`, `cancel N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskCommand {
+    List,
+    Pause(i64),
+    Resume(i64),
+    Cancel(i64),
+}
+
+impl TaskCommand {
+    /// The task command `text` is, if it is one (case and space ignored).
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.trim().to_ascii_lowercase();
+        if t == "tasks" {
+            return Some(Self::List);
+        }
+        let (word, n) = t.split_once(char::is_whitespace)?;
+        let n: i64 = n
+            .trim()
+            .strip_prefix('#')
+            .unwrap_or(n.trim())
+            .parse()
+            .ok()?;
+        match word {
+            "pause" => Some(Self::Pause(n)),
+            "resume" => Some(Self::Resume(n)),
+            "cancel" => Some(Self::Cancel(n)),
+            _ => None,
+        }
+    }
+
+    /// The IPC operation with the same rights.
+    pub fn op(self) -> IpcOp {
+        match self {
+            Self::List => IpcOp::ListTasks,
+            Self::Pause(_) => IpcOp::PauseTask,
+            Self::Resume(_) => IpcOp::ResumeTask,
+            Self::Cancel(_) => IpcOp::CancelTask,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipc_rights_table() {
+        use IpcOp::*;
+        let other = IpcTarget::Other { listed: true };
+        let unlisted = IpcTarget::Other { listed: false };
+        for op in [
+            SendMessage,
+            ScheduleTask,
+            ListTasks,
+            PauseTask,
+            ResumeTask,
+            CancelTask,
+            RegisterGroup,
+        ] {
+            assert_eq!(may_ipc(Trust::Admin, op, IpcTarget::Own), Ok(()));
+            assert_eq!(may_ipc(Trust::Admin, op, other), Ok(()));
+            for t in [Trust::Member, Trust::Untrusted] {
+                assert_eq!(may_ipc(t, op, other), Err(IpcRefusal::AdminsOnly), "{op:?}");
+            }
+        }
+        assert_eq!(
+            may_ipc(Trust::Admin, SendMessage, unlisted),
+            Err(IpcRefusal::NotListed)
+        );
+        assert_eq!(may_ipc(Trust::Member, ScheduleTask, IpcTarget::Own), Ok(()));
+        assert_eq!(
+            may_ipc(Trust::Member, RegisterGroup, IpcTarget::Own),
+            Err(IpcRefusal::AdminsOnly)
+        );
+        assert_eq!(
+            may_ipc(Trust::Untrusted, SendMessage, IpcTarget::Own),
+            Ok(())
+        );
+        assert_eq!(
+            may_ipc(Trust::Untrusted, ScheduleTask, IpcTarget::Own),
+            Err(IpcRefusal::Untrusted)
+        );
+    }
+
+    #[test]
+    fn task_command_words() {
+        assert_eq!(TaskCommand::parse(" Tasks "), Some(TaskCommand::List));
+        assert_eq!(TaskCommand::parse("pause 3"), Some(TaskCommand::Pause(3)));
+        assert_eq!(
+            TaskCommand::parse("cancel #12"),
+            Some(TaskCommand::Cancel(12))
+        );
+        assert_eq!(
+            TaskCommand::parse("resume  4"),
+            Some(TaskCommand::Resume(4))
+        );
+        assert_eq!(TaskCommand::parse("pause the music"), None);
+        assert_eq!(TaskCommand::parse("cancel"), None);
+    }
 
     #[test]
     fn commands_by_trust() {

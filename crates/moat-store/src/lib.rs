@@ -17,8 +17,8 @@
 //!
 //! Layout: `db.rs` is the connection interface both databases implement
 //! (`sqlite.rs` opens SQLite files, `pg.rs` pools PostgreSQL connections);
-//! `inbox.rs`, `conversations.rs`, `turns.rs`, `recovery.rs` and
-//! `github.rs` are the queries, written once for both; `schema.rs` the
+//! `inbox.rs`, `conversations.rs`, `turns.rs`, `recovery.rs`,
+//! `github.rs` and `tasks.rs` are the queries, written once for both; `schema.rs` the
 //! migrations; `sealed.rs` and `crypt.rs` encryption at rest.
 
 #![forbid(unsafe_code)]
@@ -38,6 +38,7 @@ mod recovery;
 mod schema;
 mod sealed;
 mod sqlite;
+mod tasks;
 mod turns;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,7 @@ pub use nodes::Ownership;
 pub use pg::{PgOptions, DEFAULT_POOL_SIZE, PASSWORD_VAR};
 pub use schema::{current_version as schema_version, APPLICATION_ID};
 pub use sealed::{Encryption, Field, RekeyCount, SEALED_FIELDS};
+pub use tasks::{NewTask, RegisteredGroup, Task, TaskRun, TaskState};
 
 use db::{Conn, Row, SqliteConn};
 use sealed::{Sealer, AGENT_SESSION, MESSAGE_DETAIL, MESSAGE_TEXT, TURN_ERROR};

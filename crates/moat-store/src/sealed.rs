@@ -49,8 +49,20 @@ pub(crate) const AGENT_SESSION: Field = Field {
     name: "conversations.agent_session",
 };
 
+pub(crate) const TASK_PROMPT: Field = Field {
+    table: "tasks",
+    column: "prompt",
+    name: "tasks.prompt",
+};
+
 /// Every sealed field.
-pub const SEALED_FIELDS: [Field; 4] = [MESSAGE_TEXT, MESSAGE_DETAIL, TURN_ERROR, AGENT_SESSION];
+pub const SEALED_FIELDS: [Field; 5] = [
+    MESSAGE_TEXT,
+    MESSAGE_DETAIL,
+    TURN_ERROR,
+    AGENT_SESSION,
+    TASK_PROMPT,
+];
 
 /// The text the key check seals; opening it proves the key is the store's.
 const CHECK_TEXT: &str = "moat store key check v1";

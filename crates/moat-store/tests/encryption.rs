@@ -433,3 +433,39 @@ fn sealing_costs_little_per_insert() {
     );
     assert!(times[1] < times[0] * 3 + std::time::Duration::from_millis(500));
 }
+
+#[test]
+fn with_a_key_a_task_prompt_never_reaches_the_files_in_clear() {
+    let dir = tmp();
+    let db = dir.path().join("moat.db");
+    let prompt = marker("prompt");
+    let s = open(&db, Some(key_a())).unwrap();
+    let id = s
+        .insert_task(&moat_store::NewTask {
+            platform: "slack".into(),
+            channel: "C1".into(),
+            thread: String::new(),
+            creator: "U1".into(),
+            prompt: prompt.clone(),
+            kind: "once".into(),
+            spec: "2026-12-31T00:00:00Z".into(),
+            context: "isolated".into(),
+            next_run_ms: 1,
+            created_ms: 0,
+        })
+        .unwrap();
+    let leaks = found_in_files(&db, &[&prompt]);
+    assert!(leaks.is_empty(), "plaintext on disk: {leaks:?}");
+    assert_eq!(s.task(id).unwrap().unwrap().prompt, prompt);
+    drop(s);
+    let leaks = found_in_files(&db, &[&prompt]);
+    assert!(leaks.is_empty(), "plaintext on disk: {leaks:?}");
+    let raw: String = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT prompt FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+        .unwrap();
+    assert!(
+        raw.starts_with(&format!("moat:v1:{}:", key_a().id())),
+        "{raw}"
+    );
+}

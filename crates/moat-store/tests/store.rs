@@ -1154,6 +1154,108 @@ fn a_github_link_stays_with_the_conversation_that_made_it(store: Store) {
     );
 }
 
+fn task(channel: &str, next: i64) -> moat_store::NewTask {
+    moat_store::NewTask {
+        platform: "slack".into(),
+        channel: channel.into(),
+        thread: String::new(),
+        creator: "U1".into(),
+        prompt: "moat:looks like a prefix".into(),
+        kind: "interval".into(),
+        spec: "10m".into(),
+        context: "isolated".into(),
+        next_run_ms: next,
+        created_ms: 0,
+    }
+}
+
+fn tasks_round_trip_come_due_and_keep_their_run_log(store: Store) {
+    use moat_store::{TaskRun, TaskState};
+    let a = store.insert_task(&task("C1", 100)).unwrap();
+    let b = store.insert_task(&task("C2", 50)).unwrap();
+    let got = store.task(a).unwrap().unwrap();
+    assert_eq!(got.prompt, "moat:looks like a prefix");
+    assert_eq!((got.state, got.next_run_ms), (TaskState::Active, Some(100)));
+    assert_eq!(store.task(999).unwrap(), None);
+    assert_eq!(store.tasks_of_channel("slack", "C1").unwrap(), [got]);
+    let due: Vec<i64> = store
+        .due_tasks(100, 10)
+        .unwrap()
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(due, [b, a]);
+    assert_eq!(store.due_tasks(99, 10).unwrap().len(), 1);
+    assert_eq!(store.due_tasks(100, 1).unwrap().len(), 1);
+    store
+        .set_task_state(b, TaskState::Paused, None, None)
+        .unwrap();
+    assert_eq!(store.due_tasks(100, 10).unwrap().len(), 1);
+    assert_eq!(store.next_due_ms().unwrap(), Some(100));
+    assert_eq!(store.count_tasks_of_channel("slack", "C2").unwrap(), 1);
+    store
+        .set_task_state(b, TaskState::Cancelled, None, Some("by U1"))
+        .unwrap();
+    assert_eq!(store.count_tasks_of_channel("slack", "C2").unwrap(), 0);
+    assert_eq!(store.live_tasks().unwrap().len(), 1);
+    assert_eq!(
+        store.task(b).unwrap().unwrap().detail.as_deref(),
+        Some("by U1")
+    );
+    assert!(matches!(
+        store.set_task_state(999, TaskState::Paused, None, None),
+        Err(StoreError::NotFound {
+            kind: "task",
+            id: 999
+        })
+    ));
+    // Active needs a next run (the schema holds it); the task is unchanged.
+    assert!(store
+        .set_task_state(a, TaskState::Active, None, None)
+        .is_err());
+    assert_eq!(store.task(a).unwrap().unwrap().next_run_ms, Some(100));
+    store
+        .set_task_state(a, TaskState::Done, None, None)
+        .unwrap();
+    assert_eq!(store.next_due_ms().unwrap(), None);
+    for (i, outcome) in ["started", "refused"].into_iter().enumerate() {
+        let i = i as i64;
+        store
+            .record_task_run(
+                a,
+                &TaskRun {
+                    due_ms: 100 + i,
+                    started_ms: 101 + i,
+                    outcome: outcome.into(),
+                    detail: (i == 1).then(|| "creator removed".to_string()),
+                },
+            )
+            .unwrap();
+    }
+    let runs = store.task_runs(a, 5).unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].outcome, "refused");
+    assert_eq!(runs[0].detail.as_deref(), Some("creator removed"));
+    assert_eq!(store.task_runs(a, 1).unwrap().len(), 1);
+}
+
+fn groups_register_once_and_a_second_registration_renames(store: Store) {
+    let mut g = moat_store::RegisteredGroup {
+        platform: "slack".into(),
+        channel: "C9".into(),
+        name: "ops".into(),
+        registered_by: "U1".into(),
+        created_ms: 1,
+    };
+    assert!(store.register_group(&g).unwrap());
+    assert!(!store.register_group(&g).unwrap());
+    assert_eq!(store.registered_groups().unwrap(), [g.clone()]);
+    g.name = "ops-2".into();
+    assert!(!store.register_group(&g).unwrap());
+    assert_eq!(store.registered_group("slack", "C9").unwrap(), Some(g));
+    assert_eq!(store.registered_group("slack", "C8").unwrap(), None);
+}
+
 both! {
     a_retried_event_is_a_duplicate_never_a_second_row => super::a_retried_event_is_a_duplicate_never_a_second_row;
     an_event_without_an_id_is_refused => super::an_event_without_an_id_is_refused;
@@ -1165,4 +1267,6 @@ both! {
     unfinished_messages_are_oldest_first_and_exclude_settled_ones => super::unfinished_messages_are_oldest_first_and_exclude_settled_ones;
     github_links_find_the_conversation_and_deliveries_are_taken_once => super::github_links_find_the_conversation_and_deliveries_are_taken_once;
     a_github_link_stays_with_the_conversation_that_made_it => super::a_github_link_stays_with_the_conversation_that_made_it;
+    tasks_round_trip_come_due_and_keep_their_run_log => super::tasks_round_trip_come_due_and_keep_their_run_log;
+    groups_register_once_and_a_second_registration_renames => super::groups_register_once_and_a_second_registration_renames;
 }

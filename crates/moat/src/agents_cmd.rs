@@ -853,21 +853,22 @@ fn npm_install(
         .build()
         .context("starting the egress door's runtime")?;
     // The install's lease behind its door, made as every other sandbox's.
-    let moat_gateway::runner::Runner { mut lease, door } =
-        moat_gateway::runner::open(moat_gateway::runner::RunnerSpec {
-            engine,
-            policy,
-            door_name: "agents-install",
-            lease_name: None,
-            run_as: None,
-            workspace: WorkspaceSource::Fresh,
-            extras: &moat_gateway::runner::DoorExtras::default(),
-            runtime: Some(rt.handle()),
-            audit: recorder.clone(),
-        })
-        .map_err(|e| {
-            anyhow::anyhow!("{e} (moat agents install needs root to create network namespaces)")
-        })?;
+    let moat_gateway::runner::Runner {
+        mut lease, door, ..
+    } = moat_gateway::runner::open(moat_gateway::runner::RunnerSpec {
+        engine,
+        policy,
+        door_name: "agents-install",
+        lease_name: None,
+        run_as: None,
+        workspace: WorkspaceSource::Fresh,
+        extras: &moat_gateway::runner::DoorExtras::default(),
+        runtime: Some(rt.handle()),
+        audit: recorder.clone(),
+    })
+    .map_err(|e| {
+        anyhow::anyhow!("{e} (moat agents install needs root to create network namespaces)")
+    })?;
     let proxy = format!("http://127.0.0.1:{}", moat_egress::PROXY_PORT);
     staging.give_to(lease.host_uid())?;
 

@@ -15,6 +15,7 @@ mod audit_cmd;
 mod chat;
 mod github;
 mod incident_cmd;
+mod ipc_bridge;
 mod security_cmd;
 mod store_cmd;
 mod up;
@@ -73,6 +74,10 @@ enum Top {
     /// turn (JSON) on standard input, writes events (JSON lines) to standard output.
     #[command(name = "agent-run", hide = true)]
     AgentRun(agent_run::AgentRunArgs),
+    /// Inside a sandbox: moat's tools (MCP) on standard input and output,
+    /// for agents that start MCP servers as processes (docs/ipc.md).
+    #[command(name = "ipc-bridge")]
+    IpcBridge(ipc_bridge::IpcBridgeArgs),
 }
 
 #[derive(Args)]
@@ -223,6 +228,7 @@ fn main() -> ExitCode {
             }
         },
         Top::AgentRun(args) => agent_run::run(args),
+        Top::IpcBridge(args) => ipc_bridge::run(args),
         Top::Store { command } => match store_cmd::run(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -200,7 +200,23 @@ async fn slack_turn_with_artifact(provider: &str) {
             })
             .collect();
         offered.sort();
-        assert_eq!(offered, ["list_files", "read_file", "write_file"]);
+        // The channel's tools, and moat's own through `moat ipc-bridge`
+        // (docs/ipc.md).
+        assert_eq!(
+            offered,
+            [
+                "list_files",
+                "mcp__moat__cancel_task",
+                "mcp__moat__list_tasks",
+                "mcp__moat__pause_task",
+                "mcp__moat__register_group",
+                "mcp__moat__resume_task",
+                "mcp__moat__schedule_task",
+                "mcp__moat__send_message",
+                "read_file",
+                "write_file"
+            ]
+        );
     }
 
     // The audit log: the turn names the agent and its tool calls; the door
@@ -715,5 +731,67 @@ async fn attack_c4_agent_events_cannot_address_another_conversation() {
         .filter(|r| r["kind"] == "turn" && r["conversation_id"] == b_conv)
         .count();
     assert_eq!(b_turns, 1);
+    gw.stop().await;
+}
+
+/// The built-in agent reaches moat's tools through `moat ipc-bridge`
+/// (docs/ipc.md): its model's `mcp__moat__send_message` posts in the
+/// conversation, and `schedule_task` stores a task of the turn's sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_agent_uses_moats_ipc_tools_through_the_bridge() {
+    std::env::set_var("MOAT_EXE", env!("CARGO_BIN_EXE_moat"));
+    let keys = Keys::new();
+    let mark = llmkit::hex(8);
+    let m2 = mark.clone();
+    let llm = FakeLlm::start(
+        &keys.anthropic,
+        &keys.openai,
+        Arc::new(move |_req, step| match step {
+            0 => Reply::tool(
+                "mcp__moat__send_message",
+                json!({"text": format!("progress {m2}"), "user": "U0SOMEONE"}),
+            ),
+            1 => Reply::tool(
+                "mcp__moat__schedule_task",
+                json!({"prompt": "summarise", "schedule_type": "cron", "schedule_value": "0 8 * * 1-5"}),
+            ),
+            _ => Reply::text(format!("all done {m2}")),
+        }),
+    );
+    let slack = FakeSlack::start().await;
+    let data = data_dir("agents-e2e-ipc");
+    let gw = Running::start_with(
+        &config(
+            &slack,
+            &data,
+            Mode::Events,
+            &rest(&llm, "anthropic", "pool"),
+        ),
+        &data,
+        secrets(&keys),
+    )
+    .await;
+    let ts = new_ts();
+    let body = slack.callback(&new_event_id(), mention(GENERAL, ALICE, &ts, None, "go"));
+    assert_eq!(post_signed(gw.events(), &body).await.status, 200);
+    slack
+        .wait_post(GENERAL, &ts, &format!("progress {mark}"))
+        .await;
+    slack
+        .wait_post(GENERAL, &ts, &format!("all done {mark}"))
+        .await;
+    let tasks = gw.gw.inner.store.live_tasks().unwrap();
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(
+        (tasks[0].creator.as_str(), tasks[0].channel.as_str()),
+        (ALICE, GENERAL)
+    );
+    let ipc: Vec<_> = gw
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "ipc" && r["verdict"] == "ok")
+        .collect();
+    assert_eq!(ipc.len(), 2, "{ipc:?}");
+    assert!(ipc.iter().all(|r| r["user"] == ALICE));
     gw.stop().await;
 }

@@ -149,8 +149,10 @@ impl Gateway {
         // Which messages start a turn: Slack's mention rule, then the trigger
         // (admin channels need none). The rest is context for the next turn.
         let mention_ok = m.addressed || channel.chat.mention == Mention::Optional;
+        // A task's run needs no trigger: its creator asked when scheduling it.
+        let scheduled = self.inner.scheduled.take(&m.event_id);
         let after_trigger = match &channel.chat.trigger {
-            Some(t) if trust::needs_trigger(channel.trust) => t.strip(&m.text),
+            Some(t) if trust::needs_trigger(channel.trust) && !scheduled => t.strip(&m.text),
             _ => Some(m.text.as_str()),
         };
         let Some(asked) = after_trigger.filter(|_| mention_ok) else {
@@ -216,6 +218,25 @@ impl Gateway {
                     tokio::spawn(async move { gw.pool_command(&conv, &user, trust).await });
                 }
             }
+            return Ok(Accepted::Command { conversation_id });
+        }
+        if let Some(cmd) = trust::TaskCommand::parse(asked).filter(|_| !scheduled) {
+            self.inner.metrics.event(Verdict::Command);
+            self.inner.store.set_message_state(
+                message_id,
+                MessageState::Answered,
+                Some(&format!("command {}", cmd.op().name())),
+            )?;
+            let caller = crate::ipc::Caller {
+                conversation_id,
+                platform: conv.platform,
+                channel: conv.channel.clone(),
+                thread: conv.thread.clone(),
+                user: m.user.clone(),
+                trust,
+                chan_idx,
+            };
+            tokio::spawn(crate::tasks::command(self.clone(), conv, caller, cmd));
             return Ok(Accepted::Command { conversation_id });
         }
         self.inner

@@ -92,7 +92,19 @@ impl Gateway {
                         ));
                     }
                 };
-                let extras = self.inner.setup(channel.index).extras;
+                let mut extras = self.inner.setup(channel.index).extras;
+                let ipc = match crate::ipc::serves(&policy).then(|| self.inner.ipc.endpoint(&name))
+                {
+                    None => None,
+                    Some(Ok(ep)) => {
+                        extras.files.push(ep.mount());
+                        Some(ep)
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(conversation = conv.id, error = %e, "no IPC endpoint for this sandbox");
+                        None
+                    }
+                };
                 let n2 = name.clone();
                 let built = tokio::task::spawn_blocking(move || {
                     let r = crate::runner::open(crate::runner::RunnerSpec {
@@ -111,6 +123,10 @@ impl Gateway {
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r);
+                let built = built.and_then(|(lease, door)| match &ipc {
+                    Some(ep) => ep.grant(lease.host_uid()).map(|_| (lease, door)),
+                    None => Ok((lease, door)),
+                });
                 match built {
                     Ok((mut lease, door)) => {
                         // A damaged workspace disk was set aside: say so.
@@ -132,7 +148,11 @@ impl Gateway {
                             "lease",
                             json!({"event": "attached", "conversation_id": conv.id, "mode": "per-thread", "lease": name}),
                         );
-                        Ok(Held::Own { lease, _door: door })
+                        Ok(Held::Own {
+                            lease,
+                            _door: door,
+                            ipc,
+                        })
                     }
                     Err(e) => {
                         if let Ok(mut inuse) = self.inner.leases_in_use.lock() {
@@ -149,7 +169,10 @@ impl Gateway {
 
     /// Ends one turn's use of a lease: a pooled runner goes back (reset in
     /// the background); a per-thread lease stops, keeping its files.
-    pub(super) async fn give_back(&self, conv: &ConvRef, held: Held) {
+    pub(super) async fn give_back(&self, conv: &ConvRef, mut held: Held) {
+        if let Some(ep) = held.ipc() {
+            ep.unbind();
+        }
         match held {
             Held::Pooled(lent) => {
                 drop(lent);
@@ -158,7 +181,8 @@ impl Gateway {
                     json!({"event": "released", "conversation_id": conv.id, "mode": "pool"}),
                 );
             }
-            Held::Own { lease, _door } => {
+            Held::Own { lease, _door, ipc } => {
+                drop(ipc);
                 let r = tokio::task::spawn_blocking(move || {
                     // Stopped first: nothing of the turn can mint a token
                     // after the revocation.
@@ -273,6 +297,7 @@ pub(super) enum Held {
     Own {
         lease: Lease,
         _door: Option<moat_egress::Door>,
+        ipc: Option<crate::ipc::Endpoint>,
     },
 }
 
@@ -281,6 +306,13 @@ impl Held {
         match self {
             Held::Pooled(l) => l.runner().door.as_ref(),
             Held::Own { _door, .. } => _door.as_ref(),
+        }
+    }
+
+    pub(super) fn ipc(&mut self) -> Option<&crate::ipc::Endpoint> {
+        match self {
+            Held::Pooled(l) => l.runner().ipc.as_ref(),
+            Held::Own { ipc, .. } => ipc.as_ref(),
         }
     }
 
@@ -313,6 +345,7 @@ impl Inner {
             audit: self.egress_audit.clone(),
             prefix: format!("pool{idx}"),
             counter: AtomicU64::new(0),
+            ipc: Some(self.ipc.clone()),
         };
         let p = &self.cfg.pool;
         let bounds = crate::pool::Bounds {

@@ -144,6 +144,10 @@ pub struct Inner {
     pub(crate) paused: std::sync::atomic::AtomicBool,
     /// What incident mode must do at its lift (crate::incident).
     pub(crate) incident: crate::incident::IncidentState,
+    /// The leases' IPC endpoints (crate::ipc).
+    pub(crate) ipc: Arc<crate::ipc::IpcHost>,
+    /// Task runs the scheduler handed to `accept` (crate::tasks).
+    pub(crate) scheduled: crate::tasks::ScheduledRuns,
 }
 
 /// The gateway: clone it freely.
@@ -220,8 +224,18 @@ impl Gateway {
                 platforms.insert(p, web.clone());
             }
         }
+        let ipc_root = crate::ipc::root_under(&parts.engine.config().runtime_dir);
+        let ipc_rate = parts.cfg.ipc.rate;
+        let runtime = tokio::runtime::Handle::current();
         Gateway {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
+                ipc: Arc::new(crate::ipc::IpcHost::new(
+                    ipc_root,
+                    ipc_rate,
+                    me.clone(),
+                    runtime.clone(),
+                )),
+                scheduled: Default::default(),
                 cfg: parts.cfg,
                 store: parts.store,
                 audit: parts.audit,
@@ -231,7 +245,7 @@ impl Gateway {
                 metrics: Metrics::default(),
                 setups: parts.setups,
                 groups: parts.groups,
-                runtime: tokio::runtime::Handle::current(),
+                runtime,
                 platforms,
                 pools: tokio::sync::Mutex::new(HashMap::new()),
                 convs: Mutex::new(HashMap::new()),
