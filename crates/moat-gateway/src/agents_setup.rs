@@ -152,16 +152,21 @@ pub fn build(inputs: &SetupInputs) -> Result<HashMap<usize, ChannelSetup>, Strin
                     .ok();
             }
         }
-        let moat_tools = moat_copy.as_ref().map(|copy| {
+        if let Some(copy) = &moat_copy {
             extras
                 .files
                 .push((copy.clone(), PathBuf::from(MOAT_INSIDE)));
-            moat_agent::protocol::McpServer {
-                name: crate::ipc::MCP_SERVER.into(),
-                command: vec![MOAT_INSIDE.into(), "ipc-bridge".into()],
-                env: Default::default(),
-            }
-        });
+        }
+        // gVisor leases get no IPC endpoint (crate::ipc::serves), so their
+        // agents are not offered moat's tools either.
+        let moat_tools =
+            (moat_copy.is_some() && crate::ipc::serves(&c.sandbox_policy())).then(|| {
+                moat_agent::protocol::McpServer {
+                    name: crate::ipc::MCP_SERVER.into(),
+                    command: vec![MOAT_INSIDE.into(), "ipc-bridge".into()],
+                    env: Default::default(),
+                }
+            });
         let settings = AgentSettings {
             persona,
             tools: c.agent.tools.clone().unwrap_or_else(|| default_tools(kind)),
