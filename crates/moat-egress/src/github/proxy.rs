@@ -152,6 +152,15 @@ fn plain_ref(r: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && !b"~^:?*[\\".contains(&b))
 }
 
+/// An owner or repository name as GitHub allows it, bounded: what may be
+/// shown in moat's record.
+pub(super) fn plain_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 100
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 /// `owner/name` from a git path (`/owner/name.git/...`) or an API path
 /// (`/repos/owner/name/...`); sandbox-supplied, so bounded and plain.
 fn repo_of(path: &str, api: bool) -> Option<String> {
@@ -162,13 +171,7 @@ fn repo_of(path: &str, api: bool) -> Option<String> {
         (*segs.first()?, *segs.get(1)?)
     };
     let n = n.strip_suffix(".git").unwrap_or(n);
-    let plain = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 100
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    };
-    (plain(o) && plain(n)).then(|| format!("{o}/{n}"))
+    (plain_name(o) && plain_name(n)).then(|| format!("{o}/{n}"))
 }
 
 impl GithubState {

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
 
-use super::proxy::{full, GhBody};
+use super::proxy::{full, plain_name, GhBody};
 use super::push::Prefixed;
 
 /// Longest reason kept from an `ng` line or an unpack error.
@@ -215,13 +215,7 @@ pub(crate) fn graphql_opened_prs(answer: &Value, web_base: &str) -> Vec<(String,
         let [owner, name, "pull", n] = segs.as_slice() else {
             continue;
         };
-        let plain = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 100
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
-        if let (true, Ok(number)) = (plain(owner) && plain(name), n.parse::<u64>()) {
+        if let (true, Ok(number)) = (plain_name(owner) && plain_name(name), n.parse::<u64>()) {
             out.push((format!("{owner}/{name}"), number, url.to_string()));
         }
     }
