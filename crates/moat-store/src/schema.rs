@@ -183,6 +183,17 @@ CREATE TABLE registered_groups (
     PRIMARY KEY (platform, channel)
 ) STRICT;
 "#,
+    // 7: the outbox. A finished turn keeps its answer (sealed like the
+    // messages) until the platform has it: `delivery` is 'pending' from
+    // the end of the turn until the answer is delivered, so that a restart
+    // delivers the kept answer instead of running the messages again. NULL:
+    // a turn of an older moat, or one whose answer is not kept.
+    r#"
+ALTER TABLE turns ADD COLUMN answer TEXT;
+ALTER TABLE turns ADD COLUMN delivery TEXT CHECK (delivery IN ('pending', 'delivered'));
+ALTER TABLE turns ADD COLUMN delivered_ms INTEGER;
+CREATE INDEX turns_undelivered ON turns (id) WHERE delivery = 'pending';
+"#,
 ];
 
 /// The same migrations for PostgreSQL, step for step.
@@ -327,6 +338,13 @@ CREATE TABLE registered_groups (
     created_ms      BIGINT NOT NULL,
     PRIMARY KEY (platform, channel)
 );
+"#,
+    // 7: the outbox (see MIGRATIONS[6]).
+    r#"
+ALTER TABLE turns ADD COLUMN answer TEXT;
+ALTER TABLE turns ADD COLUMN delivery TEXT CHECK (delivery IN ('pending', 'delivered'));
+ALTER TABLE turns ADD COLUMN delivered_ms BIGINT;
+CREATE INDEX turns_undelivered ON turns (id) WHERE delivery = 'pending';
 "#,
 ];
 
