@@ -105,7 +105,14 @@ pub trait ChatPlatform: Send + Sync {
     fn notice<'a>(&'a self, conv: &'a ConvRef, text: &'a str) -> BoxFut<'a>;
     /// A user's message was accepted, or kept as context (the web chat shows
     /// it to its watchers; a chat app already shows it).
-    fn said<'a>(&'a self, _conv: &'a ConvRef, _user: &'a str, _text: &'a str) -> BoxFut<'a> {
+    /// `message_id`: the stored message's id.
+    fn said<'a>(
+        &'a self,
+        _conv: &'a ConvRef,
+        _message_id: i64,
+        _user: &'a str,
+        _text: &'a str,
+    ) -> BoxFut<'a> {
         Box::pin(async {})
     }
     /// A turn started for these platform messages (reactions, typing, a live
@@ -150,6 +157,34 @@ pub trait ChatPlatform: Send + Sync {
         refs: &'a [String],
         outcome: &'a TurnOutcome,
     ) -> BoxFut<'a>;
+
+    /// The answer of turn `turn`, kept in the store's outbox until this
+    /// returns: [`ChatPlatform::finished`], marked with the turn where the
+    /// platform can carry a mark (Slack: message metadata; the web chat:
+    /// the event's turn id).
+    fn deliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        _turn: i64,
+    ) -> BoxFut<'a> {
+        self.finished(conv, refs, outcome)
+    }
+
+    /// The kept answer of turn `turn` again, after a restart cut its first
+    /// delivery short (it may or may not have arrived). A platform that can
+    /// look (Slack: the thread's messages carrying the turn's mark) sends
+    /// only what is missing; one that cannot sends it again (at least once).
+    fn redeliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        turn: i64,
+    ) -> BoxFut<'a> {
+        self.deliver(conv, refs, outcome, turn)
+    }
 }
 
 /// A platform that does nothing (tests, a platform not connected).

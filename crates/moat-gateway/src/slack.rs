@@ -343,7 +343,84 @@ impl ChatPlatform for SlackReplier {
         refs: &'a [String],
         outcome: &'a TurnOutcome,
     ) -> BoxFut<'a> {
+        Box::pin(self.finish(conv, refs, outcome, None, Vec::new()))
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        turn: i64,
+    ) -> BoxFut<'a> {
+        Box::pin(self.finish(conv, refs, outcome, Some(turn), Vec::new()))
+    }
+
+    fn redeliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        turn: i64,
+    ) -> BoxFut<'a> {
         Box::pin(async move {
+            // The parts of this answer already in the thread (posted before
+            // the restart) are not posted again; reactions are idempotent.
+            let posted = match reply_thread(conv) {
+                Some(thread) => match self
+                    .api
+                    .conversations_replies(&conv.channel, thread, None)
+                    .await
+                {
+                    Ok(msgs) => msgs
+                        .iter()
+                        .filter(|m| m.bot_id.is_some())
+                        .filter_map(|m| answer_mark(m.metadata.as_ref()?))
+                        .filter(|(t, _)| *t == turn)
+                        .map(|(_, part)| part)
+                        .collect(),
+                    Err(e) => {
+                        Self::log("conversations.replies", Err::<(), _>(e));
+                        Vec::new()
+                    }
+                },
+                None => Vec::new(),
+            };
+            self.finish(conv, refs, outcome, Some(turn), posted).await
+        })
+    }
+}
+
+/// Slack message metadata marking part `part` of turn `turn`'s answer.
+fn mark(turn: i64, part: usize, parts: usize) -> serde_json::Value {
+    serde_json::json!({
+        "event_type": "moat_answer",
+        "event_payload": {"turn": turn, "part": part, "parts": parts},
+    })
+}
+
+/// The turn and part a message's metadata marks, if it is moat's mark.
+fn answer_mark(m: &serde_json::Value) -> Option<(i64, usize)> {
+    if m.get("event_type")?.as_str()? != "moat_answer" {
+        return None;
+    }
+    let p = m.get("event_payload")?;
+    Some((p.get("turn")?.as_i64()?, p.get("part")?.as_u64()? as usize))
+}
+
+impl SlackReplier {
+    /// Posts the answer's parts (those not in `posted`), each marked with
+    /// the turn when there is one, then settles the status message and the
+    /// reactions.
+    async fn finish(
+        &self,
+        conv: &ConvRef,
+        refs: &[String],
+        outcome: &TurnOutcome,
+        turn: Option<i64>,
+        posted: Vec<usize>,
+    ) {
+        {
             // Command output is shown as it is, in a code block; an agent's
             // answer is Markdown, converted to mrkdwn. A thread is not a
             // file: at most MAX_PARTS messages per answer.
@@ -355,11 +432,16 @@ impl ChatPlatform for SlackReplier {
                     format!("_(the answer goes on for {left} more characters; ask the agent to put long output in ~/artifacts, which is sent as a file)_")
                 },
             );
-            for part in parts {
+            let n = parts.len();
+            for (i, part) in parts.into_iter().enumerate() {
+                if posted.contains(&i) {
+                    continue;
+                }
+                let meta = turn.map(|t| mark(t, i, n));
                 Self::log(
                     "chat.postMessage",
                     self.api
-                        .post_message(&conv.channel, reply_thread(conv), &part)
+                        .post_message_with(&conv.channel, reply_thread(conv), &part, meta.as_ref())
                         .await,
                 );
             }
@@ -388,6 +470,6 @@ impl ChatPlatform for SlackReplier {
                     self.api.add_reaction(&conv.channel, ts, mark).await,
                 );
             }
-        })
+        }
     }
 }

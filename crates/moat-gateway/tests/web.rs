@@ -148,6 +148,88 @@ fn assert_clean(answer: &str, secret: &str, who: &str) {
     assert_eq!(answer.matches("No such file").count(), 3, "{who}: {answer}");
 }
 
+/// The outbox and the web chat's history (docs/store.md): after a restart
+/// a watcher is shown the conversation's stored messages and answers, each
+/// once; an answer kept but not delivered when the gateway stopped (a kill
+/// between the end of a turn and its delivery) is delivered at the start
+/// and shown once, and its message is not run again.
+#[test]
+fn after_a_restart_the_web_chat_shows_the_stored_history_once() {
+    let cfg = web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\""));
+    let gw = Gw::start("history", &cfg);
+    let data = gw.data.clone();
+    let m = random_hex(6);
+    let c = gw.client(None);
+    assert_eq!(c.post("h1", &format!("echo before-{m}")).status, 202);
+    assert_eq!(answer(&c, "h1"), (format!("before-{m}\n"), true));
+    gw.stop();
+    let kept_turn = {
+        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        let (message_id, conversation_id) = match store
+            .insert_message(&moat_store::IncomingMessage {
+                platform: "web".into(),
+                event_id: format!("kept-{m}"),
+                channel: "local".into(),
+                thread: "h1".into(),
+                user: "local".into(),
+                text: format!("echo never-run-{m}"),
+                ts_ms: i64::MAX / 2,
+                message_ref: None,
+            })
+            .unwrap()
+        {
+            moat_store::Inserted::New {
+                message_id,
+                conversation_id,
+            } => (message_id, conversation_id),
+            other => panic!("{other:?}"),
+        };
+        let t = store.start_turn(conversation_id, &[message_id], 1).unwrap();
+        store
+            .finish_turn_keeping(
+                t,
+                moat_store::TurnState::Done,
+                &format!("kept-{m}"),
+                true,
+                None,
+                i64::MAX / 2,
+            )
+            .unwrap();
+        t
+    };
+    let gw = Gw::try_start_in(data.clone(), &cfg, Vec::new()).unwrap();
+    let c = gw.client(None);
+    let mut sse = c.events("h1").expect("the event stream");
+    let mut evs = sse.answers(2);
+    evs.extend(sse.during(Duration::from_secs(2)));
+    let answers = answers_of(&evs);
+    assert_eq!(
+        answers,
+        vec![(format!("before-{m}\n"), true), (format!("kept-{m}"), true)],
+        "{evs:#?}"
+    );
+    assert_eq!(
+        texts(&evs, "message"),
+        vec![format!("echo before-{m}"), format!("echo never-run-{m}")]
+    );
+    assert!(
+        evs.iter().any(|e| e["turn"] == json!(kept_turn)),
+        "{evs:#?}"
+    );
+    assert!(
+        evs.iter().all(|e| !e["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("never-run-{m}\n"))),
+        "the kept answer's message ran again: {evs:#?}"
+    );
+    let delivered = gw.audit_kind("answer");
+    assert_eq!(delivered.len(), 1, "{delivered:#?}");
+    gw.stop();
+    let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+    assert!(store.undelivered_answers().unwrap().is_empty());
+}
+
 /// Waits for conversation `thread`'s next answer (watching from its start).
 fn answer(c: &Client, thread: &str) -> (String, bool) {
     let mut sse = c.events(thread).expect("the event stream");

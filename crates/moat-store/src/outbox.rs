@@ -6,7 +6,7 @@
 //! in [`Store::undelivered_answers`] at its next start and delivers the kept
 //! answer: the messages are not run again (no second, different answer).
 //! [`Store::kept_answers`] is a conversation's recent answers, for the web
-//! chat's history after a restart.
+//! chat's history after a restart, with [`Store::recent_messages`].
 //!
 //! It must never: hand out an answer of another conversation than the one
 //! asked for, or, on a store shared by several nodes, another node's
@@ -14,7 +14,7 @@
 //! conversation over).
 
 use crate::db::args;
-use crate::{ConversationId, Store, StoreError, TurnId, TurnState, TURN_ANSWER};
+use crate::{ConversationId, Store, StoreError, StoredMessage, TurnId, TurnState, TURN_ANSWER};
 
 /// A kept answer not yet delivered, with what its delivery needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub struct Undelivered {
     pub conversation_id: ConversationId,
     pub state: TurnState,
     pub answer: String,
+    /// Command output, shown as it is (not Markdown).
+    pub verbatim: bool,
     /// The platform's ids of the messages the turn answered (reactions).
     pub message_refs: Vec<String>,
 }
@@ -33,24 +35,34 @@ pub struct KeptAnswer {
     pub turn_id: TurnId,
     pub state: TurnState,
     pub answer: String,
+    pub verbatim: bool,
     pub ended_ms: i64,
     pub delivered: bool,
 }
 
 impl Store {
-    /// [`Store::finish_turn`] that keeps `answer` (sealed at rest) with
-    /// delivery `pending`, in the same transaction: from here on a restart
-    /// delivers this answer rather than running the turn's messages again.
+    /// [`Store::finish_turn`] that keeps `answer` (sealed at rest; with
+    /// `verbatim`, command output shown as it is) with delivery `pending`,
+    /// in the same transaction: from here on a restart delivers this answer
+    /// rather than running the turn's messages again.
     pub fn finish_turn_keeping(
         &self,
         turn_id: TurnId,
         state: TurnState,
         answer: &str,
+        verbatim: bool,
         error: Option<&str>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let chars = answer.chars().count() as u64;
-        self.finish(turn_id, state, chars, Some(answer), error, now_ms)
+        self.finish(
+            turn_id,
+            state,
+            chars,
+            Some((answer, verbatim)),
+            error,
+            now_ms,
+        )
     }
 
     /// The answer of `turn_id` reached its platform. Marking one already
@@ -88,12 +100,12 @@ impl Store {
         let rows = self.read(|c| {
             let turns = match &node {
                 None => c.query(
-                    "SELECT id, conversation_id, state, answer FROM turns
+                    "SELECT id, conversation_id, state, answer, answer_verbatim FROM turns
                      WHERE delivery = 'pending' ORDER BY id",
                     &[],
                 )?,
                 Some(node) => c.query(
-                    "SELECT t.id, t.conversation_id, t.state, t.answer FROM turns t
+                    "SELECT t.id, t.conversation_id, t.state, t.answer, t.answer_verbatim FROM turns t
                      JOIN conversation_owners o ON o.conversation_id = t.conversation_id
                      WHERE t.delivery = 'pending' AND o.node = ?1 ORDER BY t.id",
                     args![node.as_str()],
@@ -116,22 +128,42 @@ impl Store {
                     r.int(1)?,
                     r.name::<TurnState>(2)?,
                     r.opt_text(3)?.unwrap_or_default(),
+                    r.int(4)? != 0,
                     refs,
                 ));
             }
             Ok(out)
         })?;
         rows.into_iter()
-            .map(|(turn_id, conversation_id, state, sealed, message_refs)| {
-                Ok(Undelivered {
-                    turn_id,
-                    conversation_id,
-                    state,
-                    answer: self.sealer.open(&self.path, TURN_ANSWER, turn_id, sealed)?,
-                    message_refs,
-                })
-            })
+            .map(
+                |(turn_id, conversation_id, state, sealed, verbatim, message_refs)| {
+                    Ok(Undelivered {
+                        turn_id,
+                        conversation_id,
+                        state,
+                        answer: self.sealer.open(&self.path, TURN_ANSWER, turn_id, sealed)?,
+                        verbatim,
+                        message_refs,
+                    })
+                },
+            )
             .collect()
+    }
+
+    /// The last `limit` messages of `conversation_id` that were not dropped,
+    /// oldest first: with [`Store::kept_answers`], the conversation's
+    /// history as the web chat shows it after a restart.
+    pub fn recent_messages(
+        &self,
+        conversation_id: ConversationId,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut m = self.messages_where(
+            "conversation_id = ?1 AND state <> 'dropped' ORDER BY id DESC LIMIT ?2",
+            args![conversation_id, i64::from(limit)],
+        )?;
+        m.reverse();
+        Ok(m)
     }
 
     /// The last `limit` kept answers of `conversation_id`, oldest first.
@@ -142,7 +174,7 @@ impl Store {
     ) -> Result<Vec<KeptAnswer>, StoreError> {
         let rows = self.read(|c| {
             c.query(
-                "SELECT id, state, answer, ended_ms, delivery FROM turns
+                "SELECT id, state, answer, ended_ms, delivery, answer_verbatim FROM turns
                  WHERE conversation_id = ?1 AND answer IS NOT NULL
                  ORDER BY id DESC LIMIT ?2",
                 args![conversation_id, i64::from(limit)],
@@ -158,6 +190,7 @@ impl Store {
                     answer: self
                         .sealer
                         .open(&self.path, TURN_ANSWER, turn_id, r.text(2)?)?,
+                    verbatim: r.int(5)? != 0,
                     ended_ms: r.opt_int(3)?.unwrap_or(0),
                     delivered: r.opt_text(4)?.as_deref() == Some("delivered"),
                 })
@@ -201,18 +234,22 @@ mod tests {
             let s = Store::open_with_key(&db, Default::default(), key()).unwrap();
             let (m, conv) = msg(&s, "a", "t1");
             let t = s.start_turn(conv, &[m], 2).unwrap();
-            s.finish_turn_keeping(t, TurnState::Done, "the answer: 42", None, 3)
+            s.finish_turn_keeping(t, TurnState::Done, "the answer: 42", true, None, 3)
                 .unwrap();
             t
         };
         // "Killed" before delivery: the next start finds it, with its refs.
         let s = Store::open_with_key(&db, Default::default(), key()).unwrap();
-        assert!(s.requeue_interrupted(4).unwrap().is_empty(), "not run again");
+        assert!(
+            s.requeue_interrupted(4).unwrap().is_empty(),
+            "not run again"
+        );
         let owed = s.undelivered_answers().unwrap();
         assert_eq!(owed.len(), 1);
         assert_eq!(owed[0].turn_id, turn);
         assert_eq!(owed[0].answer, "the answer: 42");
         assert_eq!(owed[0].state, TurnState::Done);
+        assert!(owed[0].verbatim);
         assert_eq!(owed[0].message_refs, vec!["ts-a".to_string()]);
         s.mark_delivered(turn, 5).unwrap();
         s.mark_delivered(turn, 6).unwrap();
@@ -237,20 +274,33 @@ mod tests {
         let (m2, c2) = msg(&s, "b", "t2");
         let (m3, _) = msg(&s, "c", "t1");
         let t1 = s.start_turn(c1, &[m1], 2).unwrap();
-        s.finish_turn_keeping(t1, TurnState::Failed, "it broke", Some("it broke"), 3)
-            .unwrap();
+        s.finish_turn_keeping(
+            t1,
+            TurnState::Failed,
+            "it broke",
+            false,
+            Some("it broke"),
+            3,
+        )
+        .unwrap();
         let t2 = s.start_turn(c2, &[m2], 2).unwrap();
-        s.finish_turn_keeping(t2, TurnState::Done, "other", None, 3)
+        s.finish_turn_keeping(t2, TurnState::Done, "other", false, None, 3)
             .unwrap();
         // A turn finished without keeping its answer owes nothing.
         let t3 = s.start_turn(c1, &[m3], 4).unwrap();
         s.finish_turn(t3, TurnState::Done, 5, None, 5).unwrap();
         let kept = s.kept_answers(c1, 10).unwrap();
-        assert_eq!(
-            kept.iter().map(|k| k.turn_id).collect::<Vec<_>>(),
-            vec![t1]
-        );
+        assert_eq!(kept.iter().map(|k| k.turn_id).collect::<Vec<_>>(), vec![t1]);
         assert_eq!(kept[0].state, TurnState::Failed);
+        assert!(!kept[0].verbatim);
+        let said: Vec<_> = s
+            .recent_messages(c1, 1)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(said, vec![m3], "the newest, within the limit");
+        assert_eq!(s.recent_messages(c1, 10).unwrap().len(), 2);
         let owed: Vec<_> = s
             .undelivered_answers()
             .unwrap()

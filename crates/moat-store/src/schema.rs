@@ -184,7 +184,8 @@ CREATE TABLE registered_groups (
 ) STRICT;
 "#,
     // 7: the outbox. A finished turn keeps its answer (sealed like the
-    // messages) until the platform has it: `delivery` is 'pending' from
+    // messages; `answer_verbatim`: command output, shown as it is) until
+    // the platform has it: `delivery` is 'pending' from
     // the end of the turn until the answer is delivered, so that a restart
     // delivers the kept answer instead of running the messages again. NULL:
     // a turn of an older moat, or one whose answer is not kept.
@@ -192,6 +193,8 @@ CREATE TABLE registered_groups (
 ALTER TABLE turns ADD COLUMN answer TEXT;
 ALTER TABLE turns ADD COLUMN delivery TEXT CHECK (delivery IN ('pending', 'delivered'));
 ALTER TABLE turns ADD COLUMN delivered_ms INTEGER;
+ALTER TABLE turns ADD COLUMN answer_verbatim INTEGER NOT NULL DEFAULT 0
+    CHECK (answer_verbatim IN (0, 1));
 CREATE INDEX turns_undelivered ON turns (id) WHERE delivery = 'pending';
 "#,
 ];
@@ -344,6 +347,8 @@ CREATE TABLE registered_groups (
 ALTER TABLE turns ADD COLUMN answer TEXT;
 ALTER TABLE turns ADD COLUMN delivery TEXT CHECK (delivery IN ('pending', 'delivered'));
 ALTER TABLE turns ADD COLUMN delivered_ms BIGINT;
+ALTER TABLE turns ADD COLUMN answer_verbatim BIGINT NOT NULL DEFAULT 0
+    CHECK (answer_verbatim IN (0, 1));
 CREATE INDEX turns_undelivered ON turns (id) WHERE delivery = 'pending';
 "#,
 ];

@@ -152,7 +152,7 @@ impl Store {
         turn_id: TurnId,
         state: TurnState,
         answer_chars: u64,
-        answer: Option<&str>,
+        answer: Option<(&str, bool)>,
         error: Option<&str>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
@@ -197,11 +197,12 @@ impl Store {
                  WHERE id = ?1",
                 args![turn_id, state.as_str(), now_ms, answer_chars, sealed_error],
             )?;
-            if let Some(answer) = answer {
+            if let Some((answer, verbatim)) = answer {
                 let sealed = self.sealer.seal(&self.path, TURN_ANSWER, turn_id, answer)?;
                 c.execute(
-                    "UPDATE turns SET answer = ?2, delivery = 'pending' WHERE id = ?1",
-                    args![turn_id, sealed],
+                    "UPDATE turns SET answer = ?2, answer_verbatim = ?3, delivery = 'pending'
+                     WHERE id = ?1",
+                    args![turn_id, sealed, i64::from(verbatim)],
                 )?;
             }
             let (message_state, detail) = match state {

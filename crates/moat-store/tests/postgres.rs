@@ -394,7 +394,7 @@ fn a_dead_nodes_undelivered_answer_is_delivered_by_the_node_that_takes_over() {
     let a = node(&opts, "node-a");
     let (m, c) = new_id(a.insert_message(&msg("E1", "T1", 10_000)).unwrap());
     let t = a.start_turn(c, &[m], 10_000).unwrap();
-    a.finish_turn_keeping(t, TurnState::Done, "kept on postgres", None, 10_001)
+    a.finish_turn_keeping(t, TurnState::Done, "kept on postgres", false, None, 10_001)
         .unwrap();
     // a owes it; b, which does not own the conversation, does not.
     let b = node(&opts, "node-b");

@@ -235,6 +235,10 @@ pub struct Message {
     pub text: String,
     #[serde(default)]
     pub files: Vec<FileRef>,
+    /// The app's message metadata, when asked for
+    /// (`include_all_metadata`): `event_type` and `event_payload`.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// A Slack Web API client holding one token.
@@ -312,6 +316,20 @@ impl WebApi {
         thread_ts: Option<&str>,
         text: &str,
     ) -> Result<String, WebApiError> {
+        self.post_message_with(channel, thread_ts, text, None).await
+    }
+
+    /// [`WebApi::post_message`] carrying Slack message metadata
+    /// (`{"event_type": ..., "event_payload": {...}}`), which
+    /// [`WebApi::conversations_replies`] returns with the message: how an
+    /// app finds its own earlier messages in a thread.
+    pub async fn post_message_with(
+        &self,
+        channel: &str,
+        thread_ts: Option<&str>,
+        text: &str,
+        metadata: Option<&serde_json::Value>,
+    ) -> Result<String, WebApiError> {
         let method = "chat.postMessage";
         let mut body = serde_json::json!({
             "channel": channel,
@@ -322,6 +340,9 @@ impl WebApi {
         });
         if let Some(t) = thread_ts {
             body["thread_ts"] = t.into();
+        }
+        if let Some(m) = metadata {
+            body["metadata"] = m.clone();
         }
         let v = self.call(method, Body::Json(&body)).await?;
         ts_of(method, &v)
@@ -405,7 +426,12 @@ impl WebApi {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..MAX_PAGES {
-            let mut form = vec![("channel", channel), ("ts", thread_ts), ("limit", "200")];
+            let mut form = vec![
+                ("channel", channel),
+                ("ts", thread_ts),
+                ("limit", "200"),
+                ("include_all_metadata", "true"),
+            ];
             if let Some(o) = oldest {
                 form.push(("oldest", o));
             }

@@ -171,7 +171,7 @@ impl Gateway {
                 with(json!({"verdict": "context", "reason": why, "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
             );
             self.platform(m.platform)
-                .said(&conv, &m.user, &m.text)
+                .said(&conv, message_id, &m.user, &m.text)
                 .await;
             return Ok(Accepted::Context {
                 message_id,
@@ -248,7 +248,7 @@ impl Gateway {
             with(json!({"verdict": "accepted", "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
         );
         self.platform(m.platform)
-            .said(&conv, &m.user, &m.text)
+            .said(&conv, message_id, &m.user, &m.text)
             .await;
         self.send(
             &conv,

@@ -148,6 +148,10 @@ pub struct Inner {
     pub(crate) ipc: Arc<crate::ipc::IpcHost>,
     /// Task runs the scheduler handed to `accept` (crate::tasks).
     pub(crate) scheduled: crate::tasks::ScheduledRuns,
+    /// Turns whose kept answer is being delivered by this process right
+    /// now: recovery (run again on every beat of a shared store) leaves
+    /// them alone.
+    pub(crate) delivering: Mutex<HashSet<i64>>,
 }
 
 /// The gateway: clone it freely.
@@ -236,6 +240,7 @@ impl Gateway {
                     runtime.clone(),
                 )),
                 scheduled: Default::default(),
+                delivering: Default::default(),
                 cfg: parts.cfg,
                 store: parts.store,
                 audit: parts.audit,

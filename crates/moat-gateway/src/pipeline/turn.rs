@@ -324,24 +324,36 @@ impl Gateway {
             TurnState::Failed
         };
         let error = (!outcome.ok).then(|| outcome.answer.lines().last().unwrap_or("").to_string());
-        // Delivered first, recorded after: a gateway killed in between
-        // finds the turn cut off at its restart and runs its messages again
-        // (a second answer), where recording first lost the answer for good
-        // (the 30-minute soak saw it: docs/soak.md). The window left is one
-        // store write long.
+        // The outbox: the answer is kept with the end of the turn, then
+        // delivered, then marked delivered. A gateway killed before the mark
+        // delivers the kept answer at its next start (recovery.rs) instead
+        // of running the messages again, which gave a second, different
+        // answer (the soak saw both: docs/soak.md). Where the store cannot
+        // keep it (a full disk), the answer is still delivered.
+        self.delivering(turn_id, true);
+        let kept = store
+            .finish_turn_keeping(
+                turn_id,
+                state,
+                &outcome.answer,
+                outcome.preformatted,
+                error.as_deref(),
+                now_ms(),
+            )
+            .map_err(|e| {
+                tracing::error!(turn = turn_id, error = %e, "could not record the end of a turn");
+            })
+            .is_ok();
         if !collected.files.is_empty() {
             out.artifacts(&conv, &refs, &collected.files).await;
         }
-        out.finished(&conv, &refs, &outcome).await;
-        if let Err(e) = store.finish_turn(
-            turn_id,
-            state,
-            outcome.answer.chars().count() as u64,
-            error.as_deref(),
-            now_ms(),
-        ) {
-            tracing::error!(turn = turn_id, error = %e, "could not record the end of a turn");
+        out.deliver(&conv, &refs, &outcome, turn_id).await;
+        if kept {
+            if let Err(e) = store.mark_delivered(turn_id, now_ms()) {
+                tracing::warn!(turn = turn_id, error = %e, "could not mark an answer delivered; a restart delivers it again");
+            }
         }
+        self.delivering(turn_id, false);
         let secs = started.elapsed().as_secs_f64();
         self.inner.metrics.turn(outcome.ok, secs);
         self.inner.running.fetch_sub(1, Ordering::Relaxed);

@@ -34,12 +34,19 @@ impl ChatPlatform for WebChat {
         self.publish(conv, ConvEvent::Notice { text: text.into() })
     }
 
-    fn said<'a>(&'a self, conv: &'a ConvRef, user: &'a str, text: &'a str) -> BoxFut<'a> {
+    fn said<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        message_id: i64,
+        user: &'a str,
+        text: &'a str,
+    ) -> BoxFut<'a> {
         self.publish(
             conv,
             ConvEvent::Message {
                 user: user.into(),
                 text: text.into(),
+                id: Some(message_id),
             },
         )
     }
@@ -100,6 +107,24 @@ impl ChatPlatform for WebChat {
             ConvEvent::Answer {
                 text: outcome.answer.clone(),
                 ok: outcome.ok,
+                turn: None,
+            },
+        )
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        _refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        turn: i64,
+    ) -> BoxFut<'a> {
+        self.publish(
+            conv,
+            ConvEvent::Answer {
+                text: outcome.answer.clone(),
+                ok: outcome.ok,
+                turn: Some(turn),
             },
         )
     }

@@ -250,6 +250,22 @@ impl FakeSlack {
             .push(m);
     }
 
+    /// A message of the bot already in a thread (posted by an earlier
+    /// gateway), with its message metadata.
+    pub fn bot_said(&self, thread: &str, ts: &str, text: &str, metadata: Value) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .threads
+            .entry(thread.to_string())
+            .or_default()
+            .push(
+                json!({"type": "message", "user": BOT_USER, "bot_id": "B0MOAT01",
+                "text": text, "ts": ts, "metadata": metadata}),
+            );
+    }
+
     /// The callback body for `event` (see [`callback`]), the message also
     /// kept in the fake's thread as Slack would have it.
     pub fn callback(&self, event_id: &str, event: Value) -> String {
@@ -471,9 +487,16 @@ fn answer(s: &mut Fake, port: u16, method: &str, token: Option<&str>, a: &Value)
             s.next_ts += 1;
             let ts = format!("1800000000.{:06}", s.next_ts);
             if let Some(t) = arg("thread_ts") {
-                s.threads.entry(t).or_default().push(
-                    json!({"type": "message", "user": BOT_USER, "bot_id": "B0MOAT01", "text": text, "ts": ts}),
-                );
+                let mut m = json!({"type": "message", "user": BOT_USER, "bot_id": "B0MOAT01", "text": text, "ts": ts});
+                // Message metadata: an object with event_type and
+                // event_payload (Slack's docs), kept with the message.
+                if let Some(meta) = a.get("metadata").filter(|m| m.is_object()) {
+                    if meta.get("event_type").and_then(Value::as_str).is_none() {
+                        return err("invalid_metadata_format");
+                    }
+                    m["metadata"] = meta.clone();
+                }
+                s.threads.entry(t).or_default().push(m);
             }
             ok(
                 json!({"channel": ch, "ts": ts, "message": {"type": "message", "text": text, "user": BOT_USER, "ts": ts}}),
@@ -509,11 +532,23 @@ fn answer(s: &mut Fake, port: u16, method: &str, token: Option<&str>, a: &Value)
                 (a.parse::<u64>().unwrap_or(0), b.parse::<u64>().unwrap_or(0))
             };
             let oldest = arg("oldest").map(|o| key(&o));
+            // Metadata only when asked for (`include_all_metadata`).
+            let with_meta =
+                matches!(a.get("include_all_metadata"), Some(v) if *v == "true" || *v == true);
             match s.threads.get(&ts) {
                 Some(msgs) => {
-                    let msgs: Vec<&Value> = msgs
+                    let msgs: Vec<Value> = msgs
                         .iter()
                         .filter(|m| oldest.is_none_or(|o| key(m["ts"].as_str().unwrap_or("0")) > o))
+                        .map(|m| {
+                            let mut m = m.clone();
+                            if !with_meta {
+                                if let Some(o) = m.as_object_mut() {
+                                    o.remove("metadata");
+                                }
+                            }
+                            m
+                        })
                         .collect();
                     ok(json!({"messages": msgs, "has_more": false,
                         "response_metadata": {"next_cursor": ""}}))
