@@ -16,6 +16,7 @@ pub mod github_clone;
 pub mod github_hooks;
 pub mod github_setup;
 pub mod groups;
+pub mod history;
 pub mod hub;
 pub mod incident;
 pub mod ipc;

@@ -230,6 +230,60 @@ fn after_a_restart_the_web_chat_shows_the_stored_history_once() {
     assert!(store.undelivered_answers().unwrap().is_empty());
 }
 
+/// A turn whose end the store could not record (a full disk) must not stop
+/// its conversation until the next restart (the soak saw every later turn
+/// refused with "already has turn N running"): the next turn closes it as
+/// failed and runs.
+#[test]
+fn a_turn_left_running_in_the_store_does_not_block_its_conversation() {
+    let gw = Gw::start(
+        "stale-turn",
+        &web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\"")),
+    );
+    let c = gw.client(None);
+    assert_eq!(c.post("s1", "echo first").status, 202);
+    assert_eq!(answer(&c, "s1"), ("first\n".to_string(), true));
+    // What a turn whose end could not be written leaves: a running turn
+    // the conversation's actor no longer runs.
+    let store = gw.gw.inner.store.clone();
+    let conv = store
+        .conversation_by_key("web", "local", "s1")
+        .unwrap()
+        .unwrap();
+    let (m, _) = match store
+        .insert_message(&moat_store::IncomingMessage {
+            platform: "web".into(),
+            event_id: format!("stale-{}", random_hex(6)),
+            channel: "local".into(),
+            thread: "s1".into(),
+            user: "local".into(),
+            text: "lost".into(),
+            ts_ms: 1,
+            message_ref: None,
+        })
+        .unwrap()
+    {
+        moat_store::Inserted::New {
+            message_id,
+            conversation_id,
+        } => (message_id, conversation_id),
+        other => panic!("{other:?}"),
+    };
+    let stale = store.start_turn(conv.id, &[m], 2).unwrap();
+    let mut sse = c.events("s1").expect("the event stream");
+    sse.answers(1);
+    assert_eq!(c.post("s1", "echo second-$((6*7))").status, 202);
+    let evs = sse.answers(1);
+    assert_eq!(
+        answers_of(&evs),
+        vec![("second-42\n".to_string(), true)],
+        "{evs:#?}"
+    );
+    let closed = store.turn(stale).unwrap().unwrap();
+    assert_eq!(closed.state, moat_store::TurnState::Failed);
+    gw.stop();
+}
+
 /// Waits for conversation `thread`'s next answer (watching from its start).
 fn answer(c: &Client, thread: &str) -> (String, bool) {
     let mut sse = c.events(thread).expect("the event stream");
