@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod platform;
 pub mod pool;
+pub mod retention;
 pub mod runner;
 pub mod server;
 pub mod slack;

@@ -284,6 +284,74 @@ fn a_turn_left_running_in_the_store_does_not_block_its_conversation() {
     gw.stop();
 }
 
+/// Retention (`[store] retention`): at its start the gateway delivers what
+/// it owes, then deletes the settled messages and delivered answers older
+/// than the setting and audits the counts (no text); newer ones stay.
+#[test]
+fn retention_purges_old_settled_messages_at_start() {
+    let cfg = format!(
+        "[store]\nretention = \"1h\"\n\n{}",
+        web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\""))
+    );
+    let data = fresh_dir("retention").join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let (old, owed) = {
+        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        let mut turn = |event: &str, deliver: bool| {
+            let (m, c) = match store
+                .insert_message(&moat_store::IncomingMessage {
+                    platform: "web".into(),
+                    event_id: event.into(),
+                    channel: "local".into(),
+                    thread: "r1".into(),
+                    user: "local".into(),
+                    text: format!("echo {event}"),
+                    ts_ms: 1_000,
+                    message_ref: None,
+                })
+                .unwrap()
+            {
+                moat_store::Inserted::New {
+                    message_id,
+                    conversation_id,
+                } => (message_id, conversation_id),
+                other => panic!("{other:?}"),
+            };
+            let t = store.start_turn(c, &[m], 1_000).unwrap();
+            store
+                .finish_turn_keeping(t, moat_store::TurnState::Done, event, true, None, 1_001)
+                .unwrap();
+            if deliver {
+                store.mark_delivered(t, 1_002).unwrap();
+            }
+            (m, t)
+        };
+        (turn("long-ago", true), turn("owed", false))
+    };
+    let gw = Gw::try_start_in(data.clone(), &cfg, Vec::new()).unwrap();
+    let recs = gw.wait_audit("a purge", |r| r.iter().any(|x| x["kind"] == "purge"));
+    let purges: Vec<_> = recs.iter().filter(|x| x["kind"] == "purge").collect();
+    // The owed answer was delivered first (then it is old and settled too).
+    let delivered = recs.iter().position(|x| x["kind"] == "answer");
+    let purged = recs.iter().position(|x| x["kind"] == "purge");
+    assert!(delivered < purged && delivered.is_some(), "{recs:#?}");
+    assert_eq!(purges.len(), 1, "{purges:#?}");
+    assert_eq!(purges[0]["messages"], 2, "{purges:#?}");
+    assert_eq!(purges[0]["turns"], 2, "{purges:#?}");
+    assert!(!purges[0].to_string().contains("long-ago"));
+    let store = gw.gw.inner.store.clone();
+    for (m, t) in [old, owed] {
+        assert!(store.message(m).unwrap().is_none());
+        assert!(store.turn(t).unwrap().is_none());
+    }
+    // What is newer than the setting stays.
+    let c = gw.client(None);
+    assert_eq!(c.post("r2", "echo fresh").status, 202);
+    assert_eq!(answer(&c, "r2"), ("fresh\n".to_string(), true));
+    assert_eq!(gw.block_on(gw.gw.purge_expired()), 0);
+    gw.stop();
+}
+
 /// Waits for conversation `thread`'s next answer (watching from its start).
 fn answer(c: &Client, thread: &str) -> (String, bool) {
     let mut sse = c.events(thread).expect("the event stream");

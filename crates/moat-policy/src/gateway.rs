@@ -460,6 +460,8 @@ pub struct GatewayConfig {
     pub ipc: crate::tasks::IpcConfig,
     /// `[store]`: SQLite in the data directory, or a shared PostgreSQL.
     pub store: crate::store::StoreConfig,
+    /// `store.retention`: how long messages and answers are kept.
+    pub retention: Option<std::time::Duration>,
 }
 
 /// The verdict on one message.
@@ -1841,6 +1843,7 @@ impl GatewayConfig {
                 .transpose()?,
             tasks: crate::tasks::tasks_config(raw.tasks)?,
             ipc: crate::tasks::ipc_config(raw.ipc)?,
+            retention: crate::store::retention(&raw.store)?,
             store: crate::store::section(raw.store)?,
         })
     }

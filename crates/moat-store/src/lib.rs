@@ -57,7 +57,7 @@ pub use model::{
     StoredMessage, Turn, TurnId, TurnState, UnknownName,
 };
 pub use nodes::Ownership;
-pub use outbox::{KeptAnswer, Undelivered};
+pub use outbox::{KeptAnswer, Purged, Undelivered};
 pub use pg::{PgOptions, DEFAULT_POOL_SIZE, PASSWORD_VAR};
 pub use schema::{current_version as schema_version, APPLICATION_ID};
 pub use sealed::{Encryption, Field, RekeyCount, SEALED_FIELDS};

@@ -40,7 +40,42 @@ pub struct KeptAnswer {
     pub delivered: bool,
 }
 
+/// What [`Store::purge_before`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub messages: u64,
+    pub turns: u64,
+}
+
 impl Store {
+    /// Retention: deletes the messages stored before `cutoff_ms` that are
+    /// settled (answered, failed or dropped) and whose turn, if any, ended
+    /// before it with its answer delivered; then the turns that ended
+    /// before it, delivered, with no message left. A running turn, an
+    /// answer still owed and a message still waiting are never deleted.
+    /// SQLite overwrites what it deletes (`secure_delete`).
+    pub fn purge_before(&self, cutoff_ms: i64) -> Result<Purged, StoreError> {
+        self.write(|c| {
+            let messages = c.execute(
+                "DELETE FROM messages
+                 WHERE ts_ms < ?1 AND state IN ('answered', 'failed', 'dropped')
+                   AND (turn_id IS NULL OR turn_id IN (
+                        SELECT id FROM turns
+                        WHERE state <> 'running' AND ended_ms < ?1
+                          AND (delivery IS NULL OR delivery = 'delivered')))",
+                args![cutoff_ms],
+            )?;
+            let turns = c.execute(
+                "DELETE FROM turns
+                 WHERE state <> 'running' AND ended_ms < ?1
+                   AND (delivery IS NULL OR delivery = 'delivered')
+                   AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.turn_id = turns.id)",
+                args![cutoff_ms],
+            )?;
+            Ok(Purged { messages, turns })
+        })
+    }
+
     /// [`Store::finish_turn`] that keeps `answer` (sealed at rest; with
     /// `verbatim`, command output shown as it is) with delivery `pending`,
     /// in the same transaction: from here on a restart delivers this answer
@@ -265,6 +300,69 @@ mod tests {
         for bytes in [raw, wal] {
             assert!(!bytes.windows(10).any(|w| w == b"answer: 42"));
         }
+    }
+
+    #[test]
+    fn a_purge_deletes_only_what_is_settled_and_older_than_the_cutoff() {
+        let s = Store::open_in_memory().unwrap();
+        let ins = |e: &str, ts: i64| {
+            let m = IncomingMessage {
+                platform: "web".into(),
+                event_id: e.into(),
+                channel: "c".into(),
+                thread: "t".into(),
+                user: "u".into(),
+                text: e.into(),
+                ts_ms: ts,
+                message_ref: None,
+            };
+            match s.insert_message(&m).unwrap() {
+                Inserted::New {
+                    message_id,
+                    conversation_id,
+                } => (message_id, conversation_id),
+                other => panic!("{other:?}"),
+            }
+        };
+        // old, answered and delivered: goes.
+        let (m1, c) = ins("old-done", 100);
+        let t1 = s.start_turn(c, &[m1], 100).unwrap();
+        s.finish_turn_keeping(t1, TurnState::Done, "a1", false, None, 110)
+            .unwrap();
+        s.mark_delivered(t1, 111).unwrap();
+        // old, answer still owed: stays.
+        let (m2, _) = ins("old-owed", 200);
+        let t2 = s.start_turn(c, &[m2], 200).unwrap();
+        s.finish_turn_keeping(t2, TurnState::Done, "a2", false, None, 210)
+            .unwrap();
+        // old but still waiting: stays.
+        let (m3, _) = ins("old-waiting", 300);
+        // new: stays.
+        let (m4, _) = ins("new", 5_000);
+        let p = s.purge_before(1_000).unwrap();
+        assert_eq!(
+            p,
+            super::Purged {
+                messages: 1,
+                turns: 1
+            }
+        );
+        assert!(s.message(m1).unwrap().is_none());
+        assert!(s.turn(t1).unwrap().is_none());
+        for m in [m2, m3, m4] {
+            assert!(s.message(m).unwrap().is_some(), "message {m} kept");
+        }
+        assert_eq!(s.undelivered_answers().unwrap().len(), 1);
+        // Once delivered, the owed one goes too.
+        s.mark_delivered(t2, 400).unwrap();
+        assert_eq!(
+            s.purge_before(1_000).unwrap(),
+            super::Purged {
+                messages: 1,
+                turns: 1
+            }
+        );
+        assert!(s.message(m3).unwrap().is_some());
     }
 
     #[test]
