@@ -312,7 +312,7 @@ fn moat_history_exports_a_conversation_with_and_without_a_running_gateway() {
     assert!(o.status.success(), "{md}");
     assert!(md.starts_with("# Conversation 1 (web local h)"), "{md}");
     assert!(md.contains(&format!("> echo {m}\n")), "{md}");
-    assert!(md.contains(&format!("**moat** (turn 1) at ")), "{md}");
+    assert!(md.contains("**moat** (turn 1) at "), "{md}");
     assert!(md.contains(&format!("> {m}\n")), "{md}");
     up.stop();
     let exported: Vec<_> = audit_records(&data.join("audit").join("audit.jsonl"))
