@@ -318,6 +318,8 @@ pub struct ChannelPolicy {
     /// `conversation`, `trigger` and `mention`: which messages start a turn
     /// and what one conversation is.
     pub chat: crate::chat_keys::ChatKeys,
+    /// `approve`, `approve_timeout` and `unknown` (docs/approvals.md).
+    pub approvals: crate::approvals::ApprovalKeys,
     /// Loosened tightened keys of an untrusted channel, for `warnings()`.
     untrusted_overrides: Vec<String>,
     policy: SandboxPolicy,
@@ -778,6 +780,9 @@ struct RawSettings {
     conversation: Option<String>,
     trigger: Option<String>,
     mention: Option<String>,
+    approve: Option<Vec<String>>,
+    approve_timeout: Option<String>,
+    unknown: Option<String>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
@@ -814,6 +819,9 @@ struct RawChannel {
     conversation: Option<String>,
     trigger: Option<String>,
     mention: Option<String>,
+    approve: Option<Vec<String>>,
+    approve_timeout: Option<String>,
+    unknown: Option<String>,
 }
 
 impl RawChannel {
@@ -846,6 +854,9 @@ impl RawChannel {
             conversation: self.conversation,
             trigger: self.trigger,
             mention: self.mention,
+            approve: self.approve,
+            approve_timeout: self.approve_timeout,
+            unknown: self.unknown,
         };
         (self.platform, self.id, s)
     }
@@ -1167,6 +1178,7 @@ struct Settings {
     mounts: Vec<crate::memory::ChannelMount>,
     policy: SandboxPolicy,
     chat: crate::chat_keys::ChatKeys,
+    approvals: crate::approvals::ApprovalKeys,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -1194,6 +1206,7 @@ impl Settings {
             mounts: Vec::new(),
             policy: SandboxPolicy::default(),
             chat: crate::chat_keys::ChatKeys::default(),
+            approvals: crate::approvals::ApprovalKeys::default(),
         }
     }
 
@@ -1275,6 +1288,8 @@ impl Settings {
         }
         self.chat
             .apply(raw.conversation, raw.trigger, raw.mention, at)?;
+        self.approvals
+            .apply(raw.approve, raw.approve_timeout, raw.unknown, at)?;
         if let Some(d) = raw.debounce {
             self.debounce = Some(duration_in(
                 &d,
@@ -1787,6 +1802,7 @@ impl GatewayConfig {
                     "uses the pool, but the pool may hold no sandbox (pool.size or pool.max = 0); set pool.max to 1 or more, or sandbox = \"per-thread\"",
                 ));
             }
+            s.approvals.check(platform, &at)?;
             channels.push(ChannelPolicy {
                 index: i,
                 platform,
@@ -1810,6 +1826,7 @@ impl GatewayConfig {
                     .transpose()?,
                 mounts: s.mounts,
                 chat: s.chat,
+                approvals: s.approvals,
                 untrusted_overrides,
                 policy: s.policy,
             });
