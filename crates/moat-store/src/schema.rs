@@ -183,6 +183,18 @@ CREATE TABLE registered_groups (
     PRIMARY KEY (platform, channel)
 ) STRICT;
 "#,
+    // 7: unknown senders an admin let in (docs/approvals.md,
+    // `unknown = "request_approval"`).
+    r#"
+CREATE TABLE admitted_users (
+    platform        TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    user            TEXT NOT NULL,
+    admitted_by     TEXT NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    PRIMARY KEY (platform, channel, user)
+) STRICT;
+"#,
 ];
 
 /// The same migrations for PostgreSQL, step for step.
@@ -326,6 +338,17 @@ CREATE TABLE registered_groups (
     registered_by   TEXT NOT NULL,
     created_ms      BIGINT NOT NULL,
     PRIMARY KEY (platform, channel)
+);
+"#,
+    // 7: unknown senders an admin let in.
+    r#"
+CREATE TABLE admitted_users (
+    platform        TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    "user"          TEXT NOT NULL,
+    admitted_by     TEXT NOT NULL,
+    created_ms      BIGINT NOT NULL,
+    PRIMARY KEY (platform, channel, "user")
 );
 "#,
 ];
@@ -587,6 +610,7 @@ mod tests {
         assert_eq!(
             tables(&conn),
             [
+                "admitted_users",
                 "conversation_owners",
                 "conversations",
                 "github_deliveries",
