@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod agents_setup;
+pub mod approvals;
 pub mod artifacts;
 pub mod github_clone;
 pub mod github_hooks;
@@ -26,6 +27,7 @@ pub mod pool;
 pub mod runner;
 pub mod server;
 pub mod slack;
+pub mod slack_approvals;
 pub mod slack_setup;
 mod store_setup;
 pub mod tasks;

@@ -267,6 +267,36 @@ pub fn admitted_trust(channel_trust: Trust) -> Trust {
     }
 }
 
+impl crate::gateway::GatewayConfig {
+    /// [`GatewayConfig::authorize`](crate::gateway::GatewayConfig::authorize),
+    /// then the admitted senders: in a channel with `unknown =
+    /// "request_approval"`, a sender an admin let in (`admitted()` asks the
+    /// store, only when it matters) talks at [`admitted_trust`]. Switching
+    /// the channel back to `"drop"` shuts them out again.
+    pub fn authorize_admitted(
+        &self,
+        platform: Platform,
+        channel_id: &str,
+        user_id: &str,
+        admitted: impl FnOnce() -> bool,
+    ) -> crate::gateway::Authorization<'_> {
+        use crate::gateway::Authorization;
+        let verdict = self.authorize(platform, channel_id, user_id);
+        if verdict.is_allowed() || user_id.is_empty() {
+            return verdict;
+        }
+        match self.channel(platform, channel_id) {
+            Some(c) if c.approvals.unknown == Unknown::RequestApproval && admitted() => {
+                Authorization::Allowed {
+                    channel: c,
+                    trust: admitted_trust(c.trust),
+                }
+            }
+            _ => verdict,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +345,38 @@ mod tests {
         assert_eq!(k.timeout, DEFAULT_TIMEOUT);
         assert!(k.check(Platform::Web, "channel[0]").is_err());
         assert!(k.check(Platform::Slack, "channel[0]").is_ok());
+    }
+
+    #[test]
+    fn admitted_senders_count_only_where_unknown_asks() {
+        use crate::gateway::{Authorization, GatewayConfig};
+        let toml = |unknown: &str| {
+            format!(
+                "[[channel]]\nplatform = \"slack\"\nid = \"C1\"\ntrust = \"admin\"\nusers = [\"U1\"]\nunknown = \"{unknown}\"\n"
+            )
+        };
+        let cfg = GatewayConfig::from_toml(&toml("request_approval")).unwrap();
+        let a = cfg.authorize_admitted(Platform::Slack, "C1", "U9", || true);
+        assert!(
+            matches!(
+                a,
+                Authorization::Allowed {
+                    trust: Trust::Member,
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        assert!(!cfg
+            .authorize_admitted(Platform::Slack, "C1", "U9", || false)
+            .is_allowed());
+        assert!(!cfg
+            .authorize_admitted(Platform::Slack, "C2", "U9", || true)
+            .is_allowed());
+        let cfg = GatewayConfig::from_toml(&toml("drop")).unwrap();
+        assert!(!cfg
+            .authorize_admitted(Platform::Slack, "C1", "U9", || true)
+            .is_allowed());
     }
 
     #[test]

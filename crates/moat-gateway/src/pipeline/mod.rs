@@ -148,6 +148,8 @@ pub struct Inner {
     pub(crate) ipc: Arc<crate::ipc::IpcHost>,
     /// Task runs the scheduler handed to `accept` (crate::tasks).
     pub(crate) scheduled: crate::tasks::ScheduledRuns,
+    /// Requests waiting for an admin (crate::approvals).
+    pub(crate) approvals: crate::approvals::Desk,
 }
 
 /// The gateway: clone it freely.
@@ -236,6 +238,7 @@ impl Gateway {
                     runtime.clone(),
                 )),
                 scheduled: Default::default(),
+                approvals: Default::default(),
                 cfg: parts.cfg,
                 store: parts.store,
                 audit: parts.audit,
