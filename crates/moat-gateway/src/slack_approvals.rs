@@ -2,7 +2,8 @@
 //! Approve and Deny buttons (Block Kit; the action ids carry the request's
 //! random id), its update once decided, and `POST /slack/interactions`, the
 //! endpoint Slack sends button clicks to (`application/x-www-form-urlencoded`
-//! with one field, `payload`, a JSON `block_actions` object).
+//! with one field, `payload`, a JSON `block_actions` object); in Socket
+//! Mode the same payload comes in an `interactive` envelope.
 //!
 //! Must never: read a byte of an interaction before its signature and
 //! timestamp verified (the events endpoint's check, same secret, same
@@ -112,7 +113,13 @@ pub fn parse_click(body: &[u8]) -> Result<Click, &'static str> {
         .find(|(k, _)| k == "payload")
         .map(|(_, v)| v.into_owned())
         .ok_or("no payload field")?;
-    let v: Value = serde_json::from_str(&payload).map_err(|_| "the payload is not JSON")?;
+    parse_payload(payload.as_bytes())
+}
+
+/// Reads an interaction payload (JSON): a click on one of moat's buttons.
+/// Socket Mode delivers it as is, inside an `interactive` envelope.
+pub fn parse_payload(payload: &[u8]) -> Result<Click, &'static str> {
+    let v: Value = serde_json::from_slice(payload).map_err(|_| "the payload is not JSON")?;
     if v["type"] != "block_actions" {
         return Err("not a block_actions payload");
     }
@@ -190,6 +197,23 @@ pub async fn interactions(State(s): State<SlackIn>, headers: HeaderMap, body: By
                 DecideRefusal::Unknown => StatusCode::NOT_FOUND,
             };
             (status, why.message()).into_response()
+        }
+    }
+}
+
+/// A click that came over Socket Mode (authenticated by the connection
+/// moat opened with the app-level token): decided like one over HTTP.
+/// Always acknowledged, refused or not (Slack would only resend it).
+pub fn socket_click(gw: &crate::pipeline::Gateway, payload: &[u8]) {
+    match parse_payload(payload) {
+        Ok(c) => {
+            let _ = gw.decide_approval(&c.id, Platform::Slack, &c.user, c.approve, "slack-socket");
+        }
+        Err(why) => {
+            tracing::debug!(
+                reason = why,
+                "a Socket Mode interaction was not one of moat's buttons"
+            );
         }
     }
 }

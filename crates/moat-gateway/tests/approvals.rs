@@ -522,3 +522,91 @@ async fn attack_i6_an_unknown_sender_is_let_in_only_by_an_admin() {
         .any(|r| r["kind"] == "message" && r["verdict"] == "held" && r["user"] == ERIN));
     gw.stop().await;
 }
+
+// ------------------------------------------------------------------ Socket Mode
+
+/// A Socket Mode envelope of `kind` around `payload` (JSON text).
+fn envelope(kind: &str, id: &str, payload: &str) -> tokio_tungstenite::tungstenite::Message {
+    tokio_tungstenite::tungstenite::Message::text(format!(
+        r#"{{"envelope_id":"{id}","payload":{payload},"type":"{kind}","accepts_response_payload":false,"retry_attempt":0,"retry_reason":""}}"#
+    ))
+}
+
+/// Reads frames until the acknowledgement of `id`.
+async fn ack_of(ws: &mut Ws, id: &str) {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no ack of {id} within 10 s"))
+            .expect("the socket is open")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["envelope_id"] == id {
+                return;
+            }
+        }
+    }
+}
+
+// I6 over Socket Mode: clicks come in `interactive` envelopes on the
+// connection moat opened; a member's click is acknowledged but decides
+// nothing, the admin's approval schedules the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_i6_socket_mode_clicks_are_decided_by_an_admin_only() {
+    use futures_util::SinkExt;
+    let fake = FakeSlack::start().await;
+    let sock = fake.socket().await;
+    let data = data_dir("appr-socket");
+    let gw = Running::start(&config(&fake, &data, Mode::Socket, &team("60s")), &data).await;
+    let (mut ws, _) = sock.accept().await;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        json!({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0APP001"}})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let root = new_ts();
+    let ev = fake.callback(
+        &new_event_id(),
+        mention(OPS, BOB, &root, None, &schedule("i6-socket")),
+    );
+    ws.send(envelope("events_api", "env-1", &ev)).await.unwrap();
+    ack_of(&mut ws, "env-1").await;
+    let (id, ts) = request(&fake, OPS, &root).await;
+    let bobs = click_payload(BOB, &id, true, OPS, &ts).to_string();
+    ws.send(envelope("interactive", "env-2", &bobs))
+        .await
+        .unwrap();
+    ack_of(&mut ws, "env-2").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(tasks_in(&gw, OPS), 0, "a member's click scheduled the task");
+    let carols = click_payload(CAROL, &id, true, OPS, &ts).to_string();
+    ws.send(envelope("interactive", "env-3", &carols))
+        .await
+        .unwrap();
+    ack_of(&mut ws, "env-3").await;
+    let lines = answer(&fake, OPS, &root).await;
+    assert!(lines[0].starts_with("R0 OK task "), "{lines:?}");
+    assert_eq!(tasks_in(&gw, OPS), 1);
+    // Redelivered: acknowledged, decides nothing more.
+    ws.send(envelope("interactive", "env-3r", &carols))
+        .await
+        .unwrap();
+    ack_of(&mut ws, "env-3r").await;
+    let a = approvals(&gw);
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "refused" && r["reason"] == "not_admin" && r["by"] == BOB));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "approved" && r["by"] == CAROL && r["source"] == "slack-socket"));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "refused" && r["reason"] == "already_decided"));
+    assert_eq!(tasks_in(&gw, OPS), 1);
+    drop(ws);
+    gw.stop().await;
+}

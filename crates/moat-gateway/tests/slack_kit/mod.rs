@@ -931,12 +931,26 @@ pub fn approval_id(c: &Call) -> Option<String> {
 /// `id`, posted in `channel` as message `ts`: a `block_actions` payload,
 /// form-encoded as Slack's documentation shows.
 pub fn click_body(user: &str, id: &str, approve: bool, channel: &str, ts: &str) -> String {
+    let payload = click_payload(user, id, approve, channel, ts);
+    let mut out = String::from("payload=");
+    for b in payload.to_string().bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `block_actions` payload of that click (as Socket Mode carries it).
+pub fn click_payload(user: &str, id: &str, approve: bool, channel: &str, ts: &str) -> Value {
     let (action, label) = if approve {
         (format!("moat-approve:{id}"), "Approve")
     } else {
         (format!("moat-deny:{id}"), "Deny")
     };
-    let payload = json!({
+    json!({
         "type": "block_actions",
         "user": {"id": user, "username": user.to_lowercase(), "name": user.to_lowercase(), "team_id": TEAM},
         "api_app_id": "A0APP001",
@@ -951,16 +965,7 @@ pub fn click_body(user: &str, id: &str, approve: bool, channel: &str, ts: &str) 
             "action_id": action, "block_id": "moat-approval", "value": id, "type": "button",
             "text": {"type": "plain_text", "text": label}, "action_ts": format!("{}.000100", now_secs()),
         }],
-    });
-    let mut out = String::from("payload=");
-    for b in payload.to_string().bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    })
 }
 
 /// `GET path` on a new connection.
