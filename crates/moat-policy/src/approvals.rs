@@ -82,8 +82,9 @@ pub enum Unknown {
     RequestApproval,
 }
 
-/// The default `approve_timeout`.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// The default `approve_timeout`: half the default turn limit
+/// (`limits.timeout`, 10m), so a held call is decided before its turn ends.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -197,6 +198,21 @@ impl ApprovalKeys {
     pub fn needs(&self, kind: ApprovalKind) -> bool {
         self.approve.contains(&kind)
     }
+}
+
+/// A channel that holds actions for longer than its turns may run: the
+/// turn would be cut off (and the held call with it) before the timeout.
+pub fn timeout_warning(c: &crate::gateway::ChannelPolicy) -> Option<String> {
+    let turn = c.sandbox_policy().limits.timeout;
+    (!c.approvals.approve.is_empty() && c.approvals.timeout >= turn).then(|| {
+        format!(
+            "channel[{}] ({}) waits up to approve_timeout = {} for an admin, but its turns end after limits.timeout = {}: set approve_timeout below it",
+            c.index,
+            c.describe(),
+            format_duration(c.approvals.timeout),
+            format_duration(turn)
+        )
+    })
 }
 
 /// How a decision on a request came out.
@@ -377,6 +393,22 @@ mod tests {
         assert!(!cfg
             .authorize_admitted(Platform::Slack, "C1", "U9", || true)
             .is_allowed());
+        // Waiting as long as the turn may run (10m by default) is warned
+        // about; the default wait is shorter.
+        let with = |extra: &str| {
+            GatewayConfig::from_toml(&format!(
+                "[[channel]]\nplatform = \"slack\"\nid = \"C1\"\nusers = [\"U1\"]\napprove = [\"schedule\"]\n{extra}"
+            ))
+            .unwrap()
+            .warnings()
+            .iter()
+            .any(|w| w.contains("approve_timeout"))
+        };
+        assert!(with("approve_timeout = \"10m\"\n"));
+        assert!(with(
+            "approve_timeout = \"2m\"\nlimits = { timeout = \"1m\" }\n"
+        ));
+        assert!(!with(""));
     }
 
     #[test]

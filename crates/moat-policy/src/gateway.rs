@@ -566,6 +566,7 @@ impl GatewayConfig {
         }
         for c in &self.channels {
             w.extend(c.untrusted_overrides.iter().cloned());
+            w.extend(crate::approvals::timeout_warning(c));
             if let Some(g) = &c.github {
                 if c.trust == Trust::Untrusted && g.can_write() {
                     w.push(format!(
