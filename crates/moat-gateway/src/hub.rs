@@ -60,6 +60,16 @@ pub enum ConvEvent {
         sha256: String,
         url: Option<String>,
     },
+    /// moat asks the conversation's admins to approve an action
+    /// (docs/approvals.md): an admin POSTs `{"approve": true|false}` to `url`.
+    Approval {
+        id: String,
+        summary: String,
+        detail: Option<String>,
+        url: String,
+    },
+    /// The approval `id` was decided (or timed out).
+    Decided { id: String, text: String },
 }
 
 impl ConvEvent {

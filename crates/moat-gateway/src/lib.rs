@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod agents_setup;
+pub mod approvals;
 pub mod artifacts;
 pub mod github_clone;
 pub mod github_hooks;
@@ -28,6 +29,7 @@ pub mod retention;
 pub mod runner;
 pub mod server;
 pub mod slack;
+pub mod slack_approvals;
 pub mod slack_setup;
 mod store_setup;
 pub mod tasks;

@@ -22,7 +22,10 @@ use std::sync::Arc;
 
 use moat_policy::gateway::Platform;
 
+use moat_policy::approvals::Outcome;
+
 use crate::agent::TurnOutcome;
+use crate::approvals::{ApprovalPost, Decision};
 use crate::artifacts::Artifact;
 
 /// A future a platform's outbound calls return.
@@ -150,6 +153,37 @@ pub trait ChatPlatform: Send + Sync {
     ) -> BoxFut<'a> {
         Box::pin(async {})
     }
+    /// Asks the chat's admins to decide request `req` (docs/approvals.md).
+    /// Returns the platform's id of the message that asked (Slack: its
+    /// `ts`), for [`ChatPlatform::approval_decided`]. A platform without
+    /// buttons says so in a notice; its request can only time out.
+    fn approval<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+    ) -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> {
+        Box::pin(async move {
+            let text = format!(
+                "{} (moat asks for approval here, but this platform has no buttons for it; the request will time out)",
+                req.summary
+            );
+            self.notice(conv, &text).await;
+            None
+        })
+    }
+    /// Request `req` was decided (or timed out); `asked` is what
+    /// [`ChatPlatform::approval`] returned.
+    fn approval_decided<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        _req: &'a ApprovalPost,
+        _asked: Option<&'a str>,
+        d: &'a Decision,
+    ) -> BoxFut<'a> {
+        Box::pin(async move {
+            self.notice(conv, &decision_text(d)).await;
+        })
+    }
     /// The turn ended with this answer.
     fn finished<'a>(
         &'a self,
@@ -184,6 +218,22 @@ pub trait ChatPlatform: Send + Sync {
         turn: i64,
     ) -> BoxFut<'a> {
         self.deliver(conv, refs, outcome, turn)
+    }
+}
+
+/// How a decision reads in the chat: "Approved by U1.", "Timed out: denied."
+pub fn decision_text(d: &Decision) -> String {
+    let by: String =
+        d.by.as_deref()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(100)
+            .collect();
+    match d.outcome {
+        Outcome::Approved => format!("Approved by {by}."),
+        Outcome::Denied => format!("Denied by {by}."),
+        Outcome::TimedOut => "No admin decided in time: denied.".to_string(),
     }
 }
 

@@ -26,6 +26,7 @@ use moat_chat::slack::{
 use moat_policy::gateway::Platform;
 
 use crate::agent::TurnOutcome;
+use crate::approvals::{ApprovalPost, Decision};
 use crate::artifacts::Artifact;
 use crate::metrics::Verdict;
 use crate::pipeline::Gateway;
@@ -168,10 +169,14 @@ async fn events(State(s): State<SlackIn>, headers: HeaderMap, body: Bytes) -> Re
     }
 }
 
-/// The `POST /slack/events` route.
+/// The `POST /slack/events` and `POST /slack/interactions` routes.
 pub fn router(s: SlackIn) -> Router {
     Router::new()
         .route("/slack/events", post(events))
+        .route(
+            "/slack/interactions",
+            post(crate::slack_approvals::interactions),
+        )
         .with_state(s)
 }
 
@@ -257,6 +262,26 @@ impl ChatPlatform for SlackReplier {
                 .await;
             Self::log("chat.postMessage", r);
         })
+    }
+
+    fn approval<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + 'a>> {
+        Box::pin(crate::slack_approvals::post_request(&self.api, conv, req))
+    }
+
+    fn approval_decided<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+        asked: Option<&'a str>,
+        d: &'a Decision,
+    ) -> BoxFut<'a> {
+        Box::pin(crate::slack_approvals::post_decision(
+            &self.api, conv, req, asked, d,
+        ))
     }
 
     fn started<'a>(&'a self, conv: &'a ConvRef, refs: &'a [String]) -> BoxFut<'a> {

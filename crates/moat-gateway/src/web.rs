@@ -336,6 +336,53 @@ async fn events(
         .into_response()
 }
 
+#[derive(Deserialize)]
+struct PostDecision {
+    approve: bool,
+}
+
+/// `POST /api/approvals/{id}`: an admin's decision on a request shown in
+/// their conversation (docs/approvals.md). The decider is the web identity;
+/// moat-policy decides whether they may (an admin of the request's channel).
+async fn decide(
+    State(w): State<Web>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<PostDecision>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let user = match w.identify(peer, &headers) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let Ok(Json(body)) = body else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "send JSON: {\"approve\": true} or {\"approve\": false}"})),
+        )
+            .into_response();
+    };
+    match w
+        .gw
+        .decide_approval(&id, Platform::Web, &user, body.approve, "web")
+    {
+        Ok(o) => Json(json!({"status": o.name()})).into_response(),
+        Err(why) => {
+            use moat_policy::approvals::DecideRefusal;
+            let status = match why {
+                DecideRefusal::NotAdmin => StatusCode::FORBIDDEN,
+                DecideRefusal::AlreadyDecided => StatusCode::CONFLICT,
+                DecideRefusal::Unknown => StatusCode::NOT_FOUND,
+            };
+            (
+                status,
+                Json(json!({"error": why.message(), "reason": why.name()})),
+            )
+                .into_response()
+        }
+    }
+}
+
 /// One artifact of the user's own conversation, as a download.
 async fn artifact(
     State(w): State<Web>,
@@ -483,6 +530,7 @@ pub fn router(gw: Gateway, tokens: HashMap<String, String>) -> Router {
         .route("/api/conversations/{thread}/messages", post(post_message))
         .route("/api/conversations/{thread}/events", get(events))
         .route("/api/conversations/{thread}/artifacts/{id}", get(artifact))
+        .route("/api/approvals/{id}", post(decide))
         .with_state(Web {
             gw,
             tokens: Arc::new(tokens),

@@ -297,7 +297,7 @@ fn retention_purges_old_settled_messages_at_start() {
     std::fs::create_dir_all(&data).unwrap();
     let (old, owed) = {
         let store = moat_store::Store::open(data.join("moat.db")).unwrap();
-        let mut turn = |event: &str, deliver: bool| {
+        let turn = |event: &str, deliver: bool| {
             let (m, c) = match store
                 .insert_message(&moat_store::IncomingMessage {
                     platform: "web".into(),
@@ -1818,5 +1818,118 @@ fn attack_f8_a_per_thread_workspace_is_handed_back_and_audited() {
     );
     // The value (the command) is never in the audit record.
     assert!(!recs.iter().any(|r| r.to_string().contains("touch pwned")));
+    gw.stop();
+}
+
+// ---- docs/threat-model.md I6: approvals in the web chat ----
+
+/// A python3 program for the shell agent: one `tools/call` over the
+/// lease's IPC socket, its result as `R0 OK|ERR text`.
+fn ipc_call(tool: &str, args: &Value) -> String {
+    let arg = json!([tool, args]).to_string();
+    assert!(!arg.contains('\''));
+    let program = [
+        "import socket,json,sys",
+        "s=socket.socket(socket.AF_UNIX); s.connect(\"/run/moat/ipc.sock\"); f=s.makefile(\"rw\")",
+        "def rpc(i,m,p):",
+        "  f.write(json.dumps(dict(jsonrpc=\"2.0\",id=i,method=m,params=p))+chr(10)); f.flush()",
+        "  return json.loads(f.readline())",
+        "rpc(0,\"initialize\",dict(protocolVersion=\"2025-06-18\",capabilities=dict(),clientInfo=dict(name=\"t\",version=\"0\")))",
+        "n,a=json.loads(sys.argv[1])",
+        "r=rpc(1,\"tools/call\",dict(name=n,arguments=a))[\"result\"]",
+        "print(\"R0\", \"ERR\" if r[\"isError\"] else \"OK\", r[\"content\"][0][\"text\"])",
+    ]
+    .join("\n");
+    format!("python3 -c '{program}' '{arg}'")
+}
+
+// I6 on the web chat: Bob's schedule_task waits; his own click, a click
+// without an identity and a cross-site POST with the admin's token are
+// refused (nothing stored); Alice's approval schedules it; a second click
+// is refused as decided.
+#[test]
+fn attack_i6_web_approvals_are_decided_by_an_admin_once() {
+    let (gw, ta, tb) = token_gw(
+        "approvals",
+        1,
+        "users = [\"bob\"]\nadmins = [\"alice\"]\napprove = [\"schedule\"]\napprove_timeout = \"60s\"\ndebounce = \"0ms\"",
+    );
+    let bob = gw.client(Some(&tb));
+    let prompt = format!("echo web-i6-{}", random_hex(4));
+    let call = ipc_call(
+        "schedule_task",
+        &json!({"prompt": prompt, "schedule_type": "interval", "schedule_value": "1h"}),
+    );
+    assert_eq!(bob.post("t", &call).status, 202);
+    let mut sse = bob.events("t").expect("Bob's event stream");
+    let evs = sse.until(WAIT, |v| v["type"] == "approval");
+    let ev = evs.last().unwrap().clone();
+    let url = ev["url"].as_str().unwrap().to_string();
+    assert!(ev["detail"].as_str().unwrap().contains(&prompt), "{ev}");
+    let stored = || {
+        gw.gw
+            .inner
+            .store
+            .tasks_of_channel("web", "bob")
+            .unwrap()
+            .len()
+    };
+    let decide = |token: Option<&str>, extra: &[(&str, &str)], approve: bool| {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut h: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
+        if let Some(a) = &auth {
+            h.push(("Authorization", a.as_str()));
+        }
+        h.extend_from_slice(extra);
+        request(
+            gw.web,
+            "POST",
+            &url,
+            &h,
+            Some(&json!({ "approve": approve }).to_string()),
+        )
+    };
+    // Bob may not approve his own request; nobody without an identity; a
+    // page of another site not even with Alice's token.
+    assert_eq!(decide(Some(&tb), &[], true).status, 403);
+    assert_eq!(decide(None, &[], true).status, 401);
+    assert_eq!(
+        decide(Some(&ta), &[("Origin", "http://evil.test")], true).status,
+        403
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        stored(),
+        0,
+        "the task was stored before an admin approved it"
+    );
+    // Alice approves: the call returns and the task is Bob's.
+    let r = decide(Some(&ta), &[], true);
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, json!("approved"))
+    );
+    let evs = sse.answers(1);
+    let answer = answers_of(&evs).remove(0).0;
+    assert!(answer.starts_with("R0 OK task "), "{answer}");
+    assert!(evs.iter().any(|v| v["type"] == "decided"
+        && v["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Approved by alice")));
+    assert_eq!(stored(), 1);
+    // Decided once.
+    assert_eq!(decide(Some(&ta), &[], false).status, 409);
+    let a = gw.audit_kind("approval");
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "refused" && r["reason"] == "not_admin" && r["by"] == "bob"));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "approved" && r["by"] == "alice" && r["source"] == "web"));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "refused" && r["reason"] == "already_decided"));
+    assert_eq!(a.iter().filter(|r| r["verdict"] == "approved").count(), 1);
     gw.stop();
 }

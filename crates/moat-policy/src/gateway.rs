@@ -318,6 +318,8 @@ pub struct ChannelPolicy {
     /// `conversation`, `trigger` and `mention`: which messages start a turn
     /// and what one conversation is.
     pub chat: crate::chat_keys::ChatKeys,
+    /// `approve`, `approve_timeout` and `unknown` (docs/approvals.md).
+    pub approvals: crate::approvals::ApprovalKeys,
     /// Loosened tightened keys of an untrusted channel, for `warnings()`.
     untrusted_overrides: Vec<String>,
     policy: SandboxPolicy,
@@ -566,6 +568,7 @@ impl GatewayConfig {
         }
         for c in &self.channels {
             w.extend(c.untrusted_overrides.iter().cloned());
+            w.extend(crate::approvals::timeout_warning(c));
             if let Some(g) = &c.github {
                 if c.trust == Trust::Untrusted && g.can_write() {
                     w.push(format!(
@@ -780,6 +783,9 @@ struct RawSettings {
     conversation: Option<String>,
     trigger: Option<String>,
     mention: Option<String>,
+    approve: Option<Vec<String>>,
+    approve_timeout: Option<String>,
+    unknown: Option<String>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
@@ -816,6 +822,9 @@ struct RawChannel {
     conversation: Option<String>,
     trigger: Option<String>,
     mention: Option<String>,
+    approve: Option<Vec<String>>,
+    approve_timeout: Option<String>,
+    unknown: Option<String>,
 }
 
 impl RawChannel {
@@ -848,6 +857,9 @@ impl RawChannel {
             conversation: self.conversation,
             trigger: self.trigger,
             mention: self.mention,
+            approve: self.approve,
+            approve_timeout: self.approve_timeout,
+            unknown: self.unknown,
         };
         (self.platform, self.id, s)
     }
@@ -1169,6 +1181,7 @@ struct Settings {
     mounts: Vec<crate::memory::ChannelMount>,
     policy: SandboxPolicy,
     chat: crate::chat_keys::ChatKeys,
+    approvals: crate::approvals::ApprovalKeys,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -1196,6 +1209,7 @@ impl Settings {
             mounts: Vec::new(),
             policy: SandboxPolicy::default(),
             chat: crate::chat_keys::ChatKeys::default(),
+            approvals: crate::approvals::ApprovalKeys::default(),
         }
     }
 
@@ -1277,6 +1291,8 @@ impl Settings {
         }
         self.chat
             .apply(raw.conversation, raw.trigger, raw.mention, at)?;
+        self.approvals
+            .apply(raw.approve, raw.approve_timeout, raw.unknown, at)?;
         if let Some(d) = raw.debounce {
             self.debounce = Some(duration_in(
                 &d,
@@ -1789,6 +1805,7 @@ impl GatewayConfig {
                     "uses the pool, but the pool may hold no sandbox (pool.size or pool.max = 0); set pool.max to 1 or more, or sandbox = \"per-thread\"",
                 ));
             }
+            s.approvals.check(platform, &at)?;
             channels.push(ChannelPolicy {
                 index: i,
                 platform,
@@ -1812,6 +1829,7 @@ impl GatewayConfig {
                     .transpose()?,
                 mounts: s.mounts,
                 chat: s.chat,
+                approvals: s.approvals,
                 untrusted_overrides,
                 policy: s.policy,
             });

@@ -25,6 +25,7 @@
 // Outside input never reaches an `unwrap`/`expect` (house style); tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod admitted;
 mod conversations;
 mod crypt;
 mod db;

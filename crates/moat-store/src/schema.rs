@@ -197,6 +197,18 @@ ALTER TABLE turns ADD COLUMN answer_verbatim INTEGER NOT NULL DEFAULT 0
     CHECK (answer_verbatim IN (0, 1));
 CREATE INDEX turns_undelivered ON turns (id) WHERE delivery = 'pending';
 "#,
+    // 8: unknown senders an admin let in (docs/approvals.md,
+    // `unknown = "request_approval"`).
+    r#"
+CREATE TABLE admitted_users (
+    platform        TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    user            TEXT NOT NULL,
+    admitted_by     TEXT NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    PRIMARY KEY (platform, channel, user)
+) STRICT;
+"#,
 ];
 
 /// The same migrations for PostgreSQL, step for step.
@@ -350,6 +362,17 @@ ALTER TABLE turns ADD COLUMN delivered_ms BIGINT;
 ALTER TABLE turns ADD COLUMN answer_verbatim BIGINT NOT NULL DEFAULT 0
     CHECK (answer_verbatim IN (0, 1));
 CREATE INDEX turns_undelivered ON turns (id) WHERE delivery = 'pending';
+"#,
+    // 8: unknown senders an admin let in.
+    r#"
+CREATE TABLE admitted_users (
+    platform        TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    "user"          TEXT NOT NULL,
+    admitted_by     TEXT NOT NULL,
+    created_ms      BIGINT NOT NULL,
+    PRIMARY KEY (platform, channel, "user")
+);
 "#,
 ];
 
@@ -610,6 +633,7 @@ mod tests {
         assert_eq!(
             tables(&conn),
             [
+                "admitted_users",
                 "conversation_owners",
                 "conversations",
                 "github_deliveries",

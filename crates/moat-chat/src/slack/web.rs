@@ -348,6 +348,45 @@ impl WebApi {
         ts_of(method, &v)
     }
 
+    /// `chat.postMessage` with Block Kit `blocks` (buttons, ...) and
+    /// `text` as the notification's fallback. Returns the message's `ts`.
+    pub async fn post_blocks(
+        &self,
+        channel: &str,
+        thread_ts: Option<&str>,
+        text: &str,
+        blocks: &serde_json::Value,
+    ) -> Result<String, WebApiError> {
+        let method = "chat.postMessage";
+        let mut body = serde_json::json!({
+            "channel": channel,
+            "text": text,
+            "blocks": blocks,
+            "unfurl_links": false,
+            "unfurl_media": false,
+        });
+        if let Some(t) = thread_ts {
+            body["thread_ts"] = t.into();
+        }
+        let v = self.call(method, Body::Json(&body)).await?;
+        ts_of(method, &v)
+    }
+
+    /// `chat.update` of the bot's message `ts` to `text` and `blocks` (an
+    /// empty list removes the old blocks, e.g. spent buttons).
+    pub async fn update_blocks(
+        &self,
+        channel: &str,
+        ts: &str,
+        text: &str,
+        blocks: &serde_json::Value,
+    ) -> Result<(), WebApiError> {
+        let method = "chat.update";
+        let body =
+            serde_json::json!({ "channel": channel, "ts": ts, "text": text, "blocks": blocks });
+        self.call(method, Body::Json(&body)).await.map(drop)
+    }
+
     /// `chat.update`: replaces the text of the bot's message `ts`.
     pub async fn update_message(
         &self,

@@ -152,6 +152,8 @@ pub struct Inner {
     /// now: recovery (run again on every beat of a shared store) leaves
     /// them alone.
     pub(crate) delivering: Mutex<HashSet<i64>>,
+    /// Requests waiting for an admin (crate::approvals).
+    pub(crate) approvals: crate::approvals::Desk,
 }
 
 /// The gateway: clone it freely.
@@ -241,6 +243,7 @@ impl Gateway {
                 )),
                 scheduled: Default::default(),
                 delivering: Default::default(),
+                approvals: Default::default(),
                 cfg: parts.cfg,
                 store: parts.store,
                 audit: parts.audit,

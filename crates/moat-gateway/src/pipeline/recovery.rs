@@ -37,7 +37,7 @@ impl Gateway {
                 continue;
             };
             let Authorization::Allowed { channel, .. } =
-                self.inner.cfg.authorize(platform, &conv.channel, &m.user)
+                self.authorize(platform, &conv.channel, &m.user)
             else {
                 self.inner.store.set_message_state(
                     m.id,

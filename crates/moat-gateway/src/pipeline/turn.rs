@@ -184,7 +184,7 @@ impl Gateway {
             Ok(mut held) => {
                 // The lease's IPC endpoint speaks for this turn's sender.
                 if let (Some(ep), Some(user)) = (held.ipc(), batch.first().map(|p| &p.user)) {
-                    crate::ipc::bind_turn(ep, &self.inner.cfg, &conv, &channel, user);
+                    crate::ipc::bind_turn(ep, &self, &conv, &channel, user);
                 }
                 set_status("running");
                 out.phase(&conv, "running").await;

@@ -927,6 +927,82 @@ pub async fn post_signed(addr: SocketAddr, body: &str) -> Resp {
     post_event(addr, body, &signed_headers(body, now_secs())).await
 }
 
+/// POSTs a form body (an interaction: `payload=...`) to
+/// `/slack/interactions` with `headers`, on a new connection.
+pub async fn post_interaction(addr: SocketAddr, body: &str, headers: &[(String, String)]) -> Resp {
+    let mut r = format!(
+        "POST /slack/interactions HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    r.push_str(body);
+    Conn::open(addr)
+        .await
+        .send_raw(r.as_bytes())
+        .await
+        .expect("POST /slack/interactions")
+}
+
+/// The approval id in the action ids of a request's buttons (a
+/// `chat.postMessage` with `blocks`), if it is one.
+pub fn approval_id(c: &Call) -> Option<String> {
+    c.args["blocks"]
+        .as_array()?
+        .iter()
+        .flat_map(|b| b["elements"].as_array().cloned().unwrap_or_default())
+        .find_map(|e| {
+            e["action_id"]
+                .as_str()?
+                .strip_prefix("moat-approve:")
+                .map(str::to_string)
+        })
+}
+
+/// The body Slack sends when `user` clicks Approve (or Deny) on request
+/// `id`, posted in `channel` as message `ts`: a `block_actions` payload,
+/// form-encoded as Slack's documentation shows.
+pub fn click_body(user: &str, id: &str, approve: bool, channel: &str, ts: &str) -> String {
+    let payload = click_payload(user, id, approve, channel, ts);
+    let mut out = String::from("payload=");
+    for b in payload.to_string().bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `block_actions` payload of that click (as Socket Mode carries it).
+pub fn click_payload(user: &str, id: &str, approve: bool, channel: &str, ts: &str) -> Value {
+    let (action, label) = if approve {
+        (format!("moat-approve:{id}"), "Approve")
+    } else {
+        (format!("moat-deny:{id}"), "Deny")
+    };
+    json!({
+        "type": "block_actions",
+        "user": {"id": user, "username": user.to_lowercase(), "name": user.to_lowercase(), "team_id": TEAM},
+        "api_app_id": "A0APP001",
+        "token": "legacy-verification-token-unused",
+        "container": {"type": "message", "message_ts": ts, "channel_id": channel, "is_ephemeral": false},
+        "trigger_id": "1234567890.0987654321.abcdef",
+        "team": {"id": TEAM, "domain": "fake"},
+        "channel": {"id": channel, "name": "a-channel"},
+        "message": {"type": "message", "ts": ts, "user": BOT_USER},
+        "response_url": "https://hooks.slack.test/actions/T0TEAM01/1/x",
+        "actions": [{
+            "action_id": action, "block_id": "moat-approval", "value": id, "type": "button",
+            "text": {"type": "plain_text", "text": label}, "action_ts": format!("{}.000100", now_secs()),
+        }],
+    })
+}
+
 /// `GET path` on a new connection.
 pub async fn get(addr: SocketAddr, path: &str) -> Resp {
     Conn::open(addr)
