@@ -438,6 +438,8 @@ pub struct GatewayConfig {
     pub telegram: crate::platforms::TelegramConfig,
     /// `[whatsapp]`.
     pub whatsapp: crate::platforms::WhatsAppConfig,
+    /// `[discord]`.
+    pub discord: crate::platforms::DiscordConfig,
     pub pool: PoolConfig,
     pub groups: Vec<Group>,
     /// In file order.
@@ -646,6 +648,8 @@ struct RawFile {
     telegram: crate::platforms::RawTelegram,
     #[serde(default)]
     whatsapp: crate::platforms::RawWhatsApp,
+    #[serde(default)]
+    discord: crate::platforms::RawDiscord,
     #[serde(default)]
     pool: RawPool,
     #[serde(default)]
@@ -1713,6 +1717,9 @@ impl GatewayConfig {
             ));
         }
 
+        // [discord]
+        let discord = crate::platforms::discord(raw.discord, slack_api_url)?;
+
         // [defaults]
         let mut defaults = Settings::initial();
         defaults.apply(raw.defaults, "defaults", &ctx, None)?;
@@ -1822,6 +1829,7 @@ impl GatewayConfig {
             slack,
             telegram,
             whatsapp,
+            discord,
             pool,
             groups,
             channels,

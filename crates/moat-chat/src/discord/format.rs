@@ -1,0 +1,157 @@
+//! Answers for Discord. Discord renders Markdown itself, so the agent's
+//! Markdown is kept, except what could notify someone or hide a link:
+//! `@everyone`, `@here`, `<@user>`, `<@&role>`, `<#channel>` and
+//! `</command:id>` are broken by an invisible zero-width space, and a
+//! masked link `[text](url)` is shown as `text (<url>)` (its target in
+//! view, no preview). Code blocks and spans are left as written: Discord
+//! renders nothing inside them.
+//!
+//! This is defence in depth: every message moat sends also carries
+//! `allowed_mentions = {"parse": []}` (`api.rs`), so even a mention that got
+//! through would notify nobody.
+//!
+//! Must never: leave an agent's mass mention, user or role mention or masked
+//! link live outside code. Pure functions.
+
+/// Discord's limit is 2,000 characters a message; moat splits the Markdown
+/// at 1,900, leaving room for the zero-width spaces formatting adds.
+pub const DISCORD_CHUNK: usize = 1900;
+/// Discord refuses a longer `content`.
+pub const DISCORD_LIMIT: usize = 2000;
+
+/// U+200B ZERO WIDTH SPACE: invisible, and breaks Discord's mention syntax.
+const ZWSP: char = '\u{200B}';
+
+/// One Markdown piece (from `crate::format::chunk`) made safe for Discord,
+/// at most [`DISCORD_LIMIT`] characters.
+pub fn to_discord(markdown: &str) -> String {
+    let mut out = String::with_capacity(markdown.len() + 16);
+    let mut in_block = false;
+    for (i, line) in markdown.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        if line.trim_start().starts_with("```") {
+            in_block = !in_block;
+            out.push_str(line);
+            continue;
+        }
+        if in_block {
+            out.push_str(line);
+        } else {
+            inline(&mut out, line);
+        }
+    }
+    if out.chars().count() > DISCORD_LIMIT {
+        // Only reachable by a piece full of mentions: cut, never refused.
+        out = out.chars().take(DISCORD_LIMIT - 1).collect();
+        out.push('…');
+    }
+    out
+}
+
+/// A line outside code blocks: code spans as they are, the rest defused.
+fn inline(out: &mut String, line: &str) {
+    let mut rest = line;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('`') {
+            if let Some(end) = after.find('`') {
+                out.push('`');
+                out.push_str(&after[..=end]);
+                rest = &after[end + 1..];
+                continue;
+            }
+        }
+        if rest.starts_with('[') {
+            if let Some((text, url, used)) = link(rest) {
+                defuse(out, text);
+                out.push_str(" (<");
+                out.push_str(url);
+                out.push_str(">)");
+                rest = &rest[used..];
+                continue;
+            }
+        }
+        let next = rest
+            .char_indices()
+            .skip(1)
+            .find(|(_, c)| matches!(c, '`' | '['))
+            .map(|(i, _)| i)
+            .unwrap_or(rest.len());
+        defuse(out, &rest[..next]);
+        rest = &rest[next..];
+    }
+}
+
+/// `s` with every mention form broken.
+fn defuse(out: &mut String, s: &str) {
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        match (c, chars.peek()) {
+            ('@', Some(_)) => out.push(ZWSP),
+            ('<', Some('@' | '#' | '/')) => out.push(ZWSP),
+            _ => {}
+        }
+    }
+}
+
+/// `[text](url)` at the start of `s`: text, url (without `<>`) and bytes
+/// used.
+fn link(s: &str) -> Option<(&str, &str, usize)> {
+    let close = s.find("](")?;
+    let text = &s[1..close];
+    if text.contains('[') || text.contains('\n') {
+        return None;
+    }
+    let after = &s[close + 2..];
+    let end = after.find(')')?;
+    let url = after[..end].trim_start_matches('<').trim_end_matches('>');
+    if url.is_empty() || url.contains(char::is_whitespace) || url.contains(['<', '>']) {
+        return None;
+    }
+    Some((text, url, close + 2 + end + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_and_code_are_kept() {
+        assert_eq!(
+            to_discord("**bold** and `a@b <@1>`\n```\n@everyone <@&2>\n```"),
+            "**bold** and `a@b <@1>`\n```\n@everyone <@&2>\n```"
+        );
+        assert_eq!(to_discord("mail me: a@"), "mail me: a@");
+    }
+
+    /// P3: whatever the agent writes, outside code nothing is a live mass,
+    /// user, role, channel or command mention, and no link hides its target.
+    #[test]
+    fn attack_p3_discord_answers_mention_nobody_and_show_link_targets() {
+        let evil = "@everyone @here <@123> <@!123> <@&456> <#789> </ban:1> \
+                    [✅ moat: done](https://evil.example/x) [ok](<https://evil.example/y>)";
+        let out = to_discord(evil);
+        for live in [
+            "@everyone",
+            "@here",
+            "<@1",
+            "<@!",
+            "<@&",
+            "<#7",
+            "</b",
+            "](",
+        ] {
+            assert!(!out.contains(live), "{live} live in {out}");
+        }
+        assert!(
+            out.contains("✅ moat: done (<https://evil.example/x>)"),
+            "{out}"
+        );
+        assert!(out.contains("ok (<https://evil.example/y>)"), "{out}");
+        // Every piece stays within Discord's limit, even one all mentions.
+        let flood = "@a ".repeat(700);
+        assert!(to_discord(&flood).chars().count() <= DISCORD_LIMIT);
+    }
+}
