@@ -1354,6 +1354,10 @@ impl Settings {
     }
 }
 
+/// The `[[channel]] platform = "discord"` id of the bot's direct messages
+/// (each direct message channel is a conversation of it).
+pub const DISCORD_DMS: &str = "dm";
+
 /// Channel ids as platforms write them. A Slack id is what the channel's
 /// details show (`C0123ABCD`), never its `#name`.
 fn check_channel_id(platform: Platform, id: &str, key: &str) -> Result<(), PolicyError> {
@@ -1374,6 +1378,9 @@ fn check_channel_id(platform: Platform, id: &str, key: &str) -> Result<(), Polic
                 ));
             }
         }
+        // Discord's direct messages: their channel ids are not known in
+        // advance, so they are one entry.
+        Platform::Discord if id == DISCORD_DMS => {}
         Platform::Telegram | Platform::WhatsApp | Platform::Discord => {
             let digits = id
                 .strip_prefix('-')
@@ -1386,7 +1393,7 @@ fn check_channel_id(platform: Platform, id: &str, key: &str) -> Result<(), Polic
                 let what = match platform {
                     Platform::Telegram => "a Telegram chat id (a number, negative for groups, e.g. \"-1001234567890\")",
                     Platform::WhatsApp => "a WhatsApp phone number id (the number's id in the app's WhatsApp settings, digits only)",
-                    _ => "a Discord channel id (the digits \"Copy Channel ID\" gives)",
+                    _ => "a Discord channel id (the digits \"Copy Channel ID\" gives), \"dm\" for direct messages,",
                 };
                 return Err(err(key, format!("{id:?} is not {what}, or \"*\" for any")));
             }
