@@ -71,15 +71,18 @@ pub async fn connect(
     }
     let token = match secret("DISCORD_BOT_TOKEN") {
         Some(v) if !v.trim().is_empty() => Secret::new(v.trim().to_string()),
-        _ => {
-            return Err(ServeError::Config(
-                "discord.enabled = true needs DISCORD_BOT_TOKEN in moat's environment or secrets file".into(),
-            ))
-        }
+        _ => return Err(ServeError::Config(
+            "discord.enabled = true needs DISCORD_BOT_TOKEN in moat's environment or secrets file"
+                .into(),
+        )),
     };
     // The configuration allows http:// and ws:// only for a loopback host.
-    let api = RestApi::new(&cfg.api_url, cfg.api_url.starts_with("http://"), token.clone())
-        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let api = RestApi::new(
+        &cfg.api_url,
+        cfg.api_url.starts_with("http://"),
+        token.clone(),
+    )
+    .map_err(|e| ServeError::Config(e.to_string()))?;
     let bot = api.me().await.map_err(|e| {
         ServeError::Config(format!(
             "Discord refused DISCORD_BOT_TOKEN (GET /users/@me): {e}"
@@ -334,10 +337,7 @@ impl DiscordOut {
 
     async fn react(&self, conv: &ConvRef, refs: &[String], emoji: &str, add: bool) {
         for r in refs {
-            Self::log(
-                "react",
-                self.api.react(target(conv), r, emoji, add).await,
-            );
+            Self::log("react", self.api.react(target(conv), r, emoji, add).await);
         }
     }
 }
