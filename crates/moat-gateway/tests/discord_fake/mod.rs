@@ -16,6 +16,11 @@
 //!   second, announced with `X-RateLimit-Bucket`/`-Remaining`/`-Reset-After`;
 //!   a call over the limit is a 429 and counted as a violation), and a 429
 //!   with a JSON `retry_after` on demand.
+//!
+//! Shared by moat-gateway's tests/discord.rs and moat's tests/discord_agent.rs
+//! (not every test binary uses every helper).
+
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
