@@ -23,7 +23,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moat_chat::discord::format::{to_discord, DISCORD_CHUNK};
+use moat_chat::discord::format::{fit, to_discord, DISCORD_CHUNK};
 use moat_chat::discord::gateway::{self, Dispatch, GatewayParams};
 use moat_chat::discord::{
     is_thread, parse_message, BotUser, ChannelInfo, DcMessage, DiscordError, Incoming, RestApi,
@@ -413,7 +413,9 @@ impl ChatPlatform for DiscordOut {
             // busy channel it shows what is answered.
             let mut reply_to = refs.last().map(String::as_str);
             for part in parts {
-                self.send(conv, &to_discord(&part), reply_to.take()).await;
+                for msg in fit(&part) {
+                    self.send(conv, &msg, reply_to.take()).await;
+                }
             }
             if let Ok(mut t) = self.typing.lock() {
                 t.remove(&conv.id);

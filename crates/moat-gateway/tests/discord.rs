@@ -81,11 +81,8 @@ fn assert_all_posts_safe(fake: &FakeDiscord) {
                 c.body
             );
             if let Some(t) = c.body["content"].as_str() {
-                assert!(
-                    t.chars().count() <= 2000,
-                    "{} characters",
-                    t.chars().count()
-                );
+                let n = t.encode_utf16().count();
+                assert!(n <= 2000, "{n} UTF-16 units");
             }
         }
     }
@@ -174,7 +171,7 @@ fn a_dm_a_thread_and_a_channel_mention_are_answered_with_reactions_retries_and_c
     assert!(long.len() >= 6, "{} messages", long.len());
     for c in &long {
         let t = c.body["content"].as_str().unwrap();
-        assert!(t.chars().count() <= 2000);
+        assert!(t.encode_utf16().count() <= 2000);
         assert_eq!(t.matches("```").count() % 2, 0, "{t}");
     }
     assert_eq!(

@@ -25,6 +25,11 @@ const ZWSP: char = '\u{200B}';
 /// One Markdown piece (from `crate::format::chunk`) made safe for Discord,
 /// at most [`DISCORD_LIMIT`] characters.
 pub fn to_discord(markdown: &str) -> String {
+    cap(defused(markdown))
+}
+
+/// The piece with every mention and masked link outside code defused.
+fn defused(markdown: &str) -> String {
     let mut out = String::with_capacity(markdown.len() + 16);
     let mut in_block = false;
     for (i, line) in markdown.split('\n').enumerate() {
@@ -42,12 +47,51 @@ pub fn to_discord(markdown: &str) -> String {
             inline(&mut out, line);
         }
     }
-    if out.chars().count() > DISCORD_LIMIT {
-        // Only reachable by a piece full of mentions: cut, never refused.
-        out = out.chars().take(DISCORD_LIMIT - 1).collect();
-        out.push('…');
+    out
+}
+
+/// `out` cut to [`DISCORD_LIMIT`] units.
+fn cap(mut out: String) -> String {
+    if units(&out) > DISCORD_LIMIT {
+        // Only reachable by a piece `fit` could not split: cut, never refused.
+        let mut cut = String::new();
+        let mut n = 0;
+        for c in out.chars() {
+            if n + c.len_utf16() > DISCORD_LIMIT - 1 {
+                break;
+            }
+            n += c.len_utf16();
+            cut.push(c);
+        }
+        cut.push('…');
+        out = cut;
     }
     out
+}
+
+/// Length as Discord may count it: UTF-16 code units (never fewer than
+/// characters, so a piece within it is within either count).
+pub fn units(s: &str) -> usize {
+    s.encode_utf16().count()
+}
+
+/// One Markdown piece as Discord messages: [`to_discord`] of it, or, when
+/// that is longer than Discord allows (emoji count twice in UTF-16, each
+/// defused mention adds a character), of smaller pieces of it.
+pub fn fit(markdown: &str) -> Vec<String> {
+    let mut limit = DISCORD_CHUNK;
+    loop {
+        let pieces = if limit == DISCORD_CHUNK {
+            vec![markdown.to_string()]
+        } else {
+            crate::format::chunk(markdown, limit)
+        };
+        let out: Vec<String> = pieces.iter().map(|p| defused(p)).collect();
+        if limit <= 200 || out.iter().all(|m| units(m) <= DISCORD_LIMIT) {
+            return out.into_iter().map(cap).collect();
+        }
+        limit /= 2;
+    }
 }
 
 /// A line outside code blocks: code spans as they are, the rest defused.
@@ -152,6 +196,23 @@ mod tests {
         assert!(out.contains("ok (<https://evil.example/y>)"), "{out}");
         // Every piece stays within Discord's limit, even one all mentions.
         let flood = "@a ".repeat(700);
-        assert!(to_discord(&flood).chars().count() <= DISCORD_LIMIT);
+        assert!(units(&to_discord(&flood)) <= DISCORD_LIMIT);
+    }
+
+    #[test]
+    fn pieces_of_emoji_or_mentions_are_split_not_cut() {
+        for piece in ["😀".repeat(1900), "@a ".repeat(633)] {
+            let msgs = fit(&piece);
+            assert!(msgs.len() >= 2, "{}", msgs.len());
+            assert!(msgs.iter().all(|m| units(m) <= DISCORD_LIMIT));
+            let kept: String = msgs
+                .concat()
+                .chars()
+                .filter(|c| *c != ZWSP && !c.is_whitespace())
+                .collect();
+            let want: String = piece.chars().filter(|c| !c.is_whitespace()).collect();
+            assert_eq!(kept, want);
+        }
+        assert_eq!(fit("plain"), vec!["plain".to_string()]);
     }
 }

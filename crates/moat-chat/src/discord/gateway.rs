@@ -369,9 +369,10 @@ where
                     }
                 }
                 drop_for_resume(&mut ws).await;
+                // Not `healthy`: a session refused again and again backs off.
                 return End::Again {
                     resume: resumable,
-                    healthy: true,
+                    healthy: false,
                 };
             }
             0 => {

@@ -76,6 +76,8 @@ pub struct RestState {
 
 #[derive(Default)]
 pub struct GwState {
+    /// Wakes the connection when something is queued for it.
+    wake: Arc<tokio::sync::Notify>,
     pub seq: u64,
     /// Dispatches (seq, type, data), replayed on RESUME.
     pub history: Vec<(u64, String, Value)>,
@@ -226,7 +228,8 @@ async fn messages(
     s.buckets.insert(chan.clone(), (start, used + 1));
     let remaining = (BUCKET_LIMIT - used - 1).to_string();
     let content = parsed["content"].as_str().unwrap_or("");
-    if content.chars().count() > 2000 || (content.is_empty() && !multipart) {
+    // 2,000 characters; counted in UTF-16 units, the stricter reading.
+    if content.encode_utf16().count() > 2000 || (content.is_empty() && !multipart) {
         call.status = 400;
         s.calls.push(call);
         return (
@@ -342,16 +345,24 @@ async fn gateway_conn(stream: tokio::net::TcpStream, st: Arc<Mutex<GwState>>, me
                 return;
             }
         }
-        let frame = match tokio::time::timeout(Duration::from_millis(20), ws.next()).await {
-            Err(_) => continue,
-            Ok(Some(Ok(WsMessage::Text(t)))) => t,
-            Ok(Some(Ok(WsMessage::Close(c)))) => {
+        let wake = st.lock().unwrap().wake.clone();
+        let next = tokio::select! {
+            n = ws.next() => Some(n),
+            _ = wake.notified() => None,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => None,
+        };
+        let Some(next) = next else {
+            continue;
+        };
+        let frame = match next {
+            Some(Ok(WsMessage::Text(t))) => t,
+            Some(Ok(WsMessage::Close(c))) => {
                 if let Some(c) = c {
                     st.lock().unwrap().closes.push(u16::from(c.code));
                 }
                 return;
             }
-            Ok(Some(Ok(_))) => continue,
+            Some(Ok(_)) => continue,
             _ => return,
         };
         let f: Value = serde_json::from_str(frame.as_str()).unwrap_or(Value::Null);
@@ -545,6 +556,7 @@ impl FakeDiscord {
         s.seq += 1;
         let seq = s.seq;
         s.history.push((seq, t.to_string(), d));
+        s.wake.notify_waiters();
         seq
     }
 
@@ -566,7 +578,9 @@ impl FakeDiscord {
 
     /// Sends `frame` on the current connection (op 7, op 9).
     pub fn send_op(&self, frame: Value) {
-        self.gw.lock().unwrap().pending = Some(frame);
+        let mut s = self.gw.lock().unwrap();
+        s.pending = Some(frame);
+        s.wake.notify_waiters();
     }
 
     /// Ready for messages: identified at least once.
