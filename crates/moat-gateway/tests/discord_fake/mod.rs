@@ -61,6 +61,8 @@ pub struct Call {
     pub body: Value,
     pub raw: Vec<u8>,
     pub status: u16,
+    /// When the call reached the fake.
+    pub at: Instant,
 }
 
 #[derive(Default)]
@@ -70,6 +72,8 @@ pub struct RestState {
     pub throttle: u32,
     /// Calls made while the bucket was exhausted.
     pub violations: u32,
+    /// No per-channel bucket (benchmarks).
+    pub unlimited: bool,
     buckets: std::collections::HashMap<String, (Instant, u32)>,
     next_id: u64,
 }
@@ -192,6 +196,7 @@ async fn messages(
         body: parsed.clone(),
         raw: body.to_vec(),
         status: 200,
+        at: Instant::now(),
     };
     if s.throttle > 0 {
         s.throttle -= 1;
@@ -214,7 +219,7 @@ async fn messages(
         .unwrap_or((now, 0));
     let left = BUCKET_WINDOW.saturating_sub(now.duration_since(start));
     let reset = format!("{:.3}", left.as_secs_f64());
-    if used >= BUCKET_LIMIT {
+    if used >= BUCKET_LIMIT && !s.unlimited {
         s.violations += 1;
         call.status = 429;
         s.calls.push(call);
@@ -226,7 +231,10 @@ async fn messages(
             .into_response();
     }
     s.buckets.insert(chan.clone(), (start, used + 1));
-    let remaining = (BUCKET_LIMIT - used - 1).to_string();
+    let remaining = BUCKET_LIMIT
+        .saturating_sub(used + 1)
+        .max(u32::from(s.unlimited))
+        .to_string();
     let content = parsed["content"].as_str().unwrap_or("");
     // 2,000 characters; counted in UTF-16 units, the stricter reading.
     if content.encode_utf16().count() > 2000 || (content.is_empty() && !multipart) {
@@ -267,6 +275,7 @@ async fn typing(
         body: Value::Null,
         raw: Vec::new(),
         status: 204,
+        at: Instant::now(),
     });
     StatusCode::NO_CONTENT.into_response()
 }
@@ -286,6 +295,7 @@ async fn reaction(
         body: json!({"emoji": emoji}),
         raw: Vec::new(),
         status: 204,
+        at: Instant::now(),
     });
     StatusCode::NO_CONTENT.into_response()
 }
