@@ -180,6 +180,21 @@ fn a_dm_a_thread_and_a_channel_mention_are_answered_with_reactions_retries_and_c
         "a call went out while its bucket was empty"
     );
 
+    // moat's own command: `status` in a thread, a notice in italics.
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        message(THREAD, false, ALICE, &mention("status"), true),
+    );
+    fake.wait("the status notice", |_| {
+        !fake.posted_with("Messages waiting: 0.").is_empty()
+    });
+    let n = &fake.posted_with("Messages waiting: 0.")[0];
+    assert!(n.path.contains(THREAD));
+    assert_eq!(
+        n.body["content"],
+        json!("*Sandbox: idle. Messages waiting: 0.*")
+    );
+
     // Stickers: told once what moat reads, not run.
     for _ in 0..2 {
         let mut s = message(DM, true, ALICE, "", false);
