@@ -588,4 +588,46 @@ mod tests {
         }
         assert!(is_thread(11) && !is_thread(0) && !is_thread(1));
     }
+
+    fn call(route: &'static str, major: &'static str) -> Call<'static> {
+        Call {
+            route,
+            method: Method::POST,
+            path: String::new(),
+            major,
+        }
+    }
+
+    /// An exhausted bucket blocks its route in that channel until the reset,
+    /// other channels and routes not at all, and a bucket with room again
+    /// unblocks it.
+    #[test]
+    fn buckets_are_per_route_and_channel() {
+        let api = RestApi::new("http://127.0.0.1:1", true, Secret::new("t")).unwrap();
+        let blocked = |c: &Call<'_>| {
+            let key = api.limit_key(c);
+            let l = api.limits.lock().unwrap();
+            l.blocked_until
+                .get(&key)
+                .is_some_and(|u| *u > Instant::now())
+        };
+        let mut h = hyper::HeaderMap::new();
+        h.insert("x-ratelimit-bucket", "abcd1234".parse().unwrap());
+        h.insert("x-ratelimit-remaining", "0".parse().unwrap());
+        h.insert("x-ratelimit-reset-after", "2.5".parse().unwrap());
+        let (a_x, a_y, b_x) = (call("A", "1"), call("A", "2"), call("B", "1"));
+        api.note_limits(&a_x, &h);
+        assert!(blocked(&a_x));
+        assert!(!blocked(&a_y) && !blocked(&b_x));
+        assert_eq!(api.limit_key(&a_x), "abcd1234:1");
+        h.insert("x-ratelimit-remaining", "4".parse().unwrap());
+        api.note_limits(&a_x, &h);
+        assert!(!blocked(&a_x));
+        // Garbage headers change nothing and never panic.
+        let mut g = hyper::HeaderMap::new();
+        g.insert("x-ratelimit-remaining", "0".parse().unwrap());
+        g.insert("x-ratelimit-reset-after", "NaN".parse().unwrap());
+        api.note_limits(&b_x, &g);
+        assert!(!blocked(&b_x));
+    }
 }
