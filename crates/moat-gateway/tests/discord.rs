@@ -146,13 +146,20 @@ fn a_dm_a_thread_and_a_channel_mention_are_answered_with_reactions_retries_and_c
     assert!(fake.posted_with("thread2-ok")[0].path.contains(THREAD2));
     // (Unknown, THREAD2 would be a channel of its own: refused, unanswered.)
 
-    // A mention in the channel: answered there, replying to it.
+    // A mention in the channel: answered there, replying to it. Discord
+    // posts the answer but the answer to moat is a 500: the retry carries
+    // the same enforced nonce, so the message is not posted twice.
+    fake.state.lock().unwrap().fail_after_create = 1;
     let m = message(CHANNEL, false, ALICE, &mention("echo chan-ok"), true);
     let m_id = m["id"].as_str().unwrap().to_string();
     fake.dispatch("MESSAGE_CREATE", m);
     fake.wait("the channel's answer", |_| {
         !fake.posted_with("chan-ok").is_empty()
     });
+    fake.wait("the retry after the 500", |c| {
+        c.iter().any(|c| c.status == 201)
+    });
+    assert_eq!(fake.posted_with("chan-ok").len(), 1, "posted twice");
     let a = &fake.posted_with("chan-ok")[0];
     assert!(a.path.contains(CHANNEL));
     assert_eq!(a.body["message_reference"]["message_id"], json!(m_id));

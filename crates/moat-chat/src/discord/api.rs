@@ -9,7 +9,8 @@
 //! `X-RateLimit-Reset-After` before its next call (routes sharing an
 //! `X-RateLimit-Bucket` share the wait), and a 429 is retried after its
 //! body's `retry_after` (seconds, a float), bounded. A 5xx is retried after a
-//! short back-off.
+//! short back-off; messages carry a nonce Discord enforces, so such a retry
+//! never posts a message twice.
 //!
 //! Must never: show the token, follow a redirect, or send a message without
 //! `allowed_mentions = {"parse": []}` (an answer never pings anyone).
@@ -244,10 +245,15 @@ impl RestApi {
     ) -> Result<String, DiscordError> {
         let route = "POST /channels/{channel}/messages";
         snowflake(route, channel)?;
+        // One nonce for the call, kept by its retries: a retry after a 5xx
+        // that Discord had in fact acted on returns the message already
+        // created instead of sending it twice.
         let mut body = json!({
             "content": content,
             "allowed_mentions": {"parse": [], "replied_user": false},
             "flags": 4, // SUPPRESS_EMBEDS: no link previews.
+            "nonce": rand_u64().to_string(),
+            "enforce_nonce": true,
         });
         if let Some(m) = reply_to {
             snowflake(route, m)?;
@@ -335,6 +341,8 @@ impl RestApi {
         let payload = json!({
             "allowed_mentions": {"parse": []},
             "attachments": [{"id": 0, "filename": safe}],
+            "nonce": rand_u64().to_string(),
+            "enforce_nonce": true,
         });
         let boundary = format!("moat-{:016x}", rand_u64());
         let mut body = Vec::with_capacity(bytes.len() + 512);

@@ -74,6 +74,11 @@ pub struct RestState {
     pub violations: u32,
     /// No per-channel bucket (benchmarks).
     pub unlimited: bool,
+    /// Message posts to create and then answer 500 (Discord acted, the
+    /// answer was lost).
+    pub fail_after_create: u32,
+    /// `enforce_nonce`: nonce -> the message created with it.
+    nonces: std::collections::HashMap<String, String>,
     buckets: std::collections::HashMap<String, (Instant, u32)>,
     next_id: u64,
 }
@@ -246,9 +251,31 @@ async fn messages(
         )
             .into_response();
     }
+    // enforce_nonce: the message already created with this nonce, no new
+    // one (status 201 marks such a call in the record).
+    let nonce = parsed["nonce"]
+        .as_str()
+        .filter(|_| parsed["enforce_nonce"] == json!(true))
+        .map(str::to_string);
+    if let Some(id) = nonce.as_ref().and_then(|n| s.nonces.get(n)).cloned() {
+        call.status = 201;
+        s.calls.push(call);
+        return Json(json!({"id": id, "channel_id": chan, "content": content})).into_response();
+    }
     s.next_id += 1;
     s.calls.push(call);
     let id = snowflake();
+    if let Some(n) = nonce {
+        s.nonces.insert(n, id.clone());
+    }
+    if s.fail_after_create > 0 {
+        s.fail_after_create -= 1;
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"message": "500: Internal Server Error", "code": 0})),
+        )
+            .into_response();
+    }
     (
         [
             ("x-ratelimit-bucket", "msgbucket".to_string()),
