@@ -443,6 +443,66 @@ fn attack_p3_discord_answers_cannot_ping_anyone_or_hide_a_link() {
     gw.stop();
 }
 
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(p);
+            } else if meta.is_file() {
+                if let Ok(b) = std::fs::read(&p) {
+                    if b.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                        hits.push(p.display().to_string());
+                    }
+                }
+            }
+        }
+    }
+    hits
+}
+
+/// The bot token is in moat's memory only: not in the sandbox's
+/// environment or files, not in the store or the audit log.
+#[test]
+fn the_bot_token_never_reaches_the_sandbox_the_store_or_the_log() {
+    let fake = FakeDiscord::start();
+    let gw = Gw::start_with("dc-token-scope", &config(&fake, ""), secrets());
+    fake.wait_ready();
+    let probe = "env; cat /proc/1/environ 2>/dev/null | tr '\\0' '\\n'; \
+                 grep -rls 'test-discord-bot''-token' /home /tmp /etc /run /var 2>/dev/null | head -5; echo probe-done";
+    fake.dispatch("MESSAGE_CREATE", message(DM, true, ALICE, probe, false));
+    fake.wait("the probe's answer", |_| {
+        !fake.posted_with("probe-done").is_empty()
+    });
+    let out: String = fake
+        .posted(DM)
+        .iter()
+        .map(|c| c.body["content"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        out.contains("probe-done") && out.contains("PATH="),
+        "the probe ran: {out}"
+    );
+    assert!(
+        !out.contains(TOKEN) && !out.contains("test-discord-bot-token"),
+        "{out}"
+    );
+    assert!(!out.contains("DISCORD_BOT_TOKEN"), "{out}");
+    let data = gw.data.clone();
+    gw.stop();
+    let hits = files_containing(&data, "test-discord-bot-token");
+    assert!(hits.is_empty(), "the token is in {hits:?}");
+}
+
 #[test]
 fn artifacts_are_uploaded_as_attachments() {
     let fake = FakeDiscord::start();
