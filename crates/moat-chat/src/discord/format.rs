@@ -199,6 +199,27 @@ mod tests {
         assert!(units(&to_discord(&flood)) <= DISCORD_LIMIT);
     }
 
+    proptest::proptest! {
+        /// Any text without code: no live mention or masked link, and every
+        /// message within Discord's limit.
+        #[test]
+        fn no_text_outside_code_can_mention(
+            s in "([@<>#/&!\\[\\]()a-z0-9 \n:.😀]|everyone|here|https://x){0,400}"
+        ) {
+            let s = s.replace('`', "");
+            for m in fit(&s) {
+                proptest::prop_assert!(units(&m) <= DISCORD_LIMIT);
+                for live in ["@everyone", "@here", "<@", "<#", "</"] {
+                    proptest::prop_assert!(!m.contains(live), "{} in {:?}", live, m);
+                }
+                let masked = m
+                    .char_indices()
+                    .any(|(i, c)| c == '[' && link(&m[i..]).is_some());
+                proptest::prop_assert!(!masked, "a masked link in {:?}", m);
+            }
+        }
+    }
+
     #[test]
     fn pieces_of_emoji_or_mentions_are_split_not_cut() {
         for piece in ["😀".repeat(1900), "@a ".repeat(633)] {
