@@ -335,6 +335,45 @@ impl DiscordOut {
         );
     }
 
+    /// The answer, as messages; with `turn`, each carries the nonce
+    /// `t{turn}m{n}`, so delivering the same kept answer again within
+    /// Discord's nonce window (a restart) posts nothing twice.
+    async fn answer(
+        &self,
+        conv: &ConvRef,
+        refs: &[String],
+        outcome: &TurnOutcome,
+        turn: Option<i64>,
+    ) {
+        // Split as Markdown (code blocks closed and reopened), then each
+        // piece made safe.
+        let parts = answer_parts(&answer_body(outcome), DISCORD_CHUNK, MAX_PARTS, |left| {
+            format!("(the answer goes on for {left} more characters; ask the agent to put long output in ~/artifacts, which is sent as a file)")
+        });
+        // The first part replies to the last message of the turn: in a busy
+        // channel it shows what is answered.
+        let mut reply_to = refs.last().map(String::as_str);
+        let mut n = 0;
+        for part in parts {
+            for msg in fit(&part) {
+                let nonce = turn.map(|t| format!("t{t}m{n}"));
+                n += 1;
+                let r = self
+                    .api
+                    .send_message_once(target(conv), &msg, reply_to.take(), nonce.as_deref())
+                    .await;
+                Self::log("send a message", r);
+            }
+        }
+        if let Ok(mut t) = self.typing.lock() {
+            t.remove(&conv.id);
+        }
+        // Reactions are idempotent: the bot's own reaction is there or not.
+        self.react(conv, refs, "👀", false).await;
+        self.react(conv, refs, if outcome.ok { "✅" } else { "❌" }, true)
+            .await;
+    }
+
     async fn react(&self, conv: &ConvRef, refs: &[String], emoji: &str, add: bool) {
         for r in refs {
             Self::log("react", self.api.react(target(conv), r, emoji, add).await);
@@ -403,26 +442,16 @@ impl ChatPlatform for DiscordOut {
         refs: &'a [String],
         outcome: &'a TurnOutcome,
     ) -> BoxFut<'a> {
-        Box::pin(async move {
-            // Split as Markdown (code blocks closed and reopened), then each
-            // piece made safe.
-            let parts = answer_parts(&answer_body(outcome), DISCORD_CHUNK, MAX_PARTS, |left| {
-                format!("(the answer goes on for {left} more characters; ask the agent to put long output in ~/artifacts, which is sent as a file)")
-            });
-            // The first part replies to the last message of the turn: in a
-            // busy channel it shows what is answered.
-            let mut reply_to = refs.last().map(String::as_str);
-            for part in parts {
-                for msg in fit(&part) {
-                    self.send(conv, &msg, reply_to.take()).await;
-                }
-            }
-            if let Ok(mut t) = self.typing.lock() {
-                t.remove(&conv.id);
-            }
-            self.react(conv, refs, "👀", false).await;
-            self.react(conv, refs, if outcome.ok { "✅" } else { "❌" }, true)
-                .await;
-        })
+        Box::pin(self.answer(conv, refs, outcome, None))
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        turn: i64,
+    ) -> BoxFut<'a> {
+        Box::pin(self.answer(conv, refs, outcome, Some(turn)))
     }
 }

@@ -503,6 +503,71 @@ fn the_bot_token_never_reaches_the_sandbox_the_store_or_the_log() {
     assert!(hits.is_empty(), "the token is in {hits:?}");
 }
 
+/// The outbox on Discord: a gateway that stopped while posting a kept
+/// answer (its first message had reached Discord) delivers it again at the
+/// next start with the same per-turn nonces, so Discord hands back the
+/// message it already has and only the missing one is posted; the message
+/// is not run again.
+#[test]
+fn a_kept_answer_is_redelivered_after_a_crash_without_a_second_message() {
+    let fake = FakeDiscord::start();
+    let data = fresh_dir("dc-outbox").join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let msg_id = snowflake();
+    let answer = format!("first-half {}second-half-77", "lorem ".repeat(400));
+    let turn = {
+        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        let (message_id, conversation_id) = match store
+            .insert_message(&moat_store::IncomingMessage {
+                platform: "discord".into(),
+                event_id: format!("discord:{msg_id}"),
+                channel: "dm".into(),
+                thread: DM.into(),
+                user: ALICE.into(),
+                text: "echo never-run-$((6*7))".into(),
+                ts_ms: 1,
+                message_ref: Some(msg_id.clone()),
+            })
+            .unwrap()
+        {
+            moat_store::Inserted::New {
+                message_id,
+                conversation_id,
+            } => (message_id, conversation_id),
+            other => panic!("{other:?}"),
+        };
+        let t = store.start_turn(conversation_id, &[message_id], 2).unwrap();
+        store
+            .finish_turn_keeping(t, moat_store::TurnState::Done, &answer, false, None, 3)
+            .unwrap();
+        t
+    };
+    // The first message reached Discord before the crash.
+    fake.state
+        .lock()
+        .unwrap()
+        .nonces
+        .insert(format!("t{turn}m0"), snowflake());
+    let gw = Gw::try_start_in(data.clone(), &config(&fake, ""), secrets()).unwrap();
+    fake.wait("the ✅", |c| reactions(c, &msg_id, "PUT", "✅") == 1);
+    assert_eq!(fake.posted_with("second-half-77").len(), 1);
+    assert!(
+        fake.posted_with("first-half").is_empty(),
+        "the first message was posted twice"
+    );
+    assert!(fake.calls().iter().any(|c| c.status == 201
+        && c.body["content"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("first-half"))));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(fake.posted_with("never-run-42").is_empty(), "run again");
+    let data_dir = gw.data.clone();
+    gw.stop();
+    let store = moat_store::Store::open(data_dir.join("moat.db")).unwrap();
+    assert!(store.undelivered_answers().unwrap().is_empty());
+    assert!(store.turn(turn + 1).unwrap().is_none(), "no second turn");
+}
+
 #[test]
 fn artifacts_are_uploaded_as_attachments() {
     let fake = FakeDiscord::start();

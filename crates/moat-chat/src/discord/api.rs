@@ -243,16 +243,35 @@ impl RestApi {
         content: &str,
         reply_to: Option<&str>,
     ) -> Result<String, DiscordError> {
+        self.send_message_once(channel, content, reply_to, None)
+            .await
+    }
+
+    /// [`RestApi::send_message`] with the caller's `nonce` (at most 25
+    /// characters): Discord returns the message already created with it in
+    /// the last few minutes instead of posting it again (a redelivery after
+    /// a restart).
+    pub async fn send_message_once(
+        &self,
+        channel: &str,
+        content: &str,
+        reply_to: Option<&str>,
+        nonce: Option<&str>,
+    ) -> Result<String, DiscordError> {
         let route = "POST /channels/{channel}/messages";
         snowflake(route, channel)?;
         // One nonce for the call, kept by its retries: a retry after a 5xx
         // that Discord had in fact acted on returns the message already
         // created instead of sending it twice.
+        let nonce = match nonce {
+            Some(n) if !n.is_empty() && n.chars().count() <= 25 => n.to_string(),
+            _ => rand_u64().to_string(),
+        };
         let mut body = json!({
             "content": content,
             "allowed_mentions": {"parse": [], "replied_user": false},
             "flags": 4, // SUPPRESS_EMBEDS: no link previews.
-            "nonce": rand_u64().to_string(),
+            "nonce": nonce,
             "enforce_nonce": true,
         });
         if let Some(m) = reply_to {

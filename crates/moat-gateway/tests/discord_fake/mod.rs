@@ -78,7 +78,7 @@ pub struct RestState {
     /// answer was lost).
     pub fail_after_create: u32,
     /// `enforce_nonce`: nonce -> the message created with it.
-    nonces: std::collections::HashMap<String, String>,
+    pub nonces: std::collections::HashMap<String, String>,
     buckets: std::collections::HashMap<String, (Instant, u32)>,
     next_id: u64,
 }
