@@ -12,6 +12,7 @@
 // Outside input never reaches an `unwrap`/`expect` (house style); tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod discord;
 pub mod format;
 pub mod github;
 pub mod slack;

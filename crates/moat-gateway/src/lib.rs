@@ -13,6 +13,7 @@ pub mod agent;
 pub mod agents_setup;
 pub mod approvals;
 pub mod artifacts;
+pub mod discord;
 pub mod github_clone;
 pub mod github_hooks;
 pub mod github_setup;

@@ -200,6 +200,10 @@ pub async fn serve(
     if let Some(w) = &whatsapp {
         platforms.insert(moat_policy::gateway::Platform::WhatsApp, w.out.clone());
     }
+    let discord = crate::discord::connect(&cfg.discord, &*opts.secret).await?;
+    if let Some(d) = &discord {
+        platforms.insert(moat_policy::gateway::Platform::Discord, d.out.clone());
+    }
     let groups = crate::groups::Groups::check(&cfg, &opts.data_dir, &runtime_dir)
         .map_err(|e| ServeError::Config(e.to_string()))?;
     let gw = Gateway::new(GatewayParts {
@@ -318,6 +322,13 @@ pub async fn serve(
         .as_ref()
         .and_then(|t| t.polling(&gw, stopped(stop_rx.clone())))
     {
+        tasks.push(tokio::spawn(async move {
+            let _ = task.await;
+            Ok(())
+        }));
+    }
+    if let Some(d) = &discord {
+        let task = d.gateway(&gw, stopped(stop_rx.clone()));
         tasks.push(tokio::spawn(async move {
             let _ = task.await;
             Ok(())

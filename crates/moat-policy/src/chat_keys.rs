@@ -156,6 +156,11 @@ impl ChatKeys {
             // addressed by its own URL: always a thread.
             return Scope::Thread;
         }
+        if platform == Platform::Discord && channel_id == crate::gateway::DISCORD_DMS {
+            // Discord's direct messages: the thread is the direct message
+            // channel, where answers go; never merged into one.
+            return Scope::Thread;
+        }
         match self.conversation {
             Some(s) => s,
             None if platform == Platform::Slack && channel_id.starts_with('D') => Scope::Channel,
@@ -209,5 +214,7 @@ mod tests {
         };
         assert_eq!(c.scope(Platform::Slack, "C0123"), Scope::Channel);
         assert_eq!(c.scope(Platform::Web, "alice"), Scope::Thread);
+        assert_eq!(c.scope(Platform::Discord, "dm"), Scope::Thread);
+        assert_eq!(c.scope(Platform::Discord, "123"), Scope::Channel);
     }
 }

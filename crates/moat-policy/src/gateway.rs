@@ -440,6 +440,8 @@ pub struct GatewayConfig {
     pub telegram: crate::platforms::TelegramConfig,
     /// `[whatsapp]`.
     pub whatsapp: crate::platforms::WhatsAppConfig,
+    /// `[discord]`.
+    pub discord: crate::platforms::DiscordConfig,
     pub pool: PoolConfig,
     pub groups: Vec<Group>,
     /// In file order.
@@ -651,6 +653,8 @@ struct RawFile {
     telegram: crate::platforms::RawTelegram,
     #[serde(default)]
     whatsapp: crate::platforms::RawWhatsApp,
+    #[serde(default)]
+    discord: crate::platforms::RawDiscord,
     #[serde(default)]
     pool: RawPool,
     #[serde(default)]
@@ -1368,6 +1372,10 @@ impl Settings {
     }
 }
 
+/// The `[[channel]] platform = "discord"` id of the bot's direct messages
+/// (each direct message channel is a conversation of it).
+pub const DISCORD_DMS: &str = "dm";
+
 /// Channel ids as platforms write them. A Slack id is what the channel's
 /// details show (`C0123ABCD`), never its `#name`.
 fn check_channel_id(platform: Platform, id: &str, key: &str) -> Result<(), PolicyError> {
@@ -1388,6 +1396,9 @@ fn check_channel_id(platform: Platform, id: &str, key: &str) -> Result<(), Polic
                 ));
             }
         }
+        // Discord's direct messages: their channel ids are not known in
+        // advance, so they are one entry.
+        Platform::Discord if id == DISCORD_DMS => {}
         Platform::Telegram | Platform::WhatsApp | Platform::Discord => {
             let digits = id
                 .strip_prefix('-')
@@ -1400,7 +1411,7 @@ fn check_channel_id(platform: Platform, id: &str, key: &str) -> Result<(), Polic
                 let what = match platform {
                     Platform::Telegram => "a Telegram chat id (a number, negative for groups, e.g. \"-1001234567890\")",
                     Platform::WhatsApp => "a WhatsApp phone number id (the number's id in the app's WhatsApp settings, digits only)",
-                    _ => "a Discord channel id (the digits \"Copy Channel ID\" gives)",
+                    _ => "a Discord channel id (the digits \"Copy Channel ID\" gives), \"dm\" for direct messages,",
                 };
                 return Err(err(key, format!("{id:?} is not {what}, or \"*\" for any")));
             }
@@ -1731,6 +1742,9 @@ impl GatewayConfig {
             ));
         }
 
+        // [discord]
+        let discord = crate::platforms::discord(raw.discord, slack_api_url)?;
+
         // [defaults]
         let mut defaults = Settings::initial();
         defaults.apply(raw.defaults, "defaults", &ctx, None)?;
@@ -1842,6 +1856,7 @@ impl GatewayConfig {
             slack,
             telegram,
             whatsapp,
+            discord,
             pool,
             groups,
             channels,

@@ -284,6 +284,32 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         "only on its own platform",
     ),
     (
+        "[[channel]]\nplatform = \"discord\"\nid = \"#general\"",
+        "channel[0].id",
+        "Discord channel id",
+    ),
+    ("[discord]\nbot_token = \"x\"", "discord.bot_token", "DISCORD_BOT_TOKEN"),
+    (
+        "[discord]\ngateway_url = \"https://gateway.discord.gg\"",
+        "discord.gateway_url",
+        "wss://",
+    ),
+    (
+        "[discord]\ngateway_url = \"ws://gateway.example\"",
+        "discord.gateway_url",
+        "loopback",
+    ),
+    (
+        "[discord]\ngateway_url = \"wss://gateway.discord.gg/?v=9\"",
+        "discord.gateway_url",
+        "query",
+    ),
+    (
+        "[discord]\napi_url = \"http://discord.example/api\"",
+        "discord.api_url",
+        "https://",
+    ),
+    (
         "[[channel]]\nplatform = \"slack\"\nid = \"#general\"",
         "channel[0].id",
         "not its #name",
