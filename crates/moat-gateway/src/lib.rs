@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod platform;
 pub mod pool;
+mod push_gate;
 pub mod runner;
 pub mod server;
 pub mod slack;

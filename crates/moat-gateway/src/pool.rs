@@ -76,7 +76,7 @@ impl RunnerFactory for LeaseFactory {
             }
             _ => None,
         };
-        crate::approvals::push_gate(&mut extras, ipc.as_ref());
+        crate::push_gate::attach(&mut extras, ipc.as_ref());
         let mut runner = crate::runner::open(crate::runner::RunnerSpec {
             engine: &self.engine,
             policy: self.policy.clone(),

@@ -99,7 +99,7 @@ impl Endpoint {
     /// What holds this lease's GitHub pushes for an admin: the turn that
     /// holds the lease when the push comes is its caller (none: refused).
     pub(crate) fn push_gate(&self) -> Arc<dyn moat_egress::github::PushGate> {
-        Arc::new(crate::approvals::LeaseGate {
+        Arc::new(crate::push_gate::LeaseGate {
             holder: self.holder.clone(),
             ops: self.ops.clone(),
         })

@@ -108,7 +108,7 @@ impl Gateway {
                         None
                     }
                 };
-                crate::approvals::push_gate(&mut extras, ipc.as_ref());
+                crate::push_gate::attach(&mut extras, ipc.as_ref());
                 let n2 = name.clone();
                 let built = tokio::task::spawn_blocking(move || {
                     let r = crate::runner::open(crate::runner::RunnerSpec {
