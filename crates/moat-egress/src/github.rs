@@ -26,8 +26,8 @@ mod report;
 pub use crate::intercept::{CA_BUNDLE_PATH, SYSTEM_BUNDLE};
 pub(crate) use access::GithubState;
 pub use access::{
-    GithubAccess, HostRole, InterceptedHost, TokenAudit, TokenRecord, DEFAULT_PERMISSIONS,
-    DEFAULT_PROTECTED,
+    GithubAccess, HostRole, InterceptedHost, PushGate, TokenAudit, TokenRecord,
+    DEFAULT_PERMISSIONS, DEFAULT_PROTECTED,
 };
 pub(crate) use proxy::handle;
 pub use proxy::{GithubActivity, GithubRecord, RefusedRef};

@@ -82,6 +82,7 @@ impl GithubTemplate {
             protected_branches: self.protected.clone(),
             workflows_write: self.workflows_write,
             state_dir: self.state_root.join(lease),
+            push_gate: None,
         })
     }
 }

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod platform;
 pub mod pool;
+mod push_gate;
 pub mod retention;
 pub mod runner;
 pub mod server;

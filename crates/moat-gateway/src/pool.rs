@@ -76,6 +76,7 @@ impl RunnerFactory for LeaseFactory {
             }
             _ => None,
         };
+        crate::push_gate::attach(&mut extras, ipc.as_ref());
         let mut runner = crate::runner::open(crate::runner::RunnerSpec {
             engine: &self.engine,
             policy: self.policy.clone(),

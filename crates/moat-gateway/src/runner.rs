@@ -38,6 +38,10 @@ pub struct DoorExtras {
     /// Amp's key injected for Amp's host; its `state_dir` is the root under
     /// which each door gets a directory of its own.
     pub amp: Option<moat_egress::amp::AmpAccess>,
+    /// The channel holds pushes for an admin (`approve = ["github_push"]`).
+    pub hold_pushes: bool,
+    /// What holds this lease's pushes (crate::approvals::push_gate).
+    pub push_gate: Option<Arc<dyn moat_egress::github::PushGate>>,
 }
 
 /// Everything one lease behind its door is made of.
@@ -126,7 +130,11 @@ pub fn start_door(
         return Ok(None);
     }
     let github = match &extras.github {
-        Some(t) => Some(t.access(name, audit.clone())?),
+        Some(t) => {
+            let mut a = t.access(name, audit.clone())?;
+            a.push_gate = extras.push_gate.clone();
+            Some(a)
+        }
         None => None,
     };
     moat_egress::Door::start(

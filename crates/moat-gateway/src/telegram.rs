@@ -243,13 +243,7 @@ impl Telegram {
     /// may talk here: told once per chat what moat reads.
     async fn unsupported(&self, gw: &Gateway, m: &TgMessage) {
         let (chat, user) = (m.chat_id.to_string(), m.user_id.to_string());
-        if !m.addressed
-            || !gw
-                .inner
-                .cfg
-                .authorize(Platform::Telegram, &chat, &user)
-                .is_allowed()
-        {
+        if !m.addressed || !gw.authorize(Platform::Telegram, &chat, &user).is_allowed() {
             return;
         }
         let first = self

@@ -184,8 +184,6 @@ pub struct WhatsAppOut {
 impl WhatsAppOut {
     async fn unsupported(&self, gw: &Gateway, m: &WaMessage, kind: &str) {
         if !gw
-            .inner
-            .cfg
             .authorize(Platform::WhatsApp, &m.phone_number_id, &m.from)
             .is_allowed()
         {

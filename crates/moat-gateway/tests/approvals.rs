@@ -568,6 +568,42 @@ async fn attack_i6_an_unknown_sender_is_let_in_only_by_an_admin() {
     gw.stop().await;
 }
 
+// I6 and incident mode: an action approved after the operator paused moat
+// still does not happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_i6_an_approval_during_incident_mode_runs_nothing() {
+    let (fake, gw) = start("appr-incident", "60s").await;
+    let root = start_turn(
+        &fake,
+        &gw,
+        OPS,
+        CAROL,
+        &calls(&[(
+            "send_message",
+            json!({"text": "i6-incident", "chat": GENERAL}),
+        )]),
+    )
+    .await;
+    let (id, ts) = request(&fake, OPS, &root).await;
+    gw.gw.enter_incident("test").await;
+    let r = click(&gw, CAROL, &id, true, OPS, &ts).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw
+        .audit()
+        .iter()
+        .any(|r| r["kind"] == "ipc" && r["op"] == "send_message" && r["reason"] == "paused")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refused ipc record"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(posts_to(&fake, GENERAL, "i6-incident"), 0);
+    gw.stop().await;
+}
+
 // ------------------------------------------------------------------ Socket Mode
 
 /// A Socket Mode envelope of `kind` around `payload` (JSON text).

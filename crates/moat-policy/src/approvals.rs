@@ -22,7 +22,7 @@ pub enum ApprovalKind {
     SendElsewhere,
     /// `schedule_task`.
     Schedule,
-    /// A push through the GitHub door (no hook yet: refused in the config).
+    /// A push through the GitHub door (`git push`), held by the door.
     GithubPush,
     /// A package install (no hook yet: refused in the config).
     InstallPackages,
@@ -57,7 +57,10 @@ impl ApprovalKind {
     /// gateway can wait; the others are refused in the configuration rather
     /// than silently not enforced.
     pub fn enforced(self) -> bool {
-        matches!(self, Self::SendElsewhere | Self::Schedule)
+        matches!(
+            self,
+            Self::SendElsewhere | Self::Schedule | Self::GithubPush
+        )
     }
 
     /// What admins are asked, before the details.
@@ -363,7 +366,7 @@ mod tests {
             e.starts_with("channel[0].approve[1]: unknown action \"launch_missiles\""),
             "{e}"
         );
-        let e = keys(&["github_push"], None, None).unwrap_err();
+        let e = keys(&["install_packages"], None, None).unwrap_err();
         assert!(e.contains("approve[0]") && e.contains("cannot hold"), "{e}");
         let e = keys(&[], Some("soon"), None).unwrap_err();
         assert!(e.starts_with("channel[0].approve_timeout"), "{e}");

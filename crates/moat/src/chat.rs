@@ -116,8 +116,19 @@ fn follow(t: &Target, conv: &str) -> anyhow::Result<()> {
                 let _ = write!(out, "> ");
                 ANSWERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
-            Some("notice") => {
+            Some("notice") | Some("decided") => {
                 let _ = writeln!(out, "[moat] {text}");
+            }
+            Some("approval") => {
+                // docs/approvals.md: an admin decides in the web chat (or
+                // with a POST to the url).
+                let _ = writeln!(
+                    out,
+                    "[moat] approval needed: {} {}\n[moat] an admin of this channel decides: POST {} {{\"approve\": true|false}}",
+                    ev["summary"].as_str().unwrap_or(""),
+                    ev["detail"].as_str().unwrap_or(""),
+                    ev["url"].as_str().unwrap_or("")
+                );
             }
             _ => {}
         }

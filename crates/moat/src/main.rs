@@ -466,6 +466,7 @@ fn sandbox_run(mut args: RunArgs) -> anyhow::Result<u8> {
         files: Vec::new(),
         github,
         amp: None,
+        ..Default::default()
     };
     let door_runtime = if moat_gateway::runner::needs_door(&policy, &extras) {
         Some(

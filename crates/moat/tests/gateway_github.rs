@@ -539,3 +539,80 @@ fn a_pull_request_comment_mentioning_the_bot_runs_a_turn_as_the_mapped_user() {
         .any(|r| r["login"] == "mallory" && r["verdict"] == "ignored"));
     gw.stop();
 }
+
+/// Waits in `sse` for the next approval request; its (url, detail).
+fn next_approval(sse: &mut gwkit::Sse) -> (String, String) {
+    let ev = sse
+        .until(gwkit::WAIT, |v| v["type"] == "approval")
+        .pop()
+        .unwrap();
+    (
+        ev["url"].as_str().unwrap().to_string(),
+        ev["detail"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+fn decide(gw: &gwkit::Gw, url: &str, approve: bool) -> u16 {
+    gwkit::request(
+        gw.web,
+        "POST",
+        url,
+        &[("Content-Type", "application/json")],
+        Some(&serde_json::json!({ "approve": approve }).to_string()),
+    )
+    .status
+}
+
+// I6 for pushes: a channel with approve = ["github_push"] holds every push
+// in the door until its admin decides. The denied push never reaches
+// GitHub (git is told why); the approved one does, after the click.
+#[test]
+fn attack_i6_a_push_waits_for_an_admin_and_a_denied_one_never_reaches_github() {
+    let fake = FakeGithub::start();
+    let toml = config(&fake, &format!("{{ repos = [\"{OWNER}/{REPO}\"] }}")).replacen(
+        "users = [\"*\"]",
+        "users = [\"*\"]\nadmins = [\"local\"]\napprove = [\"github_push\"]\napprove_timeout = \"60s\"",
+        1,
+    );
+    let gw = gwkit::Gw::start_with("gh-approve", &toml, secrets());
+    let script = fill(
+        r#"cd /tmp && rm -rf r && git clone -q https://github.com/@O@/@R@.git r && cd r || exit 1
+echo x > X && git add X && git -c user.name=a -c user.email=a@moat.invalid commit -qm x
+git push origin HEAD:refs/heads/moat/denied 2>&1; echo "push1=$?"
+git push origin HEAD:refs/heads/moat/approved 2>&1; echo "push2=$?"
+"#,
+    );
+    let client = gw.client(None);
+    assert_eq!(client.post("t-approve", &script).status, 202);
+    let mut sse = client.events("t-approve").expect("events");
+    let (url, detail) = next_approval(&mut sse);
+    assert!(detail.contains("moat/denied"), "{detail}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        fake.branch(REPO, "moat/denied").is_none(),
+        "pushed before a decision"
+    );
+    assert_eq!(decide(&gw, &url, false), 200);
+    let (url, detail) = next_approval(&mut sse);
+    assert!(detail.contains("moat/approved"), "{detail}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        fake.branch(REPO, "moat/approved").is_none(),
+        "pushed before a decision"
+    );
+    assert_eq!(decide(&gw, &url, true), 200);
+    let answer = gwkit::answers_of(&sse.answers(1)).remove(0).0;
+    assert!(answer.contains("push1=1"), "git saw the refusal: {answer}");
+    assert!(answer.contains("not approved by an admin"), "{answer}");
+    assert!(answer.contains("push2=0"), "{answer}");
+    assert!(fake.branch(REPO, "moat/denied").is_none());
+    assert!(fake.branch(REPO, "moat/approved").is_some());
+    let a = gw.audit_kind("approval");
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "denied" && r["action"] == "github_push" && r["by"] == "local"));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "approved" && r["action"] == "github_push"));
+    gw.stop();
+}

@@ -60,6 +60,21 @@ pub struct GithubAccess {
     /// A host directory, traversable by sandbox users, where the door writes
     /// this lease's CA bundle (`crate::intercept`).
     pub state_dir: PathBuf,
+    /// Holds every push until it decides (moat's approvals, `approve =
+    /// ["github_push"]`); `None`: pushes are not held.
+    pub push_gate: Option<Arc<dyn PushGate>>,
+}
+
+/// What holds a push before any byte of it goes upstream: the gateway asks
+/// the channel's admins. `repo` is the push's `owner/name` as the path
+/// names it, `refs` the refs it updates (plain names only).
+pub trait PushGate: Send + Sync {
+    /// `Ok`: the push goes on; `Err(reason)`: it is refused with `reason`.
+    fn decide(
+        &self,
+        repo: String,
+        refs: Vec<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 }
 
 impl std::fmt::Debug for GithubAccess {
@@ -68,6 +83,7 @@ impl std::fmt::Debug for GithubAccess {
             .field("scope", &self.scope)
             .field("hosts", &self.hosts)
             .field("protected_branches", &self.protected_branches)
+            .field("push_gate", &self.push_gate.is_some())
             .finish_non_exhaustive()
     }
 }

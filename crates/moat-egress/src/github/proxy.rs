@@ -28,7 +28,7 @@ use super::protect::{
     decode_path, effective_role, judge_api, protected_branch, refusal_text, ApiJudgement,
     MAX_JUDGED_BODY,
 };
-use super::push::{drain, push_refusal, read_push_commands, Prefixed};
+use super::push::{drain, push_held_refusal, push_refusal, read_push_commands, Prefixed};
 use super::report::{graphql_opened_prs, graphql_opens_pr, read_push_answer};
 use super::HostRole;
 use crate::llm::{constant_time_eq, send_upstream};
@@ -423,6 +423,36 @@ pub(crate) async fn handle(
                 }
                 let resp = push_refusal(&cmds, &b);
                 return deny(resp.status(), refusal_text(&b), resp);
+            }
+            // Held until the gateway's approvers decide (`approve =
+            // ["github_push"]`): nothing of the push goes upstream before.
+            if let Some(gate) = &gh.access.push_gate {
+                let repo: String = path
+                    .trim_start_matches('/')
+                    .split('/')
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join("/")
+                    .trim_end_matches(".git")
+                    .chars()
+                    .take(200)
+                    .collect();
+                let refs: Vec<String> = cmds
+                    .refs
+                    .iter()
+                    .filter(|r| plain_ref(r))
+                    .take(50)
+                    .cloned()
+                    .collect();
+                if let Err(reason) = gate.decide(repo, refs).await {
+                    if !ended && !drain(&mut body).await {
+                        tracing::info!(
+                            "a refused push's pack was cut short; its client may not see the reason"
+                        );
+                    }
+                    let resp = push_held_refusal(&cmds, &reason);
+                    return deny(resp.status(), format!("moat: {reason}"), resp);
+                }
             }
             push_sideband = cmds
                 .caps

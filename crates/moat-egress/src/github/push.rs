@@ -117,7 +117,28 @@ pub(super) fn pkt(payload: &[u8]) -> Vec<u8> {
 /// reason, and a `remote:` line saying why. A client that asked for no
 /// report-status (no git does) gets a 403 with the reason, never a 200.
 pub(super) fn push_refusal(cmds: &PushCommands, branch: &str) -> Response<GhBody> {
-    let text = refusal_text(branch);
+    refusal_with(cmds, &refusal_text(branch), |r| {
+        match protected_branch(&[branch.to_string()], r) {
+            Some(_) => format!("protected branch {branch} (moat)"),
+            None => format!("push also updates the protected branch {branch} (moat)"),
+        }
+    })
+}
+
+/// The answer to a push refused as a whole for `text` (one line, moat's
+/// words): every ref rejected with `(moat)`.
+pub(super) fn push_held_refusal(cmds: &PushCommands, text: &str) -> Response<GhBody> {
+    let line: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
+    refusal_with(cmds, &format!("moat: {line}"), |_| {
+        "not approved by an admin (moat)".to_string()
+    })
+}
+
+fn refusal_with(
+    cmds: &PushCommands,
+    text: &str,
+    why_of: impl Fn(&str) -> String,
+) -> Response<GhBody> {
     if !cmds.caps.iter().any(|c| c.starts_with("report-status")) {
         let mut r = Response::new(full(format!("{text}\n")));
         *r.status_mut() = StatusCode::FORBIDDEN;
@@ -125,10 +146,7 @@ pub(super) fn push_refusal(cmds: &PushCommands, branch: &str) -> Response<GhBody
     }
     let mut report = pkt(b"unpack ok\n");
     for r in &cmds.refs {
-        let why = match protected_branch(&[branch.to_string()], r) {
-            Some(_) => format!("protected branch {branch} (moat)"),
-            None => format!("push also updates the protected branch {branch} (moat)"),
-        };
+        let why = why_of(r);
         report.extend(pkt(format!("ng {r} {why}\n").as_bytes()));
     }
     report.extend_from_slice(b"0000");

@@ -54,12 +54,12 @@ pub struct Caller {
 /// The holder of a lease: a generation bumped at every bind and unbind, so
 /// that a connection serves only the turn it was opened under.
 #[derive(Default)]
-struct Holder {
+pub(crate) struct Holder {
     generation: u64,
     caller: Option<Caller>,
 }
 
-type Shared = Arc<Mutex<Holder>>;
+pub(crate) type Shared = Arc<Mutex<Holder>>;
 
 fn lock(h: &Shared) -> std::sync::MutexGuard<'_, Holder> {
     h.lock().unwrap_or_else(|p| p.into_inner())
@@ -69,6 +69,7 @@ fn lock(h: &Shared) -> std::sync::MutexGuard<'_, Holder> {
 pub struct Endpoint {
     dir: PathBuf,
     holder: Shared,
+    ops: OpsRef,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -93,6 +94,20 @@ impl Endpoint {
         let mut h = lock(&self.holder);
         h.generation += 1;
         h.caller = Some(caller);
+    }
+
+    /// What holds this lease's GitHub pushes for an admin: the turn that
+    /// holds the lease when the push comes is its caller (none: refused).
+    pub(crate) fn push_gate(&self) -> Arc<dyn moat_egress::github::PushGate> {
+        Arc::new(crate::push_gate::LeaseGate {
+            holder: self.holder.clone(),
+            ops: self.ops.clone(),
+        })
+    }
+
+    /// The turn holding the lease now, if any.
+    pub(crate) fn holder_caller(holder: &Shared) -> Option<Caller> {
+        lock(holder).caller.clone()
     }
 
     /// Ends the turn's hold: calls are refused, open connections closed at
@@ -189,7 +204,12 @@ impl IpcHost {
             self.ops.clone(),
             name.to_string(),
         ));
-        Ok(Endpoint { dir, holder, task })
+        Ok(Endpoint {
+            dir,
+            holder,
+            ops: self.ops.clone(),
+            task,
+        })
     }
 
     pub fn root(&self) -> &Path {

@@ -166,6 +166,16 @@ pub(crate) async fn held(
     detail: Option<String>,
     what: &str,
 ) -> Result<(), OpError> {
+    // Incident mode: nothing held is asked for, nothing approved runs.
+    let paused = || OpError::Refused {
+        reason: "paused",
+        message: format!(
+            "{what}: moat is paused by its operator (incident mode); it did not happen"
+        ),
+    };
+    if gw.paused() {
+        return Err(paused());
+    }
     let conv = ConvRef {
         id: c.conversation_id,
         platform: c.platform,
@@ -183,6 +193,7 @@ pub(crate) async fn held(
         )
         .await;
     match d.outcome {
+        Outcome::Approved if gw.paused() => Err(paused()),
         Outcome::Approved => Ok(()),
         Outcome::Denied => Err(OpError::Refused {
             reason: "approval_denied",

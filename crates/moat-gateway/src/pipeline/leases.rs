@@ -93,6 +93,9 @@ impl Gateway {
                     }
                 };
                 let mut extras = self.inner.setup(channel.index).extras;
+                extras.hold_pushes = channel
+                    .approvals
+                    .needs(moat_policy::approvals::ApprovalKind::GithubPush);
                 let ipc = match crate::ipc::serves(&policy).then(|| self.inner.ipc.endpoint(&name))
                 {
                     None => None,
@@ -105,6 +108,7 @@ impl Gateway {
                         None
                     }
                 };
+                crate::push_gate::attach(&mut extras, ipc.as_ref());
                 let n2 = name.clone();
                 let built = tokio::task::spawn_blocking(move || {
                     let r = crate::runner::open(crate::runner::RunnerSpec {
@@ -340,7 +344,13 @@ impl Inner {
             engine: self.engine.clone(),
             policy,
             run_as,
-            extras: self.setup(idx).extras,
+            extras: {
+                let mut e = self.setup(idx).extras;
+                e.hold_pushes = c
+                    .approvals
+                    .needs(moat_policy::approvals::ApprovalKind::GithubPush);
+                e
+            },
             runtime: self.runtime.clone(),
             audit: self.egress_audit.clone(),
             prefix: format!("pool{idx}"),

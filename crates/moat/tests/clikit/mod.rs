@@ -601,6 +601,7 @@ impl CliBox {
                 )
                 .expect("the Amp configuration")
             }),
+            ..Default::default()
         };
         let policy = moat_policy::SandboxPolicy {
             backend: backend.kind(),

@@ -392,6 +392,7 @@ impl AgentBox {
             files: vec![(bin, moat_gateway::agent::builtin::MOAT_INSIDE.into())],
             github: None,
             amp: None,
+            ..Default::default()
         };
         let policy = moat_policy::SandboxPolicy {
             backend,
