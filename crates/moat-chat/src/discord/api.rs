@@ -258,6 +258,29 @@ impl RestApi {
         reply_to: Option<&str>,
         nonce: Option<&str>,
     ) -> Result<String, DiscordError> {
+        self.post_message(channel, content, reply_to, nonce, None)
+            .await
+    }
+
+    /// A message with message components (moat's buttons).
+    pub async fn send_with_components(
+        &self,
+        channel: &str,
+        content: &str,
+        components: serde_json::Value,
+    ) -> Result<String, DiscordError> {
+        self.post_message(channel, content, None, None, Some(components))
+            .await
+    }
+
+    async fn post_message(
+        &self,
+        channel: &str,
+        content: &str,
+        reply_to: Option<&str>,
+        nonce: Option<&str>,
+        components: Option<serde_json::Value>,
+    ) -> Result<String, DiscordError> {
         let route = "POST /channels/{channel}/messages";
         snowflake(route, channel)?;
         // One nonce for the call, kept by its retries: a retry after a 5xx
@@ -278,6 +301,9 @@ impl RestApi {
             snowflake(route, m)?;
             body["message_reference"] = json!({"message_id": m, "fail_if_not_exists": false});
         }
+        if let Some(c) = components {
+            body["components"] = c;
+        }
         let call = Call {
             route,
             method: Method::POST,
@@ -292,6 +318,59 @@ impl RestApi {
                 route,
                 reason: "no message id".into(),
             })
+    }
+
+    /// `PATCH /channels/{id}/messages/{id}`: the bot's message's new
+    /// content, its buttons taken off.
+    pub async fn edit_message(
+        &self,
+        channel: &str,
+        message: &str,
+        content: &str,
+    ) -> Result<(), DiscordError> {
+        let route = "PATCH /channels/{channel}/messages/{message}";
+        snowflake(route, channel)?;
+        snowflake(route, message)?;
+        let body = json!({"content": content, "components": [],
+            "allowed_mentions": {"parse": []}});
+        let call = Call {
+            route,
+            method: Method::PATCH,
+            path: format!("/channels/{channel}/messages/{message}"),
+            major: channel,
+        };
+        self.json(call, Some(body)).await.map(|_| ())
+    }
+
+    /// `POST /interactions/{id}/{token}/callback`: the answer to a button
+    /// click (within 3 s). `body` is the interaction response.
+    pub async fn interaction_callback(
+        &self,
+        id: &str,
+        token: &str,
+        body: serde_json::Value,
+    ) -> Result<(), DiscordError> {
+        let route = "POST /interactions/{id}/{token}/callback";
+        snowflake(route, id)?;
+        // The token is Discord's, in the path: kept to URL-safe characters.
+        let ok = !token.is_empty()
+            && token.len() <= 512
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            return Err(DiscordError::BadResponse {
+                route,
+                reason: "an interaction token with characters a path cannot carry".into(),
+            });
+        }
+        let call = Call {
+            route,
+            method: Method::POST,
+            path: format!("/interactions/{id}/{token}/callback"),
+            major: id,
+        };
+        self.json(call, Some(body)).await.map(|_| ())
     }
 
     /// `POST /channels/{id}/typing`: "typing…" for ten seconds.
