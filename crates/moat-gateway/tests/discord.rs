@@ -768,5 +768,46 @@ debounce = "0ms"
         .any(|r| r["verdict"] == "refused" && r["reason"] == "already_decided"));
     assert_eq!(a.iter().filter(|r| r["verdict"] == "approved").count(), 1);
     assert_eq!(stored(), 1);
+
+    // A second request, denied by Alice: nothing stored.
+    let call = ipc_call(
+        "schedule_task",
+        &json!({"prompt": "echo denied", "schedule_type": "interval", "schedule_value": "1h"}),
+    );
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        message(CHANNEL, false, BOB, &mention(&call), true),
+    );
+    let calls = fake.wait("the second request", |c| {
+        c.iter().filter(|c| button(c)).count() == 2
+    });
+    let req2 = calls.iter().filter(|c| button(c)).nth(1).unwrap().clone();
+    let deny = req2.body["components"][0]["components"][1]["custom_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(deny.starts_with("moat-deny:"), "{deny}");
+    fake.dispatch("INTERACTION_CREATE", click(CHANNEL, ALICE, &deny));
+    let req2_id = req2.created.clone().unwrap();
+    let calls = fake.wait("the denied request's edit", |c| {
+        c.iter()
+            .any(|c| c.method == "PATCH" && c.path.ends_with(&req2_id))
+    });
+    let edit = calls
+        .iter()
+        .find(|c| c.method == "PATCH" && c.path.ends_with(&req2_id))
+        .unwrap();
+    assert!(
+        edit.body["content"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Denied by {ALICE}")),
+        "{}",
+        edit.body
+    );
+    fake.wait("Bob's second answer", |_| {
+        !fake.posted_with("R0 ERR").is_empty()
+    });
+    assert_eq!(stored(), 1, "a denied task was stored");
     gw.stop();
 }
