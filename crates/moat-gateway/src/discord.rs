@@ -13,6 +13,8 @@
 //! deduplicated by their snowflake id, so an event Discord replays after a
 //! resume is answered once.
 //!
+//! Approval buttons and their clicks are `discord_approvals.rs`.
+//!
 //! Must never: store chatter of a channel no `[[channel]]` names (only
 //! messages addressed to the bot there are stored, to be refused and
 //! audited), answer a message kind moat cannot read more than once per
@@ -26,14 +28,11 @@ use std::time::{Duration, Instant};
 use moat_chat::discord::format::{fit, to_discord, DISCORD_CHUNK};
 use moat_chat::discord::gateway::{self, Dispatch, GatewayParams};
 use moat_chat::discord::{
-    is_thread, parse_click, parse_message, BotUser, ChannelInfo, DcMessage, DiscordError, Incoming,
-    RestApi,
+    is_thread, parse_message, BotUser, ChannelInfo, DcMessage, DiscordError, Incoming, RestApi,
 };
 use moat_creds::Secret;
 use moat_policy::gateway::{Platform, DISCORD_DMS};
 use moat_policy::platforms::DiscordConfig;
-
-use serde_json::json;
 
 use crate::agent::TurnOutcome;
 use crate::approvals::{ApprovalPost, Decision};
@@ -41,7 +40,7 @@ use crate::artifacts::Artifact;
 use crate::metrics::Verdict;
 use crate::pipeline::Gateway;
 use crate::platform::{
-    answer_body, answer_parts, decision_text, Attachment, BoxFut, ChatPlatform, ConvRef, Inbound,
+    answer_body, answer_parts, Attachment, BoxFut, ChatPlatform, ConvRef, Inbound,
 };
 use crate::server::ServeError;
 
@@ -175,7 +174,7 @@ impl Discord {
             }
             "MESSAGE_CREATE" => self.message(gw, &d.data).await,
             "INTERACTION_CREATE" => {
-                self.click(gw, &d.data).await;
+                crate::discord_approvals::click(&self.out.api, gw, &d.data).await;
                 Ok(())
             }
             _ => Ok(()),
@@ -270,41 +269,6 @@ impl Discord {
         }
     }
 
-    /// A click on one of moat's approval buttons (docs/approvals.md): the
-    /// clicker is the one Discord authenticated on the Gateway; the desk
-    /// decides whether they may. Answered within Discord's 3 s: an update
-    /// (the request message is edited with the decision), or a note only
-    /// the clicker sees saying why not.
-    async fn click(&self, gw: &Gateway, d: &serde_json::Value) {
-        let Some(c) = parse_click(d) else {
-            tracing::debug!("a Discord interaction that is not a button click; ignored");
-            return;
-        };
-        let (id, approve) = if let Some(id) = c.custom_id.strip_prefix(APPROVE) {
-            (id, true)
-        } else if let Some(id) = c.custom_id.strip_prefix(DENY) {
-            (id, false)
-        } else {
-            tracing::debug!("a click on a button that is not moat's; ignored");
-            return;
-        };
-        let answer = match gw.decide_approval(id, Platform::Discord, &c.user_id, approve, "discord")
-        {
-            // DEFERRED_UPDATE_MESSAGE: the decision edits the message.
-            Ok(_) => json!({"type": 6}),
-            // CHANNEL_MESSAGE_WITH_SOURCE, EPHEMERAL: only the clicker sees it.
-            Err(why) => json!({"type": 4, "data": {"content": why.message(), "flags": 64,
-                "allowed_mentions": {"parse": []}}}),
-        };
-        DiscordOut::log(
-            "answer a click",
-            self.out
-                .api
-                .interaction_callback(&c.interaction_id, &c.token, answer)
-                .await,
-        );
-    }
-
     /// A sticker or poll addressed to the bot by someone who may talk here:
     /// told once per channel what moat reads.
     async fn unsupported(&self, gw: &Gateway, m: &DcMessage) {
@@ -333,23 +297,6 @@ impl Discord {
     }
 }
 
-/// `custom_id` prefixes of the two approval buttons: `moat-approve:<id>`.
-const APPROVE: &str = "moat-approve:";
-const DENY: &str = "moat-deny:";
-
-/// An approval request's text: moat's summary and the agent's words,
-/// quoted, both made safe.
-fn request_text(req: &ApprovalPost) -> String {
-    let mut t = format!("**Approval needed.** {}", req.summary);
-    if let Some(d) = &req.detail {
-        for line in d.lines().take(40) {
-            t.push_str("\n> ");
-            t.push_str(line);
-        }
-    }
-    t
-}
-
 /// The Discord channel a conversation's messages go to: its thread, else
 /// the channel.
 fn target(conv: &ConvRef) -> &str {
@@ -376,7 +323,7 @@ impl DiscordOut {
         }
     }
 
-    fn log<T>(what: &str, r: Result<T, DiscordError>) -> Option<T> {
+    pub(crate) fn log<T>(what: &str, r: Result<T, DiscordError>) -> Option<T> {
         match r {
             Ok(v) => Some(v),
             Err(e) => {
@@ -452,18 +399,11 @@ impl ChatPlatform for DiscordOut {
         conv: &'a ConvRef,
         req: &'a ApprovalPost,
     ) -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> {
-        Box::pin(async move {
-            // ACTION_ROW of two buttons: SUCCESS (3) and DANGER (4).
-            let buttons = json!([{"type": 1, "components": [
-                {"type": 2, "style": 3, "label": "Approve", "custom_id": format!("{APPROVE}{}", req.id)},
-                {"type": 2, "style": 4, "label": "Deny", "custom_id": format!("{DENY}{}", req.id)},
-            ]}]);
-            let r = self
-                .api
-                .send_with_components(target(conv), &to_discord(&request_text(req)), buttons)
-                .await;
-            Self::log("ask for approval", r)
-        })
+        Box::pin(crate::discord_approvals::post_request(
+            &self.api,
+            target(conv),
+            req,
+        ))
     }
 
     fn approval_decided<'a>(
@@ -473,22 +413,13 @@ impl ChatPlatform for DiscordOut {
         asked: Option<&'a str>,
         d: &'a Decision,
     ) -> BoxFut<'a> {
-        Box::pin(async move {
-            let text = to_discord(&format!("{}\n**{}**", request_text(req), decision_text(d)));
-            match asked {
-                Some(m) => Self::log(
-                    "show a decision",
-                    self.api.edit_message(target(conv), m, &text).await,
-                ),
-                None => Self::log(
-                    "show a decision",
-                    self.api
-                        .send_message(target(conv), &text, None)
-                        .await
-                        .map(drop),
-                ),
-            };
-        })
+        Box::pin(crate::discord_approvals::post_decision(
+            &self.api,
+            target(conv),
+            req,
+            asked,
+            d,
+        ))
     }
 
     fn started<'a>(&'a self, conv: &'a ConvRef, refs: &'a [String]) -> BoxFut<'a> {

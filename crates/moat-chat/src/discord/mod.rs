@@ -9,6 +9,7 @@ mod api;
 pub mod format;
 pub mod gateway;
 mod message;
+mod routes;
 
 pub use api::{is_thread, BotUser, ChannelInfo, DiscordError, RestApi, DEFAULT_API_URL};
 pub use message::{
