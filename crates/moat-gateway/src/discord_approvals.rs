@@ -27,7 +27,10 @@ const DENY: &str = "moat-deny:";
 /// An approval request's text: moat's summary and the agent's words,
 /// quoted, both made safe.
 fn request_text(req: &ApprovalPost) -> String {
-    let mut t = format!("**Approval needed.** {}", req.summary);
+    let mut t = format!(
+        "**Approval needed.** {}\n(an admin clicks below, or answers `approve {}` or `deny {}`)",
+        req.summary, req.id, req.id
+    );
     if let Some(d) = &req.detail {
         for line in d.lines().take(40) {
             t.push_str("\n> ");

@@ -156,7 +156,7 @@ pub trait ChatPlatform: Send + Sync {
     /// Asks the chat's admins to decide request `req` (docs/approvals.md).
     /// Returns the platform's id of the message that asked (Slack: its
     /// `ts`), for [`ChatPlatform::approval_decided`]. A platform without
-    /// buttons says so in a notice; its request can only time out.
+    /// buttons asks in a notice; an admin answers `approve ID` or `deny ID`.
     fn approval<'a>(
         &'a self,
         conv: &'a ConvRef,
@@ -164,8 +164,8 @@ pub trait ChatPlatform: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> {
         Box::pin(async move {
             let text = format!(
-                "{} (moat asks for approval here, but this platform has no buttons for it; the request will time out)",
-                req.summary
+                "{}\nAn admin of this chat answers `approve {}` or `deny {}` (no answer in time is a denial).",
+                req.summary, req.id, req.id
             );
             self.notice(conv, &text).await;
             None

@@ -254,6 +254,51 @@ async fn attack_i6_a_denied_action_does_not_happen() {
     gw.stop().await;
 }
 
+// I6, typed: where a platform has no buttons an admin answers `approve ID`
+// in the chat. A member typing it is refused (and the task is not stored);
+// the admin's typed approval lets it happen, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_i6_a_typed_decision_counts_only_from_an_admin() {
+    let (fake, gw) = start("appr-typed", "60s").await;
+    let root = start_turn(&fake, &gw, OPS, BOB, &schedule("i6-typed")).await;
+    let (id, _) = request(&fake, OPS, &root).await;
+    let say = |user: &'static str, text: String| {
+        let (fake, events, root) = (&fake, gw.events(), root.clone());
+        async move {
+            let r = post_signed(
+                events,
+                &fake.callback(
+                    &new_event_id(),
+                    mention(OPS, user, &new_ts(), Some(&root), &text),
+                ),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    };
+    say(BOB, format!("approve {id}")).await;
+    fake.wait_post(OPS, &root, "only an admin of this channel may decide")
+        .await;
+    assert_eq!(tasks_in(&gw, OPS), 0);
+    say(CAROL, format!("approve {}", id.to_uppercase())).await;
+    let lines = answer(&fake, OPS, &root).await;
+    assert!(lines[0].starts_with("R0 OK"), "{lines:?}");
+    assert_eq!(tasks_in(&gw, OPS), 1);
+    // A second typed decision is a replay.
+    say(CAROL, format!("deny {id}")).await;
+    fake.wait_post(OPS, &root, "decided already").await;
+    assert_eq!(tasks_in(&gw, OPS), 1);
+    let a = approvals(&gw);
+    assert!(a.iter().any(|r| r["verdict"] == "refused"
+        && r["reason"] == "not_admin"
+        && r["by"] == BOB
+        && r["source"] == "chat"));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "approved" && r["by"] == CAROL && r["source"] == "chat"));
+    gw.stop().await;
+}
+
 // I6: nobody decides: the request times out as a denial, and a click that
 // comes after the timeout changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -738,10 +738,10 @@ async fn a_kept_answer_is_delivered_after_a_crash_not_run_again() {
         .collect();
     assert_eq!(delivered.len(), 1, "{delivered:#?}");
     assert_eq!(delivered[0]["turn_id"], json!(turn));
-    gw.stop().await;
-    let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+    let store = gw.gw.inner.store.clone();
     assert!(store.undelivered_answers().unwrap().is_empty());
     assert!(store.turn(turn + 1).unwrap().is_none(), "no second turn");
+    gw.stop().await;
 }
 
 // ------------------------------------------------------------------ 6

@@ -164,7 +164,7 @@ fn after_a_restart_the_web_chat_shows_the_stored_history_once() {
     assert_eq!(answer(&c, "h1"), (format!("before-{m}\n"), true));
     gw.stop();
     let kept_turn = {
-        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        let store = open_store_after_stop(&data);
         let (message_id, conversation_id) = match store
             .insert_message(&moat_store::IncomingMessage {
                 platform: "web".into(),
@@ -225,9 +225,8 @@ fn after_a_restart_the_web_chat_shows_the_stored_history_once() {
     );
     let delivered = gw.audit_kind("answer");
     assert_eq!(delivered.len(), 1, "{delivered:#?}");
+    assert!(gw.gw.inner.store.undelivered_answers().unwrap().is_empty());
     gw.stop();
-    let store = moat_store::Store::open(data.join("moat.db")).unwrap();
-    assert!(store.undelivered_answers().unwrap().is_empty());
 }
 
 /// A turn whose end the store could not record (a full disk) must not stop

@@ -262,6 +262,21 @@ impl DecideRefusal {
     }
 }
 
+/// A decision typed in the chat, for platforms without buttons: `approve
+/// ID` or `deny ID` (case ignored), ID the request's 32 hex digits. Returns
+/// whether it approves, and the id in lower case.
+pub fn parse_decision(text: &str) -> Option<(bool, String)> {
+    let (word, id) = text.trim().split_once(char::is_whitespace)?;
+    let approve = match word.to_ascii_lowercase().as_str() {
+        "approve" => true,
+        "deny" => false,
+        _ => return None,
+    };
+    let id = id.trim();
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| (approve, id.to_ascii_lowercase()))
+}
+
 /// May someone at `trust` in the request's channel decide a request that
 /// is `pending` (still waiting, not past its deadline)? Only admins, once.
 pub fn may_decide(trust: Option<Trust>, pending: bool) -> Result<(), DecideRefusal> {
@@ -425,5 +440,27 @@ mod tests {
         );
         assert_eq!(admitted_trust(Trust::Admin), Trust::Member);
         assert_eq!(admitted_trust(Trust::Untrusted), Trust::Untrusted);
+    }
+
+    #[test]
+    fn typed_decisions_need_the_word_and_a_whole_id() {
+        let id = "0123456789abcdef0123456789ABCDEF";
+        assert_eq!(
+            parse_decision(&format!("approve {id}")),
+            Some((true, id.to_ascii_lowercase()))
+        );
+        assert_eq!(
+            parse_decision(&format!("  DENY  {id} ")),
+            Some((false, id.to_ascii_lowercase()))
+        );
+        for t in [
+            "approve",
+            "approve 0123",
+            "approve everything please",
+            &format!("approved {id}"),
+            &format!("approve {id} and more"),
+        ] {
+            assert_eq!(parse_decision(t), None, "{t}");
+        }
     }
 }

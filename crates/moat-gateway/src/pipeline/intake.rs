@@ -246,6 +246,29 @@ impl Gateway {
             }
             return Ok(Accepted::Command { conversation_id });
         }
+        // `approve ID` / `deny ID`: an admin decides a request where the
+        // platform has no buttons (crate::approvals decides who may).
+        if let Some((approve, id)) =
+            moat_policy::approvals::parse_decision(asked).filter(|_| !scheduled)
+        {
+            self.inner.metrics.event(Verdict::Command);
+            let word = if approve { "approve" } else { "deny" };
+            self.inner.store.set_message_state(
+                message_id,
+                MessageState::Answered,
+                Some(&format!("command {word}")),
+            )?;
+            self.audit(
+                "message",
+                with(json!({"verdict": "command", "command": word, "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
+            );
+            let text = match self.decide_approval(&id, conv.platform, &m.user, approve, "chat") {
+                Ok(o) => format!("request {id}: {}", o.name()),
+                Err(why) => format!("request {id}: {}", why.message()),
+            };
+            self.platform(m.platform).notice(&conv, &text).await;
+            return Ok(Accepted::Command { conversation_id });
+        }
         if let Some(cmd) = trust::TaskCommand::parse(asked).filter(|_| !scheduled) {
             self.inner.metrics.event(Verdict::Command);
             self.inner.store.set_message_state(
