@@ -699,6 +699,9 @@ debounce = "0ms"
         .unwrap()
         .to_string();
     assert!(approve.starts_with("moat-approve:"), "{approve}");
+    // The message names the id for a typed decision too.
+    let id = approve.trim_start_matches("moat-approve:");
+    assert!(content.contains(&format!("`approve {id}`")), "{content}");
     let stored = || {
         gw.gw
             .inner
