@@ -50,6 +50,9 @@ pub const MAX_PARTS: usize = 10;
 const TYPING_EVERY: Duration = Duration::from_secs(8);
 /// What a sticker or poll gets, once per channel.
 pub const UNSUPPORTED: &str = "I can only read text and files here.";
+/// The longest wait for `GET /channels/{id}` (a thread not announced on
+/// the Gateway).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Channels whose kind is remembered.
 const MAX_KNOWN: usize = 50_000;
 
@@ -197,14 +200,21 @@ impl Discord {
             .and_then(|k| k.get(&m.channel_id).cloned());
         let parent = match cached {
             Some(p) => p,
-            None => match self.out.api.channel(&m.channel_id).await {
-                Ok(c) => {
+            // Bounded: the Gateway's heartbeat waits while this runs.
+            None => match tokio::time::timeout(LOOKUP_TIMEOUT, self.out.api.channel(&m.channel_id))
+                .await
+            {
+                Ok(Ok(c)) => {
                     let p = if is_thread(c.kind) { c.parent_id } else { None };
                     self.remember(&m.channel_id, p.clone());
                     p
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "a Discord channel could not be looked up");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("looking up a Discord channel timed out");
                     None
                 }
             },
