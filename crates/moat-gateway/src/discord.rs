@@ -13,6 +13,8 @@
 //! deduplicated by their snowflake id, so an event Discord replays after a
 //! resume is answered once.
 //!
+//! Approval buttons and their clicks are `discord_approvals.rs`.
+//!
 //! Must never: store chatter of a channel no `[[channel]]` names (only
 //! messages addressed to the bot there are stored, to be refused and
 //! audited), answer a message kind moat cannot read more than once per
@@ -33,6 +35,7 @@ use moat_policy::gateway::{Platform, DISCORD_DMS};
 use moat_policy::platforms::DiscordConfig;
 
 use crate::agent::TurnOutcome;
+use crate::approvals::{ApprovalPost, Decision};
 use crate::artifacts::Artifact;
 use crate::metrics::Verdict;
 use crate::pipeline::Gateway;
@@ -47,6 +50,9 @@ pub const MAX_PARTS: usize = 10;
 const TYPING_EVERY: Duration = Duration::from_secs(8);
 /// What a sticker or poll gets, once per channel.
 pub const UNSUPPORTED: &str = "I can only read text and files here.";
+/// The longest wait for `GET /channels/{id}` (a thread not announced on
+/// the Gateway).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Channels whose kind is remembered.
 const MAX_KNOWN: usize = 50_000;
 
@@ -170,6 +176,10 @@ impl Discord {
                 Ok(())
             }
             "MESSAGE_CREATE" => self.message(gw, &d.data).await,
+            "INTERACTION_CREATE" => {
+                crate::discord_approvals::click(&self.out.api, gw, &d.data).await;
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -190,14 +200,21 @@ impl Discord {
             .and_then(|k| k.get(&m.channel_id).cloned());
         let parent = match cached {
             Some(p) => p,
-            None => match self.out.api.channel(&m.channel_id).await {
-                Ok(c) => {
+            // Bounded: the Gateway's heartbeat waits while this runs.
+            None => match tokio::time::timeout(LOOKUP_TIMEOUT, self.out.api.channel(&m.channel_id))
+                .await
+            {
+                Ok(Ok(c)) => {
                     let p = if is_thread(c.kind) { c.parent_id } else { None };
                     self.remember(&m.channel_id, p.clone());
                     p
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "a Discord channel could not be looked up");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("looking up a Discord channel timed out");
                     None
                 }
             },
@@ -268,8 +285,6 @@ impl Discord {
         let (channel, _) = self.place(m).await;
         if !m.addressed
             || !gw
-                .inner
-                .cfg
                 .authorize(Platform::Discord, &channel, &m.user_id)
                 .is_allowed()
         {
@@ -318,7 +333,7 @@ impl DiscordOut {
         }
     }
 
-    fn log<T>(what: &str, r: Result<T, DiscordError>) -> Option<T> {
+    pub(crate) fn log<T>(what: &str, r: Result<T, DiscordError>) -> Option<T> {
         match r {
             Ok(v) => Some(v),
             Err(e) => {
@@ -387,6 +402,34 @@ impl ChatPlatform for DiscordOut {
             let t = format!("*{}*", to_discord(text).replace('*', "\\*"));
             self.send(conv, &t, None).await
         })
+    }
+
+    fn approval<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> {
+        Box::pin(crate::discord_approvals::post_request(
+            &self.api,
+            target(conv),
+            req,
+        ))
+    }
+
+    fn approval_decided<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+        asked: Option<&'a str>,
+        d: &'a Decision,
+    ) -> BoxFut<'a> {
+        Box::pin(crate::discord_approvals::post_decision(
+            &self.api,
+            target(conv),
+            req,
+            asked,
+            d,
+        ))
     }
 
     fn started<'a>(&'a self, conv: &'a ConvRef, refs: &'a [String]) -> BoxFut<'a> {

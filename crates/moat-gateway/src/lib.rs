@@ -14,6 +14,7 @@ pub mod agents_setup;
 pub mod approvals;
 pub mod artifacts;
 pub mod discord;
+pub mod discord_approvals;
 pub mod github_clone;
 pub mod github_hooks;
 pub mod github_setup;

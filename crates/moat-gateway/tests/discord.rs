@@ -616,3 +616,201 @@ fn a_refused_token_stops_moat_at_start_without_showing_it() {
     assert!(e.contains("DISCORD_BOT_TOKEN") && e.contains("401"), "{e}");
     assert!(!e.contains(wrong), "{e}");
 }
+
+/// A shell command that calls moat's IPC tool `tool` from inside the
+/// sandbox and prints `R0 OK|ERR <text>`.
+fn ipc_call(tool: &str, args: &Value) -> String {
+    let arg = json!([tool, args]).to_string();
+    assert!(!arg.contains('\''));
+    let program = [
+        "import socket,json,sys",
+        "s=socket.socket(socket.AF_UNIX); s.connect(\"/run/moat/ipc.sock\"); f=s.makefile(\"rw\")",
+        "def rpc(i,m,p):",
+        "  f.write(json.dumps(dict(jsonrpc=\"2.0\",id=i,method=m,params=p))+chr(10)); f.flush()",
+        "  return json.loads(f.readline())",
+        "rpc(0,\"initialize\",dict(protocolVersion=\"2025-06-18\",capabilities=dict(),clientInfo=dict(name=\"t\",version=\"0\")))",
+        "n,a=json.loads(sys.argv[1])",
+        "r=rpc(1,\"tools/call\",dict(name=n,arguments=a))[\"result\"]",
+        "print(\"R0\", \"ERR\" if r[\"isError\"] else \"OK\", r[\"content\"][0][\"text\"])",
+    ]
+    .join("\n");
+    format!("python3 -c '{program}' '{arg}'")
+}
+
+/// I6 on Discord: Bob's schedule_task waits for an admin; the request is a
+/// message with Approve/Deny buttons. Bob's own click is refused (only he
+/// sees why) and nothing is stored; Alice's click approves it, the request
+/// message is edited with the decision and its buttons taken off; her
+/// click again is refused as decided.
+#[test]
+fn attack_i6_discord_approvals_are_decided_by_an_admin_once() {
+    const BOB: &str = "5151";
+    let fake = FakeDiscord::start();
+    let toml = format!(
+        r#"
+[web]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[discord]
+enabled = true
+api_url = "http://{}/api/v10"
+gateway_url = "ws://{}"
+
+[pool]
+size = 1
+
+[[channel]]
+platform = "discord"
+id = "{CHANNEL}"
+users = ["{BOB}"]
+admins = ["{ALICE}"]
+approve = ["schedule"]
+approve_timeout = "60s"
+debounce = "0ms"
+"#,
+        fake.rest, fake.gateway
+    );
+    let gw = Gw::start_with("dc-i6", &toml, secrets());
+    fake.wait_ready();
+    let prompt = format!("echo dc-i6-{}", random_hex(4));
+    let call = ipc_call(
+        "schedule_task",
+        &json!({"prompt": prompt, "schedule_type": "interval", "schedule_value": "1h"}),
+    );
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        message(CHANNEL, false, BOB, &mention(&call), true),
+    );
+    let button = |c: &Call| c.body["components"][0]["components"][0]["custom_id"].is_string();
+    let calls = fake.wait("the request with buttons", |c| c.iter().any(button));
+    let req = calls.iter().find(|c| button(c)).unwrap().clone();
+    assert!(req.path.contains(CHANNEL));
+    let content = req.body["content"].as_str().unwrap();
+    assert!(
+        content.contains("Approval needed") && content.contains(&prompt),
+        "{content}"
+    );
+    assert_eq!(req.body["allowed_mentions"]["parse"], json!([]));
+    let approve = req.body["components"][0]["components"][0]["custom_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(approve.starts_with("moat-approve:"), "{approve}");
+    // The message names the id for a typed decision too.
+    let id = approve.trim_start_matches("moat-approve:");
+    assert!(content.contains(&format!("`approve {id}`")), "{content}");
+    let stored = || {
+        gw.gw
+            .inner
+            .store
+            .tasks_of_channel("discord", CHANNEL)
+            .unwrap()
+            .len()
+    };
+    let answered = |token: &str| {
+        fake.calls()
+            .into_iter()
+            .find(|c| c.path.contains(token) && c.path.ends_with("/callback"))
+    };
+    // Bob may not approve his own request.
+    let bob_click = click(CHANNEL, BOB, &approve);
+    let bob_token = bob_click["token"].as_str().unwrap().to_string();
+    fake.dispatch("INTERACTION_CREATE", bob_click);
+    fake.wait("the answer to Bob's click", |_| {
+        answered(&bob_token).is_some()
+    });
+    let a = answered(&bob_token).unwrap();
+    assert_eq!(a.body["type"], json!(4));
+    assert_eq!(a.body["data"]["flags"], json!(64), "only Bob sees it");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(stored(), 0, "stored before an admin approved it");
+    // Alice approves: the task is stored, the request edited.
+    let alice_click = click(CHANNEL, ALICE, &approve);
+    let alice_token = alice_click["token"].as_str().unwrap().to_string();
+    fake.dispatch("INTERACTION_CREATE", alice_click);
+    fake.wait("Bob's answer", |_| {
+        !fake.posted_with("R0 OK task").is_empty()
+    });
+    assert_eq!(answered(&alice_token).unwrap().body["type"], json!(6));
+    let calls = fake.wait("the edited request", |c| {
+        c.iter().any(|c| c.method == "PATCH")
+    });
+    let edit = calls.iter().find(|c| c.method == "PATCH").unwrap();
+    let req_id = req.created.clone().unwrap();
+    assert_eq!(edit.path, format!("/channels/{CHANNEL}/messages/{req_id}"));
+    assert!(
+        edit.body["content"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Approved by {ALICE}")),
+        "{}",
+        edit.body
+    );
+    assert_eq!(edit.body["components"], json!([]));
+    assert_eq!(stored(), 1);
+    // Decided once.
+    let again = click(CHANNEL, ALICE, &approve);
+    let again_token = again["token"].as_str().unwrap().to_string();
+    fake.dispatch("INTERACTION_CREATE", again);
+    fake.wait("the answer to the replay", |_| {
+        answered(&again_token).is_some()
+    });
+    assert_eq!(answered(&again_token).unwrap().body["type"], json!(4));
+    let a = gw.audit_kind("approval");
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "refused" && r["reason"] == "not_admin" && r["by"] == BOB));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "approved" && r["by"] == ALICE && r["source"] == "discord"));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "refused" && r["reason"] == "already_decided"));
+    assert_eq!(a.iter().filter(|r| r["verdict"] == "approved").count(), 1);
+    assert_eq!(stored(), 1);
+
+    // A second request, denied by Alice: nothing stored.
+    let call = ipc_call(
+        "schedule_task",
+        &json!({"prompt": "echo denied", "schedule_type": "interval", "schedule_value": "1h"}),
+    );
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        message(CHANNEL, false, BOB, &mention(&call), true),
+    );
+    let calls = fake.wait("the second request", |c| {
+        c.iter().filter(|c| button(c)).count() == 2
+    });
+    let req2 = calls.iter().filter(|c| button(c)).nth(1).unwrap().clone();
+    let deny = req2.body["components"][0]["components"][1]["custom_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(deny.starts_with("moat-deny:"), "{deny}");
+    fake.dispatch("INTERACTION_CREATE", click(CHANNEL, ALICE, &deny));
+    let req2_id = req2.created.clone().unwrap();
+    let calls = fake.wait("the denied request's edit", |c| {
+        c.iter()
+            .any(|c| c.method == "PATCH" && c.path.ends_with(&req2_id))
+    });
+    let edit = calls
+        .iter()
+        .find(|c| c.method == "PATCH" && c.path.ends_with(&req2_id))
+        .unwrap();
+    assert!(
+        edit.body["content"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Denied by {ALICE}")),
+        "{}",
+        edit.body
+    );
+    fake.wait("Bob's second answer", |_| {
+        !fake.posted_with("R0 ERR").is_empty()
+    });
+    assert_eq!(stored(), 1, "a denied task was stored");
+    gw.stop();
+}

@@ -1,7 +1,6 @@
-//! The Discord REST API client: `GET /users/@me`, `GET /channels/{id}`,
-//! `POST /channels/{id}/messages` (JSON, or multipart with a file),
-//! `POST /channels/{id}/typing`, and adding or removing the bot's own
-//! reaction.
+//! The Discord REST API client's core: the token, the calls with their
+//! retries and Discord's rate limits (the endpoints moat uses are in
+//! `routes.rs`).
 //!
 //! Calls carry `Authorization: Bot TOKEN` (a sensitive header value; the
 //! token is never in a URL). Rate limits are honoured as Discord documents
@@ -25,7 +24,6 @@ use http_body_util::Full;
 use hyper::{header, Method, Request};
 use moat_creds::Secret;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::slack::transport::{self, Client, Endpoint};
 use crate::slack::SleepFn;
@@ -35,7 +33,7 @@ pub const DEFAULT_API_URL: &str = "https://discord.com/api/v10";
 const MAX_ATTEMPTS: u32 = 5;
 /// The longest wait for one 429 or an exhausted bucket.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
-const TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscordError {
@@ -128,7 +126,7 @@ fn clean(s: &str) -> String {
 }
 
 /// `s` percent-encoded for a path segment (an emoji).
-fn encode_segment(s: &str) -> String {
+pub(super) fn encode_segment(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -141,7 +139,7 @@ fn encode_segment(s: &str) -> String {
 }
 
 /// Discord ids are decimal snowflakes: anything else never reaches a path.
-fn snowflake(route: &'static str, id: &str) -> Result<(), DiscordError> {
+pub(super) fn snowflake(route: &'static str, id: &str) -> Result<(), DiscordError> {
     if !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit()) {
         Ok(())
     } else {
@@ -153,12 +151,12 @@ fn snowflake(route: &'static str, id: &str) -> Result<(), DiscordError> {
 }
 
 /// One call: its route (for errors and rate limits), method and path.
-struct Call<'a> {
-    route: &'static str,
-    method: Method,
-    path: String,
+pub(super) struct Call<'a> {
+    pub(super) route: &'static str,
+    pub(super) method: Method,
+    pub(super) path: String,
     /// The major parameter (the channel): buckets are per channel.
-    major: &'a str,
+    pub(super) major: &'a str,
 }
 
 impl RestApi {
@@ -197,197 +195,7 @@ impl RestApi {
         self.client.tls()
     }
 
-    /// `GET /users/@me`: the bot's id and name (checks the token).
-    pub async fn me(&self) -> Result<BotUser, DiscordError> {
-        #[derive(Deserialize)]
-        struct Me {
-            id: String,
-            #[serde(default)]
-            username: String,
-        }
-        let route = "GET /users/@me";
-        let call = Call {
-            route,
-            method: Method::GET,
-            path: "/users/@me".into(),
-            major: "",
-        };
-        let v = self.json(call, None).await?;
-        let me: Me = decode(route, v)?;
-        Ok(BotUser {
-            id: me.id,
-            username: me.username,
-        })
-    }
-
-    /// `GET /channels/{id}`: its type and parent (a thread's channel).
-    pub async fn channel(&self, id: &str) -> Result<ChannelInfo, DiscordError> {
-        let route = "GET /channels/{channel}";
-        snowflake(route, id)?;
-        let call = Call {
-            route,
-            method: Method::GET,
-            path: format!("/channels/{id}"),
-            major: id,
-        };
-        let v = self.json(call, None).await?;
-        decode(route, v)
-    }
-
-    /// `POST /channels/{id}/messages` with `content` (already formatted, at
-    /// most 2,000 characters), replying to `reply_to` when given. Mentions
-    /// are never parsed. Returns the new message's id.
-    pub async fn send_message(
-        &self,
-        channel: &str,
-        content: &str,
-        reply_to: Option<&str>,
-    ) -> Result<String, DiscordError> {
-        self.send_message_once(channel, content, reply_to, None)
-            .await
-    }
-
-    /// [`RestApi::send_message`] with the caller's `nonce` (at most 25
-    /// characters): Discord returns the message already created with it in
-    /// the last few minutes instead of posting it again (a redelivery after
-    /// a restart).
-    pub async fn send_message_once(
-        &self,
-        channel: &str,
-        content: &str,
-        reply_to: Option<&str>,
-        nonce: Option<&str>,
-    ) -> Result<String, DiscordError> {
-        let route = "POST /channels/{channel}/messages";
-        snowflake(route, channel)?;
-        // One nonce for the call, kept by its retries: a retry after a 5xx
-        // that Discord had in fact acted on returns the message already
-        // created instead of sending it twice.
-        let nonce = match nonce {
-            Some(n) if !n.is_empty() && n.chars().count() <= 25 => n.to_string(),
-            _ => rand_u64().to_string(),
-        };
-        let mut body = json!({
-            "content": content,
-            "allowed_mentions": {"parse": [], "replied_user": false},
-            "flags": 4, // SUPPRESS_EMBEDS: no link previews.
-            "nonce": nonce,
-            "enforce_nonce": true,
-        });
-        if let Some(m) = reply_to {
-            snowflake(route, m)?;
-            body["message_reference"] = json!({"message_id": m, "fail_if_not_exists": false});
-        }
-        let call = Call {
-            route,
-            method: Method::POST,
-            path: format!("/channels/{channel}/messages"),
-            major: channel,
-        };
-        let v = self.json(call, Some(body)).await?;
-        v.get("id")
-            .and_then(|i| i.as_str())
-            .map(str::to_string)
-            .ok_or(DiscordError::BadResponse {
-                route,
-                reason: "no message id".into(),
-            })
-    }
-
-    /// `POST /channels/{id}/typing`: "typing…" for ten seconds.
-    pub async fn typing(&self, channel: &str) -> Result<(), DiscordError> {
-        let route = "POST /channels/{channel}/typing";
-        snowflake(route, channel)?;
-        let call = Call {
-            route,
-            method: Method::POST,
-            path: format!("/channels/{channel}/typing"),
-            major: channel,
-        };
-        self.json(call, None).await.map(|_| ())
-    }
-
-    /// The bot's own reaction `emoji` on a message: added (`PUT`) or
-    /// removed (`DELETE`).
-    pub async fn react(
-        &self,
-        channel: &str,
-        message: &str,
-        emoji: &str,
-        add: bool,
-    ) -> Result<(), DiscordError> {
-        let route = if add {
-            "PUT /channels/{channel}/messages/{message}/reactions/{emoji}/@me"
-        } else {
-            "DELETE /channels/{channel}/messages/{message}/reactions/{emoji}/@me"
-        };
-        snowflake(route, channel)?;
-        snowflake(route, message)?;
-        let call = Call {
-            route,
-            method: if add { Method::PUT } else { Method::DELETE },
-            path: format!(
-                "/channels/{channel}/messages/{message}/reactions/{}/@me",
-                encode_segment(emoji)
-            ),
-            major: channel,
-        };
-        self.json(call, None).await.map(|_| ())
-    }
-
-    /// `POST /channels/{id}/messages` as multipart: `bytes` attached as
-    /// `name` (`files[0]`, described in `payload_json`).
-    pub async fn upload(
-        &self,
-        channel: &str,
-        name: &str,
-        bytes: Bytes,
-    ) -> Result<(), DiscordError> {
-        let route = "POST /channels/{channel}/messages (file)";
-        snowflake(route, channel)?;
-        // The name is the artifact's (checked by moat); quotes and line
-        // breaks are still kept out of the header.
-        let safe: String = name
-            .chars()
-            .map(|c| {
-                if c == '"' || c == '\\' || c.is_control() {
-                    '_'
-                } else {
-                    c
-                }
-            })
-            .collect();
-        let payload = json!({
-            "allowed_mentions": {"parse": []},
-            "attachments": [{"id": 0, "filename": safe}],
-            "nonce": rand_u64().to_string(),
-            "enforce_nonce": true,
-        });
-        let boundary = format!("moat-{:016x}", rand_u64());
-        let mut body = Vec::with_capacity(bytes.len() + 512);
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"payload_json\"\r\nContent-Type: application/json\r\n\r\n{payload}\r\n")
-                .as_bytes(),
-        );
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"files[0]\"; filename=\"{safe}\"\r\nContent-Type: application/octet-stream\r\n\r\n")
-                .as_bytes(),
-        );
-        body.extend_from_slice(&bytes);
-        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-        let call = Call {
-            route,
-            method: Method::POST,
-            path: format!("/channels/{channel}/messages"),
-            major: channel,
-        };
-        let ctype = format!("multipart/form-data; boundary={boundary}");
-        self.send(call, &ctype, Bytes::from(body), TIMEOUT * 4)
-            .await
-            .map(|_| ())
-    }
-
-    async fn json(
+    pub(super) async fn json(
         &self,
         call: Call<'_>,
         body: Option<serde_json::Value>,
@@ -464,7 +272,7 @@ impl RestApi {
     }
 
     /// One call with its retries; the answer's JSON (`null` for 204).
-    async fn send(
+    pub(super) async fn send(
         &self,
         call: Call<'_>,
         ctype: &str,
@@ -578,7 +386,7 @@ impl RestApi {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(
+pub(super) fn decode<T: serde::de::DeserializeOwned>(
     route: &'static str,
     v: serde_json::Value,
 ) -> Result<T, DiscordError> {
@@ -588,7 +396,7 @@ fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn rand_u64() -> u64 {
+pub(super) fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     u64::from_le_bytes(b)

@@ -164,6 +164,68 @@ pub fn parse_message(d: &serde_json::Value, bot_id: &str) -> Result<Incoming, Me
     Ok(Incoming::Message(msg))
 }
 
+/// A click on a message button (`INTERACTION_CREATE` of type 3), as
+/// Discord authenticated it on the Gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Click {
+    /// The interaction's id and token, to answer it.
+    pub interaction_id: String,
+    pub token: String,
+    /// The button's `custom_id`.
+    pub custom_id: String,
+    /// Who clicked: `member.user.id` in a guild, `user.id` in a DM.
+    pub user_id: String,
+    pub channel_id: String,
+}
+
+/// Reads one `INTERACTION_CREATE` dispatch's `d`: a button click, or `None`
+/// for any other interaction.
+pub fn parse_click(d: &serde_json::Value) -> Option<Click> {
+    #[derive(Deserialize)]
+    struct Interaction {
+        id: String,
+        token: String,
+        #[serde(rename = "type")]
+        kind: u8,
+        #[serde(default)]
+        channel_id: Option<String>,
+        #[serde(default)]
+        member: Option<Member>,
+        #[serde(default)]
+        user: Option<User>,
+        #[serde(default)]
+        data: Option<Data>,
+    }
+    #[derive(Deserialize)]
+    struct Member {
+        user: Option<User>,
+    }
+    #[derive(Deserialize)]
+    struct Data {
+        #[serde(default)]
+        custom_id: String,
+        #[serde(default)]
+        component_type: u8,
+    }
+    let i = Interaction::deserialize(d).ok()?;
+    // 3: MESSAGE_COMPONENT; 2: a button.
+    let data = i.data?;
+    if i.kind != 3 || data.component_type != 2 || !is_snowflake(&i.id) {
+        return None;
+    }
+    let user = i.member.and_then(|m| m.user).or(i.user)?;
+    if !is_snowflake(&user.id) {
+        return None;
+    }
+    Some(Click {
+        interaction_id: i.id,
+        token: i.token,
+        custom_id: data.custom_id,
+        user_id: user.id,
+        channel_id: i.channel_id.filter(|c| is_snowflake(c)).unwrap_or_default(),
+    })
+}
+
 /// The text without a leading `<@BOT>` or `<@!BOT>`.
 fn strip_mention(content: &str, bot_id: &str) -> String {
     let t = content.trim_start();
@@ -229,6 +291,29 @@ mod tests {
         };
         assert!(!m.addressed);
         assert!(m.ts_ms > DISCORD_EPOCH_MS);
+    }
+
+    #[test]
+    fn clicks_are_read_from_guild_and_dm_interactions() {
+        let guild = json!({"id": "77", "token": "tok-1", "type": 3, "channel_id": "2200",
+            "member": {"user": {"id": "4242"}}, "data": {"custom_id": "moat-approve:ab", "component_type": 2}});
+        let c = parse_click(&guild).unwrap();
+        assert_eq!(
+            (c.user_id.as_str(), c.custom_id.as_str()),
+            ("4242", "moat-approve:ab")
+        );
+        let dm = json!({"id": "78", "token": "t", "type": 3, "user": {"id": "5"},
+            "data": {"custom_id": "x", "component_type": 2}});
+        assert_eq!(parse_click(&dm).unwrap().user_id, "5");
+        // A slash command, a select menu, no user: not a click.
+        for bad in [
+            json!({"id": "1", "token": "t", "type": 2, "user": {"id": "5"}, "data": {"component_type": 2}}),
+            json!({"id": "1", "token": "t", "type": 3, "user": {"id": "5"}, "data": {"component_type": 3}}),
+            json!({"id": "1", "token": "t", "type": 3, "data": {"component_type": 2}}),
+            json!({"id": "1", "token": "t", "type": 3, "user": {"id": "x"}, "data": {"component_type": 2}}),
+        ] {
+            assert!(parse_click(&bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

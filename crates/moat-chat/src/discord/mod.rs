@@ -9,6 +9,9 @@ mod api;
 pub mod format;
 pub mod gateway;
 mod message;
+mod routes;
 
 pub use api::{is_thread, BotUser, ChannelInfo, DiscordError, RestApi, DEFAULT_API_URL};
-pub use message::{parse_message, snowflake_ms, DcMessage, Incoming, MessageError};
+pub use message::{
+    parse_click, parse_message, snowflake_ms, Click, DcMessage, Incoming, MessageError,
+};

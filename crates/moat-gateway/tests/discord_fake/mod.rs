@@ -63,6 +63,8 @@ pub struct Call {
     pub status: u16,
     /// When the call reached the fake.
     pub at: Instant,
+    /// The id of the message the call created.
+    pub created: Option<String>,
 }
 
 #[derive(Default)]
@@ -202,6 +204,7 @@ async fn messages(
         raw: body.to_vec(),
         status: 200,
         at: Instant::now(),
+        created: None,
     };
     if s.throttle > 0 {
         s.throttle -= 1;
@@ -263,8 +266,9 @@ async fn messages(
         return Json(json!({"id": id, "channel_id": chan, "content": content})).into_response();
     }
     s.next_id += 1;
-    s.calls.push(call);
     let id = snowflake();
+    call.created = Some(id.clone());
+    s.calls.push(call);
     if let Some(n) = nonce {
         s.nonces.insert(n, id.clone());
     }
@@ -303,6 +307,7 @@ async fn typing(
         raw: Vec::new(),
         status: 204,
         at: Instant::now(),
+        created: None,
     });
     StatusCode::NO_CONTENT.into_response()
 }
@@ -323,6 +328,49 @@ async fn reaction(
         raw: Vec::new(),
         status: 204,
         at: Instant::now(),
+        created: None,
+    });
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn edit(
+    State(st): State<Arc<Mutex<RestState>>>,
+    headers: HeaderMap,
+    Path((chan, msg)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    if !authorized(&headers) {
+        return unauthorized();
+    }
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    st.lock().unwrap().calls.push(Call {
+        method: "PATCH".into(),
+        path: format!("/channels/{chan}/messages/{msg}"),
+        body: parsed.clone(),
+        raw: body.to_vec(),
+        status: 200,
+        at: Instant::now(),
+        created: None,
+    });
+    Json(json!({"id": msg, "channel_id": chan, "content": parsed["content"]})).into_response()
+}
+
+/// The answer to an interaction (no bot token needed: the interaction's
+/// token is the credential).
+async fn callback(
+    State(st): State<Arc<Mutex<RestState>>>,
+    Path((id, token)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    st.lock().unwrap().calls.push(Call {
+        method: "POST".into(),
+        path: format!("/interactions/{id}/{token}/callback"),
+        body: parsed,
+        raw: body.to_vec(),
+        status: 204,
+        at: Instant::now(),
+        created: None,
     });
     StatusCode::NO_CONTENT.into_response()
 }
@@ -499,6 +547,14 @@ impl FakeDiscord {
             .route("/api/v10/channels/{id}/messages", post(messages))
             .route("/api/v10/channels/{id}/typing", post(typing))
             .route(
+                "/api/v10/channels/{c}/messages/{m}",
+                axum::routing::patch(edit),
+            )
+            .route(
+                "/api/v10/interactions/{id}/{token}/callback",
+                post(callback),
+            )
+            .route(
                 "/api/v10/channels/{c}/messages/{m}/reactions/{e}/@me",
                 put(reaction).delete(reaction),
             )
@@ -640,4 +696,16 @@ pub fn message(channel: &str, dm: bool, user: &str, content: &str, mention: bool
         m["guild_id"] = json!(GUILD);
     }
     m
+}
+
+/// An `INTERACTION_CREATE` `d`: `user` clicked the button `custom_id` in a
+/// guild channel.
+pub fn click(channel: &str, user: &str, custom_id: &str) -> Value {
+    json!({
+        "id": snowflake(), "application_id": "1", "type": 3, "token": format!("itoken-{}", snowflake()),
+        "guild_id": GUILD, "channel_id": channel, "version": 1,
+        "member": {"user": {"id": user, "username": "u"}, "roles": []},
+        "data": {"custom_id": custom_id, "component_type": 2},
+        "message": {"id": "1", "channel_id": channel},
+    })
 }
