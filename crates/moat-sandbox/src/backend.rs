@@ -30,6 +30,9 @@ pub struct LeaseEnv {
     /// (`bwrap::ETC_ALLOWLIST`) plus synthetic passwd, group and hosts. Shared by
     /// all leases of an engine, owned by root, never writable by a sandbox.
     pub etc: PathBuf,
+    /// The root of the policy's image (`image::resolve`): its directories
+    /// replace the host's system directories. `None`: the host's.
+    pub image: Option<PathBuf>,
     /// Bound in this order: the policy's extra mounts, then the parent
     /// directories of protected paths onto themselves (`fsguard::protected_parents`).
     pub mounts: Vec<ResolvedMount>,

@@ -28,6 +28,7 @@ use nix::sys::socket::{
 
 use crate::backend::{Backend, ChildStdio, CommandLine, Ended, Instance, LeaseEnv};
 use crate::error::{Result, SandboxError};
+use crate::image::SystemEntry;
 use crate::proto::{Reply, RunRequest};
 use crate::seccomp;
 use crate::storage::{SANDBOX_UID, UID_BASE};
@@ -107,16 +108,14 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
     if env.netns.is_none() {
         a.push("--unshare-net".into());
     }
-    for d in SYSTEM_DIRS {
-        let host = Path::new("/").join(d);
-        match std::fs::symlink_metadata(&host) {
-            Ok(m) if m.file_type().is_symlink() => {
-                if let Ok(target) = std::fs::read_link(&host) {
-                    arg_path(&mut a, "--symlink", &target, &host);
-                }
+    for e in crate::image::system_entries(env.image.as_deref()) {
+        match e {
+            SystemEntry::Link { name, target } => {
+                arg_path(&mut a, "--symlink", &target, &Path::new("/").join(name))
             }
-            Ok(m) if m.is_dir() => arg_path(&mut a, "--ro-bind", &host, &host),
-            _ => {}
+            SystemEntry::Dir { name, host } => {
+                arg_path(&mut a, "--ro-bind", &host, &Path::new("/").join(name))
+            }
         }
     }
     // One bind for /etc: the engine's prepared copy of the allowlist plus the
@@ -143,6 +142,20 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
     for (host, inside) in &env.protected {
         arg_path(&mut a, "--ro-bind", host, inside);
     }
+    if env.image.is_some() {
+        // The image's libc may not be the one moat-init was built against:
+        // it runs with the host's loader and libraries, bound under
+        // /run/moat/lib (the commands it starts use the image's own).
+        let deps = init_dependencies(&env.init_path);
+        for d in &deps {
+            let at = if d.loader {
+                Path::new(INIT_LOADER).to_path_buf()
+            } else {
+                Path::new(INIT_LIBS).join(&d.name)
+            };
+            arg_path(&mut a, "--ro-bind", &d.host, &at);
+        }
+    }
     a.extend(
         [
             "--remount-ro",
@@ -153,11 +166,56 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
             "4",
             "--add-seccomp-fd",
             "5",
-            "/run/moat/init",
         ]
         .map(String::from),
     );
+    if env.image.is_some() && init_dependencies(&env.init_path).iter().any(|d| d.loader) {
+        a.extend([INIT_LOADER, "--library-path", INIT_LIBS].map(String::from));
+    }
+    a.push("/run/moat/init".into());
     a
+}
+
+/// Where moat-init's own libraries are bound when the root is an image.
+const INIT_LIBS: &str = "/run/moat/lib";
+const INIT_LOADER: &str = "/run/moat/lib/ld.so";
+
+/// One shared object moat-init needs.
+#[derive(Debug, Clone)]
+struct InitDep {
+    /// The name it is looked up by (`libc.so.6`).
+    name: String,
+    /// The real file on the host.
+    host: std::path::PathBuf,
+    loader: bool,
+}
+
+/// moat-init's shared libraries and loader on the host (`ldd`), once per path.
+fn init_dependencies(init: &Path) -> Vec<InitDep> {
+    type Cache = Vec<(std::path::PathBuf, Vec<InitDep>)>;
+    static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, deps)) = cache.iter().find(|(p, _)| p == init) {
+        return deps.clone();
+    }
+    let text = Command::new("ldd")
+        .arg(init)
+        .env_clear()
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let deps: Vec<InitDep> = text
+        .lines()
+        .filter_map(|l| {
+            let path = l.split_whitespace().find(|w| w.starts_with('/'))?;
+            let host = std::fs::canonicalize(path).ok()?;
+            let name = Path::new(path).file_name()?.to_str()?.to_string();
+            let loader = !l.contains("=>");
+            Some(InitDep { name, host, loader })
+        })
+        .collect();
+    cache.push((init.to_path_buf(), deps.clone()));
+    deps
 }
 
 fn filter_pipe(bytes: &[u8]) -> Result<OwnedFd> {

@@ -215,6 +215,8 @@ pub struct Lease {
     instances: u64,
     init_path: PathBuf,
     etc_dir: PathBuf,
+    /// The root of the policy's image, pinned to the version current at open.
+    image: Option<PathBuf>,
     /// An empty read-only file and directory, bound over blocked entries.
     mask_sources: (PathBuf, PathBuf),
     /// `.git` directories of writable host roots to clear of a planted `commondir`.
@@ -319,6 +321,14 @@ pub(crate) fn open_lease(
             files.unwrap_or_default(),
         )?;
     }
+    let image = match &policy.image {
+        Some(name) => Some(crate::image::resolve(&engine.config().data_dir, name)?),
+        None => None,
+    };
+    let etc_dir = match &image {
+        Some(root) => engine.image_etc_dir(root)?,
+        None => engine.etc_dir().to_path_buf(),
+    };
     let fresh = !dir.join("uid").exists();
     let mut storage = match policy.limits.persistent_disk {
         Some(size) if named && root => Storage::open_on_disk(
@@ -343,7 +353,8 @@ pub(crate) fn open_lease(
         running: None,
         instances: 0,
         init_path: engine.init_path().to_path_buf(),
-        etc_dir: engine.etc_dir().to_path_buf(),
+        etc_dir,
+        image,
         mask_sources: engine.mask_sources().clone(),
         watched_git: Vec::new(),
         hand_back: Vec::new(),
@@ -504,6 +515,7 @@ impl Lease {
             home: st.home(),
             tmp: st.tmp(),
             etc: self.etc_dir.clone(),
+            image: self.image.clone(),
             mounts,
             protected,
             init_path: self.init_path.clone(),

@@ -1,0 +1,62 @@
+//! A minimal root filesystem for image tests: a few of the host's binaries
+//! and the libraries `ldd` names, laid out merged-usr (`/bin -> usr/bin`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The binaries a test image carries (`/bin/sh` is dash).
+pub const TOOLS: &[&str] = &[
+    "dash", "cat", "ls", "id", "stat", "touch", "mkdir", "rm", "echo", "true", "chmod", "mount",
+    "unshare", "ln", "readlink",
+];
+
+fn copy_file(from: &Path, root: &Path) {
+    let rel = from.strip_prefix("/").unwrap();
+    let rel = if let Ok(r) = rel.strip_prefix("lib") {
+        Path::new("usr/lib").join(r)
+    } else if let Ok(r) = rel.strip_prefix("lib64") {
+        Path::new("usr/lib64").join(r)
+    } else {
+        rel.to_path_buf()
+    };
+    let to = root.join(rel);
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    let real = std::fs::canonicalize(from).unwrap();
+    std::fs::copy(&real, &to).unwrap();
+}
+
+/// Builds the image tree at `root` (created); returns it.
+pub fn make(root: &Path) -> PathBuf {
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    for t in TOOLS {
+        let bin = Path::new("/usr/bin").join(t);
+        if !bin.exists() {
+            continue;
+        }
+        copy_file(&bin, root);
+        let out = Command::new("ldd").arg(&bin).output().unwrap();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let path = line
+                .split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(PathBuf::from);
+            if let Some(p) = path {
+                copy_file(&p, root);
+            }
+        }
+    }
+    std::os::unix::fs::symlink("dash", root.join("usr/bin/sh")).unwrap();
+    for (l, t) in [
+        ("bin", "usr/bin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+        ("sbin", "usr/bin"),
+    ] {
+        std::os::unix::fs::symlink(t, root.join(l)).unwrap();
+    }
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/os-release"), "ID=moat-test-image\n").unwrap();
+    std::fs::create_dir_all(root.join("usr/share")).unwrap();
+    std::fs::write(root.join("usr/share/marker"), "from the image\n").unwrap();
+    root.to_path_buf()
+}
