@@ -318,6 +318,7 @@ mod tests {
         std::fs::set_permissions(r.join("usr/bin/dash"), PermissionsExt::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
         std::os::unix::fs::symlink("dash", r.join("usr/bin/sh")).unwrap();
+        std::fs::create_dir(r.join("etc")).unwrap();
         std::os::unix::fs::symlink("/../../../etc", r.join("up")).unwrap();
         std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
         assert_eq!(resolve_in_root(r, "bin/sh"), Some(r.join("usr/bin/dash")));
