@@ -17,7 +17,7 @@
 //! version name) could point at it.
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +26,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use moat_policy::network::{parse_allow_entry, parse_pin};
 use moat_policy::{BackendKind, MountRequest, SandboxPolicy};
+use moat_sandbox::seal::SealMode;
+use moat_sandbox::versions::{self, VersionDir};
 use moat_sandbox::{
     Engine, EngineConfig, Lease, LeaseOptions, RunSpec, Stream, Termination, WorkspaceSource,
 };
@@ -55,11 +57,10 @@ const SANDBOX_CACHE: &str = "/opt/moat-npm-cache";
 /// The public npm registry.
 pub const DEFAULT_REGISTRY: &str = "https://registry.npmjs.org/";
 /// The name of the symlink to the version in use.
-pub const CURRENT: &str = "current";
+pub use moat_sandbox::versions::CURRENT;
 /// What moat writes into each version: what was installed, from where.
 pub const MANIFEST: &str = "moat-template.json";
 /// Names of scratch directories of installs in progress (or interrupted).
-const STAGING_PREFIX: &str = ".new-";
 /// How long one command's `--version` may take in the check.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// The host's CA store (Debian's path), which sandboxes see in their /etc.
@@ -289,212 +290,9 @@ fn check_host_tools() -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------
-// The template directory
+// The template directory (versions, the `current` switch and sealing are
+// shared with images: moat_sandbox::versions and moat_sandbox::seal)
 // ---------------------------------------------------------------------------
-
-fn random_hex() -> String {
-    format!("{:016x}", moat_sandbox::storage::random_u64())
-}
-
-/// `YYYYMMDDTHHMMSSZ` for a time since the Unix epoch (UTC).
-fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// A version's directory name: the UTC second of the install and its
-/// nanoseconds in hex, so names sort by age even for two installs in one
-/// second. It always sorts after `newest` (the newest existing version), so a
-/// clock that stepped back cannot make `prune` take the new version for the
-/// oldest.
-fn new_version_id(newest: Option<&str>) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let id = format!("{}-{:08x}", utc_stamp(now.as_secs()), now.subsec_nanos());
-    match newest {
-        Some(n) if is_version_id(n) && n >= id.as_str() => {
-            // Same stamp as the newest, one past its suffix.
-            let (stamp, suffix) = n.split_at(17);
-            let next = u32::from_str_radix(suffix, 16)
-                .unwrap_or(u32::MAX - 1)
-                .saturating_add(1);
-            format!("{stamp}{next:08x}")
-        }
-        _ => id,
-    }
-}
-
-/// Whether `name` is a version directory's name (`new_version_id`'s shape).
-fn is_version_id(name: &str) -> bool {
-    let b = name.as_bytes();
-    b.len() == 25
-        && b[..8].iter().all(u8::is_ascii_digit)
-        && b[8] == b'T'
-        && b[9..15].iter().all(u8::is_ascii_digit)
-        && b[15] == b'Z'
-        && b[16] == b'-'
-        && b[17..].iter().all(|c| c.is_ascii_hexdigit())
-}
-
-/// The template directory, locked against a second install.
-struct TemplateDir {
-    dir: PathBuf,
-    _lock: std::fs::File,
-}
-
-impl TemplateDir {
-    fn open(dir: &Path) -> anyhow::Result<TemplateDir> {
-        if !dir.is_absolute() {
-            bail!("--dir {}: write an absolute path", dir.display());
-        }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(dir)
-            .with_context(|| format!("creating the template directory {}", dir.display()))?;
-        let real = std::fs::canonicalize(dir)
-            .with_context(|| format!("resolving the template directory {}", dir.display()))?;
-        let meta = std::fs::metadata(&real)?;
-        if meta.uid() != nix::unistd::geteuid().as_raw() {
-            bail!(
-                "the template directory {} is not owned by the user running moat; sandboxes must never be able to change it",
-                real.display()
-            );
-        }
-        // Sandbox uids traverse it to mount a version; nobody else writes.
-        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("setting the mode of {}", real.display()))?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(real.join(".lock"))
-            .with_context(|| format!("opening {}/.lock", real.display()))?;
-        if lock.try_lock().is_err() {
-            bail!(
-                "another moat agents install is running on {}; wait for it to finish",
-                real.display()
-            );
-        }
-        let t = TemplateDir {
-            dir: real,
-            _lock: lock,
-        };
-        if let Ok(target) = std::fs::symlink_metadata(t.dir.join(CURRENT)) {
-            if !target.file_type().is_symlink() {
-                bail!(
-                    "{} is not a symlink; moat switches versions by replacing that symlink. Move it away first",
-                    t.dir.join(CURRENT).display()
-                );
-            }
-        }
-        t.remove_stale_staging();
-        Ok(t)
-    }
-
-    /// Scratch directories an interrupted install left (we hold the lock, so
-    /// none is in use).
-    fn remove_stale_staging(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(STAGING_PREFIX) || name.starts_with(".current-") {
-                let p = e.path();
-                let r = match e.file_type() {
-                    Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
-                    _ => std::fs::remove_file(&p),
-                };
-                match r {
-                    Ok(()) => eprintln!(
-                        "moat: removed {} left by an interrupted install",
-                        p.display()
-                    ),
-                    Err(e) => eprintln!("moat: warning: could not remove {}: {e}", p.display()),
-                }
-            }
-        }
-    }
-
-    /// The version `current` points at, if any.
-    fn current(&self) -> Option<String> {
-        let t = std::fs::read_link(self.dir.join(CURRENT)).ok()?;
-        let name = t.to_str()?.to_string();
-        is_version_id(&name).then_some(name)
-    }
-
-    /// Version directories, oldest first.
-    fn versions(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.dir)
-            .map(|it| {
-                it.flatten()
-                    .filter_map(|e| e.file_name().to_str().map(String::from))
-                    .filter(|n| is_version_id(n))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-
-    /// Points `current` at `id` with one rename of a fresh symlink over it:
-    /// a reader sees the old target or the new one, never neither.
-    fn switch(&self, id: &str) -> anyhow::Result<()> {
-        let tmp = self.dir.join(format!(".current-{}", random_hex()));
-        std::os::unix::fs::symlink(id, &tmp)
-            .with_context(|| format!("creating the symlink {}", tmp.display()))?;
-        if let Err(e) = std::fs::rename(&tmp, self.dir.join(CURRENT)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| {
-                format!("switching {} to {id}", self.dir.join(CURRENT).display())
-            });
-        }
-        sync_dir(&self.dir);
-        Ok(())
-    }
-
-    /// Removes all but the newest `keep` versions (never `current`).
-    fn prune(&self, keep: usize) -> Vec<String> {
-        let current = self.current();
-        let versions = self.versions();
-        let cut = versions.len().saturating_sub(keep.max(1));
-        let mut removed = Vec::new();
-        for old in &versions[..cut] {
-            if Some(old) == current.as_ref() {
-                continue;
-            }
-            match std::fs::remove_dir_all(self.dir.join(old)) {
-                Ok(()) => removed.push(old.clone()),
-                Err(e) => eprintln!("moat: warning: could not remove the old version {old}: {e}"),
-            }
-        }
-        removed
-    }
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
-}
 
 /// An install's scratch directory `DIR/.new-<random>`: `prefix/` (npm's
 /// `--prefix`, the future version) and `cache/` (npm's cache). Removed on
@@ -504,13 +302,10 @@ struct Staging {
 }
 
 impl Staging {
-    fn create(t: &TemplateDir) -> anyhow::Result<Staging> {
-        let root = t.dir.join(format!("{STAGING_PREFIX}{}", random_hex()));
-        std::fs::DirBuilder::new()
-            .create(&root)
-            .with_context(|| format!("creating {}", root.display()))?;
-        let s = Staging { root };
-        std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o711))?;
+    fn create(t: &VersionDir) -> anyhow::Result<Staging> {
+        let s = Staging {
+            root: t.staging(0o711)?,
+        };
         for d in [s.prefix(), s.cache()] {
             std::fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
         }
@@ -544,55 +339,6 @@ impl Drop for Staging {
             }
         }
     }
-}
-
-/// Gives everything under `root` to root (uid and gid 0) and normalises modes
-/// (directories and executables 0755, other files 0644: no set-id, sticky or
-/// group/world-write bit); removes FIFOs, sockets and device nodes. Returns
-/// the disk usage in bytes.
-///
-/// Invariant: never follows a symlink (symlinks are `lchown`ed, never
-/// opened), and is only called once every process of the install sandbox is
-/// gone, so nothing changes the tree while it is walked.
-fn seal(root: &Path) -> anyhow::Result<u64> {
-    let mut bytes = 0u64;
-    // Install scripts hard-link binaries (within the prefix: links across
-    // mounts fail): count each inode once.
-    let mut linked = std::collections::HashSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let meta =
-            std::fs::symlink_metadata(&p).with_context(|| format!("reading {}", p.display()))?;
-        if meta.nlink() < 2 || meta.is_dir() || linked.insert((meta.dev(), meta.ino())) {
-            bytes += meta.blocks() * 512;
-        }
-        let ft = meta.file_type();
-        if ft.is_symlink() {
-            std::os::unix::fs::lchown(&p, Some(0), Some(0))
-                .with_context(|| format!("chown {}", p.display()))?;
-            continue;
-        }
-        if !(ft.is_dir() || ft.is_file()) {
-            std::fs::remove_file(&p)
-                .with_context(|| format!("removing the special file {}", p.display()))?;
-            continue;
-        }
-        std::os::unix::fs::lchown(&p, Some(0), Some(0))
-            .with_context(|| format!("chown {}", p.display()))?;
-        let mode = if ft.is_dir() || meta.mode() & 0o111 != 0 {
-            0o755
-        } else {
-            0o644
-        };
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("chmod {}", p.display()))?;
-        if ft.is_dir() {
-            for e in std::fs::read_dir(&p).with_context(|| format!("listing {}", p.display()))? {
-                stack.push(e?.path());
-            }
-        }
-    }
-    Ok(bytes)
 }
 
 // ---------------------------------------------------------------------------
@@ -692,7 +438,7 @@ fn install(args: InstallArgs) -> anyhow::Result<()> {
     }
 
     let dir = args.dir.clone().unwrap_or_else(default_dir);
-    let template = TemplateDir::open(&dir)?;
+    let template = VersionDir::open(&dir, "moat agents install")?;
     let staging = Staging::create(&template)?;
     let engine = Engine::new(EngineConfig::from_env(), backend)?;
     let audit_path = engine.config().data_dir.join("audit").join("audit.jsonl");
@@ -726,10 +472,10 @@ fn install(args: InstallArgs) -> anyhow::Result<()> {
     )?;
 
     // Every install process is gone: the tree is the host's to fix.
-    let bytes = seal(&staging.prefix())?;
+    let bytes = moat_sandbox::seal::seal(&staging.prefix(), SealMode::Template)?.bytes;
     let installed = check(&engine, backend, &template, &staging, &packages)?;
 
-    let id = new_version_id(template.versions().last().map(String::as_str));
+    let id = versions::new_version_id(template.versions().last().map(String::as_str));
     let manifest = json!({
         "version_id": id,
         "installed_at_ms": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -757,7 +503,7 @@ fn install(args: InstallArgs) -> anyhow::Result<()> {
     std::fs::rename(staging.prefix(), &final_dir)
         .with_context(|| format!("moving the new version to {}", final_dir.display()))?;
     drop(staging);
-    sync_dir(&template.dir);
+    versions::sync_dir(&template.dir);
     let previous = template.current();
     template.switch(&id)?;
     let removed = template.prune(args.keep);
@@ -812,7 +558,7 @@ fn install(args: InstallArgs) -> anyhow::Result<()> {
 fn npm_install(
     engine: &Engine,
     backend: BackendKind,
-    template: &TemplateDir,
+    template: &VersionDir,
     staging: &Staging,
     registry: &Registry,
     pins: &[(String, std::net::IpAddr)],
@@ -994,7 +740,7 @@ fn npm_install(
 fn check(
     engine: &Engine,
     backend: BackendKind,
-    template: &TemplateDir,
+    template: &VersionDir,
     staging: &Staging,
     packages: &[Package],
 ) -> anyhow::Result<Vec<Installed>> {
@@ -1254,21 +1000,5 @@ mod tests {
         ] {
             assert!(parse_registry(bad).is_err(), "{bad} accepted");
         }
-    }
-
-    #[test]
-    fn version_ids() {
-        assert_eq!(utc_stamp(0), "19700101T000000Z");
-        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
-        assert_eq!(utc_stamp(1_767_225_599), "20251231T235959Z");
-        let id = new_version_id(None);
-        assert!(is_version_id(&id), "{id}");
-        let later = new_version_id(Some(&id));
-        assert!(is_version_id(&later) && later > id, "{later} after {id}");
-        let from_the_future = "29990101T000000Z-0000000f";
-        let next = new_version_id(Some(from_the_future));
-        assert_eq!(next, "29990101T000000Z-00000010");
-        assert!(!is_version_id("current"));
-        assert!(!is_version_id(".new-0123456789abcdef"));
     }
 }
