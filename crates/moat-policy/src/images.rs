@@ -70,6 +70,33 @@ pub(crate) fn check(policy: &SandboxPolicy, at: &str) -> Result<(), PolicyError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::GatewayConfig;
+
+    fn channel(extra: &str) -> Result<GatewayConfig, PolicyError> {
+        GatewayConfig::from_toml(&format!(
+            "[[channel]]\nplatform = \"web\"\nid = \"*\"\nusers = [\"*\"]\n{extra}\n"
+        ))
+    }
+
+    #[test]
+    fn image_keys_are_checked_naming_them() {
+        let cfg = channel("image = \"dev\"").unwrap();
+        assert_eq!(
+            cfg.channels[0].sandbox_policy().image.as_deref(),
+            Some("dev")
+        );
+        let e = channel("image = \"../etc\"").unwrap_err().to_string();
+        assert!(e.contains("channel[0].image"), "{e}");
+        let e = channel("root_inside = true").unwrap_err().to_string();
+        assert!(
+            e.contains("channel[0].root_inside") && e.contains("needs an image"),
+            "{e}"
+        );
+        let e = channel("image = \"dev\"\nroot_inside = true")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("channel[0].root_inside"), "{e}");
+    }
 
     #[test]
     fn image_names() {

@@ -52,6 +52,18 @@ pub fn resolve(data_dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(root)
 }
 
+/// [`resolve`], and the image's root can be reached by sandbox uids (bwrap
+/// binds it as the sandbox's own uid): for `moat up`, before it listens.
+pub fn check_usable(data_dir: &Path, name: &str) -> Result<PathBuf> {
+    let root = resolve(data_dir, name)?;
+    crate::reach::require_for_sandboxes(
+        &root,
+        &format!("the image {name:?} at {}", root.display()),
+        "let every user search the data directory (chmod o+x on it and its parents), or move it",
+    )?;
+    Ok(root)
+}
+
 /// One image, for `moat image list`.
 #[derive(Debug, Clone)]
 pub struct ImageInfo {

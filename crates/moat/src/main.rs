@@ -14,6 +14,7 @@ mod agents_cmd;
 mod audit_cmd;
 mod chat;
 mod github;
+mod image_cmd;
 mod incident_cmd;
 mod ipc_bridge;
 mod security_cmd;
@@ -69,6 +70,11 @@ enum Top {
     Agents {
         #[command(subcommand)]
         command: agents_cmd::AgentsCmd,
+    },
+    /// Root filesystem images for sandboxes (docs/images.md).
+    Image {
+        #[command(subcommand)]
+        command: image_cmd::ImageCmd,
     },
     /// The built-in agent, run by the gateway inside a sandbox: reads one
     /// turn (JSON) on standard input, writes events (JSON lines) to standard output.
@@ -175,6 +181,9 @@ struct RunArgs {
     /// Policy file (TOML); flags override it.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// Root filesystem image (`moat image list`) instead of the host's /usr.
+    #[arg(long, value_name = "NAME")]
+    image: Option<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -221,6 +230,13 @@ fn main() -> ExitCode {
             }
         },
         Top::Agents { command } => match agents_cmd::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Top::Image { command } => match image_cmd::run(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("moat: {e:#}");
@@ -318,6 +334,10 @@ fn load_policy(args: &RunArgs) -> anyhow::Result<SandboxPolicy> {
         resolve: args.resolve.clone(),
     };
     overrides.apply(&mut policy)?;
+    if let Some(name) = &args.image {
+        moat_policy::images::check_name(name).map_err(anyhow::Error::msg)?;
+        policy.image = Some(name.clone());
+    }
     Ok(policy)
 }
 
