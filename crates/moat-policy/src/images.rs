@@ -58,10 +58,13 @@ pub(crate) fn check(policy: &SandboxPolicy, at: &str) -> Result<(), PolicyError>
             "needs an image (image = \"NAME\", see `moat image list`): root inside writes to a layer over the image, never over the host's /usr",
         ));
     }
-    if policy.root_inside {
+    if policy.root_inside && policy.backend != crate::BackendKind::Bwrap {
         return Err(err(
             format!("{at}.root_inside"),
-            "is not built yet (issue 12, part 2): sandboxes on an image run as the unprivileged sandbox user; leave root_inside out",
+            format!(
+                "is built for the bwrap backend so far (this channel's backend is {}); leave root_inside out or use backend = \"bwrap\"",
+                policy.backend.name()
+            ),
         ));
     }
     Ok(())
@@ -92,10 +95,15 @@ mod tests {
             e.contains("channel[0].root_inside") && e.contains("needs an image"),
             "{e}"
         );
-        let e = channel("image = \"dev\"\nroot_inside = true")
+        let cfg = channel("image = \"dev\"\nroot_inside = true").unwrap();
+        assert!(cfg.channels[0].sandbox_policy().root_inside);
+        let e = channel("image = \"dev\"\nroot_inside = true\nbackend = \"gvisor\"")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("channel[0].root_inside"), "{e}");
+        assert!(
+            e.contains("channel[0].root_inside") && e.contains("bwrap"),
+            "{e}"
+        );
     }
 
     #[test]

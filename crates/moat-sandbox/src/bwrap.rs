@@ -72,6 +72,16 @@ pub(crate) const ETC_ALLOWLIST: &[&str] = &[
 /// Top-level system entries bound read-only (or recreated as symlinks).
 pub(crate) const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
+/// Capabilities a `root_inside` sandbox keeps inside its user namespace.
+pub const ROOT_INSIDE_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_KILL",
+];
+
 pub struct BwrapBackend;
 
 fn arg_path(args: &mut Vec<String>, flag: &str, a: &Path, b: &Path) {
@@ -94,33 +104,52 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
         "--as-pid-1",
         "--hostname",
         "moat",
-        "--uid",
-        "1000",
-        "--gid",
-        "1000",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     debug_assert_eq!(SANDBOX_UID, 1000);
+    if env.root_inside {
+        // uid 0 of the sandbox's own user namespace (the lease's uid
+        // outside), with the capabilities a package manager needs over the
+        // files it owns there, and nothing for mounts, namespaces, modules,
+        // ptrace, raw network or devices (seccomp refuses those calls anyway).
+        a.extend(["--uid", "0", "--gid", "0"].map(String::from));
+        for cap in ROOT_INSIDE_CAPS {
+            a.extend(["--cap-add".to_string(), cap.to_string()]);
+        }
+    } else {
+        a.extend(["--uid", "1000", "--gid", "1000"].map(String::from));
+    }
     // With a door, the sandbox joins the door's network namespace (moat enters
     // it before exec); without one, bwrap makes a new, empty one.
     if env.netns.is_none() {
         a.push("--unshare-net".into());
     }
-    for e in crate::image::system_entries(env.image.as_deref()) {
+    let system = crate::image::system_entries(env.image.as_deref(), env.root_inside);
+    let dir_flag = if env.root_inside {
+        "--bind"
+    } else {
+        "--ro-bind"
+    };
+    let mut own_etc = false;
+    for e in system {
         match e {
             SystemEntry::Link { name, target } => {
                 arg_path(&mut a, "--symlink", &target, &Path::new("/").join(name))
             }
             SystemEntry::Dir { name, host } => {
-                arg_path(&mut a, "--ro-bind", &host, &Path::new("/").join(name))
+                own_etc |= name == "etc";
+                arg_path(&mut a, dir_flag, &host, &Path::new("/").join(name))
             }
         }
     }
     // One bind for /etc: the engine's prepared copy of the allowlist plus the
-    // synthetic passwd, group and hosts (one mount instead of thirty).
-    arg_path(&mut a, "--ro-bind", &env.etc, Path::new("/etc"));
+    // synthetic passwd, group and hosts (one mount instead of thirty); a
+    // root_inside lease has its image's own /etc in its writable layer.
+    if !own_etc {
+        arg_path(&mut a, "--ro-bind", &env.etc, Path::new("/etc"));
+    }
     a.extend(["--proc", "/proc", "--dev", "/dev"].map(String::from));
     // bwrap's /dev is a writable tmpfs outside the lease's disk quota: make it
     // read-only, and let /dev/shm be the lease's /tmp (inside the quota).

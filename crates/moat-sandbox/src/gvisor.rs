@@ -89,7 +89,7 @@ fn bind(host: &Path, dest: &str, writable: bool) -> Place {
 /// Top-level symlinks (`/bin -> usr/bin`) are made in the skeleton instead.
 pub(crate) fn places(env: &LeaseEnv) -> Vec<Place> {
     let mut out = Vec::new();
-    for e in crate::image::system_entries(env.image.as_deref()) {
+    for e in crate::image::system_entries(env.image.as_deref(), false) {
         if let SystemEntry::Dir { name, host } = e {
             out.push(bind(&host, &format!("/{name}"), false));
         }
@@ -145,7 +145,7 @@ fn build_root(root: &Path, image: Option<&Path>, places: &[Place]) -> Result<()>
     for d in ["dev", "sys", "proc"] {
         mkdir_0755(&root.join(d)).map_err(|e| io("creating", &root.join(d), e))?;
     }
-    for e in crate::image::system_entries(image) {
+    for e in crate::image::system_entries(image, false) {
         if let SystemEntry::Link { name, target } = e {
             std::os::unix::fs::symlink(&target, root.join(&name))
                 .map_err(|e| io("creating", &root.join(&name), e))?;
@@ -1165,6 +1165,7 @@ mod tests {
             tmp: "/lease/tmp".into(),
             etc: "/run/moat/etc-x".into(),
             image: None,
+            root_inside: false,
             mounts: vec![
                 ResolvedMount {
                     host: "/srv/data".into(),

@@ -349,7 +349,9 @@ pub enum SystemEntry {
 /// The system directories a sandbox sees: the host's /usr, /bin, /lib...
 /// (`bwrap::SYSTEM_DIRS`), or with an image every top-level directory and
 /// symlink of the image's root but [`NOT_BOUND`].
-pub fn system_entries(image: Option<&Path>) -> Vec<SystemEntry> {
+/// With `with_etc`, an image's `etc` is listed too (a `root_inside` lease
+/// sees its own, writable).
+pub fn system_entries(image: Option<&Path>, with_etc: bool) -> Vec<SystemEntry> {
     let (root, names): (&Path, Vec<String>) = match image {
         None => (
             Path::new("/"),
@@ -363,7 +365,7 @@ pub fn system_entries(image: Option<&Path>) -> Vec<SystemEntry> {
                 .map(|it| {
                     it.flatten()
                         .filter_map(|e| e.file_name().to_str().map(String::from))
-                        .filter(|n| !NOT_BOUND.contains(&n.as_str()))
+                        .filter(|n| !NOT_BOUND.contains(&n.as_str()) || (with_etc && n == "etc"))
                         .collect()
                 })
                 .unwrap_or_default();

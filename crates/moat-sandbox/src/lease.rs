@@ -184,6 +184,8 @@ struct Running {
     cgroup: Option<Cgroup>,
     /// Socket-proof views of host directories; unmounted after the kill.
     views: Vec<crate::view::View>,
+    /// A `root_inside` lease's writable system layer; unmounted after the kill.
+    sysroot: Option<crate::sysroot::SysRoot>,
 }
 
 /// A writable host directory to hand back after the sandbox wrote to it.
@@ -320,6 +322,13 @@ pub(crate) fn open_lease(
             &mounts,
             files.unwrap_or_default(),
         )?;
+    }
+    if policy.root_inside
+        && (policy.image.is_none() || policy.backend != BackendKind::Bwrap || !root)
+    {
+        return Err(SandboxError::Refused(
+            "root_inside needs an image, the bwrap backend and moat running as root (it mounts the lease's writable layer)".into(),
+        ));
     }
     let image = match &policy.image {
         Some(name) => Some(crate::image::resolve(&engine.config().data_dir, name)?),
@@ -516,6 +525,7 @@ impl Lease {
             tmp: st.tmp(),
             etc: self.etc_dir.clone(),
             image: self.image.clone(),
+            root_inside: false,
             mounts,
             protected,
             init_path: self.init_path.clone(),
@@ -556,7 +566,27 @@ impl Lease {
                 view: None,
             })
             .collect();
-        let (env, views) = self.through_views(env)?;
+        let (mut env, views) = self.through_views(env)?;
+        let sysroot = match (&self.image, self.policy.root_inside) {
+            (Some(image), true) => {
+                let base = self
+                    .runtime_dir
+                    .join("sysroots")
+                    .join(&self.cgroup_scope)
+                    .join(&self.id)
+                    .join(self.instances.to_string());
+                let s = crate::sysroot::mount_sysroot(
+                    image,
+                    &self.storage().root(),
+                    &base,
+                    self.host_uid,
+                )?;
+                env.image = Some(s.merged.clone());
+                env.root_inside = true;
+                Some(s)
+            }
+            _ => None,
+        };
         for hb in &mut self.hand_back {
             hb.view = views
                 .iter()
@@ -582,6 +612,7 @@ impl Lease {
             instance,
             cgroup,
             views,
+            sysroot,
         });
         Ok(())
     }
@@ -671,6 +702,7 @@ impl Lease {
             let t0 = Instant::now();
             r.instance.kill_all();
             drop(std::mem::take(&mut r.views));
+            drop(r.sysroot.take());
             for hb in &mut self.hand_back {
                 hb.view = None;
             }

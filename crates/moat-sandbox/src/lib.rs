@@ -28,6 +28,7 @@ pub mod seal;
 pub mod seccomp;
 mod spawner;
 pub mod storage;
+pub mod sysroot;
 pub mod versions;
 pub mod view;
 pub mod wipe;
@@ -443,7 +444,8 @@ pub fn sweep(leases_dir: &Path, scope: &str) -> Swept {
     swept
 }
 
-/// Unmounts the socket-proof views of leases no live moat holds (a crash).
+/// Unmounts the socket-proof views and writable system layers of leases no
+/// live moat holds (a crash).
 pub(crate) fn sweep_views(config: &EngineConfig, scope: &str, leases: &Path) {
     let Ok(rd) = std::fs::read_dir(config.runtime_dir.join("views").join(scope)) else {
         return;
@@ -454,6 +456,21 @@ pub(crate) fn sweep_views(config: &EngineConfig, scope: &str, leases: &Path) {
             !lease_dir.exists() || matches!(storage::Storage::adopt_stale(&lease_dir), Ok(Some(_)));
         if stale {
             view::sweep_one(&e.path());
+        }
+    }
+    // The writable system layers of root_inside leases, laid out alike.
+    let Ok(rd) = std::fs::read_dir(config.runtime_dir.join("sysroots").join(scope)) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let lease_dir = leases.join(e.file_name());
+        let stale =
+            !lease_dir.exists() || matches!(storage::Storage::adopt_stale(&lease_dir), Ok(Some(_)));
+        if stale {
+            for inst in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                sysroot::sweep_one(&inst.path());
+            }
+            let _ = std::fs::remove_dir(e.path());
         }
     }
 }

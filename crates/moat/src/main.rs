@@ -184,6 +184,10 @@ struct RunArgs {
     /// Root filesystem image (`moat image list`) instead of the host's /usr.
     #[arg(long, value_name = "NAME")]
     image: Option<String>,
+    /// With --image: run as uid 0 inside (the sandbox's unprivileged uid
+    /// outside), system directories writable in a layer of the sandbox's own.
+    #[arg(long, requires = "image")]
+    root_inside: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -337,6 +341,9 @@ fn load_policy(args: &RunArgs) -> anyhow::Result<SandboxPolicy> {
     if let Some(name) = &args.image {
         moat_policy::images::check_name(name).map_err(anyhow::Error::msg)?;
         policy.image = Some(name.clone());
+    }
+    if args.root_inside {
+        policy.root_inside = true;
     }
     Ok(policy)
 }

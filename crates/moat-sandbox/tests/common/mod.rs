@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod kernel;
 pub mod rootfs;
 
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use std::process::Command;
 /// The binaries a test image carries (`/bin/sh` is dash).
 pub const TOOLS: &[&str] = &[
     "dash", "cat", "ls", "id", "stat", "touch", "mkdir", "rm", "echo", "true", "chmod", "mount",
-    "unshare", "ln", "readlink",
+    "unshare", "ln", "readlink", "cp", "grep", "sleep",
 ];
 
 fn copy_file(from: &Path, root: &Path) {
@@ -58,5 +58,43 @@ pub fn make(root: &Path) -> PathBuf {
     std::fs::write(root.join("etc/os-release"), "ID=moat-test-image\n").unwrap();
     std::fs::create_dir_all(root.join("usr/share")).unwrap();
     std::fs::write(root.join("usr/share/marker"), "from the image\n").unwrap();
+    root.to_path_buf()
+}
+
+/// [`make`] plus the host's Python 3 (interpreter, standard library and the
+/// libraries `ldd` names), for probes written in Python.
+pub fn make_with_python(root: &Path) -> PathBuf {
+    make(root);
+    let py = std::fs::canonicalize("/usr/bin/python3").unwrap();
+    copy_file(&py, root);
+    let name = py.file_name().unwrap().to_str().unwrap().to_string();
+    std::os::unix::fs::symlink(&name, root.join("usr/bin/python3")).unwrap();
+    let out = Command::new("ldd").arg(&py).output().unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            copy_file(Path::new(p), root);
+        }
+    }
+    let lib = Path::new("/usr/lib").join(&name);
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&lib)
+        .arg(root.join("usr/lib"))
+        .status()
+        .unwrap()
+        .success());
+    // The C extension modules' own libraries (ssl, ffi, ...).
+    let dynload = root.join("usr/lib").join(&name).join("lib-dynload");
+    for e in std::fs::read_dir(&dynload).into_iter().flatten().flatten() {
+        let out = Command::new("ldd").arg(e.path()).output().unwrap();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                let rel = p.trim_start_matches('/');
+                if !root.join(rel).exists() && !root.join("usr").join(rel).exists() {
+                    copy_file(Path::new(p), root);
+                }
+            }
+        }
+    }
     root.to_path_buf()
 }
