@@ -583,6 +583,9 @@ impl Lease {
                 )?;
                 env.image = Some(s.merged.clone());
                 env.root_inside = true;
+                if let Some(conf) = crate::sysroot::apt_conf(&self.runtime_dir, &s.merged)? {
+                    env.protected.push(conf);
+                }
                 Some(s)
             }
             _ => None,

@@ -230,3 +230,34 @@ pub fn mount_sysroot(image: &Path, upper_parent: &Path, base: &Path, uid: u32) -
     let _ = umount2(&lower, MntFlags::MNT_DETACH);
     Ok(sys)
 }
+
+/// Where apt looks for configuration parts, inside the image.
+const APT_PARTS: &str = "etc/apt/apt.conf.d";
+
+/// For an image with apt: a file of moat's to bind read-only at
+/// `/etc/apt/apt.conf.d/00moat-root-inside`, telling apt to fetch as root
+/// (its `_apt` user is not mapped in the sandbox's namespace, where uid 0 is
+/// the only id). The directory is found by resolving inside the image's
+/// root, never following a link on the host.
+pub fn apt_conf(runtime_dir: &Path, merged: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
+    let parts = crate::seal::resolve_in_root(merged, APT_PARTS);
+    if !parts.is_some_and(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())) {
+        return Ok(None);
+    }
+    let file = runtime_dir.join("root-inside-apt.conf");
+    let text = "// moat root_inside: uid 0 is the only user here (docs/images.md)\nAPT::Sandbox::User \"root\";\n";
+    if std::fs::read_to_string(&file).ok().as_deref() != Some(text) {
+        let tmp = runtime_dir.join(format!(
+            ".root-inside-apt.conf.{}",
+            crate::storage::random_u64()
+        ));
+        std::fs::write(&tmp, text).map_err(|e| err("writing the apt setting", e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| err("chmod the apt setting", e))?;
+        std::fs::rename(&tmp, &file).map_err(|e| err("installing the apt setting", e))?;
+    }
+    Ok(Some((
+        file,
+        Path::new("/").join(APT_PARTS).join("00moat-root-inside"),
+    )))
+}
