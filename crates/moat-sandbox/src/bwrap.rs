@@ -219,7 +219,9 @@ struct InitDep {
     loader: bool,
 }
 
-/// moat-init's shared libraries and loader on the host (`ldd`), once per path.
+/// moat-init's shared libraries and loader on the host, from `ldd` once per
+/// installed copy of moat-init (kept beside it as `<init>.deps`, which only
+/// root writes, and computed again when a library it names is gone).
 fn init_dependencies(init: &Path) -> Vec<InitDep> {
     type Cache = Vec<(std::path::PathBuf, Vec<InitDep>)>;
     static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
@@ -227,14 +229,51 @@ fn init_dependencies(init: &Path) -> Vec<InitDep> {
     if let Some((_, deps)) = cache.iter().find(|(p, _)| p == init) {
         return deps.clone();
     }
+    let saved = init.with_extension("deps");
+    let parse = |text: &str| -> Option<Vec<InitDep>> {
+        text.lines()
+            .map(|l| {
+                let mut f = l.splitn(3, '\t');
+                let (name, kind, host) = (f.next()?, f.next()?, f.next()?);
+                let host = std::path::PathBuf::from(host);
+                host.is_file().then(|| InitDep {
+                    name: name.to_string(),
+                    host,
+                    loader: kind == "loader",
+                })
+            })
+            .collect()
+    };
+    let deps = match std::fs::read_to_string(&saved).ok().and_then(|t| parse(&t)) {
+        Some(d) if !d.is_empty() => d,
+        _ => {
+            let d = ldd(init);
+            let text: String = d
+                .iter()
+                .map(|x| {
+                    let kind = if x.loader { "loader" } else { "lib" };
+                    format!("{}\t{kind}\t{}\n", x.name, x.host.display())
+                })
+                .collect();
+            let tmp = saved.with_extension(format!("deps.{:x}", crate::storage::random_u64()));
+            if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, &saved).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            d
+        }
+    };
+    cache.push((init.to_path_buf(), deps.clone()));
+    deps
+}
+
+fn ldd(init: &Path) -> Vec<InitDep> {
     let text = Command::new("ldd")
         .arg(init)
         .env_clear()
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let deps: Vec<InitDep> = text
-        .lines()
+    text.lines()
         .filter_map(|l| {
             let path = l.split_whitespace().find(|w| w.starts_with('/'))?;
             let host = std::fs::canonicalize(path).ok()?;
@@ -242,9 +281,7 @@ fn init_dependencies(init: &Path) -> Vec<InitDep> {
             let loader = !l.contains("=>");
             Some(InitDep { name, host, loader })
         })
-        .collect();
-    cache.push((init.to_path_buf(), deps.clone()));
-    deps
+        .collect()
 }
 
 fn filter_pipe(bytes: &[u8]) -> Result<OwnedFd> {
