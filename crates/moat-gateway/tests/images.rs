@@ -80,3 +80,31 @@ fn gvisor_a_channel_with_an_image_runs_its_turns_in_it() {
     }
     on_an_image("gvisor");
 }
+
+#[test]
+fn bwrap_a_root_inside_channel_writes_its_system_layer_and_the_pool_resets_it() {
+    let data = fresh_dir("img-root").join("data");
+    let src = rootfs::make(&fresh_dir("img-root-src").join("root"));
+    image::import(&data, &scratch().join("run"), "dev", &src).expect("import");
+    let cfg = format!("{}root_inside = true\n", config("bwrap", "dev"));
+    let gw = Gw::try_start_in(data.clone(), &cfg, Vec::new()).expect("started");
+    let c = gw.client(None);
+    let out = run(
+        &c,
+        "t1",
+        "id -u; echo mine > /usr/bin/mine && echo wrote; cat /usr/bin/mine",
+    );
+    assert!(
+        out.starts_with("0\n") && out.contains("wrote\nmine"),
+        "{out}"
+    );
+    // The next turn gets a reset sandbox: the layer is gone, the image intact.
+    let out = run(&c, "t2", "cat /usr/bin/mine 2>&1 || echo gone; id -u");
+    assert!(
+        out.contains("gone") && out.trim_end().ends_with("\n0"),
+        "{out}"
+    );
+    let root = image::resolve(&data, "dev").unwrap();
+    assert!(!root.join("usr/bin/mine").exists());
+    gw.stop();
+}
