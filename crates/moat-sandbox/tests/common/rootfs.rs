@@ -1,6 +1,8 @@
 //! A minimal root filesystem for image tests: a few of the host's binaries
 //! and the libraries `ldd` names, laid out merged-usr (`/bin -> usr/bin`).
 
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
