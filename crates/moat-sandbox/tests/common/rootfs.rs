@@ -100,3 +100,85 @@ pub fn make_with_python(root: &Path) -> PathBuf {
     }
     root.to_path_buf()
 }
+
+/// Copies a host binary and the libraries `ldd` names into the image.
+fn add_binary(root: &Path, bin: &Path) {
+    copy_file(bin, root);
+    let out = Command::new("ldd").arg(bin).output().unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            copy_file(Path::new(p), root);
+        }
+    }
+}
+
+/// [`make`] plus the host's apt and dpkg (binaries, fetch methods, their
+/// libraries and empty state directories): enough for `apt-get update` and
+/// `apt-get install` from a `[trusted=yes]` mirror written in
+/// `etc/apt/sources.list` afterwards.
+pub fn make_with_apt(root: &Path) -> PathBuf {
+    make(root);
+    for b in [
+        "apt-get",
+        "apt-config",
+        "apt-cache",
+        "dpkg",
+        "dpkg-deb",
+        "dpkg-query",
+        "dpkg-split",
+        "dpkg-trigger",
+        "tar",
+        "gzip",
+        "xz",
+        "find",
+    ] {
+        let p = Path::new("/usr/bin").join(b);
+        if p.exists() {
+            add_binary(root, &p);
+        }
+    }
+    // dpkg checks that these exist before it unpacks anything.
+    for b in [
+        "/usr/bin/diff",
+        "/usr/sbin/ldconfig",
+        "/usr/sbin/start-stop-daemon",
+    ] {
+        if Path::new(b).exists() {
+            add_binary(root, Path::new(b));
+        }
+    }
+    for m in ["http", "file", "store", "copy", "gpgv"] {
+        add_binary(root, &Path::new("/usr/lib/apt/methods").join(m));
+    }
+    for d in [
+        "etc/apt/apt.conf.d",
+        "etc/apt/preferences.d",
+        "etc/apt/sources.list.d",
+        "etc/apt/trusted.gpg.d",
+        "etc/dpkg/dpkg.cfg.d",
+        "var/lib/apt/lists/partial",
+        "var/cache/apt/archives/partial",
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+        "var/lib/dpkg/alternatives",
+        "var/log/apt",
+        "usr/share/doc",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for f in ["var/lib/dpkg/status", "var/lib/dpkg/available"] {
+        std::fs::write(root.join(f), "").unwrap();
+    }
+    // dpkg's architecture tables.
+    std::fs::create_dir_all(root.join("usr/share/dpkg")).unwrap();
+    for t in ["cputable", "ostable", "tupletable", "abitable"] {
+        let p = Path::new("/usr/share/dpkg").join(t);
+        if p.exists() {
+            std::fs::copy(&p, root.join("usr/share/dpkg").join(t)).unwrap();
+        }
+    }
+    // dpkg's idea of the architecture, as the host's.
+    std::fs::write(root.join("var/lib/dpkg/arch"), "amd64\n").unwrap();
+    root.to_path_buf()
+}
