@@ -140,6 +140,24 @@ impl Drop for Scratch {
 /// version of image `name`. `runtime_dir` lends an unprivileged uid for
 /// unpacking a tarball.
 pub fn import(data_dir: &Path, runtime_dir: &Path, name: &str, source: &Path) -> Result<Imported> {
+    import_as(
+        data_dir,
+        runtime_dir,
+        name,
+        source,
+        &source.display().to_string(),
+    )
+}
+
+/// [`import`], recording `label` as the image's source (`moat image build`
+/// names its mmdebstrap run rather than a scratch tarball).
+pub fn import_as(
+    data_dir: &Path,
+    runtime_dir: &Path,
+    name: &str,
+    source: &Path,
+    label: &str,
+) -> Result<Imported> {
     check_name(name)?;
     if !nix::unistd::geteuid().is_root() {
         return Err(SandboxError::Refused(
@@ -179,7 +197,7 @@ pub fn import(data_dir: &Path, runtime_dir: &Path, name: &str, source: &Path) ->
     }
     let manifest = serde_json::json!({
         "name": name,
-        "source": source.display().to_string(),
+        "source": label,
         "bytes": sealed.bytes,
         "imported_at": versions::utc_stamp(
             std::time::SystemTime::now()

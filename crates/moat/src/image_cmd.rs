@@ -145,8 +145,18 @@ fn build(config: &EngineConfig, a: BuildArgs, out: &mut impl Write) -> anyhow::R
     }
     let status = cmd.status().context("running mmdebstrap")?;
     let result = if status.success() {
-        image::import(&config.data_dir, &config.runtime_dir, &a.name, &tarball)
-            .map_err(anyhow::Error::from)
+        let mut label = format!("mmdebstrap {}", a.suite);
+        if !a.packages.is_empty() {
+            label.push_str(&format!(" --package {}", a.packages.join(",")));
+        }
+        image::import_as(
+            &config.data_dir,
+            &config.runtime_dir,
+            &a.name,
+            &tarball,
+            &label,
+        )
+        .map_err(anyhow::Error::from)
     } else {
         Err(anyhow::anyhow!("mmdebstrap failed ({status})"))
     };
