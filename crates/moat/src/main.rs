@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 mod agent_run;
 mod agents_cmd;
+mod agents_install;
 mod audit_cmd;
 mod chat;
 mod github;
