@@ -22,10 +22,15 @@ fn config(backend: &str, image: &str) -> String {
 }
 
 fn run(c: &Client, thread: &str, cmd: &str) -> String {
+    run_nth(c, thread, cmd, 1)
+}
+
+/// Runs `cmd` as the `n`th turn of `thread` (the stream replays earlier answers).
+fn run_nth(c: &Client, thread: &str, cmd: &str, n: usize) -> String {
     let r = c.post(thread, cmd);
     assert_eq!(r.status, 202, "{r:?}");
     let mut sse = c.events(thread).expect("the event stream");
-    let evs = sse.answers(1);
+    let evs = sse.answers(n);
     answers_of(&evs).pop().expect("an answer").0
 }
 
@@ -106,5 +111,29 @@ fn bwrap_a_root_inside_channel_writes_its_system_layer_and_the_pool_resets_it() 
     );
     let root = image::resolve(&data, "dev").unwrap();
     assert!(!root.join("usr/bin/mine").exists());
+    gw.stop();
+}
+
+#[test]
+fn bwrap_a_per_thread_root_inside_conversation_keeps_its_system_layer() {
+    let data = fresh_dir("img-root-pt").join("data");
+    let src = rootfs::make(&fresh_dir("img-root-pt-src").join("root"));
+    image::import(&data, &scratch().join("run"), "dev", &src).expect("import");
+    let cfg = format!(
+        "{}root_inside = true\nsandbox = \"per-thread\"\n",
+        config("bwrap", "dev")
+    );
+    let gw = Gw::try_start_in(data, &cfg, Vec::new()).expect("started");
+    let c = gw.client(None);
+    let out = run(&c, "t1", "echo kept > /usr/bin/mine && echo wrote");
+    assert!(out.contains("wrote"), "{out}");
+    let out = run_nth(&c, "t1", "cat /usr/bin/mine", 2);
+    assert!(out.contains("kept"), "{out}");
+    let out = run(
+        &c,
+        "t2",
+        "cat /usr/bin/mine 2>&1 || echo other-thread-does-not-see-it",
+    );
+    assert!(out.contains("other-thread-does-not-see-it"), "{out}");
     gw.stop();
 }

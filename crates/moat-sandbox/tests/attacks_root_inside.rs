@@ -208,6 +208,41 @@ tryw("write_modprobe", "/proc/sys/kernel/modprobe", b"/tmp/x")
             ("write_modprobe", "EACCES|EROFS|ENOENT|EPERM"),
         ],
     );
+    // PID 1 (moat-init) survives root's signals; /proc shows the sandbox
+    // only; the host's loopback is not the sandbox's (no door: no network).
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    host.set_nonblocking(true).unwrap();
+    let port = host.local_addr().unwrap().port();
+    let probe = format!(
+        r##"
+import os, signal, socket
+for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):
+    try:
+        os.kill(1, sig); print("kill_pid1_%d" % sig, "OK", flush=True)
+    except OSError as e:
+        print("kill_pid1_%d" % sig, e.errno, flush=True)
+pids = [p for p in os.listdir("/proc") if p.isdigit()]
+print("proc_pids", "few" if len(pids) < 10 else "many:%d" % len(pids), flush=True)
+s = socket.socket()
+s.settimeout(2)
+try:
+    s.connect(("127.0.0.1", {port})); print("host_loopback", "OK", flush=True)
+except OSError as e:
+    print("host_loopback", "refused", flush=True)
+"##
+    );
+    let o = run(
+        &mut l,
+        RunSpec::new(["/usr/bin/python3", "-c", probe.as_str()]),
+    );
+    assert!(o.stdout.contains("proc_pids few"), "{o:?}");
+    assert!(o.stdout.contains("host_loopback refused"), "{o:?}");
+    assert!(
+        host.accept().is_err(),
+        "the host's listener got a connection from the sandbox"
+    );
+    let again = sh(&mut l, "echo still-here");
+    assert_eq!(again.stdout, "still-here\n", "PID 1 died: {o:?}");
     let o = sh(
         &mut l,
         "unshare -Ur true; echo \"unshare_user=$?\"; unshare -m true; echo \"unshare_mount=$?\"",
