@@ -189,6 +189,9 @@ pub fn import_as(
         )));
     };
     let sealed = seal::seal(&root, SealMode::Image)?;
+    // Sandbox uids traverse the root to bind its directories.
+    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| SandboxError::io(format!("chmod {}", root.display()), e))?;
     if !seal::has_shell(&root) {
         return Err(SandboxError::Refused(format!(
             "{} has no /bin/sh (nor /usr/bin/sh): moat runs commands through it; is it a root filesystem?",

@@ -238,10 +238,17 @@ const APT_PARTS: &str = "etc/apt/apt.conf.d";
 /// `/etc/apt/apt.conf.d/00moat-root-inside`, telling apt to fetch as root
 /// (its `_apt` user is not mapped in the sandbox's namespace, where uid 0 is
 /// the only id). The directory is found by resolving inside the image's
-/// root, never following a link on the host.
+/// root, never following a link on the host; none when any part of that
+/// path is a link.
 pub fn apt_conf(runtime_dir: &Path, merged: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
+    // Only a plain path of directories: bwrap makes the mount point by
+    // following the path, and a link there (a previous turn of a kept lease
+    // may have left one) could lead it outside the sandbox's root.
+    let plain = merged.join(APT_PARTS);
     let parts = crate::seal::resolve_in_root(merged, APT_PARTS);
-    if !parts.is_some_and(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())) {
+    if parts.as_ref() != Some(&plain)
+        || !std::fs::symlink_metadata(&plain).is_ok_and(|m| m.is_dir())
+    {
         return Ok(None);
     }
     let file = runtime_dir.join("root-inside-apt.conf");

@@ -322,3 +322,36 @@ fn root_inside_is_refused_without_an_image_or_on_gvisor() {
         "{err}"
     );
 }
+
+#[test]
+fn attack_r1_links_left_in_the_layer_never_lead_moat_outside() {
+    if !available() {
+        return;
+    }
+    // A world-writable host directory a link could aim moat's mount points at.
+    let target = scratch().join(format!("r1-target-{}", token("t")));
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::set_permissions(
+        &target,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let (_e, mut l) = root_lease();
+    let t = target.display();
+    let o = sh(
+        &mut l,
+        &format!(
+            "mkdir -p /etc/apt && ln -s /oldroot{t} /etc/apt/apt.conf.d && ln -s {t} /etc/apt/x && echo planted"
+        ),
+    );
+    assert!(o.stdout.contains("planted"), "{o:?}");
+    // The next instance of the same lease starts on the same layer.
+    l.stop();
+    let o = sh(&mut l, "ls /etc/apt; id -u");
+    assert!(o.stdout.ends_with("0\n"), "{o:?}");
+    let left: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().collect();
+    assert!(
+        left.is_empty(),
+        "moat wrote on the host through a link: {left:?}"
+    );
+}
