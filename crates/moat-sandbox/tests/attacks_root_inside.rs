@@ -355,3 +355,40 @@ fn attack_r1_links_left_in_the_layer_never_lead_moat_outside() {
         "moat wrote on the host through a link: {left:?}"
     );
 }
+
+#[test]
+fn a_named_root_inside_lease_on_a_disk_keeps_its_layer_across_releases() {
+    if !available() {
+        return;
+    }
+    image_root();
+    let e = engine(BackendKind::Bwrap);
+    let mut p = policy(BackendKind::Bwrap);
+    p.image = Some(IMAGE.into());
+    p.root_inside = true;
+    p.limits.persistent_disk = Some(moat_policy::ByteSize::mib(128));
+    let name = format!(
+        "r1-disk-{}",
+        token("n").replace(['-', '_'], "").to_lowercase()
+    );
+    let name: String = name.chars().take(40).collect();
+    let open = || {
+        e.lease(
+            p.clone(),
+            LeaseOptions {
+                name: Some(name.clone()),
+                ..LeaseOptions::default()
+            },
+        )
+        .expect("named lease")
+    };
+    let mut l = open();
+    let o = sh(&mut l, "echo kept > /usr/bin/kept && echo wrote");
+    assert!(o.stdout.contains("wrote"), "{o:?}");
+    l.release().unwrap();
+    let mut l = open();
+    let o = sh(&mut l, "cat /usr/bin/kept; id -u");
+    assert_eq!(o.stdout, "kept\n0\n", "{o:?}");
+    assert!(!image_root().join("usr/bin/kept").exists());
+    l.destroy().unwrap();
+}
