@@ -368,6 +368,9 @@ pub struct ControlRequest {
     /// Who asks (for the audit record).
     #[serde(default)]
     pub by: String,
+    /// `history`: the conversation's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<i64>,
 }
 
 /// Binds the control socket (mode 0600) in `data_dir`.
@@ -435,8 +438,9 @@ async fn control_conn(gw: Gateway, stream: tokio::net::UnixStream) -> std::io::R
                 "incident" => json!({"ok": true, "report": gw.enter_incident(&by).await}),
                 "lift" => json!({"ok": true, "lift": gw.lift_incident(&by).await}),
                 "status" => json!({"ok": true, "paused": gw.paused()}),
+                "history" => history_answer(&gw, req.conversation, &by).await,
                 other => {
-                    json!({"error": format!("unknown op {other:?}; use incident, lift or status")})
+                    json!({"error": format!("unknown op {other:?}; use incident, lift, status or history")})
                 }
             }
         }
@@ -447,12 +451,49 @@ async fn control_conn(gw: Gateway, stream: tokio::net::UnixStream) -> std::io::R
     w.write_all(text.as_bytes()).await
 }
 
+/// `history`: the conversation's stored history (crate::history), audited
+/// (who exported which conversation; never its texts).
+async fn history_answer(gw: &Gateway, conversation: Option<i64>, by: &str) -> serde_json::Value {
+    let Some(id) = conversation else {
+        return json!({"error": "history needs a conversation id"});
+    };
+    let store = gw.inner.store.clone();
+    let read = tokio::task::spawn_blocking(move || crate::history::read(&store, id)).await;
+    match read {
+        Ok(Ok(Some(h))) => {
+            gw.audit(
+                "history",
+                json!({"by": by, "conversation_id": id, "entries": h.entries.len()}),
+            );
+            json!({"ok": true, "history": h})
+        }
+        Ok(Ok(None)) => json!({"error": format!("no conversation {id}")}),
+        Ok(Err(e)) => json!({"error": format!("reading the store: {e}")}),
+        Err(e) => json!({"error": format!("reading the store: {e}")}),
+    }
+}
+
 /// The CLI's side: sends `op` to the gateway of `data_dir`. `Ok(None)`: no
 /// gateway listens there.
 pub fn request(
     data_dir: &Path,
     op: &str,
     by: &str,
+    timeout: Duration,
+) -> Result<Option<serde_json::Value>, IncidentError> {
+    let req = ControlRequest {
+        op: op.to_string(),
+        by: by.to_string(),
+        conversation: None,
+    };
+    send(data_dir, &req, timeout)
+}
+
+/// Sends `req` to the gateway of `data_dir`. `Ok(None)`: no gateway
+/// listens there.
+pub fn send(
+    data_dir: &Path,
+    req: &ControlRequest,
     timeout: Duration,
 ) -> Result<Option<serde_json::Value>, IncidentError> {
     use std::io::{BufRead, Write};
@@ -475,11 +516,7 @@ pub fn request(
     };
     s.set_read_timeout(Some(timeout))
         .map_err(|e| ctl(e.to_string()))?;
-    let req = ControlRequest {
-        op: op.to_string(),
-        by: by.to_string(),
-    };
-    let mut text = serde_json::to_string(&req).map_err(|e| ctl(e.to_string()))?;
+    let mut text = serde_json::to_string(req).map_err(|e| ctl(e.to_string()))?;
     text.push('\n');
     s.write_all(text.as_bytes())
         .map_err(|e| ctl(e.to_string()))?;

@@ -11,11 +11,13 @@
 
 pub mod agent;
 pub mod agents_setup;
+pub mod approvals;
 pub mod artifacts;
 pub mod github_clone;
 pub mod github_hooks;
 pub mod github_setup;
 pub mod groups;
+pub mod history;
 pub mod hub;
 pub mod incident;
 pub mod ipc;
@@ -23,9 +25,11 @@ pub mod metrics;
 pub mod pipeline;
 pub mod platform;
 pub mod pool;
+pub mod retention;
 pub mod runner;
 pub mod server;
 pub mod slack;
+pub mod slack_approvals;
 pub mod slack_setup;
 mod store_setup;
 pub mod tasks;

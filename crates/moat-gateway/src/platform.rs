@@ -22,7 +22,10 @@ use std::sync::Arc;
 
 use moat_policy::gateway::Platform;
 
+use moat_policy::approvals::Outcome;
+
 use crate::agent::TurnOutcome;
+use crate::approvals::{ApprovalPost, Decision};
 use crate::artifacts::Artifact;
 
 /// A future a platform's outbound calls return.
@@ -105,7 +108,14 @@ pub trait ChatPlatform: Send + Sync {
     fn notice<'a>(&'a self, conv: &'a ConvRef, text: &'a str) -> BoxFut<'a>;
     /// A user's message was accepted, or kept as context (the web chat shows
     /// it to its watchers; a chat app already shows it).
-    fn said<'a>(&'a self, _conv: &'a ConvRef, _user: &'a str, _text: &'a str) -> BoxFut<'a> {
+    /// `message_id`: the stored message's id.
+    fn said<'a>(
+        &'a self,
+        _conv: &'a ConvRef,
+        _message_id: i64,
+        _user: &'a str,
+        _text: &'a str,
+    ) -> BoxFut<'a> {
         Box::pin(async {})
     }
     /// A turn started for these platform messages (reactions, typing, a live
@@ -143,6 +153,37 @@ pub trait ChatPlatform: Send + Sync {
     ) -> BoxFut<'a> {
         Box::pin(async {})
     }
+    /// Asks the chat's admins to decide request `req` (docs/approvals.md).
+    /// Returns the platform's id of the message that asked (Slack: its
+    /// `ts`), for [`ChatPlatform::approval_decided`]. A platform without
+    /// buttons asks in a notice; an admin answers `approve ID` or `deny ID`.
+    fn approval<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+    ) -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> {
+        Box::pin(async move {
+            let text = format!(
+                "{}\nAn admin of this chat answers `approve {}` or `deny {}` (no answer in time is a denial).",
+                req.summary, req.id, req.id
+            );
+            self.notice(conv, &text).await;
+            None
+        })
+    }
+    /// Request `req` was decided (or timed out); `asked` is what
+    /// [`ChatPlatform::approval`] returned.
+    fn approval_decided<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        _req: &'a ApprovalPost,
+        _asked: Option<&'a str>,
+        d: &'a Decision,
+    ) -> BoxFut<'a> {
+        Box::pin(async move {
+            self.notice(conv, &decision_text(d)).await;
+        })
+    }
     /// The turn ended with this answer.
     fn finished<'a>(
         &'a self,
@@ -150,6 +191,50 @@ pub trait ChatPlatform: Send + Sync {
         refs: &'a [String],
         outcome: &'a TurnOutcome,
     ) -> BoxFut<'a>;
+
+    /// The answer of turn `turn`, kept in the store's outbox until this
+    /// returns: [`ChatPlatform::finished`], marked with the turn where the
+    /// platform can carry a mark (Slack: message metadata; the web chat:
+    /// the event's turn id).
+    fn deliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        _turn: i64,
+    ) -> BoxFut<'a> {
+        self.finished(conv, refs, outcome)
+    }
+
+    /// The kept answer of turn `turn` again, after a restart cut its first
+    /// delivery short (it may or may not have arrived). A platform that can
+    /// look (Slack: the thread's messages carrying the turn's mark) sends
+    /// only what is missing; one that cannot sends it again (at least once).
+    fn redeliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        turn: i64,
+    ) -> BoxFut<'a> {
+        self.deliver(conv, refs, outcome, turn)
+    }
+}
+
+/// How a decision reads in the chat: "Approved by U1.", "Timed out: denied."
+pub fn decision_text(d: &Decision) -> String {
+    let by: String =
+        d.by.as_deref()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(100)
+            .collect();
+    match d.outcome {
+        Outcome::Approved => format!("Approved by {by}."),
+        Outcome::Denied => format!("Denied by {by}."),
+        Outcome::TimedOut => "No admin decided in time: denied.".to_string(),
+    }
 }
 
 /// A platform that does nothing (tests, a platform not connected).

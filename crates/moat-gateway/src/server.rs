@@ -383,8 +383,15 @@ pub async fn serve(
     let sweeper = {
         let gw = gw.clone();
         tokio::spawn(async move {
+            // Retention: at start, then every hour (crate::retention).
+            gw.purge_expired().await;
+            let mut purged = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
+                if purged.elapsed() >= crate::retention::EVERY {
+                    gw.purge_expired().await;
+                    purged = tokio::time::Instant::now();
+                }
                 let n = gw.sweep_idle().await;
                 if n > 0 {
                     tracing::info!(sandboxes = n, "deleted idle per-thread sandboxes");

@@ -26,6 +26,7 @@ use moat_chat::slack::{
 use moat_policy::gateway::Platform;
 
 use crate::agent::TurnOutcome;
+use crate::approvals::{ApprovalPost, Decision};
 use crate::artifacts::Artifact;
 use crate::metrics::Verdict;
 use crate::pipeline::Gateway;
@@ -168,10 +169,14 @@ async fn events(State(s): State<SlackIn>, headers: HeaderMap, body: Bytes) -> Re
     }
 }
 
-/// The `POST /slack/events` route.
+/// The `POST /slack/events` and `POST /slack/interactions` routes.
 pub fn router(s: SlackIn) -> Router {
     Router::new()
         .route("/slack/events", post(events))
+        .route(
+            "/slack/interactions",
+            post(crate::slack_approvals::interactions),
+        )
         .with_state(s)
 }
 
@@ -259,6 +264,26 @@ impl ChatPlatform for SlackReplier {
         })
     }
 
+    fn approval<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + 'a>> {
+        Box::pin(crate::slack_approvals::post_request(&self.api, conv, req))
+    }
+
+    fn approval_decided<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+        asked: Option<&'a str>,
+        d: &'a Decision,
+    ) -> BoxFut<'a> {
+        Box::pin(crate::slack_approvals::post_decision(
+            &self.api, conv, req, asked, d,
+        ))
+    }
+
     fn started<'a>(&'a self, conv: &'a ConvRef, refs: &'a [String]) -> BoxFut<'a> {
         Box::pin(async move {
             for ts in refs {
@@ -343,7 +368,84 @@ impl ChatPlatform for SlackReplier {
         refs: &'a [String],
         outcome: &'a TurnOutcome,
     ) -> BoxFut<'a> {
+        Box::pin(self.finish(conv, refs, outcome, None, Vec::new()))
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        turn: i64,
+    ) -> BoxFut<'a> {
+        Box::pin(self.finish(conv, refs, outcome, Some(turn), Vec::new()))
+    }
+
+    fn redeliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        turn: i64,
+    ) -> BoxFut<'a> {
         Box::pin(async move {
+            // The parts of this answer already in the thread (posted before
+            // the restart) are not posted again; reactions are idempotent.
+            let posted = match reply_thread(conv) {
+                Some(thread) => match self
+                    .api
+                    .conversations_replies(&conv.channel, thread, None)
+                    .await
+                {
+                    Ok(msgs) => msgs
+                        .iter()
+                        .filter(|m| m.bot_id.is_some())
+                        .filter_map(|m| answer_mark(m.metadata.as_ref()?))
+                        .filter(|(t, _)| *t == turn)
+                        .map(|(_, part)| part)
+                        .collect(),
+                    Err(e) => {
+                        Self::log("conversations.replies", Err::<(), _>(e));
+                        Vec::new()
+                    }
+                },
+                None => Vec::new(),
+            };
+            self.finish(conv, refs, outcome, Some(turn), posted).await
+        })
+    }
+}
+
+/// Slack message metadata marking part `part` of turn `turn`'s answer.
+fn mark(turn: i64, part: usize, parts: usize) -> serde_json::Value {
+    serde_json::json!({
+        "event_type": "moat_answer",
+        "event_payload": {"turn": turn, "part": part, "parts": parts},
+    })
+}
+
+/// The turn and part a message's metadata marks, if it is moat's mark.
+fn answer_mark(m: &serde_json::Value) -> Option<(i64, usize)> {
+    if m.get("event_type")?.as_str()? != "moat_answer" {
+        return None;
+    }
+    let p = m.get("event_payload")?;
+    Some((p.get("turn")?.as_i64()?, p.get("part")?.as_u64()? as usize))
+}
+
+impl SlackReplier {
+    /// Posts the answer's parts (those not in `posted`), each marked with
+    /// the turn when there is one, then settles the status message and the
+    /// reactions.
+    async fn finish(
+        &self,
+        conv: &ConvRef,
+        refs: &[String],
+        outcome: &TurnOutcome,
+        turn: Option<i64>,
+        posted: Vec<usize>,
+    ) {
+        {
             // Command output is shown as it is, in a code block; an agent's
             // answer is Markdown, converted to mrkdwn. A thread is not a
             // file: at most MAX_PARTS messages per answer.
@@ -355,11 +457,16 @@ impl ChatPlatform for SlackReplier {
                     format!("_(the answer goes on for {left} more characters; ask the agent to put long output in ~/artifacts, which is sent as a file)_")
                 },
             );
-            for part in parts {
+            let n = parts.len();
+            for (i, part) in parts.into_iter().enumerate() {
+                if posted.contains(&i) {
+                    continue;
+                }
+                let meta = turn.map(|t| mark(t, i, n));
                 Self::log(
                     "chat.postMessage",
                     self.api
-                        .post_message(&conv.channel, reply_thread(conv), &part)
+                        .post_message_with(&conv.channel, reply_thread(conv), &part, meta.as_ref())
                         .await,
                 );
             }
@@ -388,6 +495,6 @@ impl ChatPlatform for SlackReplier {
                     self.api.add_reaction(&conv.channel, ts, mark).await,
                 );
             }
-        })
+        }
     }
 }

@@ -105,6 +105,10 @@ impl Slack {
                 let gw = gw.clone();
                 let bot = bot.clone();
                 async move {
+                    if ev.interactive {
+                        crate::slack_approvals::socket_click(&gw, &ev.payload);
+                        return Ok(());
+                    }
                     handle_callback(&gw, Some(&bot), &ev.payload)
                         .await
                         .map(drop)

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use moat_policy::gateway::{Authorization, Platform};
 use moat_policy::tasks::{format_utc, Schedule};
-use moat_policy::trust::{self, IpcOp, IpcTarget, TaskCommand};
+use moat_policy::trust::{self, IpcGate, IpcOp, IpcTarget, TaskCommand};
 use moat_store::{NewTask, Task, TaskRun, TaskState};
 use serde_json::{json, Value};
 
@@ -67,7 +67,7 @@ fn own(c: &Caller, t: &Task) -> bool {
 }
 
 /// `schedule_task`.
-pub(crate) fn schedule(gw: &Gateway, c: &Caller, args: &Value) -> OpResult {
+pub(crate) async fn schedule(gw: &Gateway, c: &Caller, args: &Value) -> OpResult {
     let op = IpcOp::ScheduleTask;
     let chat = arg_str(args, "chat").filter(|ch| *ch != c.channel);
     let target = match chat {
@@ -76,7 +76,8 @@ pub(crate) fn schedule(gw: &Gateway, c: &Caller, args: &Value) -> OpResult {
             listed: crate::ipc::ops::listed(gw, c.platform, ch),
         },
     };
-    trust::may_ipc(c.trust, op, target).map_err(|r| OpError::refused(r, op))?;
+    let gate = trust::ipc_gate(c.trust, op, target, crate::ipc::ops::approvals_of(gw, c))
+        .map_err(|r| OpError::refused(r, op))?;
     if let IpcTarget::Other { listed: false } = target {
         return Err(OpError::refused(trust::IpcRefusal::NotListed, op));
     }
@@ -109,6 +110,33 @@ pub(crate) fn schedule(gw: &Gateway, c: &Caller, args: &Value) -> OpResult {
         }
     };
     let channel = chat.unwrap_or(&c.channel);
+    // `approve = ["schedule"]`: checked first, held until an admin decides,
+    // then scheduled from the moment of the approval.
+    let (now, next) = match gate {
+        IpcGate::Go => (now, next),
+        IpcGate::Approval(k) => {
+            crate::ipc::ops::held(
+                gw,
+                c,
+                k,
+                format!(
+                    "The agent of user {}'s turn wants to schedule this task in {} ({kind} {value:?}, {context}):",
+                    c.user,
+                    channel.chars().take(200).collect::<String>()
+                ),
+                Some(prompt.to_string()),
+                "schedule_task",
+            )
+            .await?;
+            let now = now_ms();
+            let next = sched.next_after(now, now).ok_or_else(|| {
+                invalid(format!(
+                    "{value:?} passed while the task waited for approval"
+                ))
+            })?;
+            (now, next)
+        }
+    };
     let store = &gw.inner.store;
     let n = store
         .count_tasks_of_channel(c.platform.name(), channel)
@@ -312,9 +340,7 @@ async fn run_one(gw: &Gateway, t: Task, now: i64) {
     };
     // Re-authorized now, under today's policy: a creator who may no longer
     // talk here stops their tasks.
-    if let Authorization::Denied { reason } =
-        gw.inner.cfg.authorize(platform, &t.channel, &t.creator)
-    {
+    if let Authorization::Denied { reason } = gw.authorize(platform, &t.channel, &t.creator) {
         let detail = format!("stopped: its creator may no longer run it ({reason})");
         let _ = store.set_task_state(t.id, TaskState::Stopped, None, Some(&detail));
         log_run(gw, &t, due, "refused", Some(detail));

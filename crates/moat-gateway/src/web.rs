@@ -311,7 +311,12 @@ async fn events(
                 .into_response()
         }
     };
-    let (past, rx) = w.gw.inner.hub.subscribe(conv.id);
+    // After a restart the transcript starts from the stored history.
+    let store = w.gw.inner.store.clone();
+    let (past, rx) =
+        w.gw.inner
+            .hub
+            .subscribe_with(conv.id, || stored_history(&store, conv.id));
     let past = futures_util::stream::iter(past.into_iter().map(to_sse));
     let live = futures_util::stream::unfold(rx, |mut rx| async move {
         match rx.recv().await {
@@ -329,6 +334,53 @@ async fn events(
     Sse::new(past.chain(live))
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+#[derive(Deserialize)]
+struct PostDecision {
+    approve: bool,
+}
+
+/// `POST /api/approvals/{id}`: an admin's decision on a request shown in
+/// their conversation (docs/approvals.md). The decider is the web identity;
+/// moat-policy decides whether they may (an admin of the request's channel).
+async fn decide(
+    State(w): State<Web>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<PostDecision>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let user = match w.identify(peer, &headers) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let Ok(Json(body)) = body else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "send JSON: {\"approve\": true} or {\"approve\": false}"})),
+        )
+            .into_response();
+    };
+    match w
+        .gw
+        .decide_approval(&id, Platform::Web, &user, body.approve, "web")
+    {
+        Ok(o) => Json(json!({"status": o.name()})).into_response(),
+        Err(why) => {
+            use moat_policy::approvals::DecideRefusal;
+            let status = match why {
+                DecideRefusal::NotAdmin => StatusCode::FORBIDDEN,
+                DecideRefusal::AlreadyDecided => StatusCode::CONFLICT,
+                DecideRefusal::Unknown => StatusCode::NOT_FOUND,
+            };
+            (
+                status,
+                Json(json!({"error": why.message(), "reason": why.name()})),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// One artifact of the user's own conversation, as a download.
@@ -416,11 +468,58 @@ fn attachment(name: &str) -> String {
     format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
 }
 
+/// Messages and answers of a conversation kept in the store, oldest first.
+fn stored_history(store: &moat_store::Store, conversation: i64) -> Vec<ConvEvent> {
+    let said = store
+        .recent_messages(conversation, HISTORY)
+        .unwrap_or_else(|e| {
+            tracing::warn!(conversation, error = %e, "the stored messages could not be read");
+            Vec::new()
+        });
+    let answers = store
+        .kept_answers(conversation, HISTORY)
+        .unwrap_or_else(|e| {
+            tracing::warn!(conversation, error = %e, "the kept answers could not be read");
+            Vec::new()
+        });
+    let mut timed: Vec<(i64, u8, ConvEvent)> = said
+        .into_iter()
+        .map(|m| {
+            (
+                m.ts_ms,
+                0,
+                ConvEvent::Message {
+                    user: m.user,
+                    text: m.text,
+                    id: Some(m.id),
+                },
+            )
+        })
+        .chain(answers.into_iter().map(|a| {
+            (
+                a.ended_ms,
+                1,
+                ConvEvent::Answer {
+                    text: a.answer,
+                    ok: a.state == moat_store::TurnState::Done,
+                    turn: Some(a.turn_id),
+                },
+            )
+        }))
+        .collect();
+    timed.sort_by_key(|(t, k, _)| (*t, *k));
+    timed.into_iter().map(|(_, _, e)| e).collect()
+}
+
 fn to_sse(ev: ConvEvent) -> Result<Event, Infallible> {
     Ok(Event::default()
         .json_data(&ev)
         .unwrap_or_else(|_| Event::default().data("{}")))
 }
+
+/// Messages, and answers, of the stored history a watcher is shown after a
+/// restart.
+const HISTORY: u32 = 100;
 
 /// The web chat's routes.
 pub fn router(gw: Gateway, tokens: HashMap<String, String>) -> Router {
@@ -431,6 +530,7 @@ pub fn router(gw: Gateway, tokens: HashMap<String, String>) -> Router {
         .route("/api/conversations/{thread}/messages", post(post_message))
         .route("/api/conversations/{thread}/events", get(events))
         .route("/api/conversations/{thread}/artifacts/{id}", get(artifact))
+        .route("/api/approvals/{id}", post(decide))
         .with_state(Web {
             gw,
             tokens: Arc::new(tokens),

@@ -667,6 +667,83 @@ async fn a_message_recovered_after_a_crash_still_gets_its_final_reaction() {
     gw.stop().await;
 }
 
+/// The outbox (docs/store.md): a gateway killed after a turn ended, while
+/// its answer was being posted, finds the kept answer at its restart and
+/// posts only the part the thread does not already hold (found by its
+/// message metadata), adds the final reaction, and does not run the
+/// message again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_answer_is_delivered_after_a_crash_not_run_again() {
+    let fake = FakeSlack::start().await;
+    let data = data_dir("outbox");
+    let ts = new_ts();
+    // Two Slack messages' worth of answer: part 0 reached the thread
+    // before the kill, the rest did not.
+    let answer = format!("first-half {}second-half-77", "lorem ".repeat(900));
+    let turn = {
+        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        let (message_id, conversation_id) = match store
+            .insert_message(&moat_store::IncomingMessage {
+                platform: "slack".into(),
+                event_id: new_event_id(),
+                channel: GENERAL.into(),
+                thread: ts.clone(),
+                user: BOB.into(),
+                text: "echo never-run-$((6*7))".into(),
+                ts_ms: 1,
+                message_ref: Some(ts.clone()),
+            })
+            .unwrap()
+        {
+            moat_store::Inserted::New {
+                message_id,
+                conversation_id,
+            } => (message_id, conversation_id),
+            other => panic!("{other:?}"),
+        };
+        let t = store.start_turn(conversation_id, &[message_id], 2).unwrap();
+        store
+            .finish_turn_keeping(t, moat_store::TurnState::Done, &answer, false, None, 3)
+            .unwrap();
+        t
+    };
+    fake.bot_said(
+        &ts,
+        "1700000000.000001",
+        "first-half xxxx",
+        json!({"event_type": "moat_answer", "event_payload": {"turn": turn, "part": 0, "parts": 2}}),
+    );
+    let gw = Running::start(&config(&fake, &data, Mode::Events, OPEN), &data).await;
+    fake.wait_post(GENERAL, &ts, "second-half-77").await;
+    wait_reaction(&fake, &ts, "white_check_mark").await;
+    let posts = fake.posts_in(GENERAL, &ts);
+    assert_eq!(posts.len(), 1, "only the missing part: {posts:#?}");
+    assert!(!posts[0].contains("first-half"), "{posts:#?}");
+    // The post carries the turn's mark, for the next restart.
+    let call = fake.wait_post(GENERAL, &ts, "second-half-77").await;
+    assert_eq!(call.args["metadata"]["event_type"], json!("moat_answer"));
+    assert_eq!(call.args["metadata"]["event_payload"]["turn"], json!(turn));
+    assert_eq!(call.args["metadata"]["event_payload"]["part"], json!(1));
+    assert_eq!(call.args["metadata"]["event_payload"]["parts"], json!(2));
+    // Not run again: no recovered message, no new turn, nothing echoed.
+    assert!(gw.audit_messages("recovered").is_empty());
+    assert!(fake
+        .calls()
+        .iter()
+        .all(|c| !c.text().contains("never-run-42")));
+    let delivered: Vec<_> = gw
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "answer")
+        .collect();
+    assert_eq!(delivered.len(), 1, "{delivered:#?}");
+    assert_eq!(delivered[0]["turn_id"], json!(turn));
+    let store = gw.gw.inner.store.clone();
+    assert!(store.undelivered_answers().unwrap().is_empty());
+    assert!(store.turn(turn + 1).unwrap().is_none(), "no second turn");
+    gw.stop().await;
+}
+
 // ------------------------------------------------------------------ 6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

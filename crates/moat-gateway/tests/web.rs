@@ -148,6 +148,209 @@ fn assert_clean(answer: &str, secret: &str, who: &str) {
     assert_eq!(answer.matches("No such file").count(), 3, "{who}: {answer}");
 }
 
+/// The outbox and the web chat's history (docs/store.md): after a restart
+/// a watcher is shown the conversation's stored messages and answers, each
+/// once; an answer kept but not delivered when the gateway stopped (a kill
+/// between the end of a turn and its delivery) is delivered at the start
+/// and shown once, and its message is not run again.
+#[test]
+fn after_a_restart_the_web_chat_shows_the_stored_history_once() {
+    let cfg = web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\""));
+    let gw = Gw::start("history", &cfg);
+    let data = gw.data.clone();
+    let m = random_hex(6);
+    let c = gw.client(None);
+    assert_eq!(c.post("h1", &format!("echo before-{m}")).status, 202);
+    assert_eq!(answer(&c, "h1"), (format!("before-{m}\n"), true));
+    gw.stop();
+    let kept_turn = {
+        let store = open_store_after_stop(&data);
+        let (message_id, conversation_id) = match store
+            .insert_message(&moat_store::IncomingMessage {
+                platform: "web".into(),
+                event_id: format!("kept-{m}"),
+                channel: "local".into(),
+                thread: "h1".into(),
+                user: "local".into(),
+                text: format!("echo never-run-{m}"),
+                ts_ms: i64::MAX / 2,
+                message_ref: None,
+            })
+            .unwrap()
+        {
+            moat_store::Inserted::New {
+                message_id,
+                conversation_id,
+            } => (message_id, conversation_id),
+            other => panic!("{other:?}"),
+        };
+        let t = store.start_turn(conversation_id, &[message_id], 1).unwrap();
+        store
+            .finish_turn_keeping(
+                t,
+                moat_store::TurnState::Done,
+                &format!("kept-{m}"),
+                true,
+                None,
+                i64::MAX / 2,
+            )
+            .unwrap();
+        t
+    };
+    let gw = Gw::try_start_in(data.clone(), &cfg, Vec::new()).unwrap();
+    let c = gw.client(None);
+    let mut sse = c.events("h1").expect("the event stream");
+    let mut evs = sse.answers(2);
+    evs.extend(sse.during(Duration::from_secs(2)));
+    let answers = answers_of(&evs);
+    assert_eq!(
+        answers,
+        vec![(format!("before-{m}\n"), true), (format!("kept-{m}"), true)],
+        "{evs:#?}"
+    );
+    assert_eq!(
+        texts(&evs, "message"),
+        vec![format!("echo before-{m}"), format!("echo never-run-{m}")]
+    );
+    assert!(
+        evs.iter().any(|e| e["turn"] == json!(kept_turn)),
+        "{evs:#?}"
+    );
+    assert!(
+        evs.iter().all(|e| !e["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("never-run-{m}\n"))),
+        "the kept answer's message ran again: {evs:#?}"
+    );
+    let delivered = gw.audit_kind("answer");
+    assert_eq!(delivered.len(), 1, "{delivered:#?}");
+    assert!(gw.gw.inner.store.undelivered_answers().unwrap().is_empty());
+    gw.stop();
+}
+
+/// A turn whose end the store could not record (a full disk) must not stop
+/// its conversation until the next restart (the soak saw every later turn
+/// refused with "already has turn N running"): the next turn closes it as
+/// failed and runs.
+#[test]
+fn a_turn_left_running_in_the_store_does_not_block_its_conversation() {
+    let gw = Gw::start(
+        "stale-turn",
+        &web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\"")),
+    );
+    let c = gw.client(None);
+    assert_eq!(c.post("s1", "echo first").status, 202);
+    assert_eq!(answer(&c, "s1"), ("first\n".to_string(), true));
+    // What a turn whose end could not be written leaves: a running turn
+    // the conversation's actor no longer runs.
+    let store = gw.gw.inner.store.clone();
+    let conv = store
+        .conversation_by_key("web", "local", "s1")
+        .unwrap()
+        .unwrap();
+    let (m, _) = match store
+        .insert_message(&moat_store::IncomingMessage {
+            platform: "web".into(),
+            event_id: format!("stale-{}", random_hex(6)),
+            channel: "local".into(),
+            thread: "s1".into(),
+            user: "local".into(),
+            text: "lost".into(),
+            ts_ms: 1,
+            message_ref: None,
+        })
+        .unwrap()
+    {
+        moat_store::Inserted::New {
+            message_id,
+            conversation_id,
+        } => (message_id, conversation_id),
+        other => panic!("{other:?}"),
+    };
+    let stale = store.start_turn(conv.id, &[m], 2).unwrap();
+    let mut sse = c.events("s1").expect("the event stream");
+    sse.answers(1);
+    assert_eq!(c.post("s1", "echo second-$((6*7))").status, 202);
+    let evs = sse.answers(1);
+    assert_eq!(
+        answers_of(&evs),
+        vec![("second-42\n".to_string(), true)],
+        "{evs:#?}"
+    );
+    let closed = store.turn(stale).unwrap().unwrap();
+    assert_eq!(closed.state, moat_store::TurnState::Failed);
+    gw.stop();
+}
+
+/// Retention (`[store] retention`): at its start the gateway delivers what
+/// it owes, then deletes the settled messages and delivered answers older
+/// than the setting and audits the counts (no text); newer ones stay.
+#[test]
+fn retention_purges_old_settled_messages_at_start() {
+    let cfg = format!(
+        "[store]\nretention = \"1h\"\n\n{}",
+        web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\""))
+    );
+    let data = fresh_dir("retention").join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let (old, owed) = {
+        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        let turn = |event: &str, deliver: bool| {
+            let (m, c) = match store
+                .insert_message(&moat_store::IncomingMessage {
+                    platform: "web".into(),
+                    event_id: event.into(),
+                    channel: "local".into(),
+                    thread: "r1".into(),
+                    user: "local".into(),
+                    text: format!("echo {event}"),
+                    ts_ms: 1_000,
+                    message_ref: None,
+                })
+                .unwrap()
+            {
+                moat_store::Inserted::New {
+                    message_id,
+                    conversation_id,
+                } => (message_id, conversation_id),
+                other => panic!("{other:?}"),
+            };
+            let t = store.start_turn(c, &[m], 1_000).unwrap();
+            store
+                .finish_turn_keeping(t, moat_store::TurnState::Done, event, true, None, 1_001)
+                .unwrap();
+            if deliver {
+                store.mark_delivered(t, 1_002).unwrap();
+            }
+            (m, t)
+        };
+        (turn("long-ago", true), turn("owed", false))
+    };
+    let gw = Gw::try_start_in(data.clone(), &cfg, Vec::new()).unwrap();
+    let recs = gw.wait_audit("a purge", |r| r.iter().any(|x| x["kind"] == "purge"));
+    let purges: Vec<_> = recs.iter().filter(|x| x["kind"] == "purge").collect();
+    // The owed answer was delivered first (then it is old and settled too).
+    let delivered = recs.iter().position(|x| x["kind"] == "answer");
+    let purged = recs.iter().position(|x| x["kind"] == "purge");
+    assert!(delivered < purged && delivered.is_some(), "{recs:#?}");
+    assert_eq!(purges.len(), 1, "{purges:#?}");
+    assert_eq!(purges[0]["messages"], 2, "{purges:#?}");
+    assert_eq!(purges[0]["turns"], 2, "{purges:#?}");
+    assert!(!purges[0].to_string().contains("long-ago"));
+    let store = gw.gw.inner.store.clone();
+    for (m, t) in [old, owed] {
+        assert!(store.message(m).unwrap().is_none());
+        assert!(store.turn(t).unwrap().is_none());
+    }
+    // What is newer than the setting stays.
+    let c = gw.client(None);
+    assert_eq!(c.post("r2", "echo fresh").status, 202);
+    assert_eq!(answer(&c, "r2"), ("fresh\n".to_string(), true));
+    assert_eq!(gw.block_on(gw.gw.purge_expired()), 0);
+    gw.stop();
+}
+
 /// Waits for conversation `thread`'s next answer (watching from its start).
 fn answer(c: &Client, thread: &str) -> (String, bool) {
     let mut sse = c.events(thread).expect("the event stream");
@@ -1614,5 +1817,118 @@ fn attack_f8_a_per_thread_workspace_is_handed_back_and_audited() {
     );
     // The value (the command) is never in the audit record.
     assert!(!recs.iter().any(|r| r.to_string().contains("touch pwned")));
+    gw.stop();
+}
+
+// ---- docs/threat-model.md I6: approvals in the web chat ----
+
+/// A python3 program for the shell agent: one `tools/call` over the
+/// lease's IPC socket, its result as `R0 OK|ERR text`.
+fn ipc_call(tool: &str, args: &Value) -> String {
+    let arg = json!([tool, args]).to_string();
+    assert!(!arg.contains('\''));
+    let program = [
+        "import socket,json,sys",
+        "s=socket.socket(socket.AF_UNIX); s.connect(\"/run/moat/ipc.sock\"); f=s.makefile(\"rw\")",
+        "def rpc(i,m,p):",
+        "  f.write(json.dumps(dict(jsonrpc=\"2.0\",id=i,method=m,params=p))+chr(10)); f.flush()",
+        "  return json.loads(f.readline())",
+        "rpc(0,\"initialize\",dict(protocolVersion=\"2025-06-18\",capabilities=dict(),clientInfo=dict(name=\"t\",version=\"0\")))",
+        "n,a=json.loads(sys.argv[1])",
+        "r=rpc(1,\"tools/call\",dict(name=n,arguments=a))[\"result\"]",
+        "print(\"R0\", \"ERR\" if r[\"isError\"] else \"OK\", r[\"content\"][0][\"text\"])",
+    ]
+    .join("\n");
+    format!("python3 -c '{program}' '{arg}'")
+}
+
+// I6 on the web chat: Bob's schedule_task waits; his own click, a click
+// without an identity and a cross-site POST with the admin's token are
+// refused (nothing stored); Alice's approval schedules it; a second click
+// is refused as decided.
+#[test]
+fn attack_i6_web_approvals_are_decided_by_an_admin_once() {
+    let (gw, ta, tb) = token_gw(
+        "approvals",
+        1,
+        "users = [\"bob\"]\nadmins = [\"alice\"]\napprove = [\"schedule\"]\napprove_timeout = \"60s\"\ndebounce = \"0ms\"",
+    );
+    let bob = gw.client(Some(&tb));
+    let prompt = format!("echo web-i6-{}", random_hex(4));
+    let call = ipc_call(
+        "schedule_task",
+        &json!({"prompt": prompt, "schedule_type": "interval", "schedule_value": "1h"}),
+    );
+    assert_eq!(bob.post("t", &call).status, 202);
+    let mut sse = bob.events("t").expect("Bob's event stream");
+    let evs = sse.until(WAIT, |v| v["type"] == "approval");
+    let ev = evs.last().unwrap().clone();
+    let url = ev["url"].as_str().unwrap().to_string();
+    assert!(ev["detail"].as_str().unwrap().contains(&prompt), "{ev}");
+    let stored = || {
+        gw.gw
+            .inner
+            .store
+            .tasks_of_channel("web", "bob")
+            .unwrap()
+            .len()
+    };
+    let decide = |token: Option<&str>, extra: &[(&str, &str)], approve: bool| {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut h: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
+        if let Some(a) = &auth {
+            h.push(("Authorization", a.as_str()));
+        }
+        h.extend_from_slice(extra);
+        request(
+            gw.web,
+            "POST",
+            &url,
+            &h,
+            Some(&json!({ "approve": approve }).to_string()),
+        )
+    };
+    // Bob may not approve his own request; nobody without an identity; a
+    // page of another site not even with Alice's token.
+    assert_eq!(decide(Some(&tb), &[], true).status, 403);
+    assert_eq!(decide(None, &[], true).status, 401);
+    assert_eq!(
+        decide(Some(&ta), &[("Origin", "http://evil.test")], true).status,
+        403
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        stored(),
+        0,
+        "the task was stored before an admin approved it"
+    );
+    // Alice approves: the call returns and the task is Bob's.
+    let r = decide(Some(&ta), &[], true);
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, json!("approved"))
+    );
+    let evs = sse.answers(1);
+    let answer = answers_of(&evs).remove(0).0;
+    assert!(answer.starts_with("R0 OK task "), "{answer}");
+    assert!(evs.iter().any(|v| v["type"] == "decided"
+        && v["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Approved by alice")));
+    assert_eq!(stored(), 1);
+    // Decided once.
+    assert_eq!(decide(Some(&ta), &[], false).status, 409);
+    let a = gw.audit_kind("approval");
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "refused" && r["reason"] == "not_admin" && r["by"] == "bob"));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "approved" && r["by"] == "alice" && r["source"] == "web"));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "refused" && r["reason"] == "already_decided"));
+    assert_eq!(a.iter().filter(|r| r["verdict"] == "approved").count(), 1);
     gw.stop();
 }

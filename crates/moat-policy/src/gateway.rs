@@ -318,6 +318,8 @@ pub struct ChannelPolicy {
     /// `conversation`, `trigger` and `mention`: which messages start a turn
     /// and what one conversation is.
     pub chat: crate::chat_keys::ChatKeys,
+    /// `approve`, `approve_timeout` and `unknown` (docs/approvals.md).
+    pub approvals: crate::approvals::ApprovalKeys,
     /// Loosened tightened keys of an untrusted channel, for `warnings()`.
     untrusted_overrides: Vec<String>,
     policy: SandboxPolicy,
@@ -460,6 +462,8 @@ pub struct GatewayConfig {
     pub ipc: crate::tasks::IpcConfig,
     /// `[store]`: SQLite in the data directory, or a shared PostgreSQL.
     pub store: crate::store::StoreConfig,
+    /// `store.retention`: how long messages and answers are kept.
+    pub retention: Option<std::time::Duration>,
 }
 
 /// The verdict on one message.
@@ -564,6 +568,7 @@ impl GatewayConfig {
         }
         for c in &self.channels {
             w.extend(c.untrusted_overrides.iter().cloned());
+            w.extend(crate::approvals::timeout_warning(c));
             if let Some(g) = &c.github {
                 if c.trust == Trust::Untrusted && g.can_write() {
                     w.push(format!(
@@ -780,6 +785,9 @@ struct RawSettings {
     conversation: Option<String>,
     trigger: Option<String>,
     mention: Option<String>,
+    approve: Option<Vec<String>>,
+    approve_timeout: Option<String>,
+    unknown: Option<String>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so a
@@ -818,6 +826,9 @@ struct RawChannel {
     conversation: Option<String>,
     trigger: Option<String>,
     mention: Option<String>,
+    approve: Option<Vec<String>>,
+    approve_timeout: Option<String>,
+    unknown: Option<String>,
 }
 
 impl RawChannel {
@@ -852,6 +863,9 @@ impl RawChannel {
             conversation: self.conversation,
             trigger: self.trigger,
             mention: self.mention,
+            approve: self.approve,
+            approve_timeout: self.approve_timeout,
+            unknown: self.unknown,
         };
         (self.platform, self.id, s)
     }
@@ -1173,6 +1187,7 @@ struct Settings {
     mounts: Vec<crate::memory::ChannelMount>,
     policy: SandboxPolicy,
     chat: crate::chat_keys::ChatKeys,
+    approvals: crate::approvals::ApprovalKeys,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -1200,6 +1215,7 @@ impl Settings {
             mounts: Vec::new(),
             policy: SandboxPolicy::default(),
             chat: crate::chat_keys::ChatKeys::default(),
+            approvals: crate::approvals::ApprovalKeys::default(),
         }
     }
 
@@ -1282,6 +1298,8 @@ impl Settings {
         }
         self.chat
             .apply(raw.conversation, raw.trigger, raw.mention, at)?;
+        self.approvals
+            .apply(raw.approve, raw.approve_timeout, raw.unknown, at)?;
         if let Some(d) = raw.debounce {
             self.debounce = Some(duration_in(
                 &d,
@@ -1795,6 +1813,7 @@ impl GatewayConfig {
                     "uses the pool, but the pool may hold no sandbox (pool.size or pool.max = 0); set pool.max to 1 or more, or sandbox = \"per-thread\"",
                 ));
             }
+            s.approvals.check(platform, &at)?;
             channels.push(ChannelPolicy {
                 index: i,
                 platform,
@@ -1818,6 +1837,7 @@ impl GatewayConfig {
                     .transpose()?,
                 mounts: s.mounts,
                 chat: s.chat,
+                approvals: s.approvals,
                 untrusted_overrides,
                 policy: s.policy,
             });
@@ -1849,6 +1869,7 @@ impl GatewayConfig {
                 .transpose()?,
             tasks: crate::tasks::tasks_config(raw.tasks)?,
             ipc: crate::tasks::ipc_config(raw.ipc)?,
+            retention: crate::store::retention(&raw.store)?,
             store: crate::store::section(raw.store)?,
         })
     }

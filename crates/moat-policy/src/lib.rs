@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agents;
+pub mod approvals;
 pub mod chat_keys;
 pub mod credentials;
 pub mod gateway;

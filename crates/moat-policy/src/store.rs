@@ -25,6 +25,7 @@ pub(crate) struct RawStore {
     pool_size: Option<i64>,
     lease: Option<String>,
     node: Option<String>,
+    retention: Option<String>,
     // Present only to refuse it with a precise message.
     password: Option<toml::Value>,
 }
@@ -52,6 +53,31 @@ fn err(key: &str, message: impl Into<String>) -> PolicyError {
         key: key.into(),
         message: message.into(),
     }
+}
+
+/// `store.retention`: how long messages and kept answers stay in the store
+/// (`"90d"`, `"12h"`); `None`: kept until deleted by hand. At least an
+/// hour, at most 100 years.
+pub(crate) fn retention(raw: &RawStore) -> Result<Option<Duration>, PolicyError> {
+    let Some(text) = &raw.retention else {
+        return Ok(None);
+    };
+    let d = match text.trim().strip_suffix('d') {
+        Some(days) => days
+            .trim()
+            .parse::<u64>()
+            .map(|n| Duration::from_secs(n.saturating_mul(86_400)))
+            .map_err(|_| format!("{text:?} is not a number of days; write e.g. \"90d\"")),
+        None => crate::parse_duration(text),
+    }
+    .map_err(|m| err("store.retention", m))?;
+    if !(Duration::from_secs(3600)..=Duration::from_secs(100 * 365 * 86_400)).contains(&d) {
+        return Err(err(
+            "store.retention",
+            format!("{text:?} is out of range; keep messages at least 1h and at most 36500d, or leave it out to keep them"),
+        ));
+    }
+    Ok(Some(d))
 }
 
 pub(crate) fn section(raw: RawStore) -> Result<StoreConfig, PolicyError> {
@@ -175,6 +201,29 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains("MOAT_STORE_PASSWORD"), "{e}");
             assert!(!e.contains("s3cret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn retention_takes_days_or_hours_and_refuses_nonsense_naming_the_key() {
+        let r = |t: &str| retention(&toml::from_str(t).unwrap());
+        assert_eq!(r("").unwrap(), None);
+        assert_eq!(
+            r(r#"retention = "90d""#).unwrap(),
+            Some(Duration::from_secs(90 * 86_400))
+        );
+        assert_eq!(
+            r(r#"retention = "12h""#).unwrap(),
+            Some(Duration::from_secs(12 * 3600))
+        );
+        for bad in [
+            r#"retention = "5m""#,
+            r#"retention = "xd""#,
+            r#"retention = "soon""#,
+            r#"retention = "99999d""#,
+        ] {
+            let e = r(bad).unwrap_err().to_string();
+            assert!(e.starts_with("store.retention"), "{bad}: {e}");
         }
     }
 

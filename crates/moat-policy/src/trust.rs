@@ -10,6 +10,7 @@
 //! never compares trust levels itself. Must never loosen anything for
 //! `untrusted`, read a file or the environment.
 
+use crate::approvals::{ApprovalKeys, ApprovalKind};
 use crate::gateway::Trust;
 
 /// A chat command: a message that is exactly one of these words (after the
@@ -228,6 +229,37 @@ pub fn may_ipc(trust: Trust, op: IpcOp, target: IpcTarget) -> Result<(), IpcRefu
     }
 }
 
+/// What an allowed IPC operation still needs before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpcGate {
+    /// Nothing: it runs now.
+    Go,
+    /// It waits until an admin of the channel approves it (denied on
+    /// timeout): the channel lists this action in `approve`.
+    Approval(ApprovalKind),
+}
+
+/// [`may_ipc`], then the channel's `approve` list: the one decision for an
+/// IPC operation. A refused operation never asks anyone (a member cannot
+/// make the admins approve what the rights table forbids).
+pub fn ipc_gate(
+    trust: Trust,
+    op: IpcOp,
+    target: IpcTarget,
+    approvals: &ApprovalKeys,
+) -> Result<IpcGate, IpcRefusal> {
+    may_ipc(trust, op, target)?;
+    let kind = match (op, target) {
+        (IpcOp::SendMessage, IpcTarget::Other { .. }) => Some(ApprovalKind::SendElsewhere),
+        (IpcOp::ScheduleTask, _) => Some(ApprovalKind::Schedule),
+        _ => None,
+    };
+    Ok(match kind {
+        Some(k) if approvals.needs(k) => IpcGate::Approval(k),
+        _ => IpcGate::Go,
+    })
+}
+
 /// A person's task command: `tasks`, `pause N`, `resume N`, `cancel N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TaskCommand {
@@ -310,6 +342,44 @@ mod tests {
         assert_eq!(
             may_ipc(Trust::Untrusted, ScheduleTask, IpcTarget::Own),
             Err(IpcRefusal::Untrusted)
+        );
+    }
+
+    #[test]
+    fn approval_gates_follow_the_rights_table() {
+        use IpcOp::*;
+        let mut keys = ApprovalKeys::default();
+        let other = IpcTarget::Other { listed: true };
+        assert_eq!(
+            ipc_gate(Trust::Admin, SendMessage, other, &keys),
+            Ok(IpcGate::Go)
+        );
+        keys.approve = vec![ApprovalKind::SendElsewhere, ApprovalKind::Schedule];
+        assert_eq!(
+            ipc_gate(Trust::Admin, SendMessage, other, &keys),
+            Ok(IpcGate::Approval(ApprovalKind::SendElsewhere))
+        );
+        // The own conversation is not "elsewhere".
+        assert_eq!(
+            ipc_gate(Trust::Member, SendMessage, IpcTarget::Own, &keys),
+            Ok(IpcGate::Go)
+        );
+        assert_eq!(
+            ipc_gate(Trust::Member, ScheduleTask, IpcTarget::Own, &keys),
+            Ok(IpcGate::Approval(ApprovalKind::Schedule))
+        );
+        // Refused stays refused: nobody is asked.
+        assert_eq!(
+            ipc_gate(Trust::Member, SendMessage, other, &keys),
+            Err(IpcRefusal::AdminsOnly)
+        );
+        assert_eq!(
+            ipc_gate(Trust::Untrusted, ScheduleTask, IpcTarget::Own, &keys),
+            Err(IpcRefusal::Untrusted)
+        );
+        assert_eq!(
+            ipc_gate(Trust::Admin, ListTasks, IpcTarget::Own, &keys),
+            Ok(IpcGate::Go)
         );
     }
 

@@ -18,13 +18,14 @@
 //! Layout: `db.rs` is the connection interface both databases implement
 //! (`sqlite.rs` opens SQLite files, `pg.rs` pools PostgreSQL connections);
 //! `inbox.rs`, `conversations.rs`, `turns.rs`, `recovery.rs`,
-//! `github.rs` and `tasks.rs` are the queries, written once for both; `schema.rs` the
+//! `github.rs`, `outbox.rs` and `tasks.rs` are the queries, written once for both; `schema.rs` the
 //! migrations; `sealed.rs` and `crypt.rs` encryption at rest.
 
 #![forbid(unsafe_code)]
 // Outside input never reaches an `unwrap`/`expect` (house style); tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod admitted;
 mod conversations;
 mod crypt;
 mod db;
@@ -33,6 +34,7 @@ mod github;
 mod inbox;
 mod model;
 mod nodes;
+mod outbox;
 mod pg;
 mod recovery;
 mod schema;
@@ -56,13 +58,14 @@ pub use model::{
     StoredMessage, Turn, TurnId, TurnState, UnknownName,
 };
 pub use nodes::Ownership;
+pub use outbox::{KeptAnswer, Purged, Undelivered};
 pub use pg::{PgOptions, DEFAULT_POOL_SIZE, PASSWORD_VAR};
 pub use schema::{current_version as schema_version, APPLICATION_ID};
 pub use sealed::{Encryption, Field, RekeyCount, SEALED_FIELDS};
 pub use tasks::{NewTask, RegisteredGroup, Task, TaskRun, TaskState};
 
 use db::{Conn, Row, SqliteConn};
-use sealed::{Sealer, AGENT_SESSION, MESSAGE_DETAIL, MESSAGE_TEXT, TURN_ERROR};
+use sealed::{Sealer, AGENT_SESSION, MESSAGE_DETAIL, MESSAGE_TEXT, TURN_ANSWER, TURN_ERROR};
 use sqlite::{Checkpointer, CHECKPOINT_EVERY_COMMITS};
 
 /// How long a statement waits for a lock held by another connection before

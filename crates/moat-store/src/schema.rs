@@ -183,6 +183,32 @@ CREATE TABLE registered_groups (
     PRIMARY KEY (platform, channel)
 ) STRICT;
 "#,
+    // 7: the outbox. A finished turn keeps its answer (sealed like the
+    // messages; `answer_verbatim`: command output, shown as it is) until
+    // the platform has it: `delivery` is 'pending' from
+    // the end of the turn until the answer is delivered, so that a restart
+    // delivers the kept answer instead of running the messages again. NULL:
+    // a turn of an older moat, or one whose answer is not kept.
+    r#"
+ALTER TABLE turns ADD COLUMN answer TEXT;
+ALTER TABLE turns ADD COLUMN delivery TEXT CHECK (delivery IN ('pending', 'delivered'));
+ALTER TABLE turns ADD COLUMN delivered_ms INTEGER;
+ALTER TABLE turns ADD COLUMN answer_verbatim INTEGER NOT NULL DEFAULT 0
+    CHECK (answer_verbatim IN (0, 1));
+CREATE INDEX turns_undelivered ON turns (id) WHERE delivery = 'pending';
+"#,
+    // 8: unknown senders an admin let in (docs/approvals.md,
+    // `unknown = "request_approval"`).
+    r#"
+CREATE TABLE admitted_users (
+    platform        TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    user            TEXT NOT NULL,
+    admitted_by     TEXT NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    PRIMARY KEY (platform, channel, user)
+) STRICT;
+"#,
 ];
 
 /// The same migrations for PostgreSQL, step for step.
@@ -326,6 +352,26 @@ CREATE TABLE registered_groups (
     registered_by   TEXT NOT NULL,
     created_ms      BIGINT NOT NULL,
     PRIMARY KEY (platform, channel)
+);
+"#,
+    // 7: the outbox (see MIGRATIONS[6]).
+    r#"
+ALTER TABLE turns ADD COLUMN answer TEXT;
+ALTER TABLE turns ADD COLUMN delivery TEXT CHECK (delivery IN ('pending', 'delivered'));
+ALTER TABLE turns ADD COLUMN delivered_ms BIGINT;
+ALTER TABLE turns ADD COLUMN answer_verbatim BIGINT NOT NULL DEFAULT 0
+    CHECK (answer_verbatim IN (0, 1));
+CREATE INDEX turns_undelivered ON turns (id) WHERE delivery = 'pending';
+"#,
+    // 8: unknown senders an admin let in.
+    r#"
+CREATE TABLE admitted_users (
+    platform        TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    "user"          TEXT NOT NULL,
+    admitted_by     TEXT NOT NULL,
+    created_ms      BIGINT NOT NULL,
+    PRIMARY KEY (platform, channel, "user")
 );
 "#,
 ];
@@ -587,6 +633,7 @@ mod tests {
         assert_eq!(
             tables(&conn),
             [
+                "admitted_users",
                 "conversation_owners",
                 "conversations",
                 "github_deliveries",

@@ -43,6 +43,11 @@ pub(crate) const TURN_ERROR: Field = Field {
     column: "error",
     name: "turns.error",
 };
+pub(crate) const TURN_ANSWER: Field = Field {
+    table: "turns",
+    column: "answer",
+    name: "turns.answer",
+};
 pub(crate) const AGENT_SESSION: Field = Field {
     table: "conversations",
     column: "agent_session",
@@ -56,10 +61,11 @@ pub(crate) const TASK_PROMPT: Field = Field {
 };
 
 /// Every sealed field.
-pub const SEALED_FIELDS: [Field; 5] = [
+pub const SEALED_FIELDS: [Field; 6] = [
     MESSAGE_TEXT,
     MESSAGE_DETAIL,
     TURN_ERROR,
+    TURN_ANSWER,
     AGENT_SESSION,
     TASK_PROMPT,
 ];

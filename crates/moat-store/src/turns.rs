@@ -9,7 +9,7 @@ use crate::db::args;
 use crate::nodes::{claim_in, require_owner, Ownership};
 use crate::{
     turn_row, Backend, ConversationId, MessageId, MessageState, Store, StoreError, StoredMessage,
-    Turn, TurnId, TurnState, MESSAGE_DETAIL, TURN_COLUMNS, TURN_ERROR,
+    Turn, TurnId, TurnState, MESSAGE_DETAIL, TURN_ANSWER, TURN_COLUMNS, TURN_ERROR,
 };
 
 impl Store {
@@ -142,6 +142,20 @@ impl Store {
         error: Option<&str>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
+        self.finish(turn_id, state, answer_chars, None, error, now_ms)
+    }
+
+    /// [`Store::finish_turn`], keeping `answer` too when given (sealed,
+    /// delivery `pending`: the outbox, `outbox.rs`).
+    pub(crate) fn finish(
+        &self,
+        turn_id: TurnId,
+        state: TurnState,
+        answer_chars: u64,
+        answer: Option<(&str, bool)>,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         self.write(|c| {
             let Some(r) = c.query_opt(
                 "SELECT conversation_id, state FROM turns WHERE id = ?1",
@@ -183,6 +197,14 @@ impl Store {
                  WHERE id = ?1",
                 args![turn_id, state.as_str(), now_ms, answer_chars, sealed_error],
             )?;
+            if let Some((answer, verbatim)) = answer {
+                let sealed = self.sealer.seal(&self.path, TURN_ANSWER, turn_id, answer)?;
+                c.execute(
+                    "UPDATE turns SET answer = ?2, answer_verbatim = ?3, delivery = 'pending'
+                     WHERE id = ?1",
+                    args![turn_id, sealed, i64::from(verbatim)],
+                )?;
+            }
             let (message_state, detail) = match state {
                 TurnState::Done => (MessageState::Answered, None),
                 TurnState::Failed => (MessageState::Failed, error),

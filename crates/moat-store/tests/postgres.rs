@@ -387,3 +387,29 @@ fn attack_h1_a_dead_nodes_conversations_are_taken_over_once_after_its_lease() {
     );
     assert_eq!(done[0][0].as_deref(), Some("30"));
 }
+
+#[test]
+fn a_dead_nodes_undelivered_answer_is_delivered_by_the_node_that_takes_over() {
+    let opts = cluster().fresh();
+    let a = node(&opts, "node-a");
+    let (m, c) = new_id(a.insert_message(&msg("E1", "T1", 10_000)).unwrap());
+    let t = a.start_turn(c, &[m], 10_000).unwrap();
+    a.finish_turn_keeping(t, TurnState::Done, "kept on postgres", false, None, 10_001)
+        .unwrap();
+    // a owes it; b, which does not own the conversation, does not.
+    let b = node(&opts, "node-b");
+    assert_eq!(a.undelivered_answers().unwrap().len(), 1);
+    assert!(b.undelivered_answers().unwrap().is_empty());
+    // a dies before delivering; after its lease b takes the conversation
+    // over: the kept answer is b's to deliver, the message is not run again.
+    assert!(b.take_over(10_001 + LEASE_MS + 1).unwrap().is_empty());
+    let owed = b.undelivered_answers().unwrap();
+    assert_eq!(owed.len(), 1);
+    assert_eq!(owed[0].turn_id, t);
+    assert_eq!(owed[0].answer, "kept on postgres");
+    assert!(a.undelivered_answers().unwrap().is_empty());
+    b.mark_delivered(t, 40_000).unwrap();
+    assert!(b.undelivered_answers().unwrap().is_empty());
+    let row = cluster().sql(&opts, "SELECT delivery FROM turns");
+    assert_eq!(row, vec![vec![Some("delivered".to_string())]]);
+}

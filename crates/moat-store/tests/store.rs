@@ -1256,6 +1256,16 @@ fn groups_register_once_and_a_second_registration_renames(store: Store) {
     assert_eq!(store.registered_group("slack", "C8").unwrap(), None);
 }
 
+fn admitted_users_stay_admitted_in_their_channel_only(store: Store) {
+    assert!(!store.is_admitted("slack", "C1", "U1").unwrap());
+    assert!(store.admit_user("slack", "C1", "U1", "UADMIN", 1).unwrap());
+    assert!(!store.admit_user("slack", "C1", "U1", "UADMIN", 2).unwrap());
+    assert!(store.is_admitted("slack", "C1", "U1").unwrap());
+    assert!(!store.is_admitted("slack", "C2", "U1").unwrap());
+    assert!(!store.is_admitted("web", "C1", "U1").unwrap());
+    assert!(!store.is_admitted("slack", "C1", "U2").unwrap());
+}
+
 both! {
     a_retried_event_is_a_duplicate_never_a_second_row => super::a_retried_event_is_a_duplicate_never_a_second_row;
     an_event_without_an_id_is_refused => super::an_event_without_an_id_is_refused;
@@ -1269,4 +1279,5 @@ both! {
     a_github_link_stays_with_the_conversation_that_made_it => super::a_github_link_stays_with_the_conversation_that_made_it;
     tasks_round_trip_come_due_and_keep_their_run_log => super::tasks_round_trip_come_due_and_keep_their_run_log;
     groups_register_once_and_a_second_registration_renames => super::groups_register_once_and_a_second_registration_renames;
+    admitted_users_stay_admitted_in_their_channel_only => super::admitted_users_stay_admitted_in_their_channel_only;
 }

@@ -80,6 +80,9 @@ fn follow(t: &Target, conv: &str) -> anyhow::Result<()> {
     }
     let mut line = String::new();
     let mut in_text = false;
+    // A turn's answer is shown once (after a gateway restart the history
+    // and a delivery again may both carry it).
+    let mut answered = std::collections::HashSet::new();
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
@@ -98,6 +101,7 @@ fn follow(t: &Target, conv: &str) -> anyhow::Result<()> {
                 let _ = write!(out, "{text}");
                 in_text = true;
             }
+            Some("answer") if ev["turn"].as_i64().is_some_and(|t| !answered.insert(t)) => {}
             Some("answer") => {
                 if !in_text {
                     let _ = write!(out, "{text}");

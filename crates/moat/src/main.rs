@@ -15,6 +15,7 @@ mod agents_install;
 mod audit_cmd;
 mod chat;
 mod github;
+mod history_cmd;
 mod image_cmd;
 mod incident_cmd;
 mod ipc_bridge;
@@ -53,6 +54,8 @@ enum Top {
     Incident(incident_cmd::IncidentArgs),
     /// LLM token use per user or per channel, from the audit log.
     Usage(usage_cmd::UsageArgs),
+    /// One conversation's messages and answers, as Markdown or JSON.
+    History(history_cmd::HistoryArgs),
     /// Read and check the audit log.
     Audit {
         #[command(subcommand)]
@@ -227,6 +230,13 @@ fn main() -> ExitCode {
         },
         Top::Audit { command } => audit_cmd::run(command),
         Top::Usage(args) => usage_cmd::run(args),
+        Top::History(args) => match history_cmd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Top::Chat(args) => match chat::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -286,3 +286,67 @@ fn rekey_encrypts_a_plain_store_then_moves_it_and_moat_up_takes_only_the_current
     );
     assert_no_key(&out, &keys);
 }
+
+/// `moat history`: a conversation's messages and answers from the store, as
+/// Markdown through the running gateway (audited) and as JSON from the store
+/// itself once it stopped; an unknown conversation is an error naming it.
+#[test]
+fn moat_history_exports_a_conversation_with_and_without_a_running_gateway() {
+    let dir = fresh_dir("history-cli");
+    let data = dir.join("data");
+    let cfg: PathBuf = dir.join("moat.toml");
+    std::fs::write(
+        &cfg,
+        web_config(1, "", "users = [\"*\"]\ndebounce = \"0ms\""),
+    )
+    .unwrap();
+    let m = format!("hist{}", random_hex(6));
+    let up = Up::start(&data, &cfg, None);
+    up.echo("h", &m);
+    let o = moat(&data, None)
+        .args(["history", "1", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let md = text(&o);
+    assert!(o.status.success(), "{md}");
+    assert!(md.starts_with("# Conversation 1 (web local h)"), "{md}");
+    assert!(md.contains(&format!("> echo {m}\n")), "{md}");
+    assert!(md.contains("**moat** (turn 1) at "), "{md}");
+    assert!(md.contains(&format!("> {m}\n")), "{md}");
+    up.stop();
+    let exported: Vec<_> = audit_records(&data.join("audit").join("audit.jsonl"))
+        .into_iter()
+        .filter(|r| r["kind"] == "history")
+        .collect();
+    assert_eq!(exported.len(), 1, "{exported:#?}");
+    assert_eq!(exported[0]["conversation_id"], 1);
+    assert!(
+        !exported[0].to_string().contains(&m),
+        "no text in the audit"
+    );
+
+    // No gateway: read from the store.
+    let o = moat(&data, None)
+        .args(["history", "1", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let h: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let entries = h["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{h:#}");
+    assert_eq!(entries[0]["kind"], "message");
+    assert_eq!(entries[0]["text"], format!("echo {m}"));
+    assert_eq!(entries[1]["kind"], "answer");
+    assert_eq!(entries[1]["text"], format!("{m}\n"));
+    assert_eq!(entries[1]["delivered"], true);
+
+    let o = moat(&data, None)
+        .args(["history", "99", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no conversation 99"), "{}", text(&o));
+}

@@ -4,7 +4,7 @@
 //! Owns the connection's life: `apps.connections.open` with the app-level
 //! token (`SLACK_APP_TOKEN`, scope `connections:write`) for a single-use URL,
 //! the WebSocket (TLS by rustls), reading envelopes (`hello`, `events_api`,
-//! `disconnect`), and reconnecting with backoff when Slack asks or the socket
+//! `interactive` (button clicks), `disconnect`), and reconnecting with backoff when Slack asks or the socket
 //! dies. For each `events_api` envelope it calls the handler and sends the
 //! acknowledgement `{"envelope_id":…}` only after the handler returned `Ok`,
 //! that is after the gateway stored the event (docs/design.md D7): an event whose
@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use super::transport;
 use super::web::{ApiConfig, WebApi, WebApiError};
 
-/// One `events_api` envelope, for the handler.
+/// One `events_api` (or `interactive`) envelope, for the handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketEvent {
     pub envelope_id: String,
@@ -36,6 +36,9 @@ pub struct SocketEvent {
     /// 0 for the first delivery; Slack counts up when it redelivers.
     pub retry_attempt: u32,
     pub retry_reason: Option<String>,
+    /// An `interactive` envelope: `payload` is an interaction payload
+    /// (`block_actions`, a button click), not an Events API callback.
+    pub interactive: bool,
 }
 
 /// Reconnection timing.
@@ -291,11 +294,10 @@ where
                 let _ = ws.close(None).await;
                 return Session::Reconnect { healthy };
             }
-            "events_api" => {
+            kind @ ("events_api" | "interactive") => {
+                let interactive = kind == "interactive";
                 let (Some(id), Some(payload)) = (env.envelope_id, env.payload) else {
-                    tracing::warn!(
-                        "Socket Mode: events_api envelope without id or payload; ignored"
-                    );
+                    tracing::warn!(kind, "Socket Mode: envelope without id or payload; ignored");
                     continue;
                 };
                 let ev = SocketEvent {
@@ -307,6 +309,7 @@ where
                         .as_deref()
                         .map(short)
                         .filter(|r| !r.is_empty()),
+                    interactive,
                 };
                 // Not raced against shutdown: a store that began finishes
                 // and is acknowledged.
@@ -323,7 +326,7 @@ where
                 }
             }
             other => {
-                // Slash commands and interactivity are not used by moat:
+                // Slash commands are not used by moat:
                 // acknowledge so Slack stops resending them.
                 tracing::debug!(kind = %short(other), "Socket Mode: envelope type not handled");
                 if let Some(id) = env.envelope_id {

@@ -235,6 +235,10 @@ pub struct Message {
     pub text: String,
     #[serde(default)]
     pub files: Vec<FileRef>,
+    /// The app's message metadata, when asked for
+    /// (`include_all_metadata`): `event_type` and `event_payload`.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// A Slack Web API client holding one token.
@@ -312,6 +316,20 @@ impl WebApi {
         thread_ts: Option<&str>,
         text: &str,
     ) -> Result<String, WebApiError> {
+        self.post_message_with(channel, thread_ts, text, None).await
+    }
+
+    /// [`WebApi::post_message`] carrying Slack message metadata
+    /// (`{"event_type": ..., "event_payload": {...}}`), which
+    /// [`WebApi::conversations_replies`] returns with the message: how an
+    /// app finds its own earlier messages in a thread.
+    pub async fn post_message_with(
+        &self,
+        channel: &str,
+        thread_ts: Option<&str>,
+        text: &str,
+        metadata: Option<&serde_json::Value>,
+    ) -> Result<String, WebApiError> {
         let method = "chat.postMessage";
         let mut body = serde_json::json!({
             "channel": channel,
@@ -323,8 +341,50 @@ impl WebApi {
         if let Some(t) = thread_ts {
             body["thread_ts"] = t.into();
         }
+        if let Some(m) = metadata {
+            body["metadata"] = m.clone();
+        }
         let v = self.call(method, Body::Json(&body)).await?;
         ts_of(method, &v)
+    }
+
+    /// `chat.postMessage` with Block Kit `blocks` (buttons, ...) and
+    /// `text` as the notification's fallback. Returns the message's `ts`.
+    pub async fn post_blocks(
+        &self,
+        channel: &str,
+        thread_ts: Option<&str>,
+        text: &str,
+        blocks: &serde_json::Value,
+    ) -> Result<String, WebApiError> {
+        let method = "chat.postMessage";
+        let mut body = serde_json::json!({
+            "channel": channel,
+            "text": text,
+            "blocks": blocks,
+            "unfurl_links": false,
+            "unfurl_media": false,
+        });
+        if let Some(t) = thread_ts {
+            body["thread_ts"] = t.into();
+        }
+        let v = self.call(method, Body::Json(&body)).await?;
+        ts_of(method, &v)
+    }
+
+    /// `chat.update` of the bot's message `ts` to `text` and `blocks` (an
+    /// empty list removes the old blocks, e.g. spent buttons).
+    pub async fn update_blocks(
+        &self,
+        channel: &str,
+        ts: &str,
+        text: &str,
+        blocks: &serde_json::Value,
+    ) -> Result<(), WebApiError> {
+        let method = "chat.update";
+        let body =
+            serde_json::json!({ "channel": channel, "ts": ts, "text": text, "blocks": blocks });
+        self.call(method, Body::Json(&body)).await.map(drop)
     }
 
     /// `chat.update`: replaces the text of the bot's message `ts`.
@@ -405,7 +465,12 @@ impl WebApi {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..MAX_PAGES {
-            let mut form = vec![("channel", channel), ("ts", thread_ts), ("limit", "200")];
+            let mut form = vec![
+                ("channel", channel),
+                ("ts", thread_ts),
+                ("limit", "200"),
+                ("include_all_metadata", "true"),
+            ];
             if let Some(o) = oldest {
                 form.push(("oldest", o));
             }

@@ -319,12 +319,12 @@ pub fn root_under(runtime_dir: &Path) -> PathBuf {
 /// configuration gives that user there now.
 pub(crate) fn bind_turn(
     ep: &Endpoint,
-    cfg: &moat_policy::gateway::GatewayConfig,
+    gw: &crate::pipeline::Gateway,
     conv: &crate::pipeline::ConvRef,
     channel: &moat_policy::gateway::ChannelPolicy,
     user: &str,
 ) {
-    match cfg.authorize(conv.platform, &conv.channel, user) {
+    match gw.authorize(conv.platform, &conv.channel, user) {
         moat_policy::gateway::Authorization::Allowed { trust, .. } => ep.bind(Caller {
             conversation_id: conv.id,
             platform: conv.platform,

@@ -9,8 +9,9 @@
 
 use std::sync::Arc;
 
+use moat_policy::approvals::{ApprovalKeys, ApprovalKind, Outcome};
 use moat_policy::gateway::Platform;
-use moat_policy::trust::{self, IpcOp, IpcTarget};
+use moat_policy::trust::{self, IpcGate, IpcOp, IpcTarget};
 use serde_json::{json, Value};
 
 use super::Caller;
@@ -84,7 +85,7 @@ pub(crate) async fn call(
     let r = match op {
         IpcOp::SendMessage => send_message(&gw, &caller, &args).await,
         IpcOp::RegisterGroup => register_group(&gw, &caller, &args),
-        IpcOp::ScheduleTask => crate::tasks::schedule(&gw, &caller, &args),
+        IpcOp::ScheduleTask => crate::tasks::schedule(&gw, &caller, &args).await,
         IpcOp::ListTasks => crate::tasks::list(&gw, &caller),
         IpcOp::PauseTask | IpcOp::ResumeTask | IpcOp::CancelTask => {
             match args.get("task_id").and_then(|v| {
@@ -142,6 +143,63 @@ pub(crate) fn audit_bad_frame(inner: &Arc<Inner>, c: Option<&Caller>, lease: &st
     let _ = inner.audit.append("ipc", rec);
 }
 
+/// The approval keys of the caller's channel.
+pub(crate) fn approvals_of<'g>(gw: &'g Gateway, c: &Caller) -> &'g ApprovalKeys {
+    static NONE: std::sync::OnceLock<ApprovalKeys> = std::sync::OnceLock::new();
+    gw.inner
+        .cfg
+        .channels
+        .get(c.chan_idx)
+        .map(|ch| &ch.approvals)
+        .unwrap_or_else(|| NONE.get_or_init(ApprovalKeys::default))
+}
+
+/// Holds the call until an admin of the caller's channel approves it
+/// (`approve = [...]`): `Ok` then, a refusal saying why when it was denied
+/// or nobody decided within `approve_timeout`. `what` names the action in
+/// the refusal.
+pub(crate) async fn held(
+    gw: &Gateway,
+    c: &Caller,
+    kind: ApprovalKind,
+    summary: String,
+    detail: Option<String>,
+    what: &str,
+) -> Result<(), OpError> {
+    let conv = ConvRef {
+        id: c.conversation_id,
+        platform: c.platform,
+        channel: c.channel.clone(),
+        thread: c.thread.clone(),
+    };
+    let d = gw
+        .ask_approval(
+            &conv,
+            c.chan_idx,
+            &c.user,
+            crate::approvals::Subject::Action(kind),
+            summary,
+            detail,
+        )
+        .await;
+    match d.outcome {
+        Outcome::Approved => Ok(()),
+        Outcome::Denied => Err(OpError::Refused {
+            reason: "approval_denied",
+            message: format!(
+                "{what}: an admin of this channel denied it (approve = [\"{}\"]); it did not happen",
+                kind.name()
+            ),
+        }),
+        Outcome::TimedOut => Err(OpError::Refused {
+            reason: "approval_timed_out",
+            message: format!(
+                "{what}: no admin of this channel approved it within approve_timeout, so it is denied; it did not happen"
+            ),
+        }),
+    }
+}
+
 /// Is `chat` of `platform` one this gateway lists: a `[[channel]]` entry of
 /// its own (not a `"*"` entry) or a registered group?
 pub(crate) fn listed(gw: &Gateway, platform: Platform, chat: &str) -> bool {
@@ -179,7 +237,27 @@ async fn send_message(gw: &Gateway, c: &Caller, args: &Value) -> OpResult {
             listed: listed(gw, c.platform, ch),
         },
     };
-    trust::may_ipc(c.trust, op, target).map_err(|r| OpError::refused(r, op))?;
+    let gate = trust::ipc_gate(c.trust, op, target, approvals_of(gw, c))
+        .map_err(|r| OpError::refused(r, op))?;
+    if let IpcGate::Approval(kind) = gate {
+        let to = chat
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect::<String>();
+        held(
+            gw,
+            c,
+            kind,
+            format!(
+                "The agent of user {}'s turn wants to send this message to {to}:",
+                c.user
+            ),
+            Some(text.to_string()),
+            &format!("send_message to {to}"),
+        )
+        .await?;
+    }
     let conv = match chat {
         None => ConvRef {
             id: c.conversation_id,

@@ -76,14 +76,40 @@ impl Gateway {
                 conversation_id,
             } => (message_id, conversation_id),
         };
-        let (chan_idx, channel, trust) = match self
-            .inner
-            .cfg
-            .authorize(m.platform, &m.channel, &m.user)
-        {
+        self.judge(m, message_id, conversation_id).await
+    }
+
+    /// A stored message judged: authorized, rate-limited, matched against
+    /// the channel's mention and trigger rules, queued or run as a command.
+    /// Also takes a held message again once an admin let its sender in.
+    pub(crate) async fn judge(
+        &self,
+        m: Inbound,
+        message_id: i64,
+        conversation_id: i64,
+    ) -> Result<Accepted, GatewayError> {
+        let base = json!({
+            "platform": m.platform.name(),
+            "channel": m.channel,
+            "thread": m.thread,
+            "user": m.user,
+            "event_id": m.event_id,
+        });
+        let with = |extra: serde_json::Value| {
+            let mut b = base.clone();
+            if let (Some(o), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            b
+        };
+        let (chan_idx, channel, trust) = match self.authorize(m.platform, &m.channel, &m.user) {
             Authorization::Allowed { channel, trust } => (channel.index, channel.clone(), trust),
             Authorization::Denied { reason } => {
                 self.inner.metrics.event(Verdict::Unauthorized);
+                // `unknown = "request_approval"`: held while the admins decide.
+                if self.hold_unknown(&m, message_id, conversation_id) {
+                    return Ok(Accepted::Dropped { reason });
+                }
                 self.inner.store.set_message_state(
                     message_id,
                     MessageState::Dropped,
@@ -171,7 +197,7 @@ impl Gateway {
                 with(json!({"verdict": "context", "reason": why, "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
             );
             self.platform(m.platform)
-                .said(&conv, &m.user, &m.text)
+                .said(&conv, message_id, &m.user, &m.text)
                 .await;
             return Ok(Accepted::Context {
                 message_id,
@@ -220,6 +246,29 @@ impl Gateway {
             }
             return Ok(Accepted::Command { conversation_id });
         }
+        // `approve ID` / `deny ID`: an admin decides a request where the
+        // platform has no buttons (crate::approvals decides who may).
+        if let Some((approve, id)) =
+            moat_policy::approvals::parse_decision(asked).filter(|_| !scheduled)
+        {
+            self.inner.metrics.event(Verdict::Command);
+            let word = if approve { "approve" } else { "deny" };
+            self.inner.store.set_message_state(
+                message_id,
+                MessageState::Answered,
+                Some(&format!("command {word}")),
+            )?;
+            self.audit(
+                "message",
+                with(json!({"verdict": "command", "command": word, "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
+            );
+            let text = match self.decide_approval(&id, conv.platform, &m.user, approve, "chat") {
+                Ok(o) => format!("request {id}: {}", o.name()),
+                Err(why) => format!("request {id}: {}", why.message()),
+            };
+            self.platform(m.platform).notice(&conv, &text).await;
+            return Ok(Accepted::Command { conversation_id });
+        }
         if let Some(cmd) = trust::TaskCommand::parse(asked).filter(|_| !scheduled) {
             self.inner.metrics.event(Verdict::Command);
             self.inner.store.set_message_state(
@@ -248,7 +297,7 @@ impl Gateway {
             with(json!({"verdict": "accepted", "trust": trust.name(), "message_id": message_id, "conversation_id": conversation_id})),
         );
         self.platform(m.platform)
-            .said(&conv, &m.user, &m.text)
+            .said(&conv, message_id, &m.user, &m.text)
             .await;
         self.send(
             &conv,

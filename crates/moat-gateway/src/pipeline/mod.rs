@@ -148,6 +148,12 @@ pub struct Inner {
     pub(crate) ipc: Arc<crate::ipc::IpcHost>,
     /// Task runs the scheduler handed to `accept` (crate::tasks).
     pub(crate) scheduled: crate::tasks::ScheduledRuns,
+    /// Turns whose kept answer is being delivered by this process right
+    /// now: recovery (run again on every beat of a shared store) leaves
+    /// them alone.
+    pub(crate) delivering: Mutex<HashSet<i64>>,
+    /// Requests waiting for an admin (crate::approvals).
+    pub(crate) approvals: crate::approvals::Desk,
 }
 
 /// The gateway: clone it freely.
@@ -236,6 +242,8 @@ impl Gateway {
                     runtime.clone(),
                 )),
                 scheduled: Default::default(),
+                delivering: Default::default(),
+                approvals: Default::default(),
                 cfg: parts.cfg,
                 store: parts.store,
                 audit: parts.audit,

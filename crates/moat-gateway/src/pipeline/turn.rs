@@ -8,7 +8,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use moat_policy::gateway::{ChannelPolicy, SandboxMode};
 use moat_store::{MessageState, TurnState};
@@ -57,6 +57,9 @@ fn cap_answer_at(answer: &mut String, max: usize) {
     ));
 }
 
+/// Tries to record the end of a turn (0.25 + 0.5 + 1 + 2 s between them).
+const RECORD_ATTEMPTS: u32 = 5;
+
 impl Gateway {
     /// Runs one turn for `batch`, start to answer.
     pub(super) async fn turn(
@@ -81,7 +84,27 @@ impl Gateway {
             }
         };
         let store = self.inner.store.clone();
-        let turn_id = match store.start_turn(conv.id, &ids, now_ms()) {
+        let mut started_turn = store.start_turn(conv.id, &ids, now_ms());
+        if let Err(moat_store::StoreError::TurnRunning { turn_id: stale, .. }) = started_turn {
+            // This conversation's turns run one after the other in its
+            // actor, so a turn the store still has running is one whose end
+            // could not be written (a full disk): closed, so that the
+            // conversation is not stuck until the next restart.
+            tracing::warn!(
+                conversation = conv.id,
+                turn = stale,
+                "closing a turn whose end was never recorded"
+            );
+            let _ = store.finish_turn(
+                stale,
+                TurnState::Failed,
+                0,
+                Some("moat could not record the end of this turn"),
+                now_ms(),
+            );
+            started_turn = store.start_turn(conv.id, &ids, now_ms());
+        }
+        let turn_id = match started_turn {
             Ok(t) => t,
             Err(e @ moat_store::StoreError::NotOwner { .. }) => {
                 // Another node works on this conversation (docs/scale-out.md):
@@ -161,7 +184,7 @@ impl Gateway {
             Ok(mut held) => {
                 // The lease's IPC endpoint speaks for this turn's sender.
                 if let (Some(ep), Some(user)) = (held.ipc(), batch.first().map(|p| &p.user)) {
-                    crate::ipc::bind_turn(ep, &self.inner.cfg, &conv, &channel, user);
+                    crate::ipc::bind_turn(ep, &self, &conv, &channel, user);
                 }
                 set_status("running");
                 out.phase(&conv, "running").await;
@@ -324,24 +347,26 @@ impl Gateway {
             TurnState::Failed
         };
         let error = (!outcome.ok).then(|| outcome.answer.lines().last().unwrap_or("").to_string());
-        // Delivered first, recorded after: a gateway killed in between
-        // finds the turn cut off at its restart and runs its messages again
-        // (a second answer), where recording first lost the answer for good
-        // (the 30-minute soak saw it: docs/soak.md). The window left is one
-        // store write long.
+        // The outbox: the answer is kept with the end of the turn, then
+        // delivered, then marked delivered. A gateway killed before the mark
+        // delivers the kept answer at its next start (recovery.rs) instead
+        // of running the messages again, which gave a second, different
+        // answer (the soak saw both: docs/soak.md). Where the store cannot
+        // keep it (a full disk), the answer is still delivered.
+        self.delivering(turn_id, true);
+        let kept = self
+            .record_end(turn_id, state, &outcome, error.as_deref())
+            .await;
         if !collected.files.is_empty() {
             out.artifacts(&conv, &refs, &collected.files).await;
         }
-        out.finished(&conv, &refs, &outcome).await;
-        if let Err(e) = store.finish_turn(
-            turn_id,
-            state,
-            outcome.answer.chars().count() as u64,
-            error.as_deref(),
-            now_ms(),
-        ) {
-            tracing::error!(turn = turn_id, error = %e, "could not record the end of a turn");
+        out.deliver(&conv, &refs, &outcome, turn_id).await;
+        if kept {
+            if let Err(e) = store.mark_delivered(turn_id, now_ms()) {
+                tracing::warn!(turn = turn_id, error = %e, "could not mark an answer delivered; a restart delivers it again");
+            }
         }
+        self.delivering(turn_id, false);
         let secs = started.elapsed().as_secs_f64();
         self.inner.metrics.turn(outcome.ok, secs);
         self.inner.running.fetch_sub(1, Ordering::Relaxed);
@@ -360,6 +385,59 @@ impl Gateway {
                 "output_tokens": usage.1,
             }),
         );
+    }
+
+    /// Records the end of the turn with its answer kept (the outbox),
+    /// trying again for a few seconds when the store cannot be written (a
+    /// full disk clears, a busy database frees). Whether it was recorded.
+    async fn record_end(
+        &self,
+        turn_id: i64,
+        state: TurnState,
+        outcome: &TurnOutcome,
+        error: Option<&str>,
+    ) -> bool {
+        let mut wait = Duration::from_millis(250);
+        for attempt in 1..=RECORD_ATTEMPTS {
+            let store = self.inner.store.clone();
+            let (answer, verbatim) = (outcome.answer.clone(), outcome.preformatted);
+            let error = error.map(str::to_string);
+            let r = tokio::task::spawn_blocking(move || {
+                store.finish_turn_keeping(
+                    turn_id,
+                    state,
+                    &answer,
+                    verbatim,
+                    error.as_deref(),
+                    now_ms(),
+                )
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => return true,
+                Ok(Err(
+                    e @ (moat_store::StoreError::TurnTransition { .. }
+                    | moat_store::StoreError::NotFound { .. }
+                    | moat_store::StoreError::NotOwner { .. }),
+                )) => {
+                    tracing::error!(turn = turn_id, error = %e, "could not record the end of a turn");
+                    return false;
+                }
+                Ok(Err(e)) if attempt == RECORD_ATTEMPTS => {
+                    tracing::error!(turn = turn_id, error = %e, attempts = attempt, "could not record the end of a turn");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(turn = turn_id, error = %e, "recording the end of a turn failed; trying again");
+                }
+                Err(e) => {
+                    tracing::error!(turn = turn_id, error = %e, "recording the end of a turn failed");
+                    return false;
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+        false
     }
 
     /// Audits a turn's artifacts (name, size, SHA-256; never contents) and

@@ -9,9 +9,10 @@
 use std::sync::Arc;
 
 use crate::agent::TurnOutcome;
+use crate::approvals::{ApprovalPost, Decision};
 use crate::artifacts::Artifact;
 use crate::hub::{ConvEvent, Hub};
-use crate::platform::{BoxFut, ChatPlatform, ConvRef};
+use crate::platform::{decision_text, BoxFut, ChatPlatform, ConvRef};
 
 /// Publishes a conversation's turn to the hub.
 pub struct WebChat {
@@ -34,12 +35,52 @@ impl ChatPlatform for WebChat {
         self.publish(conv, ConvEvent::Notice { text: text.into() })
     }
 
-    fn said<'a>(&'a self, conv: &'a ConvRef, user: &'a str, text: &'a str) -> BoxFut<'a> {
+    fn said<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        message_id: i64,
+        user: &'a str,
+        text: &'a str,
+    ) -> BoxFut<'a> {
         self.publish(
             conv,
             ConvEvent::Message {
                 user: user.into(),
                 text: text.into(),
+                id: Some(message_id),
+            },
+        )
+    }
+
+    fn approval<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + 'a>> {
+        self.hub.publish(
+            conv.id,
+            ConvEvent::Approval {
+                id: req.id.clone(),
+                summary: req.summary.clone(),
+                detail: req.detail.clone(),
+                url: format!("/api/approvals/{}", req.id),
+            },
+        );
+        Box::pin(async { None })
+    }
+
+    fn approval_decided<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        req: &'a ApprovalPost,
+        _asked: Option<&'a str>,
+        d: &'a Decision,
+    ) -> BoxFut<'a> {
+        self.publish(
+            conv,
+            ConvEvent::Decided {
+                id: req.id.clone(),
+                text: decision_text(d),
             },
         )
     }
@@ -100,6 +141,24 @@ impl ChatPlatform for WebChat {
             ConvEvent::Answer {
                 text: outcome.answer.clone(),
                 ok: outcome.ok,
+                turn: None,
+            },
+        )
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        conv: &'a ConvRef,
+        _refs: &'a [String],
+        outcome: &'a TurnOutcome,
+        turn: i64,
+    ) -> BoxFut<'a> {
+        self.publish(
+            conv,
+            ConvEvent::Answer {
+                text: outcome.answer.clone(),
+                ok: outcome.ok,
+                turn: Some(turn),
             },
         )
     }

@@ -111,6 +111,23 @@ pub fn web_config(pool: usize, web_extra: &str, channel: &str) -> String {
     )
 }
 
+/// The store of a gateway that just stopped: its lock is released when the
+/// last of its threads lets go, which may take a moment on a loaded machine.
+#[allow(dead_code)]
+pub fn open_store_after_stop(data: &Path) -> moat_store::Store {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match moat_store::Store::open(data.join("moat.db")) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the store stayed locked after the gateway stopped: {e}"),
+        }
+    }
+}
+
 /// A gateway running in this process.
 pub struct Gw {
     pub web: SocketAddr,

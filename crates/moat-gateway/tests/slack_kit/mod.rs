@@ -250,6 +250,22 @@ impl FakeSlack {
             .push(m);
     }
 
+    /// A message of the bot already in a thread (posted by an earlier
+    /// gateway), with its message metadata.
+    pub fn bot_said(&self, thread: &str, ts: &str, text: &str, metadata: Value) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .threads
+            .entry(thread.to_string())
+            .or_default()
+            .push(
+                json!({"type": "message", "user": BOT_USER, "bot_id": "B0MOAT01",
+                "text": text, "ts": ts, "metadata": metadata}),
+            );
+    }
+
     /// The callback body for `event` (see [`callback`]), the message also
     /// kept in the fake's thread as Slack would have it.
     pub fn callback(&self, event_id: &str, event: Value) -> String {
@@ -471,9 +487,16 @@ fn answer(s: &mut Fake, port: u16, method: &str, token: Option<&str>, a: &Value)
             s.next_ts += 1;
             let ts = format!("1800000000.{:06}", s.next_ts);
             if let Some(t) = arg("thread_ts") {
-                s.threads.entry(t).or_default().push(
-                    json!({"type": "message", "user": BOT_USER, "bot_id": "B0MOAT01", "text": text, "ts": ts}),
-                );
+                let mut m = json!({"type": "message", "user": BOT_USER, "bot_id": "B0MOAT01", "text": text, "ts": ts});
+                // Message metadata: an object with event_type and
+                // event_payload (Slack's docs), kept with the message.
+                if let Some(meta) = a.get("metadata").filter(|m| m.is_object()) {
+                    if meta.get("event_type").and_then(Value::as_str).is_none() {
+                        return err("invalid_metadata_format");
+                    }
+                    m["metadata"] = meta.clone();
+                }
+                s.threads.entry(t).or_default().push(m);
             }
             ok(
                 json!({"channel": ch, "ts": ts, "message": {"type": "message", "text": text, "user": BOT_USER, "ts": ts}}),
@@ -509,11 +532,23 @@ fn answer(s: &mut Fake, port: u16, method: &str, token: Option<&str>, a: &Value)
                 (a.parse::<u64>().unwrap_or(0), b.parse::<u64>().unwrap_or(0))
             };
             let oldest = arg("oldest").map(|o| key(&o));
+            // Metadata only when asked for (`include_all_metadata`).
+            let with_meta =
+                matches!(a.get("include_all_metadata"), Some(v) if *v == "true" || *v == true);
             match s.threads.get(&ts) {
                 Some(msgs) => {
-                    let msgs: Vec<&Value> = msgs
+                    let msgs: Vec<Value> = msgs
                         .iter()
                         .filter(|m| oldest.is_none_or(|o| key(m["ts"].as_str().unwrap_or("0")) > o))
+                        .map(|m| {
+                            let mut m = m.clone();
+                            if !with_meta {
+                                if let Some(o) = m.as_object_mut() {
+                                    o.remove("metadata");
+                                }
+                            }
+                            m
+                        })
                         .collect();
                     ok(json!({"messages": msgs, "has_more": false,
                         "response_metadata": {"next_cursor": ""}}))
@@ -890,6 +925,82 @@ pub async fn post_event(addr: SocketAddr, body: &str, headers: &[(String, String
 /// POSTs `body` signed now.
 pub async fn post_signed(addr: SocketAddr, body: &str) -> Resp {
     post_event(addr, body, &signed_headers(body, now_secs())).await
+}
+
+/// POSTs a form body (an interaction: `payload=...`) to
+/// `/slack/interactions` with `headers`, on a new connection.
+pub async fn post_interaction(addr: SocketAddr, body: &str, headers: &[(String, String)]) -> Resp {
+    let mut r = format!(
+        "POST /slack/interactions HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    r.push_str(body);
+    Conn::open(addr)
+        .await
+        .send_raw(r.as_bytes())
+        .await
+        .expect("POST /slack/interactions")
+}
+
+/// The approval id in the action ids of a request's buttons (a
+/// `chat.postMessage` with `blocks`), if it is one.
+pub fn approval_id(c: &Call) -> Option<String> {
+    c.args["blocks"]
+        .as_array()?
+        .iter()
+        .flat_map(|b| b["elements"].as_array().cloned().unwrap_or_default())
+        .find_map(|e| {
+            e["action_id"]
+                .as_str()?
+                .strip_prefix("moat-approve:")
+                .map(str::to_string)
+        })
+}
+
+/// The body Slack sends when `user` clicks Approve (or Deny) on request
+/// `id`, posted in `channel` as message `ts`: a `block_actions` payload,
+/// form-encoded as Slack's documentation shows.
+pub fn click_body(user: &str, id: &str, approve: bool, channel: &str, ts: &str) -> String {
+    let payload = click_payload(user, id, approve, channel, ts);
+    let mut out = String::from("payload=");
+    for b in payload.to_string().bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `block_actions` payload of that click (as Socket Mode carries it).
+pub fn click_payload(user: &str, id: &str, approve: bool, channel: &str, ts: &str) -> Value {
+    let (action, label) = if approve {
+        (format!("moat-approve:{id}"), "Approve")
+    } else {
+        (format!("moat-deny:{id}"), "Deny")
+    };
+    json!({
+        "type": "block_actions",
+        "user": {"id": user, "username": user.to_lowercase(), "name": user.to_lowercase(), "team_id": TEAM},
+        "api_app_id": "A0APP001",
+        "token": "legacy-verification-token-unused",
+        "container": {"type": "message", "message_ts": ts, "channel_id": channel, "is_ephemeral": false},
+        "trigger_id": "1234567890.0987654321.abcdef",
+        "team": {"id": TEAM, "domain": "fake"},
+        "channel": {"id": channel, "name": "a-channel"},
+        "message": {"type": "message", "ts": ts, "user": BOT_USER},
+        "response_url": "https://hooks.slack.test/actions/T0TEAM01/1/x",
+        "actions": [{
+            "action_id": action, "block_id": "moat-approval", "value": id, "type": "button",
+            "text": {"type": "plain_text", "text": label}, "action_ts": format!("{}.000100", now_secs()),
+        }],
+    })
 }
 
 /// `GET path` on a new connection.
