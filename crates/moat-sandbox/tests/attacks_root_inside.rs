@@ -392,3 +392,21 @@ fn a_named_root_inside_lease_on_a_disk_keeps_its_layer_across_releases() {
     assert!(!image_root().join("usr/bin/kept").exists());
     l.destroy().unwrap();
 }
+
+per_backend! {
+    attack_r1_kernel_cases_hold_on_an_image => |kind: BackendKind| {
+        // The same probe on an image without root inside, on both backends.
+        image_root();
+        let e = engine(kind);
+        let mut p = policy(kind);
+        p.image = Some(IMAGE.into());
+        let mut l = e.lease(p, LeaseOptions::default()).expect("a lease on the image");
+        let snap = HostSnapshot::take(&[]);
+        let o = run(&mut l, RunSpec::new(["/usr/bin/python3", "-c", SYSCALLS_PY]));
+        expect_all(&o, &k4_expected(kind));
+        assert_eq!(o.code(), 0, "{}", o.stderr);
+        let who = sh(&mut l, "id -u");
+        assert_eq!(who.stdout, "1000\n", "{who:?}");
+        snap.assert_unchanged();
+    };
+}
