@@ -175,7 +175,21 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
         // The image's libc may not be the one moat-init was built against:
         // it runs with the host's loader and libraries, bound under
         // /run/moat/lib (the commands it starts use the image's own).
-        let deps = init_dependencies(&env.init_path);
+        // moat's own binaries handed in under /run/moat/bin (the built-in
+        // agent's moat) run the same way: their libraries join moat-init's.
+        let mut deps = init_dependencies(&env.init_path);
+        for (host, inside) in &env.protected {
+            if inside.starts_with(MOAT_BIN) {
+                for d in dependencies(host, false) {
+                    if !deps
+                        .iter()
+                        .any(|x| x.name == d.name || (x.loader && d.loader))
+                    {
+                        deps.push(d);
+                    }
+                }
+            }
+        }
         for d in &deps {
             let at = if d.loader {
                 Path::new(INIT_LOADER).to_path_buf()
@@ -207,6 +221,8 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
 
 /// Where moat-init's own libraries are bound when the root is an image.
 const INIT_LIBS: &str = "/run/moat/lib";
+/// Where moat's own binaries for the sandbox are bound (door files).
+const MOAT_BIN: &str = "/run/moat/bin/";
 const INIT_LOADER: &str = "/run/moat/lib/ld.so";
 
 /// One shared object moat-init needs.
@@ -223,6 +239,15 @@ struct InitDep {
 /// installed copy of moat-init (kept beside it as `<init>.deps`, which only
 /// root writes, and computed again when a library it names is gone).
 fn init_dependencies(init: &Path) -> Vec<InitDep> {
+    dependencies(init, true)
+}
+
+/// `ldd`'s answer for `bin` (only ever moat's own binaries: ldd may run
+/// the program's loader), cached in memory; kept beside it as
+/// `<bin>.deps` only when `persist` (moat's installed moat-init, in a
+/// directory of root's; never beside a binary moat does not own).
+fn dependencies(bin: &Path, persist: bool) -> Vec<InitDep> {
+    let init = bin;
     type Cache = Vec<(std::path::PathBuf, Vec<InitDep>)>;
     static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
@@ -244,8 +269,13 @@ fn init_dependencies(init: &Path) -> Vec<InitDep> {
             })
             .collect()
     };
-    let deps = match std::fs::read_to_string(&saved).ok().and_then(|t| parse(&t)) {
+    let deps = match persist
+        .then(|| std::fs::read_to_string(&saved).ok())
+        .flatten()
+        .and_then(|t| parse(&t))
+    {
         Some(d) if !d.is_empty() => d,
+        _ if !persist => ldd(init),
         _ => {
             let d = ldd(init);
             let text: String = d
@@ -282,6 +312,21 @@ fn ldd(init: &Path) -> Vec<InitDep> {
             Some(InitDep { name, host, loader })
         })
         .collect()
+}
+
+/// `argv`, started through the host's loader when it names one of moat's
+/// own binaries and the root is an image.
+fn through_host_loader(host_loader: bool, argv: &[String]) -> Vec<String> {
+    match argv.first() {
+        Some(prog) if host_loader && prog.starts_with(MOAT_BIN) && !prog.contains("/../") => {
+            let mut out: Vec<String> = [INIT_LOADER, "--library-path", INIT_LIBS]
+                .map(String::from)
+                .to_vec();
+            out.extend(argv.iter().cloned());
+            out
+        }
+        _ => argv.to_vec(),
+    }
 }
 
 fn filter_pipe(bytes: &[u8]) -> Result<OwnedFd> {
@@ -434,6 +479,8 @@ impl Backend for BwrapBackend {
             child: Some(child),
             ctl: host_end,
             dead: false,
+            host_loader: env.image.is_some()
+                && init_dependencies(&env.init_path).iter().any(|d| d.loader),
         };
         // moat-init says hello once it runs; EOF means bwrap failed (its stderr says why).
         if !wait_readable(inst.ctl.as_raw_fd(), Duration::from_secs(10)) {
@@ -457,6 +504,9 @@ pub struct BwrapInstance {
     child: Option<Child>,
     ctl: OwnedFd,
     dead: bool,
+    /// On an image: moat's binaries under /run/moat/bin start through the
+    /// host's loader at /run/moat/lib (the image's libc may differ).
+    host_loader: bool,
 }
 
 impl BwrapInstance {
@@ -487,7 +537,10 @@ impl BwrapInstance {
 impl Instance for BwrapInstance {
     fn start_command(&mut self, cmd: &CommandLine, stdio: ChildStdio) -> Result<Option<Ended>> {
         let req = RunRequest {
-            argv: cmd.argv.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            argv: through_host_loader(self.host_loader, &cmd.argv)
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect(),
             env: cmd
                 .env
                 .iter()
