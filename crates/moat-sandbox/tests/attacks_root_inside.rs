@@ -29,9 +29,11 @@ fn image_root() -> &'static PathBuf {
         let _ = std::fs::remove_dir_all(&src);
         rootfs::make_with_python(&src);
         let c = config();
-        image::import(&c.data_dir, &c.runtime_dir, IMAGE, &src)
+        let root = image::import(&c.data_dir, &c.runtime_dir, IMAGE, &src)
             .expect("import")
-            .root
+            .root;
+        let _ = std::fs::remove_dir_all(&src);
+        root
     })
 }
 

@@ -193,6 +193,7 @@ fn import_list_run_and_rm_an_image() {
         "{}",
         text(&o)
     );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -249,4 +250,5 @@ fn apt_get_install_from_a_local_mirror_works_as_root_inside_and_is_gone_after() 
         std::fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap(),
         ""
     );
+    let _ = std::fs::remove_dir_all(&dir);
 }
