@@ -219,6 +219,38 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
     a
 }
 
+/// For a backend without moat-init (gVisor) on an image: the host's loader
+/// and the libraries of moat's own binaries under /run/moat/bin, as (host
+/// file, place inside). Empty without an image.
+pub(crate) fn moat_bin_libraries(env: &LeaseEnv) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
+    if env.image.is_none() {
+        return Vec::new();
+    }
+    let mut deps: Vec<InitDep> = Vec::new();
+    for (host, inside) in &env.protected {
+        if inside.starts_with(MOAT_BIN) {
+            for d in dependencies(host, false) {
+                if !deps
+                    .iter()
+                    .any(|x| x.name == d.name || (x.loader && d.loader))
+                {
+                    deps.push(d);
+                }
+            }
+        }
+    }
+    deps.into_iter()
+        .map(|d| {
+            let at = if d.loader {
+                Path::new(INIT_LOADER).to_path_buf()
+            } else {
+                Path::new(INIT_LIBS).join(&d.name)
+            };
+            (d.host, at)
+        })
+        .collect()
+}
+
 /// Where moat-init's own libraries are bound when the root is an image.
 const INIT_LIBS: &str = "/run/moat/lib";
 /// Where moat's own binaries for the sandbox are bound (door files).
@@ -316,7 +348,7 @@ fn ldd(init: &Path) -> Vec<InitDep> {
 
 /// `argv`, started through the host's loader when it names one of moat's
 /// own binaries and the root is an image.
-fn through_host_loader(host_loader: bool, argv: &[String]) -> Vec<String> {
+pub(crate) fn through_host_loader(host_loader: bool, argv: &[String]) -> Vec<String> {
     match argv.first() {
         Some(prog) if host_loader && prog.starts_with(MOAT_BIN) && !prog.contains("/../") => {
             let mut out: Vec<String> = [INIT_LOADER, "--library-path", INIT_LIBS]

@@ -121,6 +121,10 @@ pub(crate) fn places(env: &LeaseEnv) -> Vec<Place> {
             },
         });
     }
+    // On an image, moat's own binaries start through the host's loader.
+    for (host, inside) in crate::bwrap::moat_bin_libraries(env) {
+        out.push(bind(&host, &inside.to_string_lossy(), false));
+    }
     out
 }
 
@@ -796,7 +800,12 @@ impl Backend for GvisorBackend {
             commands: 0,
             running: None,
             dead: false,
+            host_loader: false,
         };
+        inst.host_loader = inst
+            .places
+            .iter()
+            .any(|p| p.dest == Path::new("/run/moat/lib/ld.so"));
         build_root(&inst.root, env.image.as_deref(), &inst.places)?;
         inst.spec = Some(base_spec(env, &inst.root, &inst.places)?);
         for fd in cgroup_procs {
@@ -835,6 +844,9 @@ pub struct GvisorInstance {
     commands: u64,
     running: Option<Running>,
     dead: bool,
+    /// On an image: moat's binaries under /run/moat/bin start through the
+    /// host's loader bound at /run/moat/lib.
+    host_loader: bool,
 }
 
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {
@@ -1062,6 +1074,16 @@ impl Instance for GvisorInstance {
                 "a command is still running in this instance".into(),
             ));
         }
+        let routed;
+        let cmd = if self.host_loader {
+            routed = CommandLine {
+                argv: crate::bwrap::through_host_loader(true, &cmd.argv),
+                ..cmd.clone()
+            };
+            &routed
+        } else {
+            cmd
+        };
         let view = View {
             root: &self.root,
             places: &self.places,
