@@ -155,6 +155,14 @@ pub async fn serve(
     let runtime_dir = opts.engine.runtime_dir.clone();
     let engine = Engine::with_backends(opts.engine, &kinds)
         .map_err(|e| ServeError::Engine(e.to_string()))?;
+    // Each channel's image exists and sandbox uids can reach it (every
+    // lease resolves it again, pinning the version current then).
+    for c in &cfg.channels {
+        if let Some(name) = &c.sandbox_policy().image {
+            moat_sandbox::image::check_usable(&engine.config().data_dir, name)
+                .map_err(|e| ServeError::Config(format!("channel[{}].image: {e}", c.index)))?;
+        }
+    }
     // The agents: which one answers per channel, the LLM API its doors serve
     // (with the real key, which stays in the door) and moat's own files its
     // sandboxes see. Fails before listening when a key or file is missing.

@@ -766,6 +766,8 @@ struct RawSettings {
     sandbox: Option<String>,
     idle_delete: Option<String>,
     disk: Option<String>,
+    image: Option<String>,
+    root_inside: Option<bool>,
     agent: Option<String>,
     debounce: Option<String>,
     rate: Option<RawRate>,
@@ -805,6 +807,8 @@ struct RawChannel {
     sandbox: Option<String>,
     idle_delete: Option<String>,
     disk: Option<String>,
+    image: Option<String>,
+    root_inside: Option<bool>,
     agent: Option<String>,
     debounce: Option<String>,
     rate: Option<RawRate>,
@@ -840,6 +844,8 @@ impl RawChannel {
             sandbox: self.sandbox,
             idle_delete: self.idle_delete,
             disk: self.disk,
+            image: self.image,
+            root_inside: self.root_inside,
             agent: self.agent,
             debounce: self.debounce,
             rate: self.rate,
@@ -1263,6 +1269,7 @@ impl Settings {
             }
             self.policy.limits.persistent_disk = Some(size);
         }
+        crate::images::apply(&mut self.policy, raw.image, raw.root_inside, at)?;
         if let Some(d) = raw.idle_delete {
             self.idle_delete = duration_in(
                 &d,
@@ -1803,6 +1810,7 @@ impl GatewayConfig {
                 }
             }
             s.agent.check(&at)?;
+            crate::images::check(&s.policy, &at)?;
             if s.sandbox_kind == SandboxKind::Pool {
                 if disk_here {
                     return Err(err(

@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod gitconfig;
 pub mod github;
 pub mod hosts;
+pub mod images;
 pub mod memory;
 pub mod network;
 pub mod paths;

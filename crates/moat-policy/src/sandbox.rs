@@ -103,6 +103,12 @@ pub struct SandboxPolicy {
     pub llm: crate::credentials::LlmSettings,
     /// `[github]`: the repositories the door injects a GitHub token for.
     pub github: crate::credentials::GithubSettings,
+    /// The root filesystem image (`moat image import`) whose directories
+    /// replace the host's /usr, /bin, /lib...; `None`: the host's, read-only.
+    pub image: Option<String>,
+    /// With an image: uid 0 inside (the lease's unprivileged uid outside) and
+    /// a writable layer of the lease's own over the image.
+    pub root_inside: bool,
 }
 
 impl Default for SandboxPolicy {
@@ -134,6 +140,8 @@ impl Default for SandboxPolicy {
             extra_denied_syscalls: Vec::new(),
             llm: Default::default(),
             github: Default::default(),
+            image: None,
+            root_inside: false,
         }
     }
 }

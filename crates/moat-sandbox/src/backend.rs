@@ -30,6 +30,13 @@ pub struct LeaseEnv {
     /// (`bwrap::ETC_ALLOWLIST`) plus synthetic passwd, group and hosts. Shared by
     /// all leases of an engine, owned by root, never writable by a sandbox.
     pub etc: PathBuf,
+    /// The root of the policy's image (`image::resolve`): its directories
+    /// replace the host's system directories. `None`: the host's.
+    pub image: Option<PathBuf>,
+    /// `root_inside`: `image` is the lease's writable overlay of the image
+    /// ([`crate::sysroot`]), bound read-write, /etc included, and the
+    /// sandbox runs as uid 0 of its user namespace (the lease's uid outside).
+    pub root_inside: bool,
     /// Bound in this order: the policy's extra mounts, then the parent
     /// directories of protected paths onto themselves (`fsguard::protected_parents`).
     pub mounts: Vec<ResolvedMount>,

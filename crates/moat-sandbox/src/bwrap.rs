@@ -28,6 +28,7 @@ use nix::sys::socket::{
 
 use crate::backend::{Backend, ChildStdio, CommandLine, Ended, Instance, LeaseEnv};
 use crate::error::{Result, SandboxError};
+use crate::image::SystemEntry;
 use crate::proto::{Reply, RunRequest};
 use crate::seccomp;
 use crate::storage::{SANDBOX_UID, UID_BASE};
@@ -71,6 +72,16 @@ pub(crate) const ETC_ALLOWLIST: &[&str] = &[
 /// Top-level system entries bound read-only (or recreated as symlinks).
 pub(crate) const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
+/// Capabilities a `root_inside` sandbox keeps inside its user namespace.
+pub const ROOT_INSIDE_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_KILL",
+];
+
 pub struct BwrapBackend;
 
 fn arg_path(args: &mut Vec<String>, flag: &str, a: &Path, b: &Path) {
@@ -93,35 +104,52 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
         "--as-pid-1",
         "--hostname",
         "moat",
-        "--uid",
-        "1000",
-        "--gid",
-        "1000",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     debug_assert_eq!(SANDBOX_UID, 1000);
+    if env.root_inside {
+        // uid 0 of the sandbox's own user namespace (the lease's uid
+        // outside), with the capabilities a package manager needs over the
+        // files it owns there, and nothing for mounts, namespaces, modules,
+        // ptrace, raw network or devices (seccomp refuses those calls anyway).
+        a.extend(["--uid", "0", "--gid", "0"].map(String::from));
+        for cap in ROOT_INSIDE_CAPS {
+            a.extend(["--cap-add".to_string(), cap.to_string()]);
+        }
+    } else {
+        a.extend(["--uid", "1000", "--gid", "1000"].map(String::from));
+    }
     // With a door, the sandbox joins the door's network namespace (moat enters
     // it before exec); without one, bwrap makes a new, empty one.
     if env.netns.is_none() {
         a.push("--unshare-net".into());
     }
-    for d in SYSTEM_DIRS {
-        let host = Path::new("/").join(d);
-        match std::fs::symlink_metadata(&host) {
-            Ok(m) if m.file_type().is_symlink() => {
-                if let Ok(target) = std::fs::read_link(&host) {
-                    arg_path(&mut a, "--symlink", &target, &host);
-                }
+    let system = crate::image::system_entries(env.image.as_deref(), env.root_inside);
+    let dir_flag = if env.root_inside {
+        "--bind"
+    } else {
+        "--ro-bind"
+    };
+    let mut own_etc = false;
+    for e in system {
+        match e {
+            SystemEntry::Link { name, target } => {
+                arg_path(&mut a, "--symlink", &target, &Path::new("/").join(name))
             }
-            Ok(m) if m.is_dir() => arg_path(&mut a, "--ro-bind", &host, &host),
-            _ => {}
+            SystemEntry::Dir { name, host } => {
+                own_etc |= name == "etc";
+                arg_path(&mut a, dir_flag, &host, &Path::new("/").join(name))
+            }
         }
     }
     // One bind for /etc: the engine's prepared copy of the allowlist plus the
-    // synthetic passwd, group and hosts (one mount instead of thirty).
-    arg_path(&mut a, "--ro-bind", &env.etc, Path::new("/etc"));
+    // synthetic passwd, group and hosts (one mount instead of thirty); a
+    // root_inside lease has its image's own /etc in its writable layer.
+    if !own_etc {
+        arg_path(&mut a, "--ro-bind", &env.etc, Path::new("/etc"));
+    }
     a.extend(["--proc", "/proc", "--dev", "/dev"].map(String::from));
     // bwrap's /dev is a writable tmpfs outside the lease's disk quota: make it
     // read-only, and let /dev/shm be the lease's /tmp (inside the quota).
@@ -143,6 +171,34 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
     for (host, inside) in &env.protected {
         arg_path(&mut a, "--ro-bind", host, inside);
     }
+    if env.image.is_some() {
+        // The image's libc may not be the one moat-init was built against:
+        // it runs with the host's loader and libraries, bound under
+        // /run/moat/lib (the commands it starts use the image's own).
+        // moat's own binaries handed in under /run/moat/bin (the built-in
+        // agent's moat) run the same way: their libraries join moat-init's.
+        let mut deps = init_dependencies(&env.init_path);
+        for (host, inside) in &env.protected {
+            if inside.starts_with(MOAT_BIN) {
+                for d in dependencies(host, false) {
+                    if !deps
+                        .iter()
+                        .any(|x| x.name == d.name || (x.loader && d.loader))
+                    {
+                        deps.push(d);
+                    }
+                }
+            }
+        }
+        for d in &deps {
+            let at = if d.loader {
+                Path::new(INIT_LOADER).to_path_buf()
+            } else {
+                Path::new(INIT_LIBS).join(&d.name)
+            };
+            arg_path(&mut a, "--ro-bind", &d.host, &at);
+        }
+    }
     a.extend(
         [
             "--remount-ro",
@@ -153,11 +209,156 @@ pub fn bwrap_args(env: &LeaseEnv) -> Vec<String> {
             "4",
             "--add-seccomp-fd",
             "5",
-            "/run/moat/init",
         ]
         .map(String::from),
     );
+    if env.image.is_some() && init_dependencies(&env.init_path).iter().any(|d| d.loader) {
+        a.extend([INIT_LOADER, "--library-path", INIT_LIBS].map(String::from));
+    }
+    a.push("/run/moat/init".into());
     a
+}
+
+/// For a backend without moat-init (gVisor) on an image: the host's loader
+/// and the libraries of moat's own binaries under /run/moat/bin, as (host
+/// file, place inside). Empty without an image.
+pub(crate) fn moat_bin_libraries(env: &LeaseEnv) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
+    if env.image.is_none() {
+        return Vec::new();
+    }
+    let mut deps: Vec<InitDep> = Vec::new();
+    for (host, inside) in &env.protected {
+        if inside.starts_with(MOAT_BIN) {
+            for d in dependencies(host, false) {
+                if !deps
+                    .iter()
+                    .any(|x| x.name == d.name || (x.loader && d.loader))
+                {
+                    deps.push(d);
+                }
+            }
+        }
+    }
+    deps.into_iter()
+        .map(|d| {
+            let at = if d.loader {
+                Path::new(INIT_LOADER).to_path_buf()
+            } else {
+                Path::new(INIT_LIBS).join(&d.name)
+            };
+            (d.host, at)
+        })
+        .collect()
+}
+
+/// Where moat-init's own libraries are bound when the root is an image.
+const INIT_LIBS: &str = "/run/moat/lib";
+/// Where moat's own binaries for the sandbox are bound (door files).
+const MOAT_BIN: &str = "/run/moat/bin/";
+const INIT_LOADER: &str = "/run/moat/lib/ld.so";
+
+/// One shared object moat-init needs.
+#[derive(Debug, Clone)]
+struct InitDep {
+    /// The name it is looked up by (`libc.so.6`).
+    name: String,
+    /// The real file on the host.
+    host: std::path::PathBuf,
+    loader: bool,
+}
+
+/// moat-init's shared libraries and loader on the host, from `ldd` once per
+/// installed copy of moat-init (kept beside it as `<init>.deps`, which only
+/// root writes, and computed again when a library it names is gone).
+fn init_dependencies(init: &Path) -> Vec<InitDep> {
+    dependencies(init, true)
+}
+
+/// `ldd`'s answer for `bin` (only ever moat's own binaries: ldd may run
+/// the program's loader), cached in memory; kept beside it as
+/// `<bin>.deps` only when `persist` (moat's installed moat-init, in a
+/// directory of root's; never beside a binary moat does not own).
+fn dependencies(bin: &Path, persist: bool) -> Vec<InitDep> {
+    let init = bin;
+    type Cache = Vec<(std::path::PathBuf, Vec<InitDep>)>;
+    static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, deps)) = cache.iter().find(|(p, _)| p == init) {
+        return deps.clone();
+    }
+    let saved = init.with_extension("deps");
+    let parse = |text: &str| -> Option<Vec<InitDep>> {
+        text.lines()
+            .map(|l| {
+                let mut f = l.splitn(3, '\t');
+                let (name, kind, host) = (f.next()?, f.next()?, f.next()?);
+                let host = std::path::PathBuf::from(host);
+                host.is_file().then(|| InitDep {
+                    name: name.to_string(),
+                    host,
+                    loader: kind == "loader",
+                })
+            })
+            .collect()
+    };
+    let deps = match persist
+        .then(|| std::fs::read_to_string(&saved).ok())
+        .flatten()
+        .and_then(|t| parse(&t))
+    {
+        Some(d) if !d.is_empty() => d,
+        _ if !persist => ldd(init),
+        _ => {
+            let d = ldd(init);
+            let text: String = d
+                .iter()
+                .map(|x| {
+                    let kind = if x.loader { "loader" } else { "lib" };
+                    format!("{}\t{kind}\t{}\n", x.name, x.host.display())
+                })
+                .collect();
+            let tmp = saved.with_extension(format!("deps.{:x}", crate::storage::random_u64()));
+            if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, &saved).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            d
+        }
+    };
+    cache.push((init.to_path_buf(), deps.clone()));
+    deps
+}
+
+fn ldd(init: &Path) -> Vec<InitDep> {
+    let text = Command::new("ldd")
+        .arg(init)
+        .env_clear()
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let path = l.split_whitespace().find(|w| w.starts_with('/'))?;
+            let host = std::fs::canonicalize(path).ok()?;
+            let name = Path::new(path).file_name()?.to_str()?.to_string();
+            let loader = !l.contains("=>");
+            Some(InitDep { name, host, loader })
+        })
+        .collect()
+}
+
+/// `argv`, started through the host's loader when it names one of moat's
+/// own binaries and the root is an image.
+pub(crate) fn through_host_loader(host_loader: bool, argv: &[String]) -> Vec<String> {
+    match argv.first() {
+        Some(prog) if host_loader && prog.starts_with(MOAT_BIN) && !prog.contains("/../") => {
+            let mut out: Vec<String> = [INIT_LOADER, "--library-path", INIT_LIBS]
+                .map(String::from)
+                .to_vec();
+            out.extend(argv.iter().cloned());
+            out
+        }
+        _ => argv.to_vec(),
+    }
 }
 
 fn filter_pipe(bytes: &[u8]) -> Result<OwnedFd> {
@@ -310,6 +511,8 @@ impl Backend for BwrapBackend {
             child: Some(child),
             ctl: host_end,
             dead: false,
+            host_loader: env.image.is_some()
+                && init_dependencies(&env.init_path).iter().any(|d| d.loader),
         };
         // moat-init says hello once it runs; EOF means bwrap failed (its stderr says why).
         if !wait_readable(inst.ctl.as_raw_fd(), Duration::from_secs(10)) {
@@ -333,6 +536,9 @@ pub struct BwrapInstance {
     child: Option<Child>,
     ctl: OwnedFd,
     dead: bool,
+    /// On an image: moat's binaries under /run/moat/bin start through the
+    /// host's loader at /run/moat/lib (the image's libc may differ).
+    host_loader: bool,
 }
 
 impl BwrapInstance {
@@ -363,7 +569,10 @@ impl BwrapInstance {
 impl Instance for BwrapInstance {
     fn start_command(&mut self, cmd: &CommandLine, stdio: ChildStdio) -> Result<Option<Ended>> {
         let req = RunRequest {
-            argv: cmd.argv.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            argv: through_host_loader(self.host_loader, &cmd.argv)
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect(),
             env: cmd
                 .env
                 .iter()

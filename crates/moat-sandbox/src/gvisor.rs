@@ -44,9 +44,9 @@ use oci_spec::runtime::{
 };
 
 use crate::backend::{Backend, ChildStdio, CommandLine, Ended, Instance, LeaseEnv};
-use crate::bwrap::SYSTEM_DIRS;
 use crate::cgroup::CgroupLimits;
 use crate::error::{Result, SandboxError};
+use crate::image::SystemEntry;
 use crate::seccomp::{self, ArgTest};
 use crate::storage::{random_u64, SANDBOX_UID};
 use crate::EngineConfig;
@@ -89,10 +89,9 @@ fn bind(host: &Path, dest: &str, writable: bool) -> Place {
 /// Top-level symlinks (`/bin -> usr/bin`) are made in the skeleton instead.
 pub(crate) fn places(env: &LeaseEnv) -> Vec<Place> {
     let mut out = Vec::new();
-    for d in SYSTEM_DIRS {
-        let host = Path::new("/").join(d);
-        if fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
-            out.push(bind(&host, &format!("/{d}"), false));
+    for e in crate::image::system_entries(env.image.as_deref(), false) {
+        if let SystemEntry::Dir { name, host } = e {
+            out.push(bind(&host, &format!("/{name}"), false));
         }
     }
     out.push(bind(&env.etc, "/etc", false));
@@ -122,6 +121,10 @@ pub(crate) fn places(env: &LeaseEnv) -> Vec<Place> {
             },
         });
     }
+    // On an image, moat's own binaries start through the host's loader.
+    for (host, inside) in crate::bwrap::moat_bin_libraries(env) {
+        out.push(bind(&host, &inside.to_string_lossy(), false));
+    }
     out
 }
 
@@ -138,7 +141,7 @@ fn mkdir_0755(p: &Path) -> std::io::Result<()> {
 /// Builds the read-only skeleton the container sees as `/`: the top-level
 /// symlinks of the host's system directories, and a mount point for every
 /// place that does not lie inside another bind (gVisor makes those itself).
-fn build_root(root: &Path, places: &[Place]) -> Result<()> {
+fn build_root(root: &Path, image: Option<&Path>, places: &[Place]) -> Result<()> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         SandboxError::io(format!("{what} {}", p.display()), e)
     };
@@ -146,14 +149,10 @@ fn build_root(root: &Path, places: &[Place]) -> Result<()> {
     for d in ["dev", "sys", "proc"] {
         mkdir_0755(&root.join(d)).map_err(|e| io("creating", &root.join(d), e))?;
     }
-    for d in SYSTEM_DIRS {
-        let host = Path::new("/").join(d);
-        if let Ok(m) = fs::symlink_metadata(&host) {
-            if m.file_type().is_symlink() {
-                let target = fs::read_link(&host).map_err(|e| io("reading", &host, e))?;
-                std::os::unix::fs::symlink(&target, root.join(d))
-                    .map_err(|e| io("creating", &root.join(d), e))?;
-            }
+    for e in crate::image::system_entries(image, false) {
+        if let SystemEntry::Link { name, target } = e {
+            std::os::unix::fs::symlink(&target, root.join(&name))
+                .map_err(|e| io("creating", &root.join(&name), e))?;
         }
     }
     for (i, p) in places.iter().enumerate() {
@@ -801,8 +800,13 @@ impl Backend for GvisorBackend {
             commands: 0,
             running: None,
             dead: false,
+            host_loader: false,
         };
-        build_root(&inst.root, &inst.places)?;
+        inst.host_loader = inst
+            .places
+            .iter()
+            .any(|p| p.dest == Path::new("/run/moat/lib/ld.so"));
+        build_root(&inst.root, env.image.as_deref(), &inst.places)?;
         inst.spec = Some(base_spec(env, &inst.root, &inst.places)?);
         for fd in cgroup_procs {
             // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own.
@@ -840,6 +844,9 @@ pub struct GvisorInstance {
     commands: u64,
     running: Option<Running>,
     dead: bool,
+    /// On an image: moat's binaries under /run/moat/bin start through the
+    /// host's loader bound at /run/moat/lib.
+    host_loader: bool,
 }
 
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {
@@ -1067,6 +1074,16 @@ impl Instance for GvisorInstance {
                 "a command is still running in this instance".into(),
             ));
         }
+        let routed;
+        let cmd = if self.host_loader {
+            routed = CommandLine {
+                argv: crate::bwrap::through_host_loader(true, &cmd.argv),
+                ..cmd.clone()
+            };
+            &routed
+        } else {
+            cmd
+        };
         let view = View {
             root: &self.root,
             places: &self.places,
@@ -1169,6 +1186,8 @@ mod tests {
             home: "/lease/home".into(),
             tmp: "/lease/tmp".into(),
             etc: "/run/moat/etc-x".into(),
+            image: None,
+            root_inside: false,
             mounts: vec![
                 ResolvedMount {
                     host: "/srv/data".into(),

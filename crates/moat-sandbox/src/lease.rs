@@ -184,6 +184,8 @@ struct Running {
     cgroup: Option<Cgroup>,
     /// Socket-proof views of host directories; unmounted after the kill.
     views: Vec<crate::view::View>,
+    /// A `root_inside` lease's writable system layer; unmounted after the kill.
+    sysroot: Option<crate::sysroot::SysRoot>,
 }
 
 /// A writable host directory to hand back after the sandbox wrote to it.
@@ -215,6 +217,8 @@ pub struct Lease {
     instances: u64,
     init_path: PathBuf,
     etc_dir: PathBuf,
+    /// The root of the policy's image, pinned to the version current at open.
+    image: Option<PathBuf>,
     /// An empty read-only file and directory, bound over blocked entries.
     mask_sources: (PathBuf, PathBuf),
     /// `.git` directories of writable host roots to clear of a planted `commondir`.
@@ -319,6 +323,21 @@ pub(crate) fn open_lease(
             files.unwrap_or_default(),
         )?;
     }
+    if policy.root_inside
+        && (policy.image.is_none() || policy.backend != BackendKind::Bwrap || !root)
+    {
+        return Err(SandboxError::Refused(
+            "root_inside needs an image, the bwrap backend and moat running as root (it mounts the lease's writable layer)".into(),
+        ));
+    }
+    let image = match &policy.image {
+        Some(name) => Some(crate::image::resolve(&engine.config().data_dir, name)?),
+        None => None,
+    };
+    let etc_dir = match &image {
+        Some(root) => engine.image_etc_dir(root)?,
+        None => engine.etc_dir().to_path_buf(),
+    };
     let fresh = !dir.join("uid").exists();
     let mut storage = match policy.limits.persistent_disk {
         Some(size) if named && root => Storage::open_on_disk(
@@ -343,7 +362,8 @@ pub(crate) fn open_lease(
         running: None,
         instances: 0,
         init_path: engine.init_path().to_path_buf(),
-        etc_dir: engine.etc_dir().to_path_buf(),
+        etc_dir,
+        image,
         mask_sources: engine.mask_sources().clone(),
         watched_git: Vec::new(),
         hand_back: Vec::new(),
@@ -504,6 +524,8 @@ impl Lease {
             home: st.home(),
             tmp: st.tmp(),
             etc: self.etc_dir.clone(),
+            image: self.image.clone(),
+            root_inside: false,
             mounts,
             protected,
             init_path: self.init_path.clone(),
@@ -544,7 +566,30 @@ impl Lease {
                 view: None,
             })
             .collect();
-        let (env, views) = self.through_views(env)?;
+        let (mut env, views) = self.through_views(env)?;
+        let sysroot = match (&self.image, self.policy.root_inside) {
+            (Some(image), true) => {
+                let base = self
+                    .runtime_dir
+                    .join("sysroots")
+                    .join(&self.cgroup_scope)
+                    .join(&self.id)
+                    .join(self.instances.to_string());
+                let s = crate::sysroot::mount_sysroot(
+                    image,
+                    &self.storage().root(),
+                    &base,
+                    self.host_uid,
+                )?;
+                env.image = Some(s.merged.clone());
+                env.root_inside = true;
+                if let Some(conf) = crate::sysroot::apt_conf(&self.runtime_dir, &s.merged)? {
+                    env.protected.push(conf);
+                }
+                Some(s)
+            }
+            _ => None,
+        };
         for hb in &mut self.hand_back {
             hb.view = views
                 .iter()
@@ -570,6 +615,7 @@ impl Lease {
             instance,
             cgroup,
             views,
+            sysroot,
         });
         Ok(())
     }
@@ -659,6 +705,7 @@ impl Lease {
             let t0 = Instant::now();
             r.instance.kill_all();
             drop(std::mem::take(&mut r.views));
+            drop(r.sysroot.take());
             for hb in &mut self.hand_back {
                 hb.view = None;
             }

@@ -19,13 +19,17 @@ pub mod error;
 pub mod fsguard;
 pub mod gvisor;
 pub mod handback;
+pub mod image;
 pub mod lease;
 pub mod local;
 pub mod proto;
 pub mod reach;
+pub mod seal;
 pub mod seccomp;
 mod spawner;
 pub mod storage;
+pub mod sysroot;
+pub mod versions;
 pub mod view;
 pub mod wipe;
 
@@ -165,7 +169,7 @@ impl Engine {
         }
         sweep_views(&config, &cgroup_scope, &leases);
         let installed_init = install_init(&config)?;
-        let etc_dir = prepare_etc(&config.runtime_dir)?;
+        let etc_dir = prepare_etc(&config.runtime_dir, Some(Path::new("/etc")))?;
         let mask_sources = prepare_masks(&config.runtime_dir)?;
         let mut backends: Vec<(BackendKind, Arc<dyn backend::Backend>)> = Vec::new();
         for &kind in kinds {
@@ -230,6 +234,13 @@ impl Engine {
     }
     pub(crate) fn etc_dir(&self) -> &Path {
         &self.etc_dir
+    }
+    /// The /etc prepared from an image's own (`image::etc_source`).
+    pub(crate) fn image_etc_dir(&self, image: &Path) -> Result<PathBuf> {
+        prepare_etc(
+            &self.config.runtime_dir,
+            image::etc_source(image).as_deref(),
+        )
     }
     /// `<runtime_dir>/leases/<scope>`: this data directory's leases.
     pub fn leases_dir(&self) -> PathBuf {
@@ -316,12 +327,14 @@ fn install_init(config: &EngineConfig) -> Result<PathBuf> {
 /// moat's synthetic passwd, group and hosts. Named after a fingerprint of the
 /// sources' sizes and times, so a host update (new CA certificates, new
 /// libraries) produces a fresh copy; old copies stay for running sandboxes.
-fn prepare_etc(runtime: &Path) -> Result<PathBuf> {
+fn prepare_etc(runtime: &Path, source: Option<&Path>) -> Result<PathBuf> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let mut sources = Vec::new();
+    source.hash(&mut h);
+    let etc = source.unwrap_or(Path::new("/nonexistent"));
     for name in bwrap::ETC_ALLOWLIST {
-        let p = Path::new("/etc").join(name);
+        let p = etc.join(name);
         let Ok(m) = std::fs::symlink_metadata(&p) else {
             continue;
         };
@@ -331,7 +344,7 @@ fn prepare_etc(runtime: &Path) -> Result<PathBuf> {
     // A directory's mtime changes when an entry is added or removed: enough to
     // notice new certificates or alternatives without listing every file.
     for sub in ["ssl/certs", "alternatives", "ld.so.conf.d", "profile.d"] {
-        if let Ok(m) = std::fs::metadata(Path::new("/etc").join(sub)) {
+        if let Ok(m) = std::fs::metadata(etc.join(sub)) {
             (sub, m.mtime(), m.mtime_nsec(), m.ino()).hash(&mut h);
         }
     }
@@ -431,7 +444,8 @@ pub fn sweep(leases_dir: &Path, scope: &str) -> Swept {
     swept
 }
 
-/// Unmounts the socket-proof views of leases no live moat holds (a crash).
+/// Unmounts the socket-proof views and writable system layers of leases no
+/// live moat holds (a crash).
 pub(crate) fn sweep_views(config: &EngineConfig, scope: &str, leases: &Path) {
     let Ok(rd) = std::fs::read_dir(config.runtime_dir.join("views").join(scope)) else {
         return;
@@ -442,6 +456,21 @@ pub(crate) fn sweep_views(config: &EngineConfig, scope: &str, leases: &Path) {
             !lease_dir.exists() || matches!(storage::Storage::adopt_stale(&lease_dir), Ok(Some(_)));
         if stale {
             view::sweep_one(&e.path());
+        }
+    }
+    // The writable system layers of root_inside leases, laid out alike.
+    let Ok(rd) = std::fs::read_dir(config.runtime_dir.join("sysroots").join(scope)) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let lease_dir = leases.join(e.file_name());
+        let stale =
+            !lease_dir.exists() || matches!(storage::Storage::adopt_stale(&lease_dir), Ok(Some(_)));
+        if stale {
+            for inst in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                sysroot::sweep_one(&inst.path());
+            }
+            let _ = std::fs::remove_dir(e.path());
         }
     }
 }

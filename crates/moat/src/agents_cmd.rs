@@ -2,34 +2,16 @@
 //! that the gateway mounts read-only in agent sandboxes (installed with the
 //! prefix `/opt/moat-agents`, working at any mount point).
 //!
-//! Owns `moat agents install`: `npm install --global` runs inside a moat
-//! sandbox whose only network is an egress door allowing the package registry
-//! alone (install scripts included); the result is handed to root, checked in
-//! sandboxes without any network (each command answers `--version`, at the
-//! prefix and mounted elsewhere), renamed into place as a new version and
-//! switched in with one atomic rename of the `current` symlink. Older
-//! versions beyond `--keep` are removed.
-//!
-//! Must never: run npm or a package's install script on the host, let the
-//! install reach any host but the registry, follow a symlink the sandbox left
-//! while fixing ownership or modes, change `current` before the new version
-//! passed its checks, or leave a half-installed version where `current` (or a
-//! version name) could point at it.
+//! Owns the command line of `moat agents install` and its inputs (the
+//! pinned packages, package specs, the registry); the install itself is
+//! `agents_install`.
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Subcommand};
-use moat_policy::network::{parse_allow_entry, parse_pin};
-use moat_policy::{BackendKind, MountRequest, SandboxPolicy};
-use moat_sandbox::{
-    Engine, EngineConfig, Lease, LeaseOptions, RunSpec, Stream, Termination, WorkspaceSource,
-};
-use serde_json::{json, Value};
+use moat_policy::network::parse_allow_entry;
 
 /// Claude Code's pinned version; the same as `CLAUDE_CODE_VERSION` in
 /// scripts/setup (a test fails if they differ).
@@ -48,24 +30,22 @@ pub const PI_VERSION: &str = "0.73.1";
 pub const SANDBOX_PREFIX: &str = "/opt/moat-agents";
 /// Where the check also mounts a new version: the template must work
 /// wherever it is mounted (the gateway shows it at its own path).
-const RELOCATED_PREFIX: &str = "/opt/moat-agents-moved";
+pub(crate) const RELOCATED_PREFIX: &str = "/opt/moat-agents-moved";
 /// npm's download cache inside the install sandbox (a scratch directory of
 /// the install, deleted with it).
-const SANDBOX_CACHE: &str = "/opt/moat-npm-cache";
+pub(crate) const SANDBOX_CACHE: &str = "/opt/moat-npm-cache";
 /// The public npm registry.
 pub const DEFAULT_REGISTRY: &str = "https://registry.npmjs.org/";
 /// The name of the symlink to the version in use.
-pub const CURRENT: &str = "current";
+pub use moat_sandbox::versions::CURRENT;
 /// What moat writes into each version: what was installed, from where.
 pub const MANIFEST: &str = "moat-template.json";
-/// Names of scratch directories of installs in progress (or interrupted).
-const STAGING_PREFIX: &str = ".new-";
 /// How long one command's `--version` may take in the check.
-const VERSION_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const VERSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// The host's CA store (Debian's path), which sandboxes see in their /etc.
-const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub(crate) const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Where the sandbox sees the host's `npm` and `node` (its PATH).
-const SANDBOX_PATH_DIRS: &[&str] = &[
+pub(crate) const SANDBOX_PATH_DIRS: &[&str] = &[
     "/usr/local/sbin",
     "/usr/local/bin",
     "/usr/sbin",
@@ -87,35 +67,35 @@ pub struct InstallArgs {
     /// The template directory: versions and the `current` symlink
     /// [default: $MOAT_DATA_DIR/agents, else /var/lib/moat/agents].
     #[arg(long, value_name = "DIR")]
-    dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
     /// The npm registry; the install sandbox's door allows its host and port
     /// and nothing else.
     #[arg(long, value_name = "URL", default_value = DEFAULT_REGISTRY)]
-    registry: String,
+    pub(crate) registry: String,
     /// Pin a name to an address for the door (e.g. a registry mirror on this
     /// network). Repeatable. A pinned name is still refused unless it is the
     /// registry's.
     #[arg(long = "resolve", value_name = "HOST=IP")]
-    resolve: Vec<String>,
+    pub(crate) resolve: Vec<String>,
     /// Isolation backend of the install and check sandboxes.
     #[arg(long, value_name = "bwrap|gvisor", default_value = "bwrap")]
-    backend: String,
+    pub(crate) backend: String,
     /// A package to install instead of the defaults (repeatable): NAME@VERSION.
     /// Default: @anthropic-ai/claude-code, @openai/codex and @ampcode/cli
     /// at the versions this moat pins.
     #[arg(long = "package", value_name = "NAME@VERSION")]
-    packages: Vec<String>,
+    pub(crate) packages: Vec<String>,
     /// Time limit of the npm install, e.g. 20m.
     #[arg(long, value_name = "DURATION", default_value = "20m")]
-    timeout: String,
+    pub(crate) timeout: String,
     /// Versions to keep, the new one included (older ones are removed).
     #[arg(long, value_name = "N", default_value_t = 2)]
-    keep: usize,
+    pub(crate) keep: usize,
 }
 
 pub fn run(cmd: AgentsCmd) -> anyhow::Result<()> {
     match cmd {
-        AgentsCmd::Install(args) => install(args),
+        AgentsCmd::Install(args) => crate::agents_install::install(args),
     }
 }
 
@@ -133,7 +113,7 @@ pub struct Package {
 }
 
 impl Package {
-    fn spec(&self) -> String {
+    pub(crate) fn spec(&self) -> String {
         format!("{}@{}", self.name, self.version)
     }
 }
@@ -202,7 +182,7 @@ pub fn parse_package(text: &str) -> Result<Package, String> {
 }
 
 /// Whether `version` names one exact version (so the installed one must match).
-fn is_exact_version(version: &str) -> bool {
+pub(crate) fn is_exact_version(version: &str) -> bool {
     version.starts_with(|c: char| c.is_ascii_digit())
 }
 
@@ -263,7 +243,7 @@ pub fn parse_registry(text: &str) -> Result<Registry, String> {
 }
 
 /// `$MOAT_DATA_DIR/agents`, else the gateway's default data directory's.
-fn default_dir() -> PathBuf {
+pub(crate) fn default_dir() -> PathBuf {
     std::env::var_os("MOAT_DATA_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(moat_policy::gateway::DEFAULT_DATA_DIR))
@@ -272,7 +252,7 @@ fn default_dir() -> PathBuf {
 
 /// The host's npm and node, where the sandbox finds them (its PATH lies in
 /// /usr and /bin, which it sees read-only).
-fn check_host_tools() -> anyhow::Result<()> {
+pub(crate) fn check_host_tools() -> anyhow::Result<()> {
     for tool in ["npm", "node"] {
         let found = SANDBOX_PATH_DIRS
             .iter()
@@ -286,897 +266,6 @@ fn check_host_tools() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// The template directory
-// ---------------------------------------------------------------------------
-
-fn random_hex() -> String {
-    format!("{:016x}", moat_sandbox::storage::random_u64())
-}
-
-/// `YYYYMMDDTHHMMSSZ` for a time since the Unix epoch (UTC).
-fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// A version's directory name: the UTC second of the install and its
-/// nanoseconds in hex, so names sort by age even for two installs in one
-/// second. It always sorts after `newest` (the newest existing version), so a
-/// clock that stepped back cannot make `prune` take the new version for the
-/// oldest.
-fn new_version_id(newest: Option<&str>) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let id = format!("{}-{:08x}", utc_stamp(now.as_secs()), now.subsec_nanos());
-    match newest {
-        Some(n) if is_version_id(n) && n >= id.as_str() => {
-            // Same stamp as the newest, one past its suffix.
-            let (stamp, suffix) = n.split_at(17);
-            let next = u32::from_str_radix(suffix, 16)
-                .unwrap_or(u32::MAX - 1)
-                .saturating_add(1);
-            format!("{stamp}{next:08x}")
-        }
-        _ => id,
-    }
-}
-
-/// Whether `name` is a version directory's name (`new_version_id`'s shape).
-fn is_version_id(name: &str) -> bool {
-    let b = name.as_bytes();
-    b.len() == 25
-        && b[..8].iter().all(u8::is_ascii_digit)
-        && b[8] == b'T'
-        && b[9..15].iter().all(u8::is_ascii_digit)
-        && b[15] == b'Z'
-        && b[16] == b'-'
-        && b[17..].iter().all(|c| c.is_ascii_hexdigit())
-}
-
-/// The template directory, locked against a second install.
-struct TemplateDir {
-    dir: PathBuf,
-    _lock: std::fs::File,
-}
-
-impl TemplateDir {
-    fn open(dir: &Path) -> anyhow::Result<TemplateDir> {
-        if !dir.is_absolute() {
-            bail!("--dir {}: write an absolute path", dir.display());
-        }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(dir)
-            .with_context(|| format!("creating the template directory {}", dir.display()))?;
-        let real = std::fs::canonicalize(dir)
-            .with_context(|| format!("resolving the template directory {}", dir.display()))?;
-        let meta = std::fs::metadata(&real)?;
-        if meta.uid() != nix::unistd::geteuid().as_raw() {
-            bail!(
-                "the template directory {} is not owned by the user running moat; sandboxes must never be able to change it",
-                real.display()
-            );
-        }
-        // Sandbox uids traverse it to mount a version; nobody else writes.
-        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("setting the mode of {}", real.display()))?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(real.join(".lock"))
-            .with_context(|| format!("opening {}/.lock", real.display()))?;
-        if lock.try_lock().is_err() {
-            bail!(
-                "another moat agents install is running on {}; wait for it to finish",
-                real.display()
-            );
-        }
-        let t = TemplateDir {
-            dir: real,
-            _lock: lock,
-        };
-        if let Ok(target) = std::fs::symlink_metadata(t.dir.join(CURRENT)) {
-            if !target.file_type().is_symlink() {
-                bail!(
-                    "{} is not a symlink; moat switches versions by replacing that symlink. Move it away first",
-                    t.dir.join(CURRENT).display()
-                );
-            }
-        }
-        t.remove_stale_staging();
-        Ok(t)
-    }
-
-    /// Scratch directories an interrupted install left (we hold the lock, so
-    /// none is in use).
-    fn remove_stale_staging(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(STAGING_PREFIX) || name.starts_with(".current-") {
-                let p = e.path();
-                let r = match e.file_type() {
-                    Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
-                    _ => std::fs::remove_file(&p),
-                };
-                match r {
-                    Ok(()) => eprintln!(
-                        "moat: removed {} left by an interrupted install",
-                        p.display()
-                    ),
-                    Err(e) => eprintln!("moat: warning: could not remove {}: {e}", p.display()),
-                }
-            }
-        }
-    }
-
-    /// The version `current` points at, if any.
-    fn current(&self) -> Option<String> {
-        let t = std::fs::read_link(self.dir.join(CURRENT)).ok()?;
-        let name = t.to_str()?.to_string();
-        is_version_id(&name).then_some(name)
-    }
-
-    /// Version directories, oldest first.
-    fn versions(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.dir)
-            .map(|it| {
-                it.flatten()
-                    .filter_map(|e| e.file_name().to_str().map(String::from))
-                    .filter(|n| is_version_id(n))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-
-    /// Points `current` at `id` with one rename of a fresh symlink over it:
-    /// a reader sees the old target or the new one, never neither.
-    fn switch(&self, id: &str) -> anyhow::Result<()> {
-        let tmp = self.dir.join(format!(".current-{}", random_hex()));
-        std::os::unix::fs::symlink(id, &tmp)
-            .with_context(|| format!("creating the symlink {}", tmp.display()))?;
-        if let Err(e) = std::fs::rename(&tmp, self.dir.join(CURRENT)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| {
-                format!("switching {} to {id}", self.dir.join(CURRENT).display())
-            });
-        }
-        sync_dir(&self.dir);
-        Ok(())
-    }
-
-    /// Removes all but the newest `keep` versions (never `current`).
-    fn prune(&self, keep: usize) -> Vec<String> {
-        let current = self.current();
-        let versions = self.versions();
-        let cut = versions.len().saturating_sub(keep.max(1));
-        let mut removed = Vec::new();
-        for old in &versions[..cut] {
-            if Some(old) == current.as_ref() {
-                continue;
-            }
-            match std::fs::remove_dir_all(self.dir.join(old)) {
-                Ok(()) => removed.push(old.clone()),
-                Err(e) => eprintln!("moat: warning: could not remove the old version {old}: {e}"),
-            }
-        }
-        removed
-    }
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
-}
-
-/// An install's scratch directory `DIR/.new-<random>`: `prefix/` (npm's
-/// `--prefix`, the future version) and `cache/` (npm's cache). Removed on
-/// drop unless the prefix was moved into place.
-struct Staging {
-    root: PathBuf,
-}
-
-impl Staging {
-    fn create(t: &TemplateDir) -> anyhow::Result<Staging> {
-        let root = t.dir.join(format!("{STAGING_PREFIX}{}", random_hex()));
-        std::fs::DirBuilder::new()
-            .create(&root)
-            .with_context(|| format!("creating {}", root.display()))?;
-        let s = Staging { root };
-        std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o711))?;
-        for d in [s.prefix(), s.cache()] {
-            std::fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
-        }
-        Ok(s)
-    }
-    fn prefix(&self) -> PathBuf {
-        self.root.join("prefix")
-    }
-    fn cache(&self) -> PathBuf {
-        self.root.join("cache")
-    }
-    /// Hands `prefix/` and `cache/` to the install sandbox's uid.
-    fn give_to(&self, uid: u32) -> anyhow::Result<()> {
-        for d in [self.prefix(), self.cache()] {
-            std::os::unix::fs::chown(&d, Some(uid), Some(uid))
-                .with_context(|| format!("handing {} to the sandbox", d.display()))?;
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if self.root.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&self.root) {
-                eprintln!(
-                    "moat: warning: could not remove {}: {e}; the next install removes it",
-                    self.root.display()
-                );
-            }
-        }
-    }
-}
-
-/// Gives everything under `root` to root (uid and gid 0) and normalises modes
-/// (directories and executables 0755, other files 0644: no set-id, sticky or
-/// group/world-write bit); removes FIFOs, sockets and device nodes. Returns
-/// the disk usage in bytes.
-///
-/// Invariant: never follows a symlink (symlinks are `lchown`ed, never
-/// opened), and is only called once every process of the install sandbox is
-/// gone, so nothing changes the tree while it is walked.
-fn seal(root: &Path) -> anyhow::Result<u64> {
-    let mut bytes = 0u64;
-    // Install scripts hard-link binaries (within the prefix: links across
-    // mounts fail): count each inode once.
-    let mut linked = std::collections::HashSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let meta =
-            std::fs::symlink_metadata(&p).with_context(|| format!("reading {}", p.display()))?;
-        if meta.nlink() < 2 || meta.is_dir() || linked.insert((meta.dev(), meta.ino())) {
-            bytes += meta.blocks() * 512;
-        }
-        let ft = meta.file_type();
-        if ft.is_symlink() {
-            std::os::unix::fs::lchown(&p, Some(0), Some(0))
-                .with_context(|| format!("chown {}", p.display()))?;
-            continue;
-        }
-        if !(ft.is_dir() || ft.is_file()) {
-            std::fs::remove_file(&p)
-                .with_context(|| format!("removing the special file {}", p.display()))?;
-            continue;
-        }
-        std::os::unix::fs::lchown(&p, Some(0), Some(0))
-            .with_context(|| format!("chown {}", p.display()))?;
-        let mode = if ft.is_dir() || meta.mode() & 0o111 != 0 {
-            0o755
-        } else {
-            0o644
-        };
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("chmod {}", p.display()))?;
-        if ft.is_dir() {
-            for e in std::fs::read_dir(&p).with_context(|| format!("listing {}", p.display()))? {
-                stack.push(e?.path());
-            }
-        }
-    }
-    Ok(bytes)
-}
-
-// ---------------------------------------------------------------------------
-// The door's records
-// ---------------------------------------------------------------------------
-
-/// Writes the door's records to moat's audit log and keeps a copy, so the
-/// install can say which connections were refused and whether the registry
-/// answered.
-struct Recorder {
-    log: moat_egress::JsonlAudit,
-    seen: Mutex<Vec<moat_egress::EgressRecord>>,
-}
-
-impl moat_egress::Audit for Recorder {
-    fn record(&self, rec: &moat_egress::EgressRecord) {
-        self.log.record(rec);
-        if let Ok(mut s) = self.seen.lock() {
-            s.push(rec.clone());
-        }
-    }
-}
-
-impl Recorder {
-    fn denied(&self) -> Vec<moat_egress::EgressRecord> {
-        self.seen
-            .lock()
-            .map(|s| {
-                s.iter()
-                    .filter(|r| r.verdict == "denied")
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-/// `host:port (reason)` of each refused connection and `DNS host (reason)`
-/// of each refused lookup, once each.
-fn refusal_lines(denied: &[moat_egress::EgressRecord]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for r in denied {
-        let reason = r.reason.as_deref().unwrap_or("refused");
-        let line = if r.kind == "dns" {
-            format!("DNS {} ({reason})", r.host)
-        } else {
-            format!("{}:{} ({reason})", r.host, r.port)
-        };
-        if !out.contains(&line) {
-            out.push(line);
-        }
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------
-// The install
-// ---------------------------------------------------------------------------
-
-/// What one package turned out to be.
-struct Installed {
-    name: String,
-    version: String,
-    /// (command, first line of its `--version`)
-    commands: Vec<(String, String)>,
-}
-
-fn install(args: InstallArgs) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    let backend = match args.backend.as_str() {
-        "bwrap" => BackendKind::Bwrap,
-        "gvisor" => BackendKind::Gvisor,
-        other => bail!("--backend {other:?}: choose bwrap or gvisor (the install runs untrusted install scripts)"),
-    };
-    let registry = parse_registry(&args.registry).map_err(anyhow::Error::msg)?;
-    let packages = if args.packages.is_empty() {
-        default_packages()
-    } else {
-        args.packages
-            .iter()
-            .map(|p| parse_package(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(anyhow::Error::msg)?
-    };
-    let mut pins = Vec::new();
-    for p in &args.resolve {
-        pins.push(parse_pin(p).map_err(|e| anyhow::anyhow!("--resolve: {e}"))?);
-    }
-    let timeout = moat_policy::parse_duration(&args.timeout)
-        .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
-    if args.keep == 0 {
-        bail!("--keep 0: at least the new version is kept; use 1 or more");
-    }
-    check_host_tools()?;
-    if !nix::unistd::geteuid().is_root() {
-        bail!("moat agents install runs as root: it hands the install to a sandbox uid and the result back to root");
-    }
-
-    let dir = args.dir.clone().unwrap_or_else(default_dir);
-    let template = TemplateDir::open(&dir)?;
-    let staging = Staging::create(&template)?;
-    let engine = Engine::new(EngineConfig::from_env(), backend)?;
-    let audit_path = engine.config().data_dir.join("audit").join("audit.jsonl");
-    let recorder = Arc::new(Recorder {
-        log: moat_egress::JsonlAudit::open(&audit_path)
-            .with_context(|| format!("opening the audit log {}", audit_path.display()))?,
-        seen: Mutex::new(Vec::new()),
-    });
-
-    eprintln!(
-        "moat: installing {} from {} in a {} sandbox (the door allows {} only)",
-        packages
-            .iter()
-            .map(Package::spec)
-            .collect::<Vec<_>>()
-            .join(", "),
-        registry.url,
-        backend.name(),
-        registry.entry
-    );
-    npm_install(
-        &engine,
-        backend,
-        &template,
-        &staging,
-        &registry,
-        &pins,
-        &packages,
-        timeout,
-        recorder.clone(),
-    )?;
-
-    // Every install process is gone: the tree is the host's to fix.
-    let bytes = seal(&staging.prefix())?;
-    let installed = check(&engine, backend, &template, &staging, &packages)?;
-
-    let id = new_version_id(template.versions().last().map(String::as_str));
-    let manifest = json!({
-        "version_id": id,
-        "installed_at_ms": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-        "registry": registry.url,
-        "prefix": SANDBOX_PREFIX,
-        "packages": installed.iter().map(|i| json!({
-            "name": i.name,
-            "version": i.version,
-            "commands": i.commands.iter().map(|(c, v)| json!({"command": c, "version": v})).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-    });
-    let manifest_path = staging.prefix().join(MANIFEST);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&manifest_path)
-        .with_context(|| format!("writing {}", manifest_path.display()))?;
-    f.write_all(format!("{manifest:#}\n").as_bytes())?;
-    f.sync_all()?;
-    std::fs::set_permissions(&manifest_path, std::fs::Permissions::from_mode(0o644))?;
-
-    // Into place: a complete, checked version under its final name, then
-    // `current` switched to it.
-    let final_dir = template.dir.join(&id);
-    std::fs::rename(staging.prefix(), &final_dir)
-        .with_context(|| format!("moving the new version to {}", final_dir.display()))?;
-    drop(staging);
-    sync_dir(&template.dir);
-    let previous = template.current();
-    template.switch(&id)?;
-    let removed = template.prune(args.keep);
-    let _ = recorder.log.log().append(
-        "agents_install",
-        json!({
-            "dir": template.dir.display().to_string(),
-            "version_id": id,
-            "registry": registry.url,
-            "packages": installed.iter().map(|i| format!("{}@{}", i.name, i.version)).collect::<Vec<_>>(),
-        }),
-    );
-
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "moat: installed into {} ({} now points at it)",
-        final_dir.display(),
-        template.dir.join(CURRENT).display()
-    )?;
-    for i in &installed {
-        writeln!(out, "  {} {}", i.name, i.version)?;
-        for (c, v) in &i.commands {
-            writeln!(out, "    {SANDBOX_PREFIX}/bin/{c}: {v}")?;
-        }
-    }
-    writeln!(
-        out,
-        "moat: {:.1} MiB in {:.1} s",
-        bytes as f64 / (1024.0 * 1024.0),
-        t0.elapsed().as_secs_f64()
-    )?;
-    if let Some(p) = previous {
-        writeln!(out, "moat: the previous version {p} is kept")?;
-    }
-    for r in removed {
-        writeln!(out, "moat: removed the old version {r}")?;
-    }
-    let refused = refusal_lines(&recorder.denied());
-    if !refused.is_empty() {
-        writeln!(
-            out,
-            "moat: note: the door refused (install scripts may reach the registry only; see the audit log): {}",
-            refused.join(", ")
-        )?;
-    }
-    Ok(())
-}
-
-/// Runs npm in a sandbox whose door allows the registry alone.
-#[allow(clippy::too_many_arguments)]
-fn npm_install(
-    engine: &Engine,
-    backend: BackendKind,
-    template: &TemplateDir,
-    staging: &Staging,
-    registry: &Registry,
-    pins: &[(String, std::net::IpAddr)],
-    packages: &[Package],
-    timeout: Duration,
-    recorder: Arc<Recorder>,
-) -> anyhow::Result<()> {
-    let mut policy = SandboxPolicy {
-        backend,
-        ..SandboxPolicy::default()
-    };
-    policy.filesystem.allowed_roots = vec![template.dir.clone()];
-    for (host, sandbox) in [
-        (staging.prefix(), SANDBOX_PREFIX),
-        (staging.cache(), SANDBOX_CACHE),
-    ] {
-        policy.add_mount(
-            MountRequest {
-                host,
-                sandbox: sandbox.into(),
-                writable: true,
-            },
-            "agents install",
-        )?;
-    }
-    policy.network.allow = vec![parse_allow_entry(&registry.entry).map_err(anyhow::Error::msg)?];
-    for (h, ip) in pins {
-        policy.network.pins.insert(h.clone(), *ip);
-    }
-    policy.set_memory("2GiB", "agents install")?;
-    policy.set_pids(1024, "agents install")?;
-    policy.set_cpus(2.0, "agents install")?;
-    policy.limits.timeout = timeout;
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the egress door's runtime")?;
-    // The install's lease behind its door, made as every other sandbox's.
-    let moat_gateway::runner::Runner {
-        mut lease, door, ..
-    } = moat_gateway::runner::open(moat_gateway::runner::RunnerSpec {
-        engine,
-        policy,
-        door_name: "agents-install",
-        lease_name: None,
-        run_as: None,
-        workspace: WorkspaceSource::Fresh,
-        extras: &moat_gateway::runner::DoorExtras::default(),
-        runtime: Some(rt.handle()),
-        audit: recorder.clone(),
-    })
-    .map_err(|e| {
-        anyhow::anyhow!("{e} (moat agents install needs root to create network namespaces)")
-    })?;
-    let proxy = format!("http://127.0.0.1:{}", moat_egress::PROXY_PORT);
-    staging.give_to(lease.host_uid())?;
-
-    let mut argv: Vec<String> = [
-        "npm",
-        "install",
-        "--global",
-        "--prefix",
-        SANDBOX_PREFIX,
-        "--cache",
-        SANDBOX_CACHE,
-        "--ignore-scripts=false",
-        "--no-fund",
-        "--no-audit",
-        "--no-update-notifier",
-        "--loglevel=warn",
-        "--",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    argv.extend(packages.iter().map(Package::spec));
-    let mut spec = RunSpec::new(argv);
-    spec.env = vec![
-        ("npm_config_registry".into(), registry.url.clone()),
-        ("npm_config_proxy".into(), proxy.clone()),
-        ("npm_config_https_proxy".into(), proxy),
-        ("npm_config_noproxy".into(), "localhost,127.0.0.1".into()),
-        // The host's npm configuration (under /usr, seen read-only) is not
-        // the template's; the user configuration is in the empty home.
-        ("npm_config_globalconfig".into(), "/dev/null".into()),
-        // A registry that is down fails in seconds, not minutes.
-        ("npm_config_fetch_retries".into(), "2".into()),
-        ("npm_config_fetch_retry_mintimeout".into(), "2000".into()),
-        ("npm_config_fetch_retry_maxtimeout".into(), "10000".into()),
-        ("npm_config_progress".into(), "false".into()),
-        // npm's debug log would go to the scratch cache, deleted afterwards.
-        ("npm_config_logs_max".into(), "0".into()),
-    ];
-    // Node's own CA roots plus the host's store (the sandbox's /etc has
-    // it): a registry mirror or proxy with a site CA works like on the host.
-    if Path::new(HOST_CA_BUNDLE).is_file() {
-        spec.env
-            .push(("NODE_EXTRA_CA_CERTS".into(), HOST_CA_BUNDLE.into()));
-    }
-    spec.timeout = Some(timeout);
-    let mut tail: Vec<u8> = Vec::new();
-    let stderr = std::io::stderr();
-    let outcome = lease.run(spec, &mut |_stream, bytes| {
-        let _ = stderr.lock().write_all(bytes);
-        tail.extend_from_slice(bytes);
-        if tail.len() > 64 * 1024 {
-            tail.drain(..tail.len() - 32 * 1024);
-        }
-    });
-    let destroyed = lease.destroy();
-    drop(door);
-    rt.shutdown_background();
-    let outcome = outcome.context("running npm in the install sandbox")?;
-    destroyed.context("cleaning up the install sandbox")?;
-
-    if outcome.termination == Termination::Exited(0) {
-        return Ok(());
-    }
-    let denied = recorder.denied();
-    let (registry_failures, others): (Vec<_>, Vec<_>) =
-        denied.into_iter().partition(|r| r.host == registry.host);
-    let npm_said = String::from_utf8_lossy(&tail).into_owned();
-    let mut msg = if let Termination::TimedOut(d) = outcome.termination {
-        format!(
-            "npm install did not finish within {}; raise --timeout",
-            moat_policy::units::format_duration(d)
-        )
-    } else if let Some(r) = registry_failures.first() {
-        format!(
-            "could not reach the registry {} ({}): check --registry and that the door allows it",
-            registry.url,
-            r.reason.as_deref().unwrap_or("refused")
-        )
-    } else if npm_said.contains("E404") || npm_said.contains("404 Not Found") {
-        format!(
-            "the registry {} does not have {} (npm: 404 Not Found); check the package names and versions",
-            registry.url,
-            packages.iter().map(Package::spec).collect::<Vec<_>>().join(", ")
-        )
-    } else if npm_said.contains("ETARGET") {
-        format!(
-            "the registry {} has no matching version of {}; check --package",
-            registry.url,
-            packages
-                .iter()
-                .map(Package::spec)
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    } else {
-        format!(
-            "npm install failed ({}); npm's output is above",
-            outcome
-                .reason()
-                .map(|r| r.trim_start_matches("moat: ").to_string())
-                .unwrap_or_else(|| "no reason given".into())
-        )
-    };
-    let refused = refusal_lines(&others);
-    if !refused.is_empty() {
-        msg.push_str(&format!(
-            "; the door refused (install scripts may reach the registry only; see the audit log): {}",
-            refused.join(", ")
-        ));
-    }
-    msg.push_str("; nothing was changed in ");
-    msg.push_str(&template.dir.display().to_string());
-    bail!(msg)
-}
-
-/// The check, in sandboxes without any network and with the new version
-/// mounted read-only: at the install prefix, each package's `package.json`
-/// is read and each of its commands answers `--version`; then, in a second
-/// sandbox where the version is mounted elsewhere only, each command answers
-/// `--version` again (the gateway shows the template at its own path, so a
-/// package that depends on where it was installed is refused).
-fn check(
-    engine: &Engine,
-    backend: BackendKind,
-    template: &TemplateDir,
-    staging: &Staging,
-    packages: &[Package],
-) -> anyhow::Result<Vec<Installed>> {
-    let lease_at = |at: &str| -> anyhow::Result<Lease> {
-        let mut policy = SandboxPolicy {
-            backend,
-            ..SandboxPolicy::default()
-        };
-        policy.filesystem.allowed_roots = vec![template.dir.clone()];
-        policy.add_mount(
-            MountRequest {
-                host: staging.prefix(),
-                sandbox: at.into(),
-                writable: false,
-            },
-            "agents check",
-        )?;
-        policy.limits.timeout = VERSION_TIMEOUT;
-        Ok(engine.lease(policy, LeaseOptions::default())?)
-    };
-    let mut lease = lease_at(SANDBOX_PREFIX)?;
-    let r = check_in(&mut lease, packages);
-    let destroyed = lease.destroy();
-    let installed = r?;
-    destroyed.context("cleaning up the check sandbox")?;
-
-    let mut lease = lease_at(RELOCATED_PREFIX)?;
-    let mut r = Ok(());
-    'all: for i in &installed {
-        for (c, _) in &i.commands {
-            r = run_version(&mut lease, RELOCATED_PREFIX, c).map(|_| ()).map_err(|e| {
-                e.context(format!(
-                    "{}@{} works at {SANDBOX_PREFIX} but not when mounted elsewhere: it depends on where it was installed, and the gateway mounts the template at its own path",
-                    i.name, i.version
-                ))
-            });
-            if r.is_err() {
-                break 'all;
-            }
-        }
-    }
-    let destroyed = lease.destroy();
-    r?;
-    destroyed.context("cleaning up the check sandbox")?;
-    Ok(installed)
-}
-
-/// Runs `<at>/bin/<command> --version`; its first line (of standard error
-/// when standard output is empty: Pi prints its version there), or why it
-/// failed.
-fn run_version(lease: &mut Lease, at: &str, command: &str) -> anyhow::Result<String> {
-    let path = format!("{at}/bin/{command}");
-    let mut spec = RunSpec::new([path.clone(), "--version".into()]);
-    spec.timeout = Some(VERSION_TIMEOUT);
-    let (term, out, err) = run_captured(lease, spec)?;
-    if term != Termination::Exited(0) {
-        bail!(
-            "the new version does not work: {path} --version failed ({term:?}): {}",
-            one_line(if err.trim().is_empty() { &out } else { &err })
-        );
-    }
-    Ok(one_line(if out.trim().is_empty() { &err } else { &out }))
-}
-
-/// Reads what npm installed (inside: the host never reads the sandbox's files).
-const LIST_JS: &str = r#"
-const fs = require('fs'), path = require('path');
-const out = [];
-for (const n of JSON.parse(process.env.MOAT_PACKAGES)) {
-  const p = JSON.parse(fs.readFileSync(path.join(process.env.MOAT_PREFIX, 'lib/node_modules', n, 'package.json'), 'utf8'));
-  let bin = p.bin || {};
-  if (typeof bin === 'string') bin = { [String(p.name).split('/').pop()]: bin };
-  out.push({ name: String(p.name), version: String(p.version), commands: Object.keys(bin) });
-}
-process.stdout.write(JSON.stringify(out) + '\n');
-"#;
-
-fn run_captured(lease: &mut Lease, spec: RunSpec) -> anyhow::Result<(Termination, String, String)> {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let o = lease.run(spec, &mut |s, b| match s {
-        Stream::Stdout if out.len() < 1 << 20 => out.extend_from_slice(b),
-        Stream::Stderr if err.len() < 1 << 20 => err.extend_from_slice(b),
-        _ => {}
-    })?;
-    Ok((
-        o.termination,
-        String::from_utf8_lossy(&out).into_owned(),
-        String::from_utf8_lossy(&err).into_owned(),
-    ))
-}
-
-fn one_line(text: &str) -> String {
-    let l = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim();
-    l.chars().take(200).collect()
-}
-
-fn command_name_ok(c: &str) -> bool {
-    !c.is_empty()
-        && c != "."
-        && c != ".."
-        && c.len() <= 100
-        && c.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-fn check_in(lease: &mut Lease, packages: &[Package]) -> anyhow::Result<Vec<Installed>> {
-    let names: Vec<&str> = packages.iter().map(|p| p.name.as_str()).collect();
-    let mut spec = RunSpec::new(["node", "-e", LIST_JS]);
-    spec.env = vec![
-        ("MOAT_PACKAGES".into(), serde_json::to_string(&names)?),
-        ("MOAT_PREFIX".into(), SANDBOX_PREFIX.into()),
-    ];
-    let (term, out, err) = run_captured(lease, spec)?;
-    if term != Termination::Exited(0) {
-        bail!(
-            "the new version is incomplete: reading the installed packages failed ({term:?}): {}",
-            one_line(&err)
-        );
-    }
-    let listed: Value = serde_json::from_str(out.trim())
-        .map_err(|e| anyhow::anyhow!("the list of installed packages is not JSON ({e})"))?;
-    let listed = listed
-        .as_array()
-        .ok_or_else(|| anyhow::anyhow!("the list of installed packages is not a JSON array"))?;
-    let mut installed = Vec::new();
-    for (want, got) in packages.iter().zip(listed) {
-        let name = got["name"].as_str().unwrap_or("").to_string();
-        let version = got["version"].as_str().unwrap_or("").to_string();
-        if name != want.name {
-            bail!(
-                "the new version is wrong: {} installed a package named {name:?}",
-                want.spec()
-            );
-        }
-        if is_exact_version(&want.version) && version != want.version {
-            bail!(
-                "the new version is wrong: {} installed version {version:?}",
-                want.spec()
-            );
-        }
-        let commands: Vec<String> = got["commands"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|c| c.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(c) = commands.iter().find(|c| !command_name_ok(c)) {
-            bail!(
-                "{} declares a command with an unusable name {c:?}",
-                want.spec()
-            );
-        }
-        if let Some(c) = want.command {
-            if !commands.iter().any(|x| x == c) {
-                bail!(
-                    "{} does not provide the command {c} (it has: {})",
-                    want.spec(),
-                    commands.join(", ")
-                );
-            }
-        }
-        let mut checked = Vec::new();
-        for c in commands {
-            let v = run_version(lease, SANDBOX_PREFIX, &c)?;
-            checked.push((c, v));
-        }
-        installed.push(Installed {
-            name,
-            version,
-            commands: checked,
-        });
-    }
-    if installed.len() != packages.len() {
-        bail!("the new version is incomplete: not every package was found");
-    }
-    Ok(installed)
 }
 
 #[cfg(test)]
@@ -1254,21 +343,5 @@ mod tests {
         ] {
             assert!(parse_registry(bad).is_err(), "{bad} accepted");
         }
-    }
-
-    #[test]
-    fn version_ids() {
-        assert_eq!(utc_stamp(0), "19700101T000000Z");
-        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
-        assert_eq!(utc_stamp(1_767_225_599), "20251231T235959Z");
-        let id = new_version_id(None);
-        assert!(is_version_id(&id), "{id}");
-        let later = new_version_id(Some(&id));
-        assert!(is_version_id(&later) && later > id, "{later} after {id}");
-        let from_the_future = "29990101T000000Z-0000000f";
-        let next = new_version_id(Some(from_the_future));
-        assert_eq!(next, "29990101T000000Z-00000010");
-        assert!(!is_version_id("current"));
-        assert!(!is_version_id(".new-0123456789abcdef"));
     }
 }

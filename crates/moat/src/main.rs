@@ -11,10 +11,12 @@ use std::process::ExitCode;
 
 mod agent_run;
 mod agents_cmd;
+mod agents_install;
 mod audit_cmd;
 mod chat;
 mod github;
 mod history_cmd;
+mod image_cmd;
 mod incident_cmd;
 mod ipc_bridge;
 mod security_cmd;
@@ -72,6 +74,11 @@ enum Top {
     Agents {
         #[command(subcommand)]
         command: agents_cmd::AgentsCmd,
+    },
+    /// Root filesystem images for sandboxes (docs/images.md).
+    Image {
+        #[command(subcommand)]
+        command: image_cmd::ImageCmd,
     },
     /// The built-in agent, run by the gateway inside a sandbox: reads one
     /// turn (JSON) on standard input, writes events (JSON lines) to standard output.
@@ -178,6 +185,13 @@ struct RunArgs {
     /// Policy file (TOML); flags override it.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// Root filesystem image (`moat image list`) instead of the host's /usr.
+    #[arg(long, value_name = "NAME")]
+    image: Option<String>,
+    /// With --image: run as uid 0 inside (the sandbox's unprivileged uid
+    /// outside), system directories writable in a layer of the sandbox's own.
+    #[arg(long, requires = "image")]
+    root_inside: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -231,6 +245,13 @@ fn main() -> ExitCode {
             }
         },
         Top::Agents { command } => match agents_cmd::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Top::Image { command } => match image_cmd::run(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("moat: {e:#}");
@@ -328,6 +349,13 @@ fn load_policy(args: &RunArgs) -> anyhow::Result<SandboxPolicy> {
         resolve: args.resolve.clone(),
     };
     overrides.apply(&mut policy)?;
+    if let Some(name) = &args.image {
+        moat_policy::images::check_name(name).map_err(anyhow::Error::msg)?;
+        policy.image = Some(name.clone());
+    }
+    if args.root_inside {
+        policy.root_inside = true;
+    }
     Ok(policy)
 }
 

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod kernel;
+pub mod rootfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
