@@ -52,6 +52,39 @@ pub fn resolve(data_dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(root)
 }
 
+/// A version of an image in use by a lease: a shared lock on its manifest,
+/// held while the lease lives, so that neither pruning after an import nor
+/// `moat image rm` removes files a sandbox still sees.
+#[derive(Debug)]
+pub struct InUse {
+    /// The version's root directory.
+    pub root: PathBuf,
+    _lock: std::fs::File,
+}
+
+/// [`resolve`], taking a shared lock on the version for as long as the
+/// result lives.
+pub fn open(data_dir: &Path, name: &str) -> Result<InUse> {
+    let root = resolve(data_dir, name)?;
+    let manifest = root.with_file_name(MANIFEST);
+    let lock = std::fs::File::open(&manifest)
+        .map_err(|e| SandboxError::io(format!("opening {}", manifest.display()), e))?;
+    if lock.try_lock_shared().is_err() {
+        return Err(SandboxError::Refused(format!(
+            "the image {name:?} is being removed"
+        )));
+    }
+    Ok(InUse { root, _lock: lock })
+}
+
+/// An exclusive lock on a version's manifest when no lease uses it; `None`
+/// while one does (or the manifest cannot be opened).
+fn unused(version_dir: &Path) -> Option<std::fs::File> {
+    let f = std::fs::File::open(version_dir.join(MANIFEST)).ok()?;
+    f.try_lock().ok()?;
+    Some(f)
+}
+
 /// [`resolve`], and the image's root can be reached by sandbox uids (bwrap
 /// binds it as the sandbox's own uid): for `moat up`, before it listens.
 pub fn check_usable(data_dir: &Path, name: &str) -> Result<PathBuf> {
@@ -111,8 +144,23 @@ pub fn remove(data_dir: &Path, name: &str) -> Result<()> {
         return Err(SandboxError::Refused(format!("there is no image {name:?}")));
     }
     let vd = VersionDir::open(&dir, "moat image command")?;
-    std::fs::remove_dir_all(&vd.dir)
-        .map_err(|e| SandboxError::io(format!("removing {}", vd.dir.display()), e))
+    // Every version's lock is held until the directory is gone: a lease
+    // opening the image meanwhile is refused, not left without files.
+    let mut held = Vec::new();
+    for v in vd.versions() {
+        match unused(&vd.dir.join(&v)) {
+            Some(f) => held.push(f),
+            None => {
+                return Err(SandboxError::Refused(format!(
+                    "the image {name:?} (version {v}) is in use by a sandbox; stop the channels or sandboxes using it first"
+                )))
+            }
+        }
+    }
+    let r = std::fs::remove_dir_all(&vd.dir)
+        .map_err(|e| SandboxError::io(format!("removing {}", vd.dir.display()), e));
+    drop(held);
+    r
 }
 
 /// What an import did.
@@ -216,7 +264,8 @@ pub fn import_as(
     let version = vd.install(&stage)?;
     let mut staging = staging;
     staging.0 = None;
-    vd.prune(KEEP);
+    // Old versions a running sandbox still uses stay until a later import.
+    vd.prune_where(KEEP, |v| unused(v).is_some());
     Ok(Imported {
         root: vd.dir.join(&version).join("root"),
         version,

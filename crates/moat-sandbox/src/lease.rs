@@ -217,8 +217,9 @@ pub struct Lease {
     instances: u64,
     init_path: PathBuf,
     etc_dir: PathBuf,
-    /// The root of the policy's image, pinned to the version current at open.
-    image: Option<PathBuf>,
+    /// The policy's image, pinned to the version current at open (and
+    /// locked against removal while the lease lives).
+    image: Option<crate::image::InUse>,
     /// An empty read-only file and directory, bound over blocked entries.
     mask_sources: (PathBuf, PathBuf),
     /// `.git` directories of writable host roots to clear of a planted `commondir`.
@@ -331,11 +332,11 @@ pub(crate) fn open_lease(
         ));
     }
     let image = match &policy.image {
-        Some(name) => Some(crate::image::resolve(&engine.config().data_dir, name)?),
+        Some(name) => Some(crate::image::open(&engine.config().data_dir, name)?),
         None => None,
     };
     let etc_dir = match &image {
-        Some(root) => engine.image_etc_dir(root)?,
+        Some(i) => engine.image_etc_dir(&i.root)?,
         None => engine.etc_dir().to_path_buf(),
     };
     let fresh = !dir.join("uid").exists();
@@ -524,7 +525,7 @@ impl Lease {
             home: st.home(),
             tmp: st.tmp(),
             etc: self.etc_dir.clone(),
-            image: self.image.clone(),
+            image: self.image.as_ref().map(|i| i.root.clone()),
             root_inside: false,
             mounts,
             protected,
@@ -576,7 +577,7 @@ impl Lease {
                     .join(&self.id)
                     .join(self.instances.to_string());
                 let s = crate::sysroot::mount_sysroot(
-                    image,
+                    &image.root,
                     &self.storage().root(),
                     &base,
                     self.host_uid,

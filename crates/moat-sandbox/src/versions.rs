@@ -246,12 +246,18 @@ impl VersionDir {
 
     /// Removes all but the newest `keep` versions (never `current`).
     pub fn prune(&self, keep: usize) -> Vec<String> {
+        self.prune_where(keep, |_| true)
+    }
+
+    /// [`VersionDir::prune`], removing only the versions whose directory
+    /// `removable` accepts.
+    pub fn prune_where(&self, keep: usize, removable: impl Fn(&Path) -> bool) -> Vec<String> {
         let current = self.current();
         let versions = self.versions();
         let cut = versions.len().saturating_sub(keep.max(1));
         let mut removed = Vec::new();
         for old in &versions[..cut] {
-            if Some(old) == current.as_ref() {
+            if Some(old) == current.as_ref() || !removable(&self.dir.join(old)) {
                 continue;
             }
             match std::fs::remove_dir_all(self.dir.join(old)) {

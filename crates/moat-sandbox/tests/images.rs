@@ -369,9 +369,29 @@ fn a_lease_on_a_missing_image_is_refused_naming_it() {
 }
 
 #[test]
-fn rm_removes_an_image() {
+fn rm_removes_an_image_no_sandbox_uses_and_pruning_spares_used_versions() {
     let src = rootfs::make(&fresh_dir("rm"));
-    import("to-remove", &src).unwrap();
+    let first = import("to-remove", &src).unwrap();
+    if backend_available(BackendKind::Bwrap) {
+        // A sandbox on the first version: two more imports leave it in place
+        // (pruning keeps two, and never one in use), and rm is refused.
+        let (_e, mut l) = image_lease(BackendKind::Bwrap, "to-remove");
+        import("to-remove", &src).unwrap();
+        import("to-remove", &src).unwrap();
+        assert!(first.root.is_dir(), "a version in use was pruned");
+        let err = image::remove(&config().data_dir, "to-remove")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("in use"), "{err}");
+        assert_eq!(
+            sh(&mut l, "cat /usr/share/marker").stdout,
+            "from the image\n"
+        );
+        drop(l);
+        // Unused now: the next import prunes it.
+        import("to-remove", &src).unwrap();
+        assert!(!first.root.exists(), "an unused old version was kept");
+    }
     image::remove(&config().data_dir, "to-remove").unwrap();
     assert!(image::resolve(&config().data_dir, "to-remove").is_err());
     assert!(image::remove(&config().data_dir, "to-remove").is_err());
