@@ -49,6 +49,9 @@ pub enum ConvEvent {
         ok: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         turn: Option<i64>,
+        /// Command output, shown as it is; otherwise Markdown.
+        #[serde(default)]
+        verbatim: bool,
     },
     /// A note from moat (busy, rate-limited, stopped, ...).
     Notice { text: String },
@@ -254,6 +257,7 @@ mod tests {
             text: text.into(),
             ok: true,
             turn: Some(turn),
+            verbatim: false,
         }
     }
 

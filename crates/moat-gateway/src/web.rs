@@ -503,6 +503,7 @@ fn stored_history(store: &moat_store::Store, conversation: i64) -> Vec<ConvEvent
                     text: a.answer,
                     ok: a.state == moat_store::TurnState::Done,
                     turn: Some(a.turn_id),
+                    verbatim: a.verbatim,
                 },
             )
         }))

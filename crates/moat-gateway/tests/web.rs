@@ -1308,6 +1308,111 @@ fn the_web_page_answers_in_headless_chromium() {
     gw.stop();
 }
 
+/// The page renders an agent's Markdown answer (issue 15 part 6) from the
+/// stored history after a restart: code blocks, tables, emphasis and links
+/// (http/https only, `rel=noopener`), and nothing of the answer is ever
+/// HTML: a script, an image with `onerror` and a `javascript:` link stay
+/// text, and nothing runs.
+#[test]
+fn the_web_page_renders_markdown_answers_safely_in_headless_chromium() {
+    let data = fresh_dir("markdown").join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let answer = "## Result\n\nAll **good**, see [the docs](https://example.test/docs) and \
+         [this](javascript:window.__pwned=1).\n\n\
+         <script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned=1\">\n\n\
+         ```\n<b>not bold</b>\n```\n\n\
+         | file | lines |\n|---|---|\n| a.rs | `12` |\n| b.rs | 7 |\n\n\
+         - one\n- two\n";
+    {
+        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        let (message_id, conversation_id) = match store
+            .insert_message(&moat_store::IncomingMessage {
+                platform: "web".into(),
+                event_id: "md-1".into(),
+                channel: "local".into(),
+                thread: "md1".into(),
+                user: "local".into(),
+                text: "summarise".into(),
+                ts_ms: 1,
+                message_ref: None,
+            })
+            .unwrap()
+        {
+            moat_store::Inserted::New {
+                message_id,
+                conversation_id,
+            } => (message_id, conversation_id),
+            other => panic!("{other:?}"),
+        };
+        let t = store.start_turn(conversation_id, &[message_id], 2).unwrap();
+        store
+            .finish_turn_keeping(t, moat_store::TurnState::Done, answer, false, None, 3)
+            .unwrap();
+        store.mark_delivered(t, 4).unwrap();
+    }
+    let gw = Gw::try_start_in(
+        data,
+        &web_config(1, "", &format!("{OPEN}\ndebounce = \"0ms\"")),
+        Vec::new(),
+    )
+    .unwrap();
+    let browser = Browser::start();
+    let mut page = browser.page();
+    page.call("Page.enable", json!({}));
+    page.call(
+        "Page.navigate",
+        json!({"url": format!("http://{}/#md1", gw.web)}),
+    );
+    page.wait_for(
+        "the rendered answer",
+        "!!document.querySelector('#log .answer.md[data-done=\"1\"] table')",
+    );
+    let view = page.eval(
+        "JSON.stringify((() => { const a = document.querySelector('#log .answer.md'); return { \
+         pwned: window.__pwned === undefined ? null : window.__pwned, \
+         dangerous: a.querySelectorAll('script, img, iframe, object, embed, style').length, \
+         h: [...a.querySelectorAll('h4')].map(e => e.textContent), \
+         strong: [...a.querySelectorAll('strong')].map(e => e.textContent), \
+         links: [...a.querySelectorAll('a')].map(e => [e.getAttribute('href'), e.rel, e.target, e.textContent]), \
+         pre: [...a.querySelectorAll('pre code')].map(e => e.textContent), \
+         cells: [...a.querySelectorAll('td')].map(e => e.textContent), \
+         code_cells: a.querySelectorAll('td code').length, \
+         items: [...a.querySelectorAll('ul li')].map(e => e.textContent), \
+         text: a.textContent }; })())",
+    );
+    let v: Value = serde_json::from_str(view.as_str().unwrap()).unwrap();
+    assert_eq!(v["pwned"], Value::Null, "an answer ran script: {v:#}");
+    assert_eq!(v["dangerous"], 0, "{v:#}");
+    assert_eq!(v["h"], json!(["Result"]), "{v:#}");
+    assert_eq!(v["strong"], json!(["good"]), "{v:#}");
+    assert_eq!(
+        v["links"],
+        json!([[
+            "https://example.test/docs",
+            "noopener noreferrer",
+            "_blank",
+            "the docs"
+        ]]),
+        "only the https link is a link: {v:#}"
+    );
+    assert_eq!(v["pre"], json!(["<b>not bold</b>"]), "{v:#}");
+    assert_eq!(v["cells"], json!(["a.rs", "12", "b.rs", "7"]), "{v:#}");
+    assert_eq!(v["code_cells"], 1, "{v:#}");
+    assert_eq!(v["items"], json!(["one", "two"]), "{v:#}");
+    let text = v["text"].as_str().unwrap();
+    assert!(
+        text.contains("<script>window.__pwned = 1</script>"),
+        "shown as text: {text}"
+    );
+    assert!(
+        text.contains("javascript:window.__pwned=1"),
+        "the refused link's target is shown: {text}"
+    );
+    drop(page);
+    drop(browser);
+    gw.stop();
+}
+
 // ---- docs/threat-model.md W1: DNS rebinding and cross-site requests ----
 
 /// A request head for `raw_request`: the request line, `Host` (when given)

@@ -142,6 +142,7 @@ impl ChatPlatform for WebChat {
                 text: outcome.answer.clone(),
                 ok: outcome.ok,
                 turn: None,
+                verbatim: outcome.preformatted,
             },
         )
     }
@@ -159,6 +160,7 @@ impl ChatPlatform for WebChat {
                 text: outcome.answer.clone(),
                 ok: outcome.ok,
                 turn: Some(turn),
+                verbatim: outcome.preformatted,
             },
         )
     }
