@@ -38,6 +38,8 @@ pub enum Subject {
     Action(ApprovalKind),
     /// Let an unknown sender talk in the channel.
     Admit { user: String },
+    /// The agent's own question (`request_approval`).
+    Asked,
 }
 
 impl Subject {
@@ -45,6 +47,7 @@ impl Subject {
         match self {
             Subject::Action(k) => k.name(),
             Subject::Admit { .. } => "admit_user",
+            Subject::Asked => "agent_request",
         }
     }
 }

@@ -299,6 +299,81 @@ async fn attack_i6_a_typed_decision_counts_only_from_an_admin() {
     gw.stop().await;
 }
 
+// I6, the agent asks (`request_approval`): the question reaches the admins
+// of the caller's own channel; only an admin's click decides; an approval is
+// the tool's result, a denial an error saying so; the audit names the
+// request, never the question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_i6_request_approval_is_decided_only_by_an_admin_of_the_callers_channel() {
+    let (fake, gw) = start("appr-ask", "60s").await;
+    let root = start_turn(
+        &fake,
+        &gw,
+        OPS,
+        BOB,
+        &calls(&[
+            (
+                "request_approval",
+                json!({"question": "rotate the staging keys i6-ask-1"}),
+            ),
+            (
+                "request_approval",
+                json!({"question": "drop the cache i6-ask-2"}),
+            ),
+            ("request_approval", json!({"question": ""})),
+        ]),
+    )
+    .await;
+    let (id, ts) = request(&fake, OPS, &root).await;
+    let asked = fake
+        .calls()
+        .into_iter()
+        .find(|c| approval_id(c).as_deref() == Some(id.as_str()))
+        .unwrap();
+    assert!(
+        asked.args.to_string().contains("i6-ask-1"),
+        "the admins see the question"
+    );
+    // The requester is a member: their click decides nothing.
+    let r = click(&gw, BOB, &id, true, OPS, &ts).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = click(&gw, CAROL, &id, true, OPS, &ts).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (id2, ts2) = fake
+        .wait_for("the second request", Duration::from_secs(60), |calls| {
+            calls.iter().find_map(|c| {
+                approval_id(c)
+                    .filter(|i| *i != id)
+                    .map(|i| (i, c.answer["ts"].as_str().unwrap_or("").to_string()))
+            })
+        })
+        .await;
+    let r = click(&gw, CAROL, &id2, false, OPS, &ts2).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lines = answer(&fake, OPS, &root).await;
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0], format!("R0 OK approved by {CAROL}"), "{lines:?}");
+    assert!(
+        lines[1].starts_with("R1 ERR denied by") && lines[1].contains("do not do it"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].starts_with("R2 ERR") && lines[2].contains("needs question"),
+        "{lines:?}"
+    );
+    let a = approvals(&gw);
+    assert!(a.iter().any(|r| r["verdict"] == "requested"
+        && r["action"] == "agent_request"
+        && r["requester"] == BOB));
+    assert!(a
+        .iter()
+        .any(|r| r["verdict"] == "refused" && r["reason"] == "not_admin" && r["by"] == BOB));
+    assert!(!std::fs::read_to_string(gw.audit_path())
+        .unwrap()
+        .contains("i6-ask"));
+    gw.stop().await;
+}
+
 // I6: nobody decides: the request times out as a denial, and a click that
 // comes after the timeout changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

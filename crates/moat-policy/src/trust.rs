@@ -143,6 +143,9 @@ pub enum IpcOp {
     ResumeTask,
     CancelTask,
     RegisterGroup,
+    /// The agent asks its channel's admins to decide something it is about
+    /// to do (its own words; the answer is the decision).
+    RequestApproval,
 }
 
 impl IpcOp {
@@ -155,6 +158,7 @@ impl IpcOp {
             Self::ResumeTask => "resume_task",
             Self::CancelTask => "cancel_task",
             Self::RegisterGroup => "register_group",
+            Self::RequestApproval => "request_approval",
         }
     }
 }
@@ -211,9 +215,10 @@ impl IpcRefusal {
 
 /// May a caller at `trust` (the lease's, never the request's) run `op` on
 /// `target`? Admins: everything, sending only to listed chats. Members:
-/// their own conversation and channel's tasks. Untrusted: only
-/// `send_message` to their own conversation and `list_tasks` (it sees none
-/// of anyone else's).
+/// their own conversation and channel's tasks, and asking their own
+/// channel's admins. Untrusted: only `send_message` to their own
+/// conversation and `list_tasks` (it sees none of anyone else's); it may
+/// not ask admins anything (an untrusted prompt must not reach them).
 pub fn may_ipc(trust: Trust, op: IpcOp, target: IpcTarget) -> Result<(), IpcRefusal> {
     use IpcOp::*;
     match (trust, op, target) {
@@ -222,6 +227,7 @@ pub fn may_ipc(trust: Trust, op: IpcOp, target: IpcTarget) -> Result<(), IpcRefu
         }
         (Trust::Admin, _, _) => Ok(()),
         (_, RegisterGroup, _) => Err(IpcRefusal::AdminsOnly),
+        (_, RequestApproval, IpcTarget::Other { .. }) => Err(IpcRefusal::AdminsOnly),
         (_, _, IpcTarget::Other { .. }) => Err(IpcRefusal::AdminsOnly),
         (Trust::Untrusted, SendMessage | ListTasks, IpcTarget::Own) => Ok(()),
         (Trust::Untrusted, _, IpcTarget::Own) => Err(IpcRefusal::Untrusted),
@@ -319,6 +325,7 @@ mod tests {
             ResumeTask,
             CancelTask,
             RegisterGroup,
+            RequestApproval,
         ] {
             assert_eq!(may_ipc(Trust::Admin, op, IpcTarget::Own), Ok(()));
             assert_eq!(may_ipc(Trust::Admin, op, other), Ok(()));
@@ -341,6 +348,15 @@ mod tests {
         );
         assert_eq!(
             may_ipc(Trust::Untrusted, ScheduleTask, IpcTarget::Own),
+            Err(IpcRefusal::Untrusted)
+        );
+        // Asking the own channel's admins: members yes, untrusted never.
+        assert_eq!(
+            may_ipc(Trust::Member, RequestApproval, IpcTarget::Own),
+            Ok(())
+        );
+        assert_eq!(
+            may_ipc(Trust::Untrusted, RequestApproval, IpcTarget::Own),
             Err(IpcRefusal::Untrusted)
         );
     }

@@ -75,6 +75,7 @@ pub(crate) async fn call(
         "resume_task" => IpcOp::ResumeTask,
         "cancel_task" => IpcOp::CancelTask,
         "register_group" => IpcOp::RegisterGroup,
+        "request_approval" => IpcOp::RequestApproval,
         other => {
             return Err(format!(
                 "unknown tool {:?}; tools/list names moat's tools",
@@ -85,6 +86,7 @@ pub(crate) async fn call(
     let r = match op {
         IpcOp::SendMessage => send_message(&gw, &caller, &args).await,
         IpcOp::RegisterGroup => register_group(&gw, &caller, &args),
+        IpcOp::RequestApproval => request_approval(&gw, &caller, &args).await,
         IpcOp::ScheduleTask => crate::tasks::schedule(&gw, &caller, &args).await,
         IpcOp::ListTasks => crate::tasks::list(&gw, &caller),
         IpcOp::PauseTask | IpcOp::ResumeTask | IpcOp::CancelTask => {
@@ -207,6 +209,78 @@ pub(crate) async fn held(
             message: format!(
                 "{what}: no admin of this channel approved it within approve_timeout, so it is denied; it did not happen"
             ),
+        }),
+    }
+}
+
+/// The longest question `request_approval` takes.
+const MAX_QUESTION: usize = 2000;
+
+/// `request_approval`: the agent asks the admins of its own channel (never
+/// another's) and waits for their decision; approved is a result naming who
+/// approved, denied or timed out a refusal saying so.
+async fn request_approval(gw: &Gateway, c: &Caller, args: &Value) -> OpResult {
+    let op = IpcOp::RequestApproval;
+    trust::may_ipc(c.trust, op, IpcTarget::Own).map_err(|r| OpError::refused(r, op))?;
+    let Some(question) = arg_str(args, "question")
+        .map(str::trim)
+        .filter(|q| !q.is_empty())
+    else {
+        return Err(OpError::Invalid(
+            "request_approval needs question: what you want to do and why".into(),
+        ));
+    };
+    if question.chars().count() > MAX_QUESTION {
+        return Err(OpError::Invalid(format!(
+            "request_approval: the question is over {MAX_QUESTION} characters; say it shorter"
+        )));
+    }
+    if gw.paused() {
+        return Err(OpError::Refused {
+            reason: "paused",
+            message:
+                "request_approval: moat is paused by its operator (incident mode); nobody was asked"
+                    .into(),
+        });
+    }
+    let conv = ConvRef {
+        id: c.conversation_id,
+        platform: c.platform,
+        channel: c.channel.clone(),
+        thread: c.thread.clone(),
+    };
+    let d = gw
+        .ask_approval(
+            &conv,
+            c.chan_idx,
+            &c.user,
+            crate::approvals::Subject::Asked,
+            format!(
+                "The agent working for {} in this conversation asks an admin to approve:",
+                c.user
+            ),
+            Some(question.to_string()),
+        )
+        .await;
+    match d.outcome {
+        Outcome::Approved => Ok((
+            format!(
+                "approved by {}",
+                d.by.as_deref().unwrap_or("an admin of this channel")
+            ),
+            None,
+        )),
+        Outcome::Denied => Err(OpError::Refused {
+            reason: "approval_denied",
+            message: format!(
+                "denied by {}: do not do it",
+                d.by.as_deref().unwrap_or("an admin of this channel")
+            ),
+        }),
+        Outcome::TimedOut => Err(OpError::Refused {
+            reason: "approval_timed_out",
+            message: "no admin of this channel answered within approve_timeout: treat it as denied"
+                .into(),
         }),
     }
 }

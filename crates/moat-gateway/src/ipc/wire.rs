@@ -212,6 +212,12 @@ pub fn tools() -> Vec<Value> {
             json!({"chat": {"type": "string"}, "name": {"type": "string"}}),
             &["chat", "name"],
         ),
+        tool(
+            "request_approval",
+            "Ask an admin of this channel to approve something before you do it; waits for the decision (approved, denied, or no answer in time, which is a denial).",
+            json!({"question": {"type": "string", "description": "what you want to do and why, in a few lines"}}),
+            &["question"],
+        ),
     ]
 }
 
@@ -245,7 +251,7 @@ mod tests {
             .await
             .unwrap();
         let v: Value = serde_json::from_slice(&a).unwrap();
-        assert_eq!(v["result"]["tools"].as_array().unwrap().len(), 7);
+        assert_eq!(v["result"]["tools"].as_array().unwrap().len(), 8);
         let f = frame(br#"{"jsonrpc":"2.0","method":"tools/call","id":"a","params":{"name":"x"}}"#)
             .unwrap()
             .unwrap();
