@@ -439,8 +439,21 @@ async fn control_conn(gw: Gateway, stream: tokio::net::UnixStream) -> std::io::R
                 "lift" => json!({"ok": true, "lift": gw.lift_incident(&by).await}),
                 "status" => json!({"ok": true, "paused": gw.paused()}),
                 "history" => history_answer(&gw, req.conversation, &by).await,
+                "channels" => {
+                    let store = gw.inner.store.clone();
+                    match tokio::task::spawn_blocking(move || store.registered_groups()).await {
+                        Ok(Ok(groups)) => {
+                            json!({"ok": true, "registered": groups.iter().map(|g| json!({
+                            "platform": g.platform, "channel": g.channel, "name": g.name,
+                            "registered_by": g.registered_by, "created_ms": g.created_ms,
+                        })).collect::<Vec<_>>()})
+                        }
+                        Ok(Err(e)) => json!({"error": format!("reading the store: {e}")}),
+                        Err(e) => json!({"error": format!("reading the store: {e}")}),
+                    }
+                }
                 other => {
-                    json!({"error": format!("unknown op {other:?}; use incident, lift, status or history")})
+                    json!({"error": format!("unknown op {other:?}; use incident, lift, status, history or channels")})
                 }
             }
         }

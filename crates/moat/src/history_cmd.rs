@@ -65,12 +65,25 @@ fn from_store(
     store: &StoreConfig,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<History> {
-    let secrets = moat_creds::secrets::Lookup::from_flag_or_env(args.secrets.as_deref())?;
+    let store = open_store(args.secrets.as_deref(), store, data_dir)?;
+    history::read(&store, args.conversation)?
+        .with_context(|| format!("no conversation {} in the store", args.conversation))
+}
+
+/// The store, opened by a command while no gateway runs (SQLite allows one
+/// process at a time): with MOAT_STORE_KEY and, for PostgreSQL,
+/// MOAT_STORE_PASSWORD from moat's environment or the secrets file.
+pub fn open_store(
+    secrets: Option<&std::path::Path>,
+    store: &StoreConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Store> {
+    let secrets = moat_creds::secrets::Lookup::from_flag_or_env(secrets)?;
     let key = secrets
         .get(KEY_VAR)
         .map(|t| StoreKey::parse(KEY_VAR, &t))
         .transpose()?;
-    let store = match store {
+    Ok(match store {
         StoreConfig::Sqlite => {
             let db = data_dir.join("moat.db");
             if !db.exists() {
@@ -87,7 +100,5 @@ fn from_store(
             };
             Store::open_postgres(&opts, key).context("opening the PostgreSQL store")?
         }
-    };
-    history::read(&store, args.conversation)?
-        .with_context(|| format!("no conversation {} in the store", args.conversation))
+    })
 }

@@ -13,6 +13,7 @@ mod agent_run;
 mod agents_cmd;
 mod agents_install;
 mod audit_cmd;
+mod channels_cmd;
 mod chat;
 mod github;
 mod history_cmd;
@@ -56,6 +57,8 @@ enum Top {
     Usage(usage_cmd::UsageArgs),
     /// One conversation's messages and answers, as Markdown or JSON.
     History(history_cmd::HistoryArgs),
+    /// The chats this gateway serves: its channels and the registered groups.
+    Channels(channels_cmd::ChannelsArgs),
     /// Read and check the audit log.
     Audit {
         #[command(subcommand)]
@@ -230,6 +233,13 @@ fn main() -> ExitCode {
         },
         Top::Audit { command } => audit_cmd::run(command),
         Top::Usage(args) => usage_cmd::run(args),
+        Top::Channels(args) => match channels_cmd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Top::History(args) => match history_cmd::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

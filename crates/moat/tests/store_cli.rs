@@ -350,3 +350,62 @@ fn moat_history_exports_a_conversation_with_and_without_a_running_gateway() {
     assert!(!o.status.success());
     assert!(text(&o).contains("no conversation 99"), "{}", text(&o));
 }
+
+/// `moat channels`: the configuration's channels and the groups registered
+/// in the store, through the running gateway and from the store itself.
+#[test]
+fn moat_channels_lists_the_configured_channels_and_the_registry() {
+    let dir = fresh_dir("channels-cli");
+    let data = dir.join("data");
+    let cfg: PathBuf = dir.join("moat.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[channel]]\nplatform = \"slack\"\nid = \"C0OPS0001\"\nusers = [\"U0BOB002\"]\nadmins = [\"U0CAROL3\"]\nsandbox = \"per-thread\"\n",
+            web_config(1, "", "users = [\"*\"]\ndebounce = \"0ms\"")
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        let store = moat_store::Store::open(data.join("moat.db")).unwrap();
+        assert!(store
+            .register_group(&moat_store::RegisteredGroup {
+                platform: "telegram".into(),
+                channel: "-100200".into(),
+                name: "family".into(),
+                registered_by: "U0CAROL3".into(),
+                created_ms: 1,
+            })
+            .unwrap());
+    }
+    let list = |what: &str| {
+        let o = moat(&data, None)
+            .args(["channels", "--json", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{what}: {}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v
+    };
+    let check = |v: &serde_json::Value| {
+        let c = v["configured"].as_array().unwrap();
+        assert_eq!(c.len(), 2, "{v:#}");
+        assert_eq!(c[0]["platform"], "web");
+        assert_eq!(c[1]["id"], "C0OPS0001");
+        assert_eq!(c[1]["trust"], "member", "{v:#}");
+        assert_eq!(c[1]["sandbox"], "per-thread");
+        let r = v["registered"].as_array().unwrap();
+        assert_eq!(r.len(), 1, "{v:#}");
+        assert_eq!(r[0]["name"], "family");
+        assert!(
+            !v.to_string().contains("U0BOB002"),
+            "no member lists: {v:#}"
+        );
+    };
+    check(&list("no gateway"));
+    let up = Up::start(&data, &cfg, None);
+    check(&list("through the gateway"));
+    up.stop();
+}
