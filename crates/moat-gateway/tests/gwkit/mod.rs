@@ -164,8 +164,28 @@ impl Gw {
     }
 
     /// [`Gw::try_start_with`] on a given data directory (a restart keeps it).
+    /// A gateway stopped in this process a moment ago may still hold the
+    /// store's lock (a blocking task of its runtime finishing on a loaded
+    /// machine): that start is tried again for up to 30 s.
     #[allow(dead_code)]
     pub fn try_start_in(
+        data: PathBuf,
+        toml: &str,
+        secrets: Vec<(String, String)>,
+    ) -> Result<Gw, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Gw::try_start_once(data.clone(), toml, secrets.clone()) {
+                Err(e) if e.contains("locked by another process") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    #[allow(dead_code)]
+    fn try_start_once(
         data: PathBuf,
         toml: &str,
         secrets: Vec<(String, String)>,
