@@ -210,6 +210,7 @@ async fn slack_turn_with_artifact(provider: &str) {
                 "mcp__moat__list_tasks",
                 "mcp__moat__pause_task",
                 "mcp__moat__register_group",
+                "mcp__moat__request_approval",
                 "mcp__moat__resume_task",
                 "mcp__moat__schedule_task",
                 "mcp__moat__send_message",
