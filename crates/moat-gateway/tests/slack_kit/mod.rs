@@ -1130,11 +1130,31 @@ impl Running {
     }
 
     /// [`Running::start`] with other secrets (e.g. an LLM key besides Slack's).
+    /// A store a test (or a gateway stopped a moment ago) just let go of
+    /// may still be locked while its last thread ends: that start is tried
+    /// again for up to 30 s.
     pub async fn start_with(
         toml: &str,
         data: &Path,
         secret: moat_gateway::server::SecretFn,
     ) -> Running {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match Running::try_start(toml, data, secret.clone()).await {
+                Ok(r) => return r,
+                Err(e) if e.contains("Locked") && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("serve failed before ready: {e}"),
+            }
+        }
+    }
+
+    async fn try_start(
+        toml: &str,
+        data: &Path,
+        secret: moat_gateway::server::SecretFn,
+    ) -> Result<Running, String> {
         let cfg = moat_policy::gateway::GatewayConfig::from_toml(toml)
             .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let engine = moat_sandbox::EngineConfig {
@@ -1161,16 +1181,16 @@ impl Running {
         ));
         let (bound, gw) = match tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => panic!("serve failed before ready: {:?}", task.await),
+            Ok(Err(_)) => return Err(format!("{:?}", task.await)),
             Err(_) => panic!("serve was not ready within 60 s"),
         };
-        Running {
+        Ok(Running {
             bound,
             gw,
             data_dir: data.to_path_buf(),
             stop: Some(stop_tx),
             task: Some(task),
-        }
+        })
     }
 
     /// Where `POST /slack/events` is.
