@@ -11,16 +11,10 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::pipeline::Gateway;
+use crate::tasks::now_ms;
 
 /// How often the purge runs.
 pub const EVERY: Duration = Duration::from_secs(3600);
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 impl Gateway {
     /// Deletes what the retention setting no longer keeps; the number of
